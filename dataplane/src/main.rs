@@ -1,0 +1,2 @@
+//! The `kvroute` binary: parses the config and runs the data plane.
+fn main() {}

@@ -1,0 +1,333 @@
+//! The replica set every request is routed over: an atomically swapped snapshot.
+//!
+//! Writers (the admin API) build a whole new [`ReplicaSet`] and swap it in; readers
+//! (every request on every worker) load the current one without a lock. Replicas
+//! that survive a swap keep their `Arc<Replica>`, so in-flight counts and the slot
+//! used by the prefix index carry over.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Most replicas one data plane tracks at once: the prefix index keeps one bit
+/// per replica slot, and a 128-bit set keeps an index entry small.
+pub const MAX_REPLICAS: usize = 128;
+
+/// Whether a replica takes traffic or stands by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    #[default]
+    Active,
+    Warm,
+}
+
+/// What a replica is, as configured or pushed by the control daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSpec {
+    /// `http://host:port` (plain HTTP/1.1; TLS terminates elsewhere).
+    pub url: String,
+    /// Model names it serves; empty means "any model".
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub pool: Pool,
+    /// Set false by the control daemon's health checks.
+    #[serde(default = "default_true")]
+    pub healthy: bool,
+    /// KV capacity in blocks of `kv_block_tokens` tokens, when known.
+    #[serde(default)]
+    pub kv_blocks: Option<u64>,
+    #[serde(default)]
+    pub kv_block_tokens: Option<u32>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+
+impl ReplicaSpec {
+    pub fn new(url: impl Into<String>) -> Self {
+        ReplicaSpec {
+            url: url.into(),
+            models: Vec::new(),
+            weight: 1,
+            pool: Pool::Active,
+            healthy: true,
+            kv_blocks: None,
+            kv_block_tokens: None,
+        }
+    }
+}
+
+/// Load reported by the replica itself (scraped by the control daemon).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExternalLoad {
+    pub running: u32,
+    pub waiting: u32,
+    /// KV cache usage, 0.0..=1.0.
+    pub kv_usage: f32,
+}
+
+/// One replica in the live set.
+#[derive(Debug)]
+pub struct Replica {
+    pub spec: ReplicaSpec,
+    /// Stable small id (< [`MAX_REPLICAS`]) for bitsets; reused only after removal.
+    pub slot: u16,
+    pub addr: SocketAddr,
+    /// `host:port` as written in the URL, for the upstream `Host` header.
+    pub authority: String,
+    /// Requests this proxy has sent and not yet finished (all workers).
+    pub in_flight: AtomicU32,
+    /// Passive health: consecutive failed attempts (reset on success).
+    pub consecutive_failures: AtomicU32,
+    pub healthy: AtomicBool,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    external: Mutex<ExternalLoad>,
+}
+
+impl Replica {
+    pub fn is_available(&self) -> bool {
+        self.spec.pool == Pool::Active && self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn serves(&self, model: Option<&str>) -> bool {
+        match model {
+            None => true,
+            Some(m) => self.spec.models.is_empty() || self.spec.models.iter().any(|x| x == m),
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn external_load(&self) -> ExternalLoad {
+        *self.external.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_external_load(&self, load: ExternalLoad) {
+        *self.external.lock().unwrap_or_else(|e| e.into_inner()) = load;
+    }
+
+    /// Marks the start of a request; the guard ends it.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// Decrements the replica's in-flight count when dropped, whatever path the request took.
+pub struct InFlight(Arc<Replica>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An immutable snapshot of the replica set.
+#[derive(Debug, Default)]
+pub struct ReplicaSet {
+    pub replicas: Vec<Arc<Replica>>,
+    /// Bumped on every swap, so per-worker caches (pools) know to prune.
+    pub generation: u64,
+}
+
+impl ReplicaSet {
+    pub fn by_slot(&self, slot: u16) -> Option<&Arc<Replica>> {
+        self.replicas.iter().find(|r| r.slot == slot)
+    }
+    pub fn any_serves(&self, model: Option<&str>) -> bool {
+        self.replicas.iter().any(|r| r.serves(model))
+    }
+}
+
+/// The shared, swappable replica set.
+pub struct ReplicaTable {
+    current: ArcSwap<ReplicaSet>,
+    /// Serialises writers so slot allocation and the swap are one step.
+    write: Mutex<()>,
+}
+
+impl Default for ReplicaTable {
+    fn default() -> Self {
+        ReplicaTable {
+            current: ArcSwap::from_pointee(ReplicaSet::default()),
+            write: Mutex::new(()),
+        }
+    }
+}
+
+impl ReplicaTable {
+    pub fn new(specs: Vec<ReplicaSpec>) -> Result<Self, Error> {
+        let t = ReplicaTable::default();
+        t.replace(specs)?;
+        Ok(t)
+    }
+
+    pub fn load(&self) -> Arc<ReplicaSet> {
+        self.current.load_full()
+    }
+
+    /// Replaces the whole set atomically. Replicas whose URL is unchanged keep
+    /// their identity (slot, counters); the rest get fresh slots.
+    pub fn replace(&self, specs: Vec<ReplicaSpec>) -> Result<Arc<ReplicaSet>, Error> {
+        let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if specs.len() > MAX_REPLICAS {
+            return Err(Error::Config(format!(
+                "replicas: {} given, at most {MAX_REPLICAS} supported",
+                specs.len()
+            )));
+        }
+        let old = self.current.load_full();
+        let mut used = [false; MAX_REPLICAS];
+        let mut next: Vec<Option<Arc<Replica>>> = Vec::with_capacity(specs.len());
+        let mut seen = std::collections::HashSet::new();
+        for spec in &specs {
+            if !seen.insert(spec.url.as_str()) {
+                return Err(Error::Config(format!("replicas: duplicate url {}", spec.url)));
+            }
+            let kept = old.replicas.iter().find(|r| r.spec.url == spec.url);
+            match kept {
+                Some(r) if r.spec == *spec => {
+                    used[r.slot as usize] = true;
+                    next.push(Some(r.clone()));
+                }
+                Some(r) => {
+                    // Same replica, new attributes: keep slot and counters.
+                    used[r.slot as usize] = true;
+                    let fresh = Replica {
+                        spec: spec.clone(),
+                        slot: r.slot,
+                        addr: r.addr,
+                        authority: r.authority.clone(),
+                        in_flight: AtomicU32::new(0),
+                        consecutive_failures: AtomicU32::new(0),
+                        healthy: AtomicBool::new(spec.healthy),
+                        requests: AtomicU64::new(r.requests.load(Ordering::Relaxed)),
+                        failures: AtomicU64::new(r.failures.load(Ordering::Relaxed)),
+                        external: Mutex::new(r.external_load()),
+                    };
+                    // In-flight guards hold the old Arc; the new one starts from
+                    // the old count so least-loaded stays honest during the swap.
+                    fresh.in_flight.store(r.in_flight(), Ordering::Relaxed);
+                    next.push(Some(Arc::new(fresh)));
+                }
+                None => next.push(None),
+            }
+        }
+        let mut free = (0..MAX_REPLICAS).filter(|s| !used[*s]);
+        let mut replicas = Vec::with_capacity(specs.len());
+        for (spec, kept) in specs.into_iter().zip(next) {
+            if let Some(r) = kept {
+                replicas.push(r);
+                continue;
+            }
+            let (addr, authority) = parse_http_url(&spec.url)?;
+            let slot = free.next().expect("checked count above") as u16;
+            replicas.push(Arc::new(Replica {
+                healthy: AtomicBool::new(spec.healthy),
+                spec,
+                slot,
+                addr,
+                authority,
+                in_flight: AtomicU32::new(0),
+                consecutive_failures: AtomicU32::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                external: Mutex::new(ExternalLoad::default()),
+            }));
+        }
+        let set = Arc::new(ReplicaSet {
+            replicas,
+            generation: old.generation + 1,
+        });
+        self.current.store(set.clone());
+        Ok(set)
+    }
+}
+
+/// Parses `http://host:port[/]` into a socket address and the authority string.
+/// Host names are resolved once here; the control daemon owns re-resolution.
+pub fn parse_http_url(url: &str) -> Result<(SocketAddr, String), Error> {
+    let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("must start with http://"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(bad("expected http://host:port with no path"));
+    }
+    let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
+        !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+    }) {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    use std::net::ToSocketAddrs;
+    let addr = with_port
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| bad("resolved to no address"))?;
+    Ok((addr, authority.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swap_keeps_identity_of_unchanged_replicas() {
+        let t = ReplicaTable::new(vec![
+            ReplicaSpec::new("http://127.0.0.1:8001"),
+            ReplicaSpec::new("http://127.0.0.1:8002"),
+        ])
+        .unwrap();
+        let a = t.load();
+        let _g = a.replicas[1].begin();
+        let b = t
+            .replace(vec![
+                ReplicaSpec::new("http://127.0.0.1:8002"),
+                ReplicaSpec::new("http://127.0.0.1:8003"),
+            ])
+            .unwrap();
+        assert!(Arc::ptr_eq(&a.replicas[1], &b.replicas[0]));
+        assert_eq!(b.replicas[0].in_flight(), 1);
+        // 8003 reuses no live slot.
+        assert_ne!(b.replicas[1].slot, b.replicas[0].slot);
+        assert_eq!(b.generation, a.generation + 1);
+    }
+
+    #[test]
+    fn rejects_bad_urls_and_duplicates() {
+        assert!(parse_http_url("https://x:1").is_err());
+        assert!(parse_http_url("http://127.0.0.1:1/v1").is_err());
+        let (a, auth) = parse_http_url("http://127.0.0.1:8001/").unwrap();
+        assert_eq!(a.port(), 8001);
+        assert_eq!(auth, "127.0.0.1:8001");
+        let t = ReplicaTable::default();
+        assert!(t
+            .replace(vec![
+                ReplicaSpec::new("http://127.0.0.1:1"),
+                ReplicaSpec::new("http://127.0.0.1:1")
+            ])
+            .is_err());
+    }
+}
