@@ -1,12 +1,22 @@
 //! `kvroute`: a KV-cache-aware, thread-per-core reverse proxy for LLM inference replicas.
 //!
-//! The deterministic core (HTTP framing, routing, replica state) takes bytes,
+//! The deterministic core (`http` framing, `route`, `replica` state) takes bytes,
 //! snapshots and clock values and never touches a socket; the I/O around it lives
-//! in `io`, `worker` and `server`. See ARCHITECTURE.md for the whole design.
+//! in `io` (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
+//! See ARCHITECTURE.md for the whole design.
+#![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod config;
 pub mod error;
+pub mod http;
+pub mod io;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
 pub mod replica;
 pub mod route;
+pub mod server;
+pub mod worker;
 
 pub use error::Error;

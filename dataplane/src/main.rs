@@ -1,2 +1,36 @@
-//! The `kvroute` binary: parses the config and runs the data plane.
-fn main() {}
+//! The `kvroute` binary: parses the configuration and runs the data plane.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use kvroute::config::{Cli, Config};
+
+// mimalloc: per-thread free lists suit thread-per-core workers that allocate
+// and free request buffers on their own thread.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = Cli::parse();
+    let cfg = match Config::load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kvroute: {e}");
+            std::process::exit(2);
+        }
+    };
+    if cli.check_config {
+        println!("kvroute: configuration ok ({} replicas, {} workers)", cfg.replicas.len(), cfg.worker_count());
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    match kvroute::server::run(cfg) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("kvroute: {e}");
+            std::process::exit(1);
+        }
+    }
+}

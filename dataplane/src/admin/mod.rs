@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod server;
+
 use crate::replica::{ExternalLoad, Pool, ReplicaSpec};
 
 /// Body of `PUT /replicas`: the complete new replica set.
@@ -51,10 +53,4 @@ pub struct ReplicaState {
     /// Failed attempts (connect/reset/timeout), the passive health signal.
     pub failures_total: u64,
     pub external_load: ExternalLoad,
-}
-
-impl ReplicaState {
-    pub fn spec_url(spec: &ReplicaSpec) -> &str {
-        &spec.url
-    }
 }

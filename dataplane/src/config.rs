@@ -1,0 +1,338 @@
+//! `kvroute.toml` and the command line that overrides it.
+//!
+//! Unknown keys are rejected (serde `deny_unknown_fields`), and every value is
+//! validated at start with a message naming the key, so a typo never silently
+//! falls back to a default in production.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::io::IoMode;
+use crate::replica::ReplicaSpec;
+use crate::route::PolicyKind;
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminAddr {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl AdminAddr {
+    /// A socket address means loopback TCP; anything else is a Unix socket path.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => Ok(AdminAddr::Tcp(a)),
+            Ok(a) => Err(Error::Config(format!(
+                "admin: {a} is not a loopback address; the admin API must not be reachable from the network"
+            ))),
+            Err(_) if s.starts_with('/') || s.starts_with('.') => Ok(AdminAddr::Unix(s.into())),
+            Err(_) => Err(Error::Config(format!(
+                "admin: {s:?} is neither a loopback ip:port nor a Unix socket path"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head (request line + headers) → 431 beyond.
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    /// Largest request body → 413 beyond.
+    pub max_body_bytes: usize,
+    /// Time allowed for a request head to arrive once its first byte has → 408.
+    pub head_timeout_ms: u64,
+    /// Time allowed for the whole body → 408.
+    pub body_timeout_ms: u64,
+    /// Idle keep-alive client connections are closed after this.
+    pub idle_timeout_ms: u64,
+    /// A client that does not take response bytes for this long is dropped.
+    pub write_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: 32 * 1024,
+            max_headers: 100,
+            max_body_bytes: 32 * 1024 * 1024,
+            head_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            idle_timeout_ms: 75_000,
+            write_timeout_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub connect_timeout_ms: u64,
+    /// Time to the first response byte; prefill of a long prompt behind a queue can take minutes.
+    pub first_byte_timeout_ms: u64,
+    /// Longest gap between two response reads once streaming.
+    pub read_timeout_ms: u64,
+    /// Idle connections kept per replica per worker.
+    pub pool_max_idle: usize,
+    /// Below uvicorn's 5 s keep-alive (vLLM, SGLang) so kvroute closes an idle
+    /// connection before the replica does, instead of racing it.
+    pub pool_idle_timeout_ms: u64,
+    /// Attempts on another replica when one fails before any response byte.
+    pub retries: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout_ms: 2_000,
+            first_byte_timeout_ms: 300_000,
+            read_timeout_ms: 300_000,
+            pool_max_idle: 64,
+            pool_idle_timeout_ms: 4_000,
+            retries: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Worker threads; absent means one per core.
+    pub workers: Option<usize>,
+    /// Pin each worker to its own core.
+    pub pin_workers: bool,
+    pub io: IoMode,
+    pub policy: PolicyKind,
+    /// Admin API: a Unix socket path or a loopback `ip:port`.
+    pub admin: String,
+    /// An optional second admin listener on loopback TCP.
+    pub admin_tcp: Option<SocketAddr>,
+    /// Grace period for in-flight requests on SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+    /// Log filter (tracing-subscriber EnvFilter syntax); `RUST_LOG` wins when set.
+    pub log: String,
+    pub limits: Limits,
+    pub upstream: UpstreamConfig,
+    pub replicas: Vec<ReplicaSpec>,
+}
+
+pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().expect("literal"),
+            workers: None,
+            pin_workers: true,
+            io: IoMode::Auto,
+            policy: PolicyKind::RoundRobin,
+            admin: DEFAULT_ADMIN.into(),
+            admin_tcp: None,
+            shutdown_grace_ms: 30_000,
+            log: "info".into(),
+            limits: Limits::default(),
+            upstream: UpstreamConfig::default(),
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// Command line; every flag overrides the file.
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "kvroute",
+    version,
+    about = "KV-cache-aware reverse proxy for LLM inference replicas"
+)]
+pub struct Cli {
+    /// Path of kvroute.toml.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Address clients connect to.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    #[arg(long, value_enum)]
+    pub io: Option<IoMode>,
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyKind>,
+    /// A replica: `http://host:port`, optionally `=model1,model2`; repeatable.
+    /// Replaces the file's replica list when given.
+    #[arg(long = "replica")]
+    pub replicas: Vec<String>,
+    /// Admin API: Unix socket path or loopback ip:port.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+impl Config {
+    pub fn load(cli: &Cli) -> Result<Config, Error> {
+        let mut cfg = match &cli.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+                Config::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+            None => Config::default(),
+        };
+        if let Some(l) = cli.listen {
+            cfg.listen = l;
+        }
+        if cli.workers.is_some() {
+            cfg.workers = cli.workers;
+        }
+        if let Some(io) = cli.io {
+            cfg.io = io;
+        }
+        if let Some(p) = cli.policy {
+            cfg.policy = p;
+        }
+        if let Some(a) = &cli.admin {
+            cfg.admin = a.clone();
+        }
+        if !cli.replicas.is_empty() {
+            cfg.replicas = cli.replicas.iter().map(|r| parse_replica_arg(r)).collect();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string().trim_end().to_string()))
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |k: &str, why: &str| Err(Error::Config(format!("{k}: {why}")));
+        if self.workers == Some(0) {
+            return bad("workers", "must be at least 1");
+        }
+        if self.workers.is_some_and(|w| w > 1024) {
+            return bad("workers", "at most 1024");
+        }
+        if self.limits.max_head_bytes < 1024 {
+            return bad("limits.max_head_bytes", "must be at least 1024");
+        }
+        if self.limits.max_headers == 0 {
+            return bad("limits.max_headers", "must be at least 1");
+        }
+        if self.limits.max_body_bytes == 0 {
+            return bad("limits.max_body_bytes", "must be at least 1");
+        }
+        for (k, v) in [
+            ("limits.head_timeout_ms", self.limits.head_timeout_ms),
+            ("limits.body_timeout_ms", self.limits.body_timeout_ms),
+            ("limits.idle_timeout_ms", self.limits.idle_timeout_ms),
+            ("limits.write_timeout_ms", self.limits.write_timeout_ms),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            ("upstream.read_timeout_ms", self.upstream.read_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(k, "must be greater than 0");
+            }
+        }
+        AdminAddr::parse(&self.admin)?;
+        if let Some(a) = self.admin_tcp {
+            if !a.ip().is_loopback() {
+                return bad("admin_tcp", "must be a loopback address");
+            }
+        }
+        for (i, r) in self.replicas.iter().enumerate() {
+            crate::replica::parse_http_url(&r.url)
+                .map_err(|e| Error::Config(format!("replicas[{i}].url: {e}")))?;
+            if r.weight == 0 {
+                return bad(&format!("replicas[{i}].weight"), "must be at least 1");
+            }
+        }
+        // Builds the table once to catch duplicates and the replica cap.
+        crate::replica::ReplicaTable::new(self.replicas.clone())?;
+        Ok(())
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// `http://h:p` or `http://h:p=model-a,model-b`.
+fn parse_replica_arg(s: &str) -> ReplicaSpec {
+    match s.split_once('=') {
+        Some((url, models)) => {
+            let mut spec = ReplicaSpec::new(url);
+            spec.models = models.split(',').filter(|m| !m.is_empty()).map(String::from).collect();
+            spec
+        }
+        None => ReplicaSpec::new(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml("listen = \"127.0.0.1:1\"\nworkerz = 2\n").unwrap_err();
+        assert!(e.to_string().contains("workerz"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_body = 1\n").unwrap_err();
+        assert!(e.to_string().contains("max_body"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let c = Config::from_toml("workers = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("workers"));
+        let c = Config::from_toml("[[replicas]]\nurl = \"ftp://x\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("replicas[0].url"));
+        let c = Config::from_toml("admin = \"0.0.0.0:9090\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("loopback"));
+        let e = Config::from_toml("io = \"kqueue\"\n").unwrap_err();
+        assert!(e.to_string().contains("kqueue"), "{e}");
+    }
+
+    #[test]
+    fn full_file_round_trips() {
+        let c = Config::from_toml(
+            r#"
+listen = "127.0.0.1:8080"
+workers = 2
+io = "epoll"
+policy = "least-loaded"
+admin = "127.0.0.1:9090"
+[limits]
+max_body_bytes = 1048576
+[upstream]
+retries = 0
+[[replicas]]
+url = "http://127.0.0.1:8001"
+models = ["llama"]
+weight = 2
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.worker_count(), 2);
+        assert_eq!(c.replicas[0].weight, 2);
+        assert_eq!(AdminAddr::parse(&c.admin).unwrap(), AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap()));
+    }
+
+    #[test]
+    fn cli_replica_with_models() {
+        let r = parse_replica_arg("http://127.0.0.1:1=a,b");
+        assert_eq!(r.url, "http://127.0.0.1:1");
+        assert_eq!(r.models, vec!["a", "b"]);
+    }
+}

@@ -1,0 +1,60 @@
+//! The I/O boundary: everything the proxy needs from a runtime, in one small
+//! trait pair, so the same proxy logic runs on io_uring (tokio-uring) or on epoll
+//! (tokio current-thread) and tokio-uring's API never leaks past this module.
+//!
+//! Buffers are owned and handed back (io_uring completes into memory the kernel
+//! holds until the operation ends, so it cannot borrow a caller's slice).
+
+mod epoll;
+mod uring;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+pub use epoll::Epoll;
+pub use uring::{uring_available, Uring};
+
+/// Which runtime a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// io_uring when the kernel and seccomp allow it, else epoll.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+/// A connected TCP stream.
+pub trait Conn: 'static {
+    /// Reads into `buf`'s spare capacity (reserving `min_free` first), appending.
+    /// Returns the number of bytes read; 0 means end of stream.
+    fn read(&mut self, buf: &mut Vec<u8>, min_free: usize) -> impl Future<Output = io::Result<usize>>;
+
+    /// Writes `buf[range]` completely and hands the buffer back.
+    fn write_all(&mut self, buf: Vec<u8>, range: Range<usize>) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
+
+    /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
+    fn shutdown_write(&mut self);
+}
+
+/// A runtime flavour: how to run a worker, accept and connect.
+pub trait Runtime: 'static {
+    type Conn: Conn;
+    type Listener: 'static;
+    const NAME: &'static str;
+
+    /// Runs `fut` to completion on this thread; spawned tasks use `tokio::task::spawn_local`.
+    fn block_on<F: Future>(fut: F) -> io::Result<F::Output>;
+    fn listener(l: std::net::TcpListener) -> io::Result<Self::Listener>;
+    fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>>;
+    fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Conn>>;
+}
+
+/// Makes room for at least `min_free` more bytes, growing geometrically.
+pub(crate) fn reserve(buf: &mut Vec<u8>, min_free: usize) {
+    if buf.capacity() - buf.len() < min_free {
+        buf.reserve(min_free.max(buf.len()));
+    }
+}

@@ -1,0 +1,84 @@
+//! Prometheus metrics through the `metrics` facade.
+//!
+//! Names are constants here so the README, the dashboard and the code agree.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "kvroute_requests_total";
+pub const ERRORS: &str = "kvroute_errors_total";
+pub const IN_FLIGHT: &str = "kvroute_replica_in_flight";
+pub const CONNECTIONS: &str = "kvroute_worker_connections";
+pub const UPSTREAM_CONNECT: &str = "kvroute_upstream_connect_seconds";
+pub const UPSTREAM_TTFB: &str = "kvroute_upstream_first_byte_seconds";
+pub const REQUEST_DURATION: &str = "kvroute_request_duration_seconds";
+pub const BYTES: &str = "kvroute_bytes_total";
+pub const POOL: &str = "kvroute_upstream_pool_total";
+pub const RETRIES: &str = "kvroute_upstream_retries_total";
+pub const DECISIONS: &str = "kvroute_routing_decisions_total";
+pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once; later calls return the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // A second install (tests running several servers in one process) keeps the first.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Label value for a request path: a fixed set, so a client cannot blow up cardinality.
+pub fn route_label(path: &str) -> &'static str {
+    let p = path.split('?').next().unwrap_or("");
+    match p {
+        "/v1/chat/completions" => "chat_completions",
+        "/v1/completions" => "completions",
+        "/v1/responses" => "responses",
+        "/generate" => "generate",
+        "/v1/embeddings" => "embeddings",
+        "/v1/models" => "models",
+        "/health" | "/healthz" => "health",
+        _ => "other",
+    }
+}
+
+/// Status codes as static strings for labels.
+pub fn status_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        501 => "501",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

@@ -1,0 +1,770 @@
+//! One client connection: read a request, route it, forward it, stream the
+//! response back, repeat while keep-alive allows.
+//!
+//! Generic over [`Runtime`], so io_uring and epoll run exactly this code.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::time::timeout;
+
+use crate::http::{
+    self, parse_request_head, parse_response_head, BodyFraming, ChunkedDecoder, ErrorKind,
+    ErrorResponse, HeadError, RequestHead, ResponseFraming, ResponseHead,
+};
+use crate::io::{Conn, Runtime};
+use crate::metrics as m;
+use crate::replica::Replica;
+use crate::route::{Decision, RouteRequest};
+use crate::worker::WorkerCtx;
+
+/// Read granularity: big enough for a typical prompt in one read, small enough
+/// that thousands of idle connections cost little.
+const READ_CHUNK: usize = 16 * 1024;
+/// Bodies up to this size are copied behind the head so the upstream gets one write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// Whether the client connection lives on after a request.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+struct Client<C> {
+    io: C,
+    /// Bytes read from the client and not yet consumed (pipelined requests stay here).
+    buf: Vec<u8>,
+    peer: SocketAddr,
+}
+
+/// Decrements a counter when dropped, so every exit path keeps gauges right.
+struct Gauge<'a>(&'a std::sync::atomic::AtomicU64);
+impl<'a> Gauge<'a> {
+    fn up(c: &'a std::sync::atomic::AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Gauge(c)
+    }
+}
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketAddr) {
+    let stats = &ctx.shared.workers[ctx.id];
+    let _open = Gauge::up(&stats.connections);
+    let mut client = Client {
+        io,
+        buf: Vec::with_capacity(READ_CHUNK),
+        peer,
+    };
+    while handle_one(&ctx, &mut client).await == Next::KeepAlive {}
+    client.io.shutdown_write();
+}
+
+/// An error the proxy answers itself; the connection closes after it unless noted.
+struct Reject {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Reject {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Reject {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<HeadError> for Reject {
+    fn from(e: HeadError) -> Self {
+        let kind = match e {
+            HeadError::Malformed(_) => ErrorKind::BadRequest,
+            HeadError::TooLarge(_) => ErrorKind::HeadTooLarge,
+            HeadError::UnsupportedEncoding => ErrorKind::NotImplemented,
+        };
+        Reject::new(kind, e.to_string())
+    }
+}
+
+async fn write_client<C: Conn>(
+    c: &mut C,
+    buf: Vec<u8>,
+    range: Range<usize>,
+    limit: Duration,
+) -> (std::io::Result<()>, Vec<u8>) {
+    match timeout(limit, c.write_all(buf, range)).await {
+        Ok(r) => r,
+        Err(_) => (
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client write timeout")),
+            Vec::new(),
+        ),
+    }
+}
+
+async fn send_error<C: Conn>(client: &mut Client<C>, kind: ErrorKind, message: &str, close: bool, limit: Duration) {
+    metrics::counter!(m::ERRORS, "kind" => kind.code()).increment(1);
+    let mut out = Vec::with_capacity(256);
+    ErrorResponse::write(&mut out, kind, message, close);
+    let len = out.len();
+    let _ = write_client(&mut client.io, out, 0..len, limit).await;
+}
+
+/// Waits for a complete request head. `Ok(None)`: the connection ended or idled
+/// out between requests (nothing to answer).
+async fn read_head<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &mut Client<R::Conn>,
+) -> Result<Option<RequestHead>, Reject> {
+    let lim = &ctx.shared.cfg.limits;
+    let mut shutdown = ctx.shared.shutdown.subscribe();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if !client.buf.is_empty() {
+            if let Some(h) = parse_request_head(&client.buf, lim.max_head_bytes, lim.max_headers)? {
+                return Ok(Some(h));
+            }
+            deadline.get_or_insert_with(|| {
+                tokio::time::Instant::now() + Duration::from_millis(lim.head_timeout_ms)
+            });
+        }
+        let read = client.io.read(&mut client.buf, READ_CHUNK);
+        let n = match deadline {
+            // Between requests: idle keep-alive, ended early by a drain.
+            None => {
+                if *shutdown.borrow_and_update() {
+                    return Ok(None);
+                }
+                tokio::select! {
+                    r = timeout(Duration::from_millis(lim.idle_timeout_ms), read) => match r {
+                        Ok(r) => r,
+                        Err(_) => return Ok(None),
+                    },
+                    _ = shutdown.changed() => return Ok(None),
+                }
+            }
+            Some(d) => match tokio::time::timeout_at(d, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request head not received in time")),
+            },
+        };
+        match n {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Where the request body is once read.
+enum Body {
+    /// In the client buffer at this range (Content-Length bodies: no copy).
+    InBuf(Range<usize>),
+    /// Decoded from chunked framing.
+    Decoded(Vec<u8>),
+}
+
+/// Reads the body; returns it and where the request ends in the client buffer.
+async fn read_body<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &mut Client<R::Conn>,
+    head: &RequestHead,
+) -> Result<(Body, usize), Reject> {
+    let lim = &ctx.shared.cfg.limits;
+    let too_large = || {
+        Reject::new(
+            ErrorKind::TooLarge,
+            format!("request body larger than {} bytes", lim.max_body_bytes),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(lim.body_timeout_ms);
+    let start = head.len;
+    // The client waits for our go-ahead only if it has sent nothing of the body yet.
+    if head.expect_continue && client.buf.len() == start {
+        write_continue(ctx, client).await?;
+    }
+    match head.framing {
+        BodyFraming::None => Ok((Body::InBuf(start..start), start)),
+        BodyFraming::Length(n) => {
+            if n > lim.max_body_bytes as u64 {
+                return Err(too_large());
+            }
+            let end = start + n as usize;
+            while client.buf.len() < end {
+                // Reserve what is announced, capped, so a lying Content-Length costs little.
+                let want = (end - client.buf.len()).clamp(READ_CHUNK, 1 << 20);
+                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        return Err(Reject::new(ErrorKind::BadRequest, "connection closed inside the body"))
+                    }
+                    Ok(Ok(_)) => {}
+                    Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request body not received in time")),
+                }
+            }
+            Ok((Body::InBuf(start..end), end))
+        }
+        BodyFraming::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut body = Vec::new();
+            let mut pos = start;
+            loop {
+                let used = dec
+                    .feed(&client.buf[pos..], Some(&mut body))
+                    .map_err(|e| Reject::new(ErrorKind::BadRequest, format!("bad chunked body: {e}")))?;
+                pos += used;
+                if body.len() > lim.max_body_bytes {
+                    return Err(too_large());
+                }
+                if dec.is_done() {
+                    return Ok((Body::Decoded(body), pos));
+                }
+                // Framing bytes already decoded are dropped (the head stays: its
+                // ranges are still in use), so the buffer holds one read at most.
+                client.buf.drain(start..pos);
+                pos = start;
+                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, READ_CHUNK)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        return Err(Reject::new(ErrorKind::BadRequest, "connection closed inside the body"))
+                    }
+                    Ok(Ok(_)) => {}
+                    Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request body not received in time")),
+                }
+            }
+        }
+    }
+}
+
+async fn write_continue<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<R::Conn>) -> Result<(), Reject> {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
+    let (r, _) = write_client(&mut client.io, CONTINUE.to_vec(), 0..CONTINUE.len(), limit).await;
+    r.map_err(|_| Reject::new(ErrorKind::BadRequest, "client went away"))
+}
+
+/// Handles one request on the connection.
+async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::Conn>) -> Next {
+    let shared = &ctx.shared;
+    let write_limit = Duration::from_millis(shared.cfg.limits.write_timeout_ms);
+    let head = match read_head(ctx, client).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return Next::Close,
+        Err(rej) => {
+            send_error(client, rej.kind, &rej.message, true, write_limit).await;
+            return Next::Close;
+        }
+    };
+    let stats = &shared.workers[ctx.id];
+    let _active = Gauge::up(&stats.active_requests);
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let route = m::route_label(head.path(&client.buf));
+
+    let (body, consumed) = match read_body(ctx, client, &head).await {
+        Ok(b) => b,
+        Err(rej) => {
+            send_error(client, rej.kind, &rej.message, true, write_limit).await;
+            metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(rej.kind.status()), "replica" => "none").increment(1);
+            return Next::Close;
+        }
+    };
+    let body_len = match &body {
+        Body::InBuf(r) => r.len(),
+        Body::Decoded(v) => v.len(),
+    };
+    metrics::counter!(m::BYTES, "direction" => "client_in").increment((consumed) as u64);
+
+    let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
+    let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
+    let session = head
+        .header(&client.buf, "x-session-id")
+        .map(|v| v.to_vec());
+    let path = head.path(&client.buf).to_string();
+    let is_head = head.is_head;
+
+    // The body moves out of the client buffer only for the duration of forwarding.
+    let (mut body_buf, body_range, in_client_buf) = match body {
+        Body::InBuf(r) => (std::mem::take(&mut client.buf), r, true),
+        Body::Decoded(v) => {
+            let n = v.len();
+            (v, 0..n, false)
+        }
+    };
+    let req = RouteRequest {
+        path: &path,
+        model: None,
+        session: session.as_deref(),
+        block_hashes: &[],
+        prompt_bytes: body_len,
+        now_ms: shared.now_ms(),
+    };
+    let outcome = forward(ctx, client, &req, &upstream_head, &mut body_buf, body_range, is_head, keep_alive).await;
+    if in_client_buf {
+        client.buf = body_buf;
+    }
+    // Drop this request's bytes; a pipelined next request stays at the front.
+    client.buf.drain(..consumed.min(client.buf.len()));
+
+    let (status, replica_label, next) = match outcome {
+        Outcome::Done { status, replica, client_keep_alive } => (
+            status,
+            replica,
+            if client_keep_alive { Next::KeepAlive } else { Next::Close },
+        ),
+        Outcome::Failed { kind, message, replica } => {
+            send_error(client, kind, &message, !keep_alive, write_limit).await;
+            (kind.status(), replica, if keep_alive { Next::KeepAlive } else { Next::Close })
+        }
+        Outcome::ClientGone { status, replica } => (status, replica, Next::Close),
+    };
+    metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(status), "replica" => replica_label.clone()).increment(1);
+    metrics::histogram!(m::REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    next
+}
+
+enum Outcome {
+    /// A response was relayed in full.
+    Done {
+        status: u16,
+        replica: String,
+        client_keep_alive: bool,
+    },
+    /// Nothing reached the client yet; answer with this error.
+    Failed {
+        kind: ErrorKind,
+        message: String,
+        replica: String,
+    },
+    /// The response started but the client or the replica broke the stream.
+    ClientGone { status: u16, replica: String },
+}
+
+/// Request line and end-to-end headers for the replica, without `host` (added per
+/// attempt, since a retry may go to another replica) and without the final CRLF.
+fn build_upstream_head(head: &RequestHead, buf: &[u8], peer: SocketAddr, body_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len + 128);
+    out.extend_from_slice(head.method(buf).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.path(buf).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut conn_tokens: Vec<&str> = Vec::new();
+    for (n, v) in head.header_iter(buf) {
+        if n.eq_ignore_ascii_case("connection") {
+            if let Ok(s) = std::str::from_utf8(v) {
+                conn_tokens.extend(s.split(',').map(str::trim).filter(|t| !t.is_empty()));
+            }
+        }
+    }
+    let mut xff: Option<&[u8]> = None;
+    for (n, v) in head.header_iter(buf) {
+        if http::is_hop_by_hop(n, &conn_tokens)
+            || n.eq_ignore_ascii_case("host")
+            || n.eq_ignore_ascii_case("content-length")
+            || n.eq_ignore_ascii_case("expect")
+        {
+            continue;
+        }
+        if n.eq_ignore_ascii_case("x-forwarded-for") {
+            xff = Some(v);
+            continue;
+        }
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(prev) = xff {
+        out.extend_from_slice(prev);
+        out.extend_from_slice(b", ");
+    }
+    let _ = write!(out, "{}\r\n", peer.ip());
+    if body_len > 0 || !matches!(head.framing, BodyFraming::None) || head.method(buf) == "POST" {
+        let _ = write!(out, "content-length: {body_len}\r\n");
+    }
+    out
+}
+
+/// Why an attempt at one replica failed before any response byte.
+enum AttemptError {
+    /// Safe to retry (nothing was processed as far as we can tell).
+    Retryable(&'static str),
+    /// The replica may be working on it; don't double the GPU work.
+    Timeout,
+    /// Bytes came back but they were not HTTP.
+    BadResponse(&'static str),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward<R: Runtime>(
+    ctx: &Rc<WorkerCtx<R>>,
+    client: &mut Client<R::Conn>,
+    req: &RouteRequest<'_>,
+    upstream_head: &[u8],
+    body: &mut Vec<u8>,
+    body_range: Range<usize>,
+    is_head: bool,
+    client_keep_alive: bool,
+) -> Outcome {
+    let shared = &ctx.shared;
+    let up_cfg = &shared.cfg.upstream;
+    let set = shared.table.load();
+    if set.generation != ctx.pool_generation.get() {
+        let addrs: Vec<SocketAddr> = set.replicas.iter().map(|r| r.addr).collect();
+        ctx.pool.borrow_mut().prune(|a| addrs.contains(a), Instant::now());
+        ctx.pool_generation.set(set.generation);
+    }
+    let mut exclude: Vec<u16> = Vec::new();
+    let mut attempts = 1 + up_cfg.retries;
+    let mut last_replica = String::from("none");
+    let mut fresh_only = false;
+    let mut decision: Option<Decision> = None;
+    let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let (mut up, rhead, replica, _in_flight, connect_started) = loop {
+        let d = match decision.take() {
+            Some(d) => d,
+            None => match shared.router.pick(req, &set, &exclude) {
+                Some(d) => d,
+                None if exclude.is_empty() => {
+                    let kind = if set.any_serves(req.model) || req.model.is_none() {
+                        ErrorKind::NoReplica
+                    } else {
+                        ErrorKind::ModelNotFound
+                    };
+                    return Outcome::Failed {
+                        kind,
+                        message: match kind {
+                            ErrorKind::ModelNotFound => format!("model {:?} is not served here", req.model.unwrap_or("")),
+                            _ => "no healthy replica available".into(),
+                        },
+                        replica: last_replica,
+                    };
+                }
+                None => {
+                    return Outcome::Failed {
+                        kind: ErrorKind::BadGateway,
+                        message: "upstream replica failed before responding".into(),
+                        replica: last_replica,
+                    }
+                }
+            },
+        };
+        let replica = d.replica.clone();
+        last_replica = replica.spec.url.clone();
+        let in_flight = replica.begin();
+        let started = Instant::now();
+        match attempt::<R>(ctx, &replica, upstream_head, body, body_range.clone(), is_head, fresh_only, &mut ubuf).await {
+            Ok((conn, rhead)) => {
+                replica.consecutive_failures.store(0, Ordering::Relaxed);
+                metrics::counter!(m::DECISIONS, "kind" => d.kind.as_str()).increment(1);
+                shared.router.on_routed(req, &d);
+                break (conn, rhead, replica, in_flight, started);
+            }
+            Err((e, reused)) => {
+                replica.failures.fetch_add(1, Ordering::Relaxed);
+                replica.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+                match e {
+                    AttemptError::Retryable(why) if reused && !fresh_only => {
+                        // A pooled connection the replica had already closed: not the
+                        // replica's fault, so retry it on a fresh one without using a retry.
+                        tracing::debug!(replica = %replica.spec.url, why, "stale pooled connection");
+                        replica.failures.fetch_sub(1, Ordering::Relaxed);
+                        replica.consecutive_failures.fetch_sub(1, Ordering::Relaxed);
+                        fresh_only = true;
+                        decision = Some(d);
+                        continue;
+                    }
+                    AttemptError::Retryable(why) => {
+                        metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
+                        tracing::warn!(replica = %replica.spec.url, why, "upstream attempt failed");
+                        exclude.push(replica.slot);
+                        fresh_only = false;
+                        attempts -= 1;
+                        if attempts == 0 {
+                            return Outcome::Failed {
+                                kind: ErrorKind::BadGateway,
+                                message: format!("upstream replica failed before responding: {why}"),
+                                replica: last_replica,
+                            };
+                        }
+                        metrics::counter!(m::RETRIES).increment(1);
+                    }
+                    AttemptError::Timeout => {
+                        return Outcome::Failed {
+                            kind: ErrorKind::GatewayTimeout,
+                            message: "upstream replica did not respond in time".into(),
+                            replica: last_replica,
+                        }
+                    }
+                    AttemptError::BadResponse(why) => {
+                        return Outcome::Failed {
+                            kind: ErrorKind::BadGateway,
+                            message: format!("invalid response from upstream replica: {why}"),
+                            replica: last_replica,
+                        }
+                    }
+                }
+            }
+        }
+    };
+    metrics::histogram!(m::UPSTREAM_TTFB).record(connect_started.elapsed().as_secs_f64());
+    let (outcome, reusable) = relay::<R>(ctx, client, &mut up, rhead, ubuf, &replica, client_keep_alive).await;
+    if reusable {
+        ctx.pool.borrow_mut().put(replica.addr, up, Instant::now());
+    }
+    outcome
+}
+
+/// One try at one replica: connection (pooled or new), request written, response
+/// head read. On error, also says whether the connection came from the pool.
+#[allow(clippy::too_many_arguments)]
+async fn attempt<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    replica: &Replica,
+    upstream_head: &[u8],
+    body: &mut Vec<u8>,
+    body_range: Range<usize>,
+    is_head: bool,
+    fresh_only: bool,
+    ubuf: &mut Vec<u8>,
+) -> Result<(R::Conn, ResponseHead), (AttemptError, bool)> {
+    let up_cfg = &ctx.shared.cfg.upstream;
+    let pooled = if fresh_only {
+        None
+    } else {
+        ctx.pool.borrow_mut().take(replica.addr, Instant::now())
+    };
+    let reused = pooled.is_some();
+    let mut conn = match pooled {
+        Some(c) => {
+            metrics::counter!(m::POOL, "result" => "reuse").increment(1);
+            c
+        }
+        None => {
+            metrics::counter!(m::POOL, "result" => "new").increment(1);
+            let t = Instant::now();
+            match timeout(Duration::from_millis(up_cfg.connect_timeout_ms), R::connect(replica.addr)).await {
+                Ok(Ok(c)) => {
+                    metrics::histogram!(m::UPSTREAM_CONNECT).record(t.elapsed().as_secs_f64());
+                    c
+                }
+                Ok(Err(_)) => return Err((AttemptError::Retryable("connect refused"), false)),
+                Err(_) => return Err((AttemptError::Retryable("connect timeout"), false)),
+            }
+        }
+    };
+    let fail = |why| Err((AttemptError::Retryable(why), reused));
+    // Request head (+ small body) in one write.
+    let mut out = Vec::with_capacity(upstream_head.len() + 64 + body_range.len().min(COALESCE_BODY));
+    out.extend_from_slice(upstream_head);
+    out.extend_from_slice(b"host: ");
+    out.extend_from_slice(replica.authority.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+    let coalesce = body_range.len() <= COALESCE_BODY;
+    if coalesce {
+        out.extend_from_slice(&body[body_range.clone()]);
+    }
+    let n = out.len();
+    let (r, _) = conn.write_all(out, 0..n).await;
+    if r.is_err() {
+        return fail("write failed");
+    }
+    if !coalesce {
+        let b = std::mem::take(body);
+        let (r, b) = conn.write_all(b, body_range).await;
+        *body = b;
+        if r.is_err() {
+            return fail("write failed");
+        }
+    }
+    ubuf.clear();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(up_cfg.first_byte_timeout_ms);
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(ubuf, READ_CHUNK)).await {
+            Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() => return fail("connection closed before response"),
+            Ok(Ok(0)) | Ok(Err(_)) => return Err((AttemptError::BadResponse("connection closed inside head"), reused)),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err((AttemptError::Timeout, reused)),
+        }
+        match parse_response_head(ubuf, 64 * 1024, is_head) {
+            Ok(Some(h)) if (100..200).contains(&h.status) => {
+                if h.status == 101 {
+                    return Err((AttemptError::BadResponse("protocol upgrade is not supported"), reused));
+                }
+                // Interim response (100, 103): skip it, the final one follows.
+                ubuf.drain(..h.len);
+                continue;
+            }
+            Ok(Some(h)) => return Ok((conn, h)),
+            Ok(None) => continue,
+            Err(why) => return Err((AttemptError::BadResponse(why), reused)),
+        }
+    }
+}
+
+/// Streams the response to the client as it arrives.
+async fn relay<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &mut Client<R::Conn>,
+    up: &mut R::Conn,
+    rhead: ResponseHead,
+    mut ubuf: Vec<u8>,
+    replica: &Replica,
+    client_keep_alive: bool,
+) -> (Outcome, bool) {
+    let cfg = &ctx.shared.cfg;
+    let write_limit = Duration::from_millis(cfg.limits.write_timeout_ms);
+    let read_limit = Duration::from_millis(cfg.upstream.read_timeout_ms);
+    let status = rhead.status;
+    let replica_label = replica.spec.url.clone();
+    let keep_alive = client_keep_alive && rhead.framing != ResponseFraming::UntilClose;
+
+    let mut out = Vec::with_capacity(rhead.len + 64);
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", status, http::reason_phrase(status));
+    let mut conn_tokens: Vec<&str> = Vec::new();
+    for (n, v) in &rhead.headers {
+        if ubuf[n.clone()].eq_ignore_ascii_case(b"connection") {
+            if let Ok(s) = std::str::from_utf8(&ubuf[v.clone()]) {
+                conn_tokens.extend(s.split(',').map(str::trim).filter(|t| !t.is_empty()));
+            }
+        }
+    }
+    for (n, v) in &rhead.headers {
+        let name = std::str::from_utf8(&ubuf[n.clone()]).unwrap_or("");
+        if http::is_hop_by_hop(name, &conn_tokens) {
+            continue;
+        }
+        if rhead.framing == ResponseFraming::Chunked && name.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&ubuf[v.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    if rhead.framing == ResponseFraming::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    // Body bytes that arrived with the head go out with it.
+    let mut tracker = BodyTracker::new(rhead.framing);
+    let leftover = &ubuf[rhead.len..];
+    let take = match tracker.advance(leftover) {
+        Ok(t) => t,
+        Err(_) => return (
+                Outcome::Failed {
+                    kind: ErrorKind::BadGateway,
+                    message: "invalid chunked framing from upstream replica".into(),
+                    replica: replica_label,
+                },
+                false,
+            )
+    };
+    let mut clean_upstream = take == leftover.len();
+    out.extend_from_slice(&leftover[..take]);
+    let n = out.len();
+    let (r, _) = write_client(&mut client.io, out, 0..n, write_limit).await;
+    metrics::counter!(m::BYTES, "direction" => "client_out").increment(n as u64);
+    if r.is_err() {
+        return (Outcome::ClientGone { status, replica: replica_label }, false);
+    }
+
+    while !tracker.done() {
+        ubuf.clear();
+        let read = match timeout(read_limit, up.read(&mut ubuf, READ_CHUNK)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => 0,
+        };
+        if read == 0 {
+            if tracker.framing == ResponseFraming::UntilClose {
+                break;
+            }
+            // The replica died mid-stream: end the client's stream cleanly and close.
+            metrics::counter!(m::ERRORS, "kind" => "upstream_midstream").increment(1);
+            replica.failures.fetch_add(1, Ordering::Relaxed);
+            if tracker.framing == ResponseFraming::Chunked {
+                let fin = b"0\r\n\r\n".to_vec();
+                let _ = write_client(&mut client.io, fin, 0..5, write_limit).await;
+            }
+            return (Outcome::ClientGone { status, replica: replica_label }, false);
+        }
+        let take = match tracker.advance(&ubuf[..read]) {
+            Ok(t) => t,
+            Err(_) => {
+                metrics::counter!(m::ERRORS, "kind" => "upstream_framing").increment(1);
+                return (Outcome::ClientGone { status, replica: replica_label }, false);
+            }
+        };
+        clean_upstream &= take == read;
+        let (r, b) = write_client(&mut client.io, ubuf, 0..take, write_limit).await;
+        ubuf = b;
+        metrics::counter!(m::BYTES, "direction" => "client_out").increment(take as u64);
+        if r.is_err() {
+            // Closing the upstream connection tells the engine to abort the request.
+            return (Outcome::ClientGone { status, replica: replica_label }, false);
+        }
+    }
+    let reusable = rhead.keep_alive && clean_upstream && tracker.framing != ResponseFraming::UntilClose;
+    (
+        Outcome::Done {
+            status,
+            replica: replica_label,
+            client_keep_alive: keep_alive,
+        },
+        reusable,
+    )
+}
+
+/// Follows the response body's framing while its bytes pass through untouched.
+struct BodyTracker {
+    framing: ResponseFraming,
+    remaining: u64,
+    chunked: ChunkedDecoder,
+    finished: bool,
+}
+
+impl BodyTracker {
+    fn new(framing: ResponseFraming) -> Self {
+        BodyTracker {
+            framing,
+            remaining: match framing {
+                ResponseFraming::Length(n) => n,
+                _ => 0,
+            },
+            chunked: ChunkedDecoder::new(),
+            finished: framing == ResponseFraming::None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+
+    /// How many of `bytes` belong to the body; marks the end when reached.
+    fn advance(&mut self, bytes: &[u8]) -> Result<usize, http::ChunkError> {
+        match self.framing {
+            ResponseFraming::None => Ok(0),
+            ResponseFraming::Length(_) => {
+                let take = (self.remaining as usize).min(bytes.len());
+                self.remaining -= take as u64;
+                self.finished = self.remaining == 0;
+                Ok(take)
+            }
+            ResponseFraming::Chunked => {
+                let take = self.chunked.feed(bytes, None)?;
+                self.finished = self.chunked.is_done();
+                Ok(take)
+            }
+            ResponseFraming::UntilClose => Ok(bytes.len()),
+        }
+    }
+}

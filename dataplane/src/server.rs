@@ -1,0 +1,222 @@
+//! Process wiring: the shared state, one pinned worker thread per core (each with
+//! its own runtime and SO_REUSEPORT listener), the admin API, signals and drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::{AdminAddr, Config};
+use crate::error::Error;
+use crate::io::{uring_available, Epoll, IoMode, Runtime, Uring};
+use crate::replica::ReplicaTable;
+use crate::route::Router;
+
+/// Counters of one worker, read by `/state` and `/metrics`.
+#[derive(Default, Debug)]
+pub struct WorkerStats {
+    pub connections: AtomicU64,
+    pub active_requests: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// State every worker and the admin API share.
+pub struct Shared {
+    pub cfg: Config,
+    pub table: Arc<ReplicaTable>,
+    pub router: Arc<dyn Router>,
+    pub workers: Vec<WorkerStats>,
+    pub io_name: OnceLock<&'static str>,
+    pub draining: AtomicBool,
+    pub shutdown: watch::Sender<bool>,
+    started: Instant,
+}
+
+impl Shared {
+    pub fn new(cfg: Config) -> Result<Arc<Shared>, Error> {
+        let table = Arc::new(ReplicaTable::new(cfg.replicas.clone())?);
+        let router = cfg.policy.build();
+        router.on_replicas_changed(&table.load());
+        let n = cfg.worker_count();
+        Ok(Arc::new(Shared {
+            table,
+            router,
+            workers: (0..n).map(|_| WorkerStats::default()).collect(),
+            io_name: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+            started: Instant::now(),
+            cfg,
+        }))
+    }
+
+    /// Milliseconds since start: the clock value handed to routers.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+    }
+
+    pub fn open_connections(&self) -> u64 {
+        self.workers.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Binds `n` listeners on one address with SO_REUSEPORT, so the kernel (or the
+/// eBPF steering program) spreads connections across workers.
+pub fn bind_listeners(addr: SocketAddr, n: usize) -> Result<Vec<std::net::TcpListener>, Error> {
+    let mut out = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_tcp_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())
+            .map_err(|e| Error::Config(format!("listen: cannot bind {addr}: {e}")))?;
+        s.listen(4096)?;
+        let l: std::net::TcpListener = s.into();
+        // Port 0: every later socket must join the port the first one got.
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Chooses the runtime for `--io`.
+pub fn resolve_io(mode: IoMode) -> Result<&'static str, Error> {
+    match mode {
+        IoMode::Epoll => Ok(Epoll::NAME),
+        IoMode::Uring => uring_available()
+            .map(|_| Uring::NAME)
+            .map_err(Error::UringUnavailable),
+        IoMode::Auto => match uring_available() {
+            Ok(()) => Ok(Uring::NAME),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring unavailable, falling back to epoll");
+                Ok(Epoll::NAME)
+            }
+        },
+    }
+}
+
+/// Starts the workers; returns once every worker is accepting.
+pub fn start_workers(shared: &Arc<Shared>, listeners: Vec<std::net::TcpListener>) -> Result<(), Error> {
+    let io = *shared.io_name.get().expect("io resolved before start");
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for (id, l) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let core = if shared.cfg.pin_workers && !cores.is_empty() {
+            Some(cores[id % cores.len()])
+        } else {
+            None
+        };
+        let ready = ready_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("kvroute-w{id}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    if !core_affinity::set_for_current(c) {
+                        tracing::warn!(worker = id, "could not pin worker to a core");
+                    }
+                }
+                let res = if io == Uring::NAME {
+                    crate::worker::run::<Uring>(shared, id, l, ready.clone())
+                } else {
+                    crate::worker::run::<Epoll>(shared, id, l, ready.clone())
+                };
+                if let Err(e) = res {
+                    let _ = ready.send(Err(format!("worker {id}: {e}")));
+                }
+            })?;
+    }
+    drop(ready_tx);
+    for _ in 0..shared.workers.len() {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Config(e)),
+            Err(_) => return Err(Error::Config("a worker did not start within 10 s".into())),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the whole data plane until a signal drains it. Returns the exit code.
+pub fn run(cfg: Config) -> Result<i32, Error> {
+    crate::metrics::install();
+    let io = resolve_io(cfg.io)?;
+    let listeners = bind_listeners(cfg.listen, cfg.worker_count())?;
+    let local = listeners[0].local_addr()?;
+    let shared = Shared::new(cfg)?;
+    let _ = shared.io_name.set(io);
+    start_workers(&shared, listeners)?;
+    tracing::info!(
+        listen = %local,
+        workers = shared.workers.len(),
+        io,
+        policy = shared.router.name(),
+        replicas = shared.table.load().replicas.len(),
+        "kvroute ready"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(control_loop(shared))
+}
+
+/// The main thread: admin API, signals, and the drain that ends the process.
+async fn control_loop(shared: Arc<Shared>) -> Result<i32, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let explicit_admin = shared.cfg.admin != crate::config::DEFAULT_ADMIN;
+    let mut admin_addrs = vec![AdminAddr::parse(&shared.cfg.admin)?];
+    if let Some(t) = shared.cfg.admin_tcp {
+        admin_addrs.push(AdminAddr::Tcp(t));
+    }
+    for (i, a) in admin_addrs.into_iter().enumerate() {
+        match crate::admin::server::bind(&a).await {
+            Ok(l) => {
+                tracing::info!(admin = ?a, "admin API listening");
+                tokio::spawn(crate::admin::server::serve(l, shared.clone()));
+            }
+            // The default socket path needs /run/kvroute; a quick start as a normal
+            // user should still proxy, so only an admin address the user chose is fatal.
+            Err(e) if i == 0 && !explicit_admin => {
+                tracing::warn!(admin = ?a, error = %e, "admin API disabled: cannot bind default socket")
+            }
+            Err(e) => return Err(Error::Config(format!("admin: cannot listen on {a:?}: {e}"))),
+        }
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    shared.begin_drain();
+    let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
+    let deadline = Instant::now() + grace;
+    loop {
+        let open = shared.open_connections();
+        if open == 0 {
+            tracing::info!("drained, exiting");
+            return Ok(0);
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(open, "grace period over, exiting with connections open");
+            return Ok(0);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// For `/state`.
+pub fn io_name(shared: &Shared) -> &'static str {
+    shared.io_name.get().copied().unwrap_or("none")
+}
+
