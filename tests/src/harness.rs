@@ -1,0 +1,532 @@
+//! Helpers for end-to-end tests: start the real binaries on loopback, a scriptable
+//! upstream server, and a raw HTTP/1.1 client that shows exactly what a client sees.
+//!
+//! The client is blocking std I/O on purpose: tests send malformed bytes and
+//! observe chunk arrival, which a full HTTP client library would hide.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
+/// `cargo xtask test` builds every binary before running tests.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!("KVROUTE_BIN_{}", name.replace('-', "_").to_uppercase())) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (`cargo build --workspace --bins`, which `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` every 20 ms until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(bin: &str, args: &[String]) -> Proc {
+        let child = Command::new(workspace_bin(bin))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Proc {
+            child,
+            name: bin.into(),
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    /// Waits for exit up to `limit`; `None` if still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `kvroute` with its listen and admin addresses.
+pub struct Kvroute {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Kvroute {
+    /// Starts kvroute on free ports with `extra` arguments and waits until it serves.
+    pub fn start(extra: &[&str]) -> Kvroute {
+        let port = free_port();
+        let admin_port = free_port();
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--admin".to_string(),
+            format!("127.0.0.1:{admin_port}"),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn("kvroute", &args);
+        let k = Kvroute {
+            proc,
+            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
+            admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            request(k.admin, "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        });
+        assert!(up, "kvroute did not become ready");
+        k
+    }
+
+    pub fn admin_get(&self, path: &str) -> Response {
+        request(
+            self.admin,
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"),
+        )
+        .expect("admin request")
+    }
+
+    pub fn admin_put(&self, path: &str, body: &str) -> Response {
+        request(
+            self.admin,
+            &format!(
+                "PUT {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .expect("admin request")
+    }
+}
+
+/// A response as a client saw it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The response said `connection: close`.
+    pub closed: bool,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// A client connection that reads responses one at a time.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    pub fn send(&mut self, raw: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(raw)
+    }
+
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut tmp = [0u8; 16384];
+        let n = self.stream.read(&mut tmp)?;
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(n)
+    }
+
+    /// Reads a response head; returns status and headers.
+    pub fn read_head(&mut self) -> std::io::Result<(u16, Vec<(String, String)>)> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let mut hs = [httparse::EMPTY_HEADER; 64];
+                let mut r = httparse::Response::new(&mut hs);
+                r.parse(&self.buf[..end + 4])
+                    .map_err(|e| std::io::Error::other(format!("bad response head: {e}")))?;
+                let status = r.code.unwrap_or(0);
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                self.buf.drain(..end + 4);
+                return Ok((status, headers));
+            }
+            if self.fill()? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Reads the next chunk of a chunked body (`None` at the terminating chunk).
+    pub fn read_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            if let Some(line_end) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| std::io::Error::other(format!("bad chunk line {line:?}")))?;
+                let need = line_end + 2 + size + 2;
+                while self.buf.len() < need {
+                    if self.fill()? == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                let data = self.buf[line_end + 2..line_end + 2 + size].to_vec();
+                self.buf.drain(..need);
+                return Ok(if size == 0 { None } else { Some(data) });
+            }
+            if self.fill()? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Reads one complete response.
+    pub fn read_response(&mut self, head_request: bool) -> std::io::Result<Response> {
+        let (status, headers) = self.read_head()?;
+        let get = |n: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+        };
+        let close = get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let mut body = Vec::new();
+        if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        } else if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            while let Some(c) = self.read_chunk()? {
+                body.extend_from_slice(&c);
+            }
+        } else if let Some(len) = get("content-length") {
+            let len: usize = len.trim().parse().map_err(std::io::Error::other)?;
+            while self.buf.len() < len {
+                if self.fill()? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            body = self.buf.drain(..len).collect();
+        } else {
+            while self.fill()? > 0 {}
+            body = std::mem::take(&mut self.buf);
+        }
+        Ok(Response {
+            status,
+            headers,
+            body,
+            closed: close,
+        })
+    }
+
+    /// True when the server has closed (EOF within 200 ms with no data pending).
+    pub fn peer_closed(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut tmp = [0u8; 1];
+        let r = match self.stream.peek(&mut tmp) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        };
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(20)));
+        r
+    }
+}
+
+fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+/// One request on a new connection; returns the response.
+pub fn request(addr: SocketAddr, raw: &str) -> std::io::Result<Response> {
+    let mut c = Client::connect(addr)?;
+    c.send(raw.as_bytes())?;
+    c.read_response(raw.starts_with("HEAD "))
+}
+
+/// `POST path` with a JSON body on a new connection.
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<Response> {
+    request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: kvroute\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// What a scripted upstream saw in one request.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A small upstream whose behaviour is chosen by the request path:
+/// - `/sse?n=N`: chunked `text/event-stream`, first event at once, the rest after [`Upstream::release`]
+/// - `/die`: one SSE event, then the connection is dropped mid-stream
+/// - `/reset`: closes without answering
+/// - anything else: 200 JSON `{"name", "path", "len"}` with Content-Length
+///
+/// Every response carries `x-upstream: NAME`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub connections: Arc<AtomicUsize>,
+    pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+    gate: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = l.local_addr().expect("addr");
+        let u = Upstream {
+            addr,
+            name: name.to_string(),
+            connections: Arc::new(AtomicUsize::new(0)),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            gate: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (conns, reqs, gate, stop, name) = (
+            u.connections.clone(),
+            u.requests.clone(),
+            u.gate.clone(),
+            u.stop.clone(),
+            u.name.clone(),
+        );
+        l.set_nonblocking(true).expect("nonblocking");
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        conns.fetch_add(1, Ordering::Relaxed);
+                        let (reqs, gate, name, stop) = (reqs.clone(), gate.clone(), name.clone(), stop.clone());
+                        std::thread::spawn(move || upstream_conn(s, &name, &reqs, &gate, &stop));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        u
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets held SSE streams send their remaining events.
+    pub fn release(&self) {
+        self.gate.store(true, Ordering::SeqCst);
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn upstream_conn(mut s: TcpStream, name: &str, reqs: &Mutex<Vec<SeenRequest>>, gate: &AtomicBool, stop: &AtomicBool) {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    loop {
+        let end = loop {
+            if let Some(e) = find(&buf, b"\r\n\r\n") {
+                break e + 4;
+            }
+            match s.read(&mut tmp) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        };
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Request::new(&mut hs);
+        if r.parse(&buf[..end]).is_err() {
+            return;
+        }
+        let method = r.method.unwrap_or("").to_string();
+        let path = r.path.unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < end + len {
+            match s.read(&mut tmp) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+        let body: Vec<u8> = buf[end..end + len].to_vec();
+        buf.drain(..end + len);
+        reqs.lock().expect("lock").push(SeenRequest {
+            method: method.clone(),
+            path: path.clone(),
+            headers,
+            body: body.clone(),
+        });
+        let route = path.split('?').next().unwrap_or("");
+        let ok = match route {
+            "/reset" => return,
+            "/sse" | "/die" => {
+                let n: usize = path
+                    .split("n=")
+                    .nth(1)
+                    .and_then(|v| v.split('&').next()?.parse().ok())
+                    .unwrap_or(3);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nx-upstream: {name}\r\n\r\n"
+                );
+                let ev = |i: usize| {
+                    let d = format!("data: {{\"i\":{i}}}\n\n");
+                    format!("{:x}\r\n{d}\r\n", d.len())
+                };
+                if s.write_all(format!("{head}{}", ev(0)).as_bytes()).is_err() {
+                    return;
+                }
+                if route == "/die" {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                let end = Instant::now() + Duration::from_secs(15);
+                while !gate.load(Ordering::SeqCst) && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let mut rest = String::new();
+                for i in 1..n {
+                    rest.push_str(&ev(i));
+                }
+                rest.push_str("0\r\n\r\n");
+                s.write_all(rest.as_bytes()).is_ok()
+            }
+            _ => {
+                let body = if method == "HEAD" {
+                    String::new()
+                } else {
+                    serde_json::json!({"name": name, "path": path, "len": body.len()}).to_string()
+                };
+                let clen = if method == "HEAD" { 42 } else { body.len() };
+                s.write_all(
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {clen}\r\nx-upstream: {name}\r\nkeep-alive: timeout=5\r\n\r\n{body}"
+                    )
+                    .as_bytes(),
+                )
+                .is_ok()
+            }
+        };
+        if !ok {
+            return;
+        }
+    }
+}
