@@ -9,8 +9,9 @@ use super::events::EventFormat;
 
 /// A simulated vLLM-like replica: OpenAI-compatible HTTP, a prefix-caching KV cache model,
 /// vLLM's metric names and KV event stream, and fault injection for tests.
+/// A flag given twice takes its last value, so wrappers can append overrides.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "kvroute-sim", version)]
+#[command(name = "kvroute-sim", version, args_override_self = true)]
 pub struct Config {
     /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1:8001")]
