@@ -43,7 +43,7 @@ impl Serialize for Wire<'_> {
                     token_ids,
                 },
             ) => {
-                let mut m = s.serialize_map(Some(7))?;
+                let mut m = s.serialize_map(Some(8))?;
                 m.serialize_entry("type", "BlockStored")?;
                 m.serialize_entry("block_hashes", block_hashes)?;
                 m.serialize_entry("parent_block_hash", parent_block_hash)?;
@@ -51,6 +51,8 @@ impl Serialize for Wire<'_> {
                 m.serialize_entry("block_size", &self.block_size)?;
                 m.serialize_entry("lora_id", &lora_id)?;
                 m.serialize_entry("medium", MEDIUM_GPU)?;
+                // Current vLLM always sends it (no default); LoRA is not simulated.
+                m.serialize_entry("lora_name", &None::<&str>)?;
                 m.end()
             }
             (EventFormat::Map, CacheEvent::Removed { block_hashes }) => {

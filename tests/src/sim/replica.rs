@@ -292,3 +292,72 @@ impl Drop for Slot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn replica(args: &[&str]) -> Arc<Replica> {
+        let mut argv = vec!["kvroute-sim", "--time-scale", "0"];
+        argv.extend_from_slice(args);
+        Replica::new(Config::parse_from(argv), None)
+    }
+
+    #[tokio::test]
+    async fn slots_queue_cancel_and_promote() {
+        let r = replica(&[
+            "--max-seqs",
+            "1",
+            "--kv-blocks",
+            "100",
+            "--block-tokens",
+            "4",
+        ]);
+        let first = r.admit(10, 6).await; // 16 tokens = 4 blocks
+        assert_eq!(r.snapshot().running, 1);
+        assert_eq!(r.snapshot().kv_usage, 0.04);
+
+        // A waiter that gives up leaves no trace.
+        let gone = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { r.admit(1, 1).await }
+        });
+        let waiter = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { r.admit(1, 1).await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(r.snapshot().waiting, 2);
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(r.snapshot().waiting, 1);
+
+        // Finishing the running slot promotes the remaining waiter.
+        drop(first);
+        let second = waiter.await.unwrap();
+        let s = r.snapshot();
+        assert_eq!((s.running, s.waiting), (1, 0));
+        drop(second);
+        let s = r.snapshot();
+        assert_eq!((s.running, s.waiting, s.kv_usage), (0, 0, 0.0));
+    }
+
+    #[tokio::test]
+    async fn prefill_counts_hits_and_reset_clears() {
+        let r = replica(&["--block-tokens", "2"]);
+        let prompt = b"AAAAAAAABBBBBBBBc";
+        let (p, _) = r.prefill(prompt, 5).await;
+        assert_eq!((p.prompt_tokens, p.cached_tokens), (5, 0));
+        let (p, _) = r.prefill(prompt, 5).await;
+        assert_eq!(p.cached_tokens, 4);
+        let s = r.stats();
+        assert_eq!((s.requests, s.prompt_tokens, s.cached_tokens), (2, 10, 4));
+        r.reset();
+        assert_eq!(r.stats().requests, 0);
+        assert_eq!(r.snapshot().cached_blocks, 0);
+        // Prometheus counters survive a reset.
+        assert_eq!(r.snapshot().counters.prefix_hits, 4);
+    }
+}
