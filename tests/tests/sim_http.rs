@@ -164,6 +164,21 @@ async fn repeated_prompt_hits_the_cache() {
 }
 
 #[tokio::test]
+async fn a_full_cache_evicts_least_recent_blocks() {
+    let sim = Sim::start(&["--kv-blocks", "4"]).await;
+    let a = json!({"prompt": text(3, "a"), "max_tokens": 1});
+    let b = json!({"prompt": text(3, "b"), "max_tokens": 1});
+    sim.post_json("/v1/completions", &a).await;
+    // B needs 3 blocks of 4 with A holding 3: A loses two, tail first.
+    sim.post_json("/v1/completions", &b).await;
+    let (_, again) = sim.post_json("/v1/completions", &a).await;
+    assert_eq!(cached(&again), 16, "only A's head block survived");
+    let (_, _, stats) = sim.get("/sim/stats").await.unwrap();
+    let stats: Value = serde_json::from_slice(&stats).unwrap();
+    assert!(stats["evictions"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test]
 async fn streaming_yields_chunks_then_usage_and_done() {
     let sim = Sim::start(&[]).await;
     for (path, req) in [

@@ -13,6 +13,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// restarted simulator produces the same hashes (like vLLM with `PYTHONHASHSEED` set).
 const ROOT_HASH: u64 = 0x6b76_726f_7574_6531;
 
+/// Recency of a block inserted but not yet stamped; never present in the LRU order.
+const UNSTAMPED: u64 = u64::MAX;
+
 /// What the cache did, in the order a vLLM publisher would report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheEvent {
@@ -153,7 +156,7 @@ impl KvCache {
                 events.extend(run.take());
                 continue;
             }
-            self.blocks.insert(hash, 0);
+            self.blocks.insert(hash, UNSTAMPED);
             let text = &prompt[i * block_bytes..(i + 1) * block_bytes];
             match &mut run {
                 Some(CacheEvent::Stored {
@@ -191,8 +194,11 @@ impl KvCache {
         for &hash in chain.iter().rev() {
             let stamp = self.next_stamp;
             self.next_stamp += 1;
-            if let Some(old) = self.blocks.insert(hash, stamp) {
-                self.lru.remove(&old);
+            match self.blocks.insert(hash, stamp) {
+                Some(old) if old != UNSTAMPED => {
+                    self.lru.remove(&old);
+                }
+                _ => {}
             }
             self.lru.insert(stamp, hash);
         }
@@ -206,6 +212,15 @@ mod tests {
     /// 2 tokens per block → 8 bytes per block.
     fn cache(capacity: usize) -> KvCache {
         KvCache::new(capacity, 2)
+    }
+
+    /// Every cached block is in the LRU order exactly once, within capacity.
+    fn check(c: &KvCache) {
+        assert_eq!(c.lru.len(), c.blocks.len());
+        assert!(c.blocks.len() <= c.capacity);
+        for (stamp, hash) in &c.lru {
+            assert_eq!(c.blocks.get(hash), Some(stamp));
+        }
     }
 
     fn stored(events: &[CacheEvent]) -> Vec<u64> {
@@ -284,6 +299,16 @@ mod tests {
         ));
         assert_eq!(c.len(), 4);
         assert_eq!(c.evictions(), 0);
+        check(&c);
+
+        // Recency now (old → new): h1[1], h2[2], h2[1], h1[0] (P2's hit refreshed only h1[0]).
+        // A third prompt of 3 blocks evicts the first three; the shared head survives.
+        let p3 = b"XXXXXXXXYYYYYYYYZZZZZZZZ";
+        let h3 = block_hashes(p3, c.block_bytes());
+        let ev = c.insert(p3, &h3);
+        assert_eq!(removed(&ev), vec![h1[1], h2[2], h2[1]]);
+        check(&c);
+        assert_eq!(c.lookup(&h1), 1);
     }
 
     #[test]
@@ -299,8 +324,18 @@ mod tests {
             block_hashes(pc, bb),
         );
         c.insert(pa, &ha); // recency (old → new): a1 a0
+        check(&c);
+        assert_eq!(
+            c.lru.values().copied().collect::<Vec<_>>(),
+            vec![ha[1], ha[0]]
+        );
         c.insert(pb, &hb); // a1 a0 b0
+        check(&c);
         assert_eq!(c.lookup(&ha), 2); // b0 a1 a0: the hit refreshes A
+        assert_eq!(
+            c.lru.values().copied().collect::<Vec<_>>(),
+            vec![hb[0], ha[1], ha[0]]
+        );
 
         // C needs 2 blocks in a full cache: victims are b0 (oldest), then a1 (A's tail before its head).
         let ev = c.insert(pc, &hc);
@@ -311,6 +346,7 @@ mod tests {
             "removals come first"
         );
         assert_eq!(c.evictions(), 2);
+        check(&c);
         assert_eq!(c.lookup(&hb), 0);
         assert_eq!(c.lookup(&ha), 1, "A's head survives its tail");
         assert_eq!(c.lookup(&hc), 2);
@@ -354,5 +390,24 @@ mod tests {
         assert_eq!(c.clear(), CacheEvent::AllCleared);
         assert!(c.is_empty());
         assert_eq!(c.lookup(&h), 0);
+    }
+
+    proptest::proptest! {
+        /// Whatever the traffic, the LRU order mirrors the block set, capacity holds, and a
+        /// just-inserted prompt is fully matched (when it fits).
+        #[test]
+        fn invariants_hold_under_random_traffic(
+            prompts in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..40), 1..40),
+            capacity in 1usize..8,
+        ) {
+            let mut c = cache(capacity);
+            for p in &prompts {
+                let h = block_hashes(p, c.block_bytes());
+                c.lookup(&h);
+                c.insert(p, &h);
+                check(&c);
+                proptest::prop_assert_eq!(c.lookup(&h), h.len().min(capacity));
+            }
+        }
     }
 }
