@@ -6,3 +6,5 @@
 #![forbid(unsafe_code)]
 
 pub mod harness;
+pub mod load;
+pub mod sim;
