@@ -4,3 +4,5 @@
 //! - `load`: `kvroute-load`, a Mooncake trace replayer and synthetic load generator
 //! - `harness`: helpers for end-to-end tests that start the real binaries on loopback
 #![forbid(unsafe_code)]
+
+pub mod load;
