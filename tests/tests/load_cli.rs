@@ -59,7 +59,9 @@ async fn start_fake(faults: Faults) -> Fake {
     let st = state.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((sock, _)) = listener.accept().await else { return };
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
             st.lock().unwrap().connections += 1;
             tokio::spawn(serve_conn(sock, st.clone(), faults));
         }
@@ -90,7 +92,10 @@ async fn serve_conn(sock: TcpStream, st: Arc<Mutex<State>>, faults: Faults) {
                 headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
             }
         }
-        let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let mut body = vec![0; len];
         if conn.read_exact(&mut body).await.is_err() {
             return;
@@ -100,9 +105,18 @@ async fn serve_conn(sock: TcpStream, st: Arc<Mutex<State>>, faults: Faults) {
         let (text, first_role) = if chat {
             let msgs = req["messages"].as_array().cloned().unwrap_or_default();
             let text: String = msgs.iter().filter_map(|m| m["content"].as_str()).collect();
-            (text, msgs.first().and_then(|m| m["role"].as_str()).unwrap_or("").to_owned())
+            (
+                text,
+                msgs.first()
+                    .and_then(|m| m["role"].as_str())
+                    .unwrap_or("")
+                    .to_owned(),
+            )
         } else {
-            (req["prompt"].as_str().unwrap_or("").to_owned(), String::new())
+            (
+                req["prompt"].as_str().unwrap_or("").to_owned(),
+                String::new(),
+            )
         };
         let max_tokens = req["max_tokens"].as_u64().unwrap_or(0);
 
@@ -208,7 +222,8 @@ async fn serve_conn(sock: TcpStream, st: Arc<Mutex<State>>, faults: Faults) {
 }
 
 async fn write_chunk(w: &mut TcpStream, data: &str) -> std::io::Result<()> {
-    w.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes()).await
+    w.write_all(format!("{:x}\r\n{data}\r\n", data.len()).as_bytes())
+        .await
 }
 
 /// Runs the binary with `args`, bounded by a timeout, and parses its `--json` output.
@@ -225,7 +240,11 @@ async fn run_load(args: &[&str]) -> Value {
     .expect("kvroute-load did not finish in 60 s")
     .expect("spawn kvroute-load");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kvroute-load failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kvroute-load failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad json ({e}): {stdout}"))
 }
 
@@ -234,7 +253,11 @@ fn trace_input_tokens(n: usize) -> u64 {
         .unwrap()
         .lines()
         .take(n)
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["input_length"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["input_length"]
+                .as_u64()
+                .unwrap()
+        })
         .sum()
 }
 
@@ -256,7 +279,10 @@ async fn trace_replay_completions_matches_server() {
         return;
     }
     let fake = start_fake(Faults::default()).await;
-    let v = run_load(&["--trace", TRACE, "--target", &fake.url, "--n", "60", "--speed", "1000"]).await;
+    let v = run_load(&[
+        "--trace", TRACE, "--target", &fake.url, "--n", "60", "--speed", "1000",
+    ])
+    .await;
     let s = fake.state.lock().unwrap();
     assert_eq!(v["requests"], 60);
     assert_eq!(v["errors"], 0);
@@ -272,7 +298,10 @@ async fn trace_replay_completions_matches_server() {
     // The fake's single global cache is the ideal cache up to partial-last-block effects and
     // arrival order, so the synthesized prompts must reproduce the trace's sharing.
     let ideal = v["ideal_hit_ratio"].as_f64().unwrap();
-    assert!(ideal > 0.0 && (hit - ideal).abs() < 0.02, "hit {hit} vs ideal {ideal}");
+    assert!(
+        ideal > 0.0 && (hit - ideal).abs() < 0.02,
+        "hit {hit} vs ideal {ideal}"
+    );
     let ttft = &v["ttft_ms"];
     assert!(ttft["p50"].as_f64().unwrap() > 0.0);
     assert!(ttft["p50"].as_f64().unwrap() <= ttft["p99"].as_f64().unwrap());
@@ -287,14 +316,21 @@ async fn trace_replay_chat_sends_sessions_and_system_prompt() {
         return;
     }
     let fake = start_fake(Faults::default()).await;
-    let v = run_load(&["--trace", TRACE, "--target", &fake.url, "--n", "20", "--speed", "1000", "--chat"]).await;
+    let v = run_load(&[
+        "--trace", TRACE, "--target", &fake.url, "--n", "20", "--speed", "1000", "--chat",
+    ])
+    .await;
     let s = fake.state.lock().unwrap();
     assert_eq!(v["requests"], 20);
     assert_eq!(v["errors"], 0);
     assert_eq!(s.bad_shape, 0);
     assert_eq!(s.missing_session_header, 0);
     // Every one of the first 20 lines has at least two blocks, block 0 being the system prompt.
-    assert!(s.first_roles.iter().all(|r| r == "system"), "{:?}", s.first_roles);
+    assert!(
+        s.first_roles.iter().all(|r| r == "system"),
+        "{:?}",
+        s.first_roles
+    );
     assert_eq!(per_replica(&v), s.per_replica);
     assert_eq!(v["cached_tokens"].as_u64().unwrap(), s.cached_tokens);
     assert_eq!(v["prompt_tokens"].as_u64().unwrap(), s.prompt_tokens);
@@ -304,9 +340,27 @@ async fn trace_replay_chat_sends_sessions_and_system_prompt() {
 async fn synthetic_shared_prefix_sends_turns_in_order_over_reused_connections() {
     let fake = start_fake(Faults::default()).await;
     let common = [
-        "--synthetic", "shared-prefix", "--target", &fake.url, "--groups", "2", "--users", "3",
-        "--turns", "3", "--system-bytes", "1024", "--question-bytes", "100", "--answer-bytes", "60",
-        "--rate", "200", "--seed", "7", "--chat",
+        "--synthetic",
+        "shared-prefix",
+        "--target",
+        &fake.url,
+        "--groups",
+        "2",
+        "--users",
+        "3",
+        "--turns",
+        "3",
+        "--system-bytes",
+        "1024",
+        "--question-bytes",
+        "100",
+        "--answer-bytes",
+        "60",
+        "--rate",
+        "200",
+        "--seed",
+        "7",
+        "--chat",
     ];
     let v = run_load(&common).await;
     let s = fake.state.lock().unwrap();
@@ -323,7 +377,12 @@ async fn synthetic_shared_prefix_sends_turns_in_order_over_reused_connections() 
         assert_eq!(lens, &vec![1124, 1284, 1444], "session {id}");
     }
     // Turns are closed-loop, so connections are reused across turns.
-    assert!(s.connections < s.requests, "{} connections for {} requests", s.connections, s.requests);
+    assert!(
+        s.connections < s.requests,
+        "{} connections for {} requests",
+        s.connections,
+        s.requests
+    );
     // Later turns repeat earlier ones and users share system prompts: plenty to hit.
     assert!(v["hit_ratio"].as_f64().unwrap() > 0.3);
     assert!(v["ideal_hit_ratio"].as_f64().unwrap() > 0.5);
@@ -334,8 +393,15 @@ async fn errors_are_counted_by_kind() {
     if !trace_available() {
         return;
     }
-    let fake = start_fake(Faults { status_503_every: Some(4), truncate_every: Some(5) }).await;
-    let v = run_load(&["--trace", TRACE, "--target", &fake.url, "--n", "20", "--speed", "1000"]).await;
+    let fake = start_fake(Faults {
+        status_503_every: Some(4),
+        truncate_every: Some(5),
+    })
+    .await;
+    let v = run_load(&[
+        "--trace", TRACE, "--target", &fake.url, "--n", "20", "--speed", "1000",
+    ])
+    .await;
     let s = fake.state.lock().unwrap();
     // Of 20: multiples of 4 → 5 × 503; multiples of 5 not of 4 → 5, 10, 15 → 3 cut streams.
     assert_eq!((s.status_503, s.truncated), (5, 3));
@@ -354,9 +420,26 @@ async fn connect_failures_are_counted() {
         return;
     }
     // Bind then drop to get a loopback port nothing listens on.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let target = format!("http://127.0.0.1:{port}");
-    let v = run_load(&["--trace", TRACE, "--target", &target, "--n", "5", "--speed", "1000", "--timeout-s", "5"]).await;
+    let v = run_load(&[
+        "--trace",
+        TRACE,
+        "--target",
+        &target,
+        "--n",
+        "5",
+        "--speed",
+        "1000",
+        "--timeout-s",
+        "5",
+    ])
+    .await;
     assert_eq!(v["requests"], 5);
     assert_eq!(v["errors"], 5);
     assert_eq!(v["errors_by_kind"]["connect"], 5);

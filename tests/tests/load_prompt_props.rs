@@ -8,7 +8,12 @@ use proptest::prelude::*;
 
 fn entry(ids: Vec<u64>, last_tokens: u64) -> TraceEntry {
     let input_length = 512 * (ids.len() as u64 - 1) + last_tokens;
-    TraceEntry { timestamp: 0, input_length, output_length: 10, hash_ids: ids }
+    TraceEntry {
+        timestamp: 0,
+        input_length,
+        output_length: 10,
+        hash_ids: ids,
+    }
 }
 
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {

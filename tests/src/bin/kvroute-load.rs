@@ -17,10 +17,17 @@ enum Synthetic {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "kvroute-load", about = "Trace replayer and load generator for kvroute")]
+#[command(
+    name = "kvroute-load",
+    about = "Trace replayer and load generator for kvroute"
+)]
 struct Args {
     /// Mooncake-format JSONL trace to replay open-loop.
-    #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
     trace: Option<PathBuf>,
     /// Generate a synthetic workload instead of replaying a trace.
     #[arg(long, value_enum)]
@@ -102,17 +109,19 @@ impl Args {
                     max_tokens_scale: self.max_tokens_scale,
                 },
             },
-            (None, Some(Synthetic::SharedPrefix) | None) => Workload::SharedPrefix(SharedPrefixConfig {
-                groups: self.groups,
-                users: self.users,
-                turns: self.turns,
-                system_bytes: self.system_bytes,
-                question_bytes: self.question_bytes,
-                answer_bytes: self.answer_bytes,
-                rate: self.rate,
-                max_tokens: self.max_tokens,
-                seed: self.seed,
-            }),
+            (None, Some(Synthetic::SharedPrefix) | None) => {
+                Workload::SharedPrefix(SharedPrefixConfig {
+                    groups: self.groups,
+                    users: self.users,
+                    turns: self.turns,
+                    system_bytes: self.system_bytes,
+                    question_bytes: self.question_bytes,
+                    answer_bytes: self.answer_bytes,
+                    rate: self.rate,
+                    max_tokens: self.max_tokens,
+                    seed: self.seed,
+                })
+            }
         }
     }
 }
@@ -134,7 +143,11 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut cfg = LoadConfig::new(args.target.clone(), workload);
-    cfg.mode = if args.chat { ApiMode::Chat } else { ApiMode::Completions };
+    cfg.mode = if args.chat {
+        ApiMode::Chat
+    } else {
+        ApiMode::Completions
+    };
     cfg.model = args.model.clone();
     cfg.concurrency_limit = args.concurrency_limit;
     cfg.request_timeout = Duration::from_secs_f64(args.timeout_s);

@@ -21,7 +21,9 @@ pub fn messages(req: &PlannedRequest) -> Vec<(Role, String)> {
     let mut out: Vec<(Role, String)> = Vec::new();
     for g in &req.segments {
         match out.last_mut() {
-            Some((role, text)) if *role == g.role => push_segment(text, g.id, g.bytes, g.full_bytes),
+            Some((role, text)) if *role == g.role => {
+                push_segment(text, g.id, g.bytes, g.full_bytes)
+            }
             _ => {
                 let mut text = String::with_capacity(g.bytes);
                 push_segment(&mut text, g.id, g.bytes, g.full_bytes);
@@ -68,14 +70,20 @@ mod tests {
     use crate::load::trace::{lower_entry, TraceEntry};
 
     fn req(ids: &[u64], input: u64) -> PlannedRequest {
-        let e = TraceEntry { timestamp: 0, input_length: input, output_length: 40, hash_ids: ids.to_vec() };
+        let e = TraceEntry {
+            timestamp: 0,
+            input_length: input,
+            output_length: 40,
+            hash_ids: ids.to_vec(),
+        };
         lower_entry(&e, 64, 0.5)
     }
 
     #[test]
     fn completions_body_shape() {
         let r = req(&[0, 1, 2], 512 * 2 + 256);
-        let v: serde_json::Value = serde_json::from_slice(&render(&r, ApiMode::Completions, "m")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&render(&r, ApiMode::Completions, "m")).unwrap();
         assert_eq!(v["model"], "m");
         assert_eq!(v["max_tokens"], 20);
         assert_eq!(v["stream"], true);
@@ -88,7 +96,10 @@ mod tests {
         let r = req(&[0, 1, 2, 3, 4], 512 * 5);
         let m = messages(&r);
         let roles: Vec<_> = m.iter().map(|(r, _)| *r).collect();
-        assert_eq!(roles, vec![Role::System, Role::User, Role::Assistant, Role::User]);
+        assert_eq!(
+            roles,
+            vec![Role::System, Role::User, Role::Assistant, Role::User]
+        );
         assert_eq!(m[3].1.len(), 128);
         let v: serde_json::Value = serde_json::from_slice(&render(&r, ApiMode::Chat, "m")).unwrap();
         assert_eq!(v["messages"][0]["role"], "system");

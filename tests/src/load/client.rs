@@ -37,7 +37,10 @@ impl Client {
     pub fn new(target: &str, timeout: Duration) -> anyhow::Result<Self> {
         let base = target.trim_end_matches('/').to_owned();
         let probe: Uri = format!("{base}/v1/completions").parse()?;
-        anyhow::ensure!(probe.scheme_str() == Some("http"), "only http:// targets are supported: {target}");
+        anyhow::ensure!(
+            probe.scheme_str() == Some("http"),
+            "only http:// targets are supported: {target}"
+        );
         let mut conn = HttpConnector::new();
         // Small requests and SSE chunks: Nagle would add up to 40 ms to TTFT.
         conn.set_nodelay(true);
@@ -46,14 +49,22 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(usize::MAX)
             .build(conn);
-        Ok(Self { inner, base, timeout })
+        Ok(Self {
+            inner,
+            base,
+            timeout,
+        })
     }
 
     /// Sends `req` now; times are measured from `scheduled`, so open-loop lag counts against
     /// TTFT and latency as a user would see it.
     pub async fn send(&self, req: Outgoing, scheduled: Instant) -> Record {
-        let mut rec = Record { lag: Instant::now().saturating_duration_since(scheduled), ..Default::default() };
-        let outcome = tokio::time::timeout(self.timeout, self.exchange(req, scheduled, &mut rec)).await;
+        let mut rec = Record {
+            lag: Instant::now().saturating_duration_since(scheduled),
+            ..Default::default()
+        };
+        let outcome =
+            tokio::time::timeout(self.timeout, self.exchange(req, scheduled, &mut rec)).await;
         rec.error = match outcome {
             Ok(Ok(())) => None,
             Ok(Err(kind)) => Some(kind),
@@ -63,7 +74,12 @@ impl Client {
         rec
     }
 
-    async fn exchange(&self, req: Outgoing, scheduled: Instant, rec: &mut Record) -> Result<(), ErrorKind> {
+    async fn exchange(
+        &self,
+        req: Outgoing,
+        scheduled: Instant,
+        rec: &mut Record,
+    ) -> Result<(), ErrorKind> {
         let uri = format!("{}{}", self.base, req.path);
         let mut builder = Request::builder()
             .method(Method::POST)
@@ -73,7 +89,9 @@ impl Client {
         if let Some(s) = &req.session {
             builder = builder.header("x-session-id", s.as_str());
         }
-        let request = builder.body(Full::new(Bytes::from(req.body))).map_err(|_| ErrorKind::Transport)?;
+        let request = builder
+            .body(Full::new(Bytes::from(req.body)))
+            .map_err(|_| ErrorKind::Transport)?;
         let resp = self.inner.request(request).await.map_err(|e| {
             if e.is_connect() {
                 ErrorKind::Connect
@@ -101,7 +119,9 @@ impl Client {
         // connection instead of returning it to the pool.
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| ErrorKind::Truncated)?;
-            let Some(data) = frame.data_ref() else { continue };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
             parser.feed(data, |event| match event {
                 Event::Done => done = true,
                 Event::Data(payload) => match serde_json::from_slice::<Chunk>(&payload) {
@@ -114,8 +134,11 @@ impl Client {
                         }
                         if let Some(u) = chunk.usage {
                             rec.prompt_tokens = Some(u.prompt_tokens);
-                            rec.cached_tokens =
-                                Some(u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0));
+                            rec.cached_tokens = Some(
+                                u.prompt_tokens_details
+                                    .and_then(|d| d.cached_tokens)
+                                    .unwrap_or(0),
+                            );
                         }
                     }
                     Err(_) => failed = true,

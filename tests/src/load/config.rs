@@ -17,7 +17,12 @@ pub enum ApiMode {
 #[derive(Clone, Debug)]
 pub enum Workload {
     /// Replay lines `skip .. skip + n` of a Mooncake trace file open-loop.
-    Trace { path: PathBuf, skip: usize, n: Option<usize>, opts: LowerOptions },
+    Trace {
+        path: PathBuf,
+        skip: usize,
+        n: Option<usize>,
+        opts: LowerOptions,
+    },
     /// The shared-prefix multi-turn synthetic generator.
     SharedPrefix(SharedPrefixConfig),
 }
@@ -25,11 +30,20 @@ pub enum Workload {
 impl Workload {
     pub fn plan(&self) -> anyhow::Result<super::plan::Plan> {
         match self {
-            Workload::Trace { path, skip, n, opts } => {
+            Workload::Trace {
+                path,
+                skip,
+                n,
+                opts,
+            } => {
                 anyhow::ensure!(opts.speed > 0.0, "--speed must be positive");
                 anyhow::ensure!(opts.block_bytes >= 2, "--block-bytes must be at least 2");
                 let entries = trace::load(path, *skip, *n)?;
-                anyhow::ensure!(!entries.is_empty(), "no trace lines selected from {}", path.display());
+                anyhow::ensure!(
+                    !entries.is_empty(),
+                    "no trace lines selected from {}",
+                    path.display()
+                );
                 Ok(trace::plan(&entries, *opts))
             }
             Workload::SharedPrefix(cfg) => Ok(super::synthetic::plan(cfg)),

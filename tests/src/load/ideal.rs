@@ -34,7 +34,12 @@ mod tests {
     use crate::load::trace::{lower_entry, TraceEntry};
 
     fn req(input: u64, ids: &[u64]) -> PlannedRequest {
-        let e = TraceEntry { timestamp: 0, input_length: input, output_length: 1, hash_ids: ids.to_vec() };
+        let e = TraceEntry {
+            timestamp: 0,
+            input_length: input,
+            output_length: 1,
+            hash_ids: ids.to_vec(),
+        };
         lower_entry(&e, 512, 1.0)
     }
 
@@ -44,7 +49,12 @@ mod tests {
         // r2: [0 1 3] = 512+512+200 tokens, blocks 0 and 1 cached: 1024 hit.
         // r3: [0 4]   = 512+50 tokens, block 0 cached: 512 hit.
         // r4: [5]     = 300 tokens, nothing.
-        let rs = [req(1124, &[0, 1, 2]), req(1224, &[0, 1, 3]), req(562, &[0, 4]), req(300, &[5])];
+        let rs = [
+            req(1124, &[0, 1, 2]),
+            req(1224, &[0, 1, 3]),
+            req(562, &[0, 4]),
+            req(300, &[5]),
+        ];
         let total = 1124 + 1224 + 562 + 300;
         let expected = (1024 + 512) as f64 / total as f64;
         assert!((ideal_hit_ratio(&rs) - expected).abs() < 1e-12);

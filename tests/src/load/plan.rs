@@ -87,7 +87,11 @@ impl Plan {
         PlanStats {
             sessions: self.sessions.len(),
             requests: self.request_count(),
-            prompt_bytes: self.requests_in_order().flat_map(|r| &r.segments).map(|g| g.bytes as u64).sum(),
+            prompt_bytes: self
+                .requests_in_order()
+                .flat_map(|r| &r.segments)
+                .map(|g| g.bytes as u64)
+                .sum(),
             ideal_hit_ratio: super::ideal::ideal_hit_ratio(self.requests_in_order()),
             target_rps: self.target_rps,
             schedule_span_s: self.sessions.last().map_or(0.0, |s| s.start.as_secs_f64()),

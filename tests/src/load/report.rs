@@ -12,27 +12,80 @@ pub fn table(s: &Summary) -> String {
     };
     let _ = writeln!(o, "kvroute-load summary");
     row(&mut o, "requests", s.requests.to_string());
-    let kinds: Vec<String> = s.errors_by_kind.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let kinds: Vec<String> = s
+        .errors_by_kind
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     row(
         &mut o,
         "errors",
-        if kinds.is_empty() { s.errors.to_string() } else { format!("{} ({})", s.errors, kinds.join(", ")) },
+        if kinds.is_empty() {
+            s.errors.to_string()
+        } else {
+            format!("{} ({})", s.errors, kinds.join(", "))
+        },
     );
-    row(&mut o, "hit ratio", format!("{}  ({} / {} prompt tokens cached)", pct(s.hit_ratio), s.cached_tokens, s.prompt_tokens));
-    row(&mut o, "ideal hit ratio", format!("{}  (one infinite cache: the ceiling)", pct(s.ideal_hit_ratio)));
+    row(
+        &mut o,
+        "hit ratio",
+        format!(
+            "{}  ({} / {} prompt tokens cached)",
+            pct(s.hit_ratio),
+            s.cached_tokens,
+            s.prompt_tokens
+        ),
+    );
+    row(
+        &mut o,
+        "ideal hit ratio",
+        format!(
+            "{}  (one infinite cache: the ceiling)",
+            pct(s.ideal_hit_ratio)
+        ),
+    );
     row(
         &mut o,
         "TTFT ms",
-        format!("mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}", s.ttft_ms.mean, s.ttft_ms.p50, s.ttft_ms.p90, s.ttft_ms.p99),
+        format!(
+            "mean {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}",
+            s.ttft_ms.mean, s.ttft_ms.p50, s.ttft_ms.p90, s.ttft_ms.p99
+        ),
     );
-    row(&mut o, "e2e ms", format!("p50 {:.1}  p99 {:.1}", s.e2e_ms.p50, s.e2e_ms.p99));
+    row(
+        &mut o,
+        "e2e ms",
+        format!("p50 {:.1}  p99 {:.1}", s.e2e_ms.p50, s.e2e_ms.p99),
+    );
     let total: u64 = s.per_replica.values().sum();
     for (name, n) in &s.per_replica {
-        row(&mut o, &format!("replica {name}"), format!("{n} ({})", pct(super::stats::ratio(*n, total))));
+        row(
+            &mut o,
+            &format!("replica {name}"),
+            format!("{n} ({})", pct(super::stats::ratio(*n, total))),
+        );
     }
-    row(&mut o, "imbalance (max/mean)", format!("{:.2}", s.imbalance));
-    row(&mut o, "request rate", format!("{:.1} req/s achieved, {:.1} req/s target", s.achieved_rps, s.target_rps));
-    row(&mut o, "max schedule lag", format!("{:.1} ms ({} requests over threshold)", s.max_lag_ms, s.lagged_requests));
+    row(
+        &mut o,
+        "imbalance (max/mean)",
+        format!("{:.2}", s.imbalance),
+    );
+    row(
+        &mut o,
+        "request rate",
+        format!(
+            "{:.1} req/s achieved, {:.1} req/s target",
+            s.achieved_rps, s.target_rps
+        ),
+    );
+    row(
+        &mut o,
+        "max schedule lag",
+        format!(
+            "{:.1} ms ({} requests over threshold)",
+            s.max_lag_ms, s.lagged_requests
+        ),
+    );
     row(&mut o, "duration", format!("{:.2} s", s.duration_s));
     if s.lagged_requests > 0 {
         let _ = writeln!(

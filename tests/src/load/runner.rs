@@ -24,8 +24,14 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
 pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> {
     let ideal = ideal_hit_ratio(plan.requests_in_order());
     let client = Client::new(&cfg.target, cfg.request_timeout)?;
-    let limit = cfg.concurrency_limit.map(|c| Arc::new(Semaphore::new(c.max(1))));
-    tracing::info!(requests = plan.request_count(), sessions = plan.sessions.len(), "starting run");
+    let limit = cfg
+        .concurrency_limit
+        .map(|c| Arc::new(Semaphore::new(c.max(1))));
+    tracing::info!(
+        requests = plan.request_count(),
+        sessions = plan.sessions.len(),
+        "starting run"
+    );
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut records = Vec::with_capacity(plan.request_count());
@@ -34,7 +40,14 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
         // The scheduler only sleeps and spawns: request bodies are rendered inside the task so
         // a large prompt never delays the next arrival.
         tokio::time::sleep_until(due).await;
-        tasks.spawn(run_session(session.clone(), due, client.clone(), limit.clone(), cfg.mode, cfg.model.clone()));
+        tasks.spawn(run_session(
+            session.clone(),
+            due,
+            client.clone(),
+            limit.clone(),
+            cfg.mode,
+            cfg.model.clone(),
+        ));
         // Reap finished sessions as we go so a long trace does not hold every result twice.
         while let Some(done) = tasks.try_join_next() {
             records.extend(done?);
@@ -46,7 +59,12 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
     let elapsed = start.elapsed();
     let summary = summarize(
         &records,
-        RunInfo { ideal_hit_ratio: ideal, target_rps: plan.target_rps, elapsed, lag_threshold: cfg.lag_threshold },
+        RunInfo {
+            ideal_hit_ratio: ideal,
+            target_rps: plan.target_rps,
+            elapsed,
+            lag_threshold: cfg.lag_threshold,
+        },
     );
     if summary.lagged_requests > 0 {
         tracing::warn!(
@@ -70,7 +88,12 @@ async fn run_session(
     let mut scheduled = due;
     for req in &session.requests {
         let _permit = match &limit {
-            Some(s) => Some(s.clone().acquire_owned().await.expect("semaphore is never closed")),
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore is never closed"),
+            ),
             None => None,
         };
         let outgoing = Outgoing {

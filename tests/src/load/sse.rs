@@ -99,7 +99,10 @@ impl Chunk {
     pub fn has_content(&self) -> bool {
         self.choices.iter().any(|c| {
             c.text.as_deref().is_some_and(|t| !t.is_empty())
-                || c.delta.as_ref().and_then(|d| d.content.as_deref()).is_some_and(|t| !t.is_empty())
+                || c.delta
+                    .as_ref()
+                    .and_then(|d| d.content.as_deref())
+                    .is_some_and(|t| !t.is_empty())
         })
     }
 }
@@ -119,24 +122,37 @@ mod tests {
 
     #[test]
     fn splits_across_arbitrary_chunk_boundaries() {
-        let whole: &[u8] = b"data: {\"a\":1}\n\n: comment\nevent: x\ndata:{\"b\":2}\r\n\r\ndata: [DONE]\n\n";
-        let expected = vec![Event::Data(b"{\"a\":1}".to_vec()), Event::Data(b"{\"b\":2}".to_vec()), Event::Done];
+        let whole: &[u8] =
+            b"data: {\"a\":1}\n\n: comment\nevent: x\ndata:{\"b\":2}\r\n\r\ndata: [DONE]\n\n";
+        let expected = vec![
+            Event::Data(b"{\"a\":1}".to_vec()),
+            Event::Data(b"{\"b\":2}".to_vec()),
+            Event::Done,
+        ];
         assert_eq!(events(&[whole]), expected);
         for cut in 1..whole.len() {
-            assert_eq!(events(&[&whole[..cut], &whole[cut..]]), expected, "cut={cut}");
+            assert_eq!(
+                events(&[&whole[..cut], &whole[cut..]]),
+                expected,
+                "cut={cut}"
+            );
         }
     }
 
     #[test]
     fn incomplete_last_line_is_not_emitted() {
-        assert_eq!(events(&[b"data: {\"a\":1}\n", b"data: [DO"]), vec![Event::Data(b"{\"a\":1}".to_vec())]);
+        assert_eq!(
+            events(&[b"data: {\"a\":1}\n", b"data: [DO"]),
+            vec![Event::Data(b"{\"a\":1}".to_vec())]
+        );
     }
 
     #[test]
     fn chunk_content_and_usage() {
         let c: Chunk = serde_json::from_str(r#"{"choices":[{"index":0,"text":"hi"}]}"#).unwrap();
         assert!(c.has_content());
-        let c: Chunk = serde_json::from_str(r#"{"choices":[{"delta":{"role":"assistant"}}]}"#).unwrap();
+        let c: Chunk =
+            serde_json::from_str(r#"{"choices":[{"delta":{"role":"assistant"}}]}"#).unwrap();
         assert!(!c.has_content());
         let c: Chunk = serde_json::from_str(r#"{"choices":[{"delta":{"content":"x"}}]}"#).unwrap();
         assert!(c.has_content());
@@ -145,7 +161,13 @@ mod tests {
         )
         .unwrap();
         let u = c.usage.unwrap();
-        assert_eq!((u.prompt_tokens, u.prompt_tokens_details.unwrap().cached_tokens), (10, Some(4)));
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.prompt_tokens_details.unwrap().cached_tokens
+            ),
+            (10, Some(4))
+        );
         let c: Chunk = serde_json::from_str(r#"{"choices":[],"usage":null}"#).unwrap();
         assert!(c.usage.is_none());
     }

@@ -135,13 +135,23 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
             p90: percentile(&ttft, 90.0),
             p99: percentile(&ttft, 99.0),
         },
-        e2e_ms: E2eMs { p50: percentile(&e2e, 50.0), p99: percentile(&e2e, 99.0) },
+        e2e_ms: E2eMs {
+            p50: percentile(&e2e, 50.0),
+            p99: percentile(&e2e, 99.0),
+        },
         imbalance: imbalance(&per_replica),
         per_replica,
-        achieved_rps: if elapsed > 0.0 { records.len() as f64 / elapsed } else { 0.0 },
+        achieved_rps: if elapsed > 0.0 {
+            records.len() as f64 / elapsed
+        } else {
+            0.0
+        },
         target_rps: info.target_rps,
         max_lag_ms: records.iter().map(|r| ms(r.lag)).fold(0.0, f64::max),
-        lagged_requests: records.iter().filter(|r| r.lag > info.lag_threshold).count() as u64,
+        lagged_requests: records
+            .iter()
+            .filter(|r| r.lag > info.lag_threshold)
+            .count() as u64,
         duration_s: elapsed,
     }
 }
@@ -169,7 +179,11 @@ mod tests {
 
     #[test]
     fn imbalance_is_max_over_mean() {
-        let m = |xs: &[(&str, u64)]| xs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>();
+        let m = |xs: &[(&str, u64)]| {
+            xs.iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<BTreeMap<_, _>>()
+        };
         assert_eq!(imbalance(&m(&[("a", 5), ("b", 5)])), 1.0);
         // mean 4, max 6
         assert_eq!(imbalance(&m(&[("a", 6), ("b", 2), ("c", 4)])), 1.5);
@@ -205,7 +219,10 @@ mod tests {
             lag: Duration::from_millis(70),
             ..Default::default()
         });
-        records.push(Record { error: Some(ErrorKind::Connect), ..Default::default() });
+        records.push(Record {
+            error: Some(ErrorKind::Connect),
+            ..Default::default()
+        });
         let s = summarize(
             &records,
             RunInfo {
@@ -217,12 +234,32 @@ mod tests {
         );
         assert_eq!(s.requests, 6);
         assert_eq!(s.errors, 2);
-        assert_eq!(s.errors_by_kind, BTreeMap::from([("connect".into(), 1), ("http_503".into(), 1)]));
+        assert_eq!(
+            s.errors_by_kind,
+            BTreeMap::from([("connect".into(), 1), ("http_503".into(), 1)])
+        );
         assert_eq!((s.prompt_tokens, s.cached_tokens), (1000, 400));
         assert_eq!(s.hit_ratio, 0.4);
-        assert_eq!(s.ttft_ms, TtftMs { mean: 25.0, p50: 20.0, p90: 40.0, p99: 40.0 });
-        assert_eq!(s.e2e_ms, E2eMs { p50: 200.0, p99: 400.0 });
-        assert_eq!(s.per_replica, BTreeMap::from([("r0".into(), 3), ("r1".into(), 2)]));
+        assert_eq!(
+            s.ttft_ms,
+            TtftMs {
+                mean: 25.0,
+                p50: 20.0,
+                p90: 40.0,
+                p99: 40.0
+            }
+        );
+        assert_eq!(
+            s.e2e_ms,
+            E2eMs {
+                p50: 200.0,
+                p99: 400.0
+            }
+        );
+        assert_eq!(
+            s.per_replica,
+            BTreeMap::from([("r0".into(), 3), ("r1".into(), 2)])
+        );
         assert_eq!(s.imbalance, 1.2);
         assert_eq!(s.achieved_rps, 3.0);
         assert_eq!(s.max_lag_ms, 70.0);
@@ -233,8 +270,17 @@ mod tests {
     fn json_field_names_are_stable() {
         let v = serde_json::to_value(Summary::default()).unwrap();
         for k in [
-            "requests", "errors", "hit_ratio", "ideal_hit_ratio", "ttft_ms", "e2e_ms", "per_replica",
-            "imbalance", "achieved_rps", "target_rps", "max_lag_ms",
+            "requests",
+            "errors",
+            "hit_ratio",
+            "ideal_hit_ratio",
+            "ttft_ms",
+            "e2e_ms",
+            "per_replica",
+            "imbalance",
+            "achieved_rps",
+            "target_rps",
+            "max_lag_ms",
         ] {
             assert!(v.get(k).is_some(), "{k}");
         }

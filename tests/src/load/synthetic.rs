@@ -64,27 +64,53 @@ fn segment_id(seed: u64, kind: Kind, g: u32, u: u32, t: u32) -> u64 {
 }
 
 fn seg(id: u64, bytes: usize, role: Role) -> Segment {
-    Segment { id, bytes, full_bytes: bytes, weight: bytes as u64, role }
+    Segment {
+        id,
+        bytes,
+        full_bytes: bytes,
+        weight: bytes as u64,
+        role,
+    }
 }
 
 /// The request for turn `t` (0-based) of user `u` in group `g`.
 pub fn request(cfg: &SharedPrefixConfig, g: u32, u: u32, t: u32) -> PlannedRequest {
     let s = cfg.seed;
-    let mut segments = vec![seg(segment_id(s, Kind::System, g, 0, 0), cfg.system_bytes, Role::System)];
+    let mut segments = vec![seg(
+        segment_id(s, Kind::System, g, 0, 0),
+        cfg.system_bytes,
+        Role::System,
+    )];
     for k in 0..t {
-        segments.push(seg(segment_id(s, Kind::Question, g, u, k), cfg.question_bytes, Role::User));
-        segments.push(seg(segment_id(s, Kind::Answer, g, u, k), cfg.answer_bytes, Role::Assistant));
+        segments.push(seg(
+            segment_id(s, Kind::Question, g, u, k),
+            cfg.question_bytes,
+            Role::User,
+        ));
+        segments.push(seg(
+            segment_id(s, Kind::Answer, g, u, k),
+            cfg.answer_bytes,
+            Role::Assistant,
+        ));
     }
-    segments.push(seg(segment_id(s, Kind::Question, g, u, t), cfg.question_bytes, Role::User));
+    segments.push(seg(
+        segment_id(s, Kind::Question, g, u, t),
+        cfg.question_bytes,
+        Role::User,
+    ));
     // Zero-length segments (e.g. `--system-bytes 0`) would only add empty chat messages.
     segments.retain(|g| g.bytes > 0);
-    PlannedRequest { segments, max_tokens: cfg.max_tokens.max(1) }
+    PlannedRequest {
+        segments,
+        max_tokens: cfg.max_tokens.max(1),
+    }
 }
 
 pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
     let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
-    let mut users: Vec<(u32, u32)> =
-        (0..cfg.groups).flat_map(|g| (0..cfg.users).map(move |u| (g, u))).collect();
+    let mut users: Vec<(u32, u32)> = (0..cfg.groups)
+        .flat_map(|g| (0..cfg.users).map(move |u| (g, u)))
+        .collect();
     // Fisher-Yates with our own PRNG: arrivals interleave groups, as in production, instead of
     // sending group after group (which would flatter any router).
     for i in (1..users.len()).rev() {
@@ -108,7 +134,10 @@ pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
         .collect();
     // Sessions arrive at `rate` and each issues `turns` requests, so once the run reaches a
     // steady state the request rate is rate × turns.
-    Plan { sessions, target_rps: cfg.rate * cfg.turns as f64 }
+    Plan {
+        sessions,
+        target_rps: cfg.rate * cfg.turns as f64,
+    }
 }
 
 #[cfg(test)]
@@ -117,7 +146,13 @@ mod tests {
     use crate::load::body::prompt;
 
     fn cfg() -> SharedPrefixConfig {
-        SharedPrefixConfig { groups: 2, users: 3, turns: 3, rate: 10.0, ..Default::default() }
+        SharedPrefixConfig {
+            groups: 2,
+            users: 3,
+            turns: 3,
+            rate: 10.0,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -158,6 +193,9 @@ mod tests {
         assert_eq!(ids.len(), 6);
         assert!((p1.target_rps - 30.0).abs() < 1e-9);
         let other_seed = plan(&SharedPrefixConfig { seed: 1, ..c });
-        assert_ne!(p1.sessions[0].requests[0].segments[0].id, other_seed.sessions[0].requests[0].segments[0].id);
+        assert_ne!(
+            p1.sessions[0].requests[0].segments[0].id,
+            other_seed.sessions[0].requests[0].segments[0].id
+        );
     }
 }

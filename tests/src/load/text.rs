@@ -113,7 +113,9 @@ mod tests {
     fn text_is_json_safe_printable_ascii() {
         for id in 0..200 {
             let s = segment_text(id, 512, 512);
-            assert!(s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'));
+            assert!(s
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'));
         }
     }
 

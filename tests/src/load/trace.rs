@@ -31,7 +31,11 @@ pub fn load(path: &Path, skip: usize, n: Option<usize>) -> anyhow::Result<Vec<Tr
         .with_context(|| format!("parse {}", path.display()))
 }
 
-pub fn parse(reader: impl BufRead, skip: usize, n: Option<usize>) -> anyhow::Result<Vec<TraceEntry>> {
+pub fn parse(
+    reader: impl BufRead,
+    skip: usize,
+    n: Option<usize>,
+) -> anyhow::Result<Vec<TraceEntry>> {
     let mut out = Vec::new();
     let lines = reader.lines().enumerate().filter(|(_, l)| match l {
         Ok(l) => !l.trim().is_empty(),
@@ -39,9 +43,13 @@ pub fn parse(reader: impl BufRead, skip: usize, n: Option<usize>) -> anyhow::Res
     });
     for (lineno, line) in lines.skip(skip).take(n.unwrap_or(usize::MAX)) {
         let line = line?;
-        let entry: TraceEntry = serde_json::from_str(&line)
-            .with_context(|| format!("line {}", lineno + 1))?;
-        anyhow::ensure!(!entry.hash_ids.is_empty(), "line {}: empty hash_ids", lineno + 1);
+        let entry: TraceEntry =
+            serde_json::from_str(&line).with_context(|| format!("line {}", lineno + 1))?;
+        anyhow::ensure!(
+            !entry.hash_ids.is_empty(),
+            "line {}: empty hash_ids",
+            lineno + 1
+        );
         out.push(entry);
     }
     Ok(out)
@@ -55,7 +63,9 @@ pub fn block_tokens(e: &TraceEntry) -> Vec<u64> {
         .input_length
         .saturating_sub(TRACE_BLOCK_TOKENS * (n - 1))
         .clamp(1, TRACE_BLOCK_TOKENS);
-    (0..n).map(|i| if i + 1 == n { last } else { TRACE_BLOCK_TOKENS }).collect()
+    (0..n)
+        .map(|i| if i + 1 == n { last } else { TRACE_BLOCK_TOKENS })
+        .collect()
 }
 
 /// Chat role of block `i` of `n`: block 0 is the system prompt, the rest alternate user /
@@ -101,7 +111,10 @@ pub fn lower_entry(e: &TraceEntry, block_bytes: usize, max_tokens_scale: f64) ->
             role: block_role(i, n),
         })
         .collect();
-    PlannedRequest { segments, max_tokens: max_tokens(e.output_length, max_tokens_scale) }
+    PlannedRequest {
+        segments,
+        max_tokens: max_tokens(e.output_length, max_tokens_scale),
+    }
 }
 
 /// Bytes for `tokens` tokens when a 512-token block is `block_bytes` bytes (at least one byte).
@@ -120,7 +133,9 @@ pub fn plan(entries: &[TraceEntry], opts: LowerOptions) -> Plan {
     let sessions = entries
         .iter()
         .map(|e| Session {
-            start: Duration::from_secs_f64((e.timestamp.saturating_sub(t0)) as f64 / 1e3 / opts.speed),
+            start: Duration::from_secs_f64(
+                (e.timestamp.saturating_sub(t0)) as f64 / 1e3 / opts.speed,
+            ),
             id: session_id(e),
             requests: vec![lower_entry(e, opts.block_bytes, opts.max_tokens_scale)],
         })
@@ -128,8 +143,15 @@ pub fn plan(entries: &[TraceEntry], opts: LowerOptions) -> Plan {
     let span = sessions.last().map_or(0.0, |s| s.start.as_secs_f64());
     // A schedule whose requests all arrive at once has no meaningful rate; report it as
     // infinite-demand (0 means "unknown" downstream).
-    let target_rps = if span > 0.0 { (sessions.len().saturating_sub(1)) as f64 / span } else { 0.0 };
-    Plan { sessions, target_rps }
+    let target_rps = if span > 0.0 {
+        (sessions.len().saturating_sub(1)) as f64 / span
+    } else {
+        0.0
+    };
+    Plan {
+        sessions,
+        target_rps,
+    }
 }
 
 #[cfg(test)]
@@ -137,7 +159,12 @@ mod tests {
     use super::*;
 
     fn entry(ts: u64, input: u64, ids: &[u64]) -> TraceEntry {
-        TraceEntry { timestamp: ts, input_length: input, output_length: 100, hash_ids: ids.to_vec() }
+        TraceEntry {
+            timestamp: ts,
+            input_length: input,
+            output_length: 100,
+            hash_ids: ids.to_vec(),
+        }
     }
 
     #[test]
@@ -160,11 +187,18 @@ mod tests {
 
     #[test]
     fn last_block_holds_the_remainder() {
-        assert_eq!(block_tokens(&entry(0, 6955, &[46, 47, 48, 2353, 2354, 1, 2, 3, 4, 5, 6, 7, 8, 9])), {
-            let mut v = vec![512; 13];
-            v.push(6955 - 512 * 13);
-            v
-        });
+        assert_eq!(
+            block_tokens(&entry(
+                0,
+                6955,
+                &[46, 47, 48, 2353, 2354, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+            )),
+            {
+                let mut v = vec![512; 13];
+                v.push(6955 - 512 * 13);
+                v
+            }
+        );
         assert_eq!(block_tokens(&entry(0, 512, &[1])), vec![512]);
         // Inconsistent line (fewer tokens than blocks): still a non-empty last block.
         assert_eq!(block_tokens(&entry(0, 100, &[1, 2, 3])), vec![512, 512, 1]);
@@ -198,8 +232,19 @@ mod tests {
 
     #[test]
     fn schedule_divides_by_speed() {
-        let es = [entry(1000, 10, &[0]), entry(1500, 10, &[0]), entry(3000, 10, &[0, 1])];
-        let p = plan(&es, LowerOptions { block_bytes: 512, speed: 2.0, max_tokens_scale: 1.0 });
+        let es = [
+            entry(1000, 10, &[0]),
+            entry(1500, 10, &[0]),
+            entry(3000, 10, &[0, 1]),
+        ];
+        let p = plan(
+            &es,
+            LowerOptions {
+                block_bytes: 512,
+                speed: 2.0,
+                max_tokens_scale: 1.0,
+            },
+        );
         let starts: Vec<_> = p.sessions.iter().map(|s| s.start.as_millis()).collect();
         assert_eq!(starts, vec![0, 250, 1000]);
         assert!((p.target_rps - 2.0).abs() < 1e-9);
