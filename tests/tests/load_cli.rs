@@ -26,6 +26,8 @@ struct Faults {
     status_503_every: Option<u64>,
     /// Every n-th request (that is not a 503) has its stream cut before `[DONE]`.
     truncate_every: Option<u64>,
+    /// Delay before the response head, like a replica busy with prefill.
+    delay_ms: u64,
 }
 
 #[derive(Default)]
@@ -158,6 +160,9 @@ async fn serve_conn(sock: TcpStream, st: Arc<Mutex<State>>, faults: Faults) {
             (seq, replica, text.len() as u64, cached as u64)
         };
 
+        if faults.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(faults.delay_ms)).await;
+        }
         let w = conn.get_mut();
         if faults.status_503_every.is_some_and(|n| seq % n == 0) {
             st.lock().unwrap().status_503 += 1;
@@ -396,6 +401,7 @@ async fn errors_are_counted_by_kind() {
     let fake = start_fake(Faults {
         status_503_every: Some(4),
         truncate_every: Some(5),
+        ..Faults::default()
     })
     .await;
     let v = run_load(&[
@@ -444,4 +450,82 @@ async fn connect_failures_are_counted() {
     assert_eq!(v["errors"], 5);
     assert_eq!(v["errors_by_kind"]["connect"], 5);
     assert_eq!(v["hit_ratio"], 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_is_open_loop_and_paced() {
+    if !trace_available() {
+        return;
+    }
+    // Lines 0-9 are due at 0 ms, lines 10-25 at 3000 ms / 30 = 100 ms. Each answer takes 300 ms,
+    // so an open-loop replayer has all 26 in flight at once and never falls behind.
+    let fake = start_fake(Faults {
+        delay_ms: 300,
+        ..Faults::default()
+    })
+    .await;
+    let v = run_load(&[
+        "--trace", TRACE, "--target", &fake.url, "--n", "26", "--speed", "30",
+    ])
+    .await;
+    assert_eq!(v["requests"], 26);
+    assert_eq!(v["errors"], 0);
+    assert!(v["max_lag_ms"].as_f64().unwrap() < 80.0, "{v}");
+    assert_eq!(v["lagged_requests"], 0, "{v}");
+    assert!((v["target_rps"].as_f64().unwrap() - 250.0).abs() < 1e-6);
+    let duration = v["duration_s"].as_f64().unwrap();
+    assert!((0.39..1.5).contains(&duration), "{v}");
+    // TTFT counts from the scheduled time and includes the replica's 300 ms.
+    assert!(v["ttft_ms"]["p50"].as_f64().unwrap() >= 300.0, "{v}");
+
+    // With one request in flight at a time the schedule cannot be kept: the lag must show.
+    let fake = start_fake(Faults {
+        delay_ms: 100,
+        ..Faults::default()
+    })
+    .await;
+    let v = run_load(&[
+        "--trace",
+        TRACE,
+        "--target",
+        &fake.url,
+        "--n",
+        "10",
+        "--speed",
+        "30",
+        "--concurrency-limit",
+        "1",
+    ])
+    .await;
+    assert_eq!(v["errors"], 0);
+    // The 10th request waits for the 9 before it: about 900 ms late.
+    assert!(v["max_lag_ms"].as_f64().unwrap() > 700.0, "{v}");
+    assert!(v["lagged_requests"].as_u64().unwrap() >= 8, "{v}");
+}
+
+/// Throughput probe, not a CI check: `cargo test -p kvroute-tests --release --test load_cli
+/// -- --ignored --nocapture throughput`. Replays 2000 lines as fast as 64 connections allow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    if !trace_available() {
+        return;
+    }
+    let fake = start_fake(Faults::default()).await;
+    let v = run_load(&[
+        "--trace",
+        TRACE,
+        "--target",
+        &fake.url,
+        "--n",
+        "2000",
+        "--speed",
+        "1000000",
+        "--concurrency-limit",
+        "64",
+    ])
+    .await;
+    eprintln!("{v:#}");
+    assert_eq!(v["errors"], 0);
+    assert_eq!(v["requests"], 2000);
 }

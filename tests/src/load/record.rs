@@ -37,6 +37,8 @@ impl fmt::Display for ErrorKind {
 pub struct Record {
     /// How late the request left compared to its schedule (open-loop lag).
     pub lag: Duration,
+    /// When the request actually left, as an offset from the start of the run.
+    pub sent: Duration,
     /// Scheduled send time to the first SSE chunk carrying generated text.
     pub ttft: Option<Duration>,
     /// Scheduled send time to the end of the stream (or the failure).

@@ -42,6 +42,7 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
         tokio::time::sleep_until(due).await;
         tasks.spawn(run_session(
             session.clone(),
+            start,
             due,
             client.clone(),
             limit.clone(),
@@ -78,6 +79,7 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
 
 async fn run_session(
     session: Session,
+    run_start: Instant,
     due: Instant,
     client: Client,
     limit: Option<Arc<Semaphore>>,
@@ -101,7 +103,8 @@ async fn run_session(
             body: body::render(req, mode, &model),
             session: (mode == ApiMode::Chat).then(|| session.id.clone()),
         };
-        let rec = client.send(outgoing, scheduled).await;
+        let mut rec = client.send(outgoing, scheduled).await;
+        rec.sent = scheduled.saturating_duration_since(run_start) + rec.lag;
         let failed = rec.error.is_some();
         out.push(rec);
         if failed {

@@ -27,8 +27,10 @@ pub struct Summary {
     pub per_replica: BTreeMap<String, u64>,
     /// max / mean of `per_replica` (1.0 is perfectly even; 0 when no replica was reported).
     pub imbalance: f64,
+    /// Send rate: (requests − 1) / (last send − first send), comparable to `target_rps`.
     pub achieved_rps: f64,
-    /// Request rate the schedule asked for (0 when the whole schedule is a single instant).
+    /// Request rate the schedule asks for: (requests − 1) / schedule span for traces,
+    /// sessions/s × turns for the synthetic workload; 0 when everything is due at once.
     pub target_rps: f64,
     pub max_lag_ms: f64,
     /// Requests that left more than the lag threshold behind schedule.
@@ -88,6 +90,21 @@ pub fn ratio(num: u64, den: u64) -> f64 {
     }
 }
 
+/// Requests per second actually sent, measured the way the target rate is defined: intervals
+/// between the first and the last send, so a long final request does not dilute it. A run whose
+/// sends all happened in the same instant falls back to requests / run time.
+pub fn send_rate(records: &[Record], elapsed: Duration) -> f64 {
+    let first = records.iter().map(|r| r.sent).min();
+    let last = records.iter().map(|r| r.sent).max();
+    match (first, last) {
+        (Some(a), Some(b)) if b > a && records.len() > 1 => {
+            (records.len() - 1) as f64 / (b - a).as_secs_f64()
+        }
+        _ if !elapsed.is_zero() => records.len() as f64 / elapsed.as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -141,11 +158,7 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
         },
         imbalance: imbalance(&per_replica),
         per_replica,
-        achieved_rps: if elapsed > 0.0 {
-            records.len() as f64 / elapsed
-        } else {
-            0.0
-        },
+        achieved_rps: send_rate(records, info.elapsed),
         target_rps: info.target_rps,
         max_lag_ms: records.iter().map(|r| ms(r.lag)).fold(0.0, f64::max),
         lagged_requests: records
@@ -264,6 +277,20 @@ mod tests {
         assert_eq!(s.achieved_rps, 3.0);
         assert_eq!(s.max_lag_ms, 70.0);
         assert_eq!(s.lagged_requests, 1);
+    }
+
+    #[test]
+    fn send_rate_counts_intervals() {
+        let at = |ms| Record {
+            sent: Duration::from_millis(ms),
+            ..Default::default()
+        };
+        // 5 sends over 2 s: 4 intervals → 2 req/s, however long the run lasted.
+        let rs: Vec<_> = [0, 500, 1000, 1500, 2000].into_iter().map(at).collect();
+        assert_eq!(send_rate(&rs, Duration::from_secs(10)), 2.0);
+        // All at once: fall back to requests / run time.
+        assert_eq!(send_rate(&[at(0), at(0)], Duration::from_secs(4)), 0.5);
+        assert_eq!(send_rate(&[], Duration::ZERO), 0.0);
     }
 
     #[test]
