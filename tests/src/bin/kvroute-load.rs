@@ -59,6 +59,7 @@ struct Args {
     /// Build the plan and print its statistics (ideal hit ratio, rate) without sending.
     #[arg(long)]
     dry_run: bool,
+    /// `model` field of every request.
     #[arg(long, default_value = "kvroute-sim")]
     model: String,
     /// Maximum requests in flight (default: unlimited, pure open loop).
@@ -79,8 +80,10 @@ struct Args {
     /// Synthetic: turns per user conversation.
     #[arg(long, default_value_t = 3)]
     turns: u32,
+    /// Synthetic: bytes of each shared system prompt.
     #[arg(long, default_value_t = 2048)]
     system_bytes: usize,
+    /// Synthetic: bytes of each user question.
     #[arg(long, default_value_t = 128)]
     question_bytes: usize,
     /// Synthetic: bytes of each (synthesized) assistant answer kept in the history.
@@ -92,6 +95,7 @@ struct Args {
     /// Synthetic: max_tokens of every request.
     #[arg(long, default_value_t = 8)]
     max_tokens: u32,
+    /// Synthetic: seed of prompt text and arrival times (same seed, same bytes and schedule).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

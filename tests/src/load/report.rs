@@ -73,10 +73,17 @@ pub fn table(s: &Summary) -> String {
     row(
         &mut o,
         "request rate",
-        format!(
-            "{:.1} req/s achieved, {:.1} req/s target",
-            s.achieved_rps, s.target_rps
-        ),
+        if s.target_rps > 0.0 {
+            format!(
+                "{:.1} req/s achieved, {:.1} req/s target",
+                s.achieved_rps, s.target_rps
+            )
+        } else {
+            format!(
+                "{:.1} req/s achieved (whole schedule due at once)",
+                s.achieved_rps
+            )
+        },
     );
     row(
         &mut o,
@@ -96,4 +103,40 @@ pub fn table(s: &Summary) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn table_lists_every_headline_number() {
+        let s = Summary {
+            requests: 10,
+            errors: 1,
+            errors_by_kind: BTreeMap::from([("http_503".into(), 1)]),
+            prompt_tokens: 1000,
+            cached_tokens: 250,
+            hit_ratio: 0.25,
+            ideal_hit_ratio: 0.5,
+            per_replica: BTreeMap::from([("r0".into(), 6), ("r1".into(), 4)]),
+            imbalance: 1.2,
+            max_lag_ms: 60.0,
+            lagged_requests: 2,
+            ..Default::default()
+        };
+        let t = table(&s);
+        for needle in [
+            "requests               10",
+            "1 (http_503=1)",
+            "25.0 %",
+            "50.0 %",
+            "replica r0             6 (60.0 %)",
+            "1.20",
+            "WARNING: 2 requests",
+        ] {
+            assert!(t.contains(needle), "{needle:?} missing from\n{t}");
+        }
+    }
 }
