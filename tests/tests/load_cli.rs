@@ -298,6 +298,7 @@ async fn trace_replay_completions_matches_server() {
     assert_eq!(v["prompt_tokens"].as_u64().unwrap(), trace_input_tokens(60));
     assert_eq!(v["prompt_tokens"].as_u64().unwrap(), s.prompt_tokens);
     assert_eq!(v["cached_tokens"].as_u64().unwrap(), s.cached_tokens);
+    assert_eq!(v["missing_usage"], 0);
     let hit = v["hit_ratio"].as_f64().unwrap();
     assert!((hit - s.cached_tokens as f64 / s.prompt_tokens as f64).abs() < 1e-12);
     // The fake's single global cache is the ideal cache up to partial-last-block effects and

@@ -36,6 +36,13 @@ pub fn table(s: &Summary) -> String {
             s.prompt_tokens
         ),
     );
+    if s.missing_usage > 0 {
+        row(
+            &mut o,
+            "missing usage",
+            format!("{} successful requests reported no usage", s.missing_usage),
+        );
+    }
     row(
         &mut o,
         "ideal hit ratio",

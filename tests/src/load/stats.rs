@@ -17,6 +17,9 @@ pub struct Summary {
     pub errors_by_kind: BTreeMap<String, u64>,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
+    /// Successful requests whose stream carried no usage (the target ignored
+    /// `stream_options.include_usage`); they are left out of `hit_ratio`.
+    pub missing_usage: u64,
     /// Σ cached / Σ prompt tokens over successful requests, as reported by the replicas.
     pub hit_ratio: f64,
     /// Hit ratio of one infinite cache over the same requests: the ceiling for `hit_ratio`.
@@ -144,6 +147,7 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
         errors_by_kind,
         prompt_tokens,
         cached_tokens,
+        missing_usage: ok.iter().filter(|r| r.prompt_tokens.is_none()).count() as u64,
         hit_ratio: ratio(cached_tokens, prompt_tokens),
         ideal_hit_ratio: info.ideal_hit_ratio,
         ttft_ms: TtftMs {
@@ -236,6 +240,13 @@ mod tests {
             error: Some(ErrorKind::Connect),
             ..Default::default()
         });
+        // A success without usage counts as a request but not toward the hit ratio.
+        records.push(Record {
+            ttft: Some(Duration::from_millis(25)),
+            e2e: Duration::from_millis(250),
+            replica: Some("r1".into()),
+            ..Default::default()
+        });
         let s = summarize(
             &records,
             RunInfo {
@@ -245,19 +256,20 @@ mod tests {
                 lag_threshold: Duration::from_millis(50),
             },
         );
-        assert_eq!(s.requests, 6);
+        assert_eq!(s.requests, 7);
         assert_eq!(s.errors, 2);
         assert_eq!(
             s.errors_by_kind,
             BTreeMap::from([("connect".into(), 1), ("http_503".into(), 1)])
         );
         assert_eq!((s.prompt_tokens, s.cached_tokens), (1000, 400));
+        assert_eq!(s.missing_usage, 1);
         assert_eq!(s.hit_ratio, 0.4);
         assert_eq!(
             s.ttft_ms,
             TtftMs {
                 mean: 25.0,
-                p50: 20.0,
+                p50: 25.0,
                 p90: 40.0,
                 p99: 40.0
             }
@@ -265,16 +277,16 @@ mod tests {
         assert_eq!(
             s.e2e_ms,
             E2eMs {
-                p50: 200.0,
+                p50: 250.0,
                 p99: 400.0
             }
         );
         assert_eq!(
             s.per_replica,
-            BTreeMap::from([("r0".into(), 3), ("r1".into(), 2)])
+            BTreeMap::from([("r0".into(), 3), ("r1".into(), 3)])
         );
-        assert_eq!(s.imbalance, 1.2);
-        assert_eq!(s.achieved_rps, 3.0);
+        assert_eq!(s.imbalance, 1.0);
+        assert_eq!(s.achieved_rps, 3.5);
         assert_eq!(s.max_lag_ms, 70.0);
         assert_eq!(s.lagged_requests, 1);
     }
