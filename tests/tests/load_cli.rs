@@ -516,7 +516,8 @@ async fn replay_is_open_loop_and_paced() {
 }
 
 /// Throughput probe, not a CI check: `cargo test -p kvroute-tests --release --test load_cli
-/// -- --ignored --nocapture throughput`. Replays 2000 lines as fast as 64 connections allow.
+/// -- --ignored --nocapture throughput`. By default replays 2000 lines as fast as 64
+/// connections allow; `LOAD_PROBE_ARGS="--n 4000 --speed 300"` replaces the workload flags.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput() {
@@ -524,20 +525,42 @@ async fn throughput() {
         return;
     }
     let fake = start_fake(Faults::default()).await;
-    let v = run_load(&[
-        "--trace",
-        TRACE,
-        "--target",
-        &fake.url,
-        "--n",
-        "2000",
-        "--speed",
-        "1000000",
-        "--concurrency-limit",
-        "64",
-    ])
-    .await;
+    let extra = std::env::var("LOAD_PROBE_ARGS")
+        .unwrap_or_else(|_| "--n 2000 --speed 1000000 --concurrency-limit 64".to_owned());
+    let mut args = vec!["--trace", TRACE, "--target", &fake.url];
+    args.extend(extra.split_whitespace());
+    let v = run_load(&args).await;
     eprintln!("{v:#}");
     assert_eq!(v["errors"], 0);
-    assert_eq!(v["requests"], 2000);
+}
+
+/// The library entry point the xtask benchmark uses, called in-process on a built plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_run_in_process() {
+    use kvroute_tests::load::synthetic::{self, SharedPrefixConfig};
+    use kvroute_tests::load::{runner, ApiMode, LoadConfig, Workload};
+
+    let fake = start_fake(Faults::default()).await;
+    let sp = SharedPrefixConfig {
+        groups: 1,
+        users: 4,
+        turns: 2,
+        rate: 0.0,
+        ..SharedPrefixConfig::default()
+    };
+    let plan = synthetic::plan(&sp);
+    let mut cfg = LoadConfig::new(fake.url.clone(), Workload::SharedPrefix(sp));
+    cfg.mode = ApiMode::Completions;
+    cfg.request_timeout = Duration::from_secs(10);
+    let summary = tokio::time::timeout(Duration::from_secs(30), runner::run_plan(&plan, &cfg))
+        .await
+        .expect("run finished in time")
+        .unwrap();
+    let s = fake.state.lock().unwrap();
+    assert_eq!(summary.requests, 8);
+    assert_eq!(summary.errors, 0);
+    assert_eq!(summary.per_replica, s.per_replica);
+    assert_eq!(summary.prompt_tokens, s.prompt_tokens);
+    assert_eq!(summary.cached_tokens, s.cached_tokens);
+    assert_eq!(summary.ideal_hit_ratio, plan.stats().ideal_hit_ratio);
 }
