@@ -515,6 +515,40 @@ async fn replay_is_open_loop_and_paced() {
     assert!(v["lagged_requests"].as_u64().unwrap() >= 8, "{v}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_early_with_a_summary() {
+    if !trace_available() {
+        return;
+    }
+    // Lines 0-9 are due at once, line 10 only after 3 s: interrupt in between.
+    let fake = start_fake(Faults::default()).await;
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
+        .args([
+            "--trace", TRACE, "--target", &fake.url, "--n", "30", "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("kvroute-load did not stop within 10 s of SIGINT")
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stopped_early"], true);
+    assert_eq!(v["requests"], 10);
+    assert_eq!(v["errors"], 0);
+    assert!(v["duration_s"].as_f64().unwrap() < 3.0, "{v}");
+}
+
 /// Throughput probe, not a CI check: `cargo test -p kvroute-tests --release --test load_cli
 /// -- --ignored --nocapture throughput`. By default replays 2000 lines as fast as 64
 /// connections allow; `LOAD_PROBE_ARGS="--n 4000 --speed 300"` replaces the workload flags.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kvroute_tests::load::synthetic::SharedPrefixConfig;
 use kvroute_tests::load::trace::LowerOptions;
-use kvroute_tests::load::{report, run, ApiMode, LoadConfig, Workload};
+use kvroute_tests::load::{report, run_until, ApiMode, LoadConfig, Workload};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Synthetic {
@@ -156,7 +156,13 @@ async fn main() -> anyhow::Result<()> {
     cfg.concurrency_limit = args.concurrency_limit;
     cfg.request_timeout = Duration::from_secs_f64(args.timeout_s);
     cfg.lag_threshold = Duration::from_millis(args.lag_threshold_ms);
-    let summary = run(cfg).await?;
+    // Ctrl-C ends an hour-long replay with a summary of what was sent instead of nothing.
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let summary = run_until(cfg, ctrl_c).await?;
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

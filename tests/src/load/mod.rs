@@ -23,5 +23,5 @@ pub mod text;
 pub mod trace;
 
 pub use config::{ApiMode, LoadConfig, Workload};
-pub use runner::run;
+pub use runner::{run, run_plan, run_until};
 pub use stats::Summary;

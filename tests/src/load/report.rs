@@ -101,6 +101,12 @@ pub fn table(s: &Summary) -> String {
         ),
     );
     row(&mut o, "duration", format!("{:.2} s", s.duration_s));
+    if s.stopped_early {
+        let _ = writeln!(
+            o,
+            "NOTE: stopped early; the summary covers the requests sent so far"
+        );
+    }
     if s.lagged_requests > 0 {
         let _ = writeln!(
             o,

@@ -1,5 +1,7 @@
 //! Executes a plan: open-loop session starts, closed-loop turns within a session.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -20,8 +22,23 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<Summary> {
     run_plan(&plan, &cfg).await
 }
 
+/// Like [`run`], but stops early when `stop` completes (the CLI passes Ctrl-C): no new
+/// request is sent after that, requests in flight finish, and the summary covers what was sent.
+pub async fn run_until(cfg: LoadConfig, stop: impl Future<Output = ()>) -> anyhow::Result<Summary> {
+    let plan = cfg.workload.plan()?;
+    run_plan_until(&plan, &cfg, stop).await
+}
+
 /// Runs an already built plan (for callers that construct workloads in code).
 pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> {
+    run_plan_until(plan, cfg, std::future::pending()).await
+}
+
+pub async fn run_plan_until(
+    plan: &Plan,
+    cfg: &LoadConfig,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<Summary> {
     let ideal = ideal_hit_ratio(plan.requests_in_order());
     let client = Client::new(&cfg.target, cfg.request_timeout)?;
     let limit = cfg
@@ -32,6 +49,8 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
         sessions = plan.sessions.len(),
         "starting run"
     );
+    let stopping = Arc::new(AtomicBool::new(false));
+    tokio::pin!(stop);
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut records = Vec::with_capacity(plan.request_count());
@@ -39,13 +58,21 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
         let due = start + session.start;
         // The scheduler only sleeps and spawns: request bodies are rendered inside the task so
         // a large prompt never delays the next arrival.
-        tokio::time::sleep_until(due).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = &mut stop => {
+                stopping.store(true, Ordering::Relaxed);
+                tracing::warn!("stopping early: no new requests, waiting for those in flight");
+                break;
+            }
+        }
         tasks.spawn(run_session(
             session.clone(),
             start,
             due,
             client.clone(),
             limit.clone(),
+            stopping.clone(),
             cfg.mode,
             cfg.model.clone(),
         ));
@@ -65,6 +92,7 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
             target_rps: plan.target_rps,
             elapsed,
             lag_threshold: cfg.lag_threshold,
+            stopped_early: stopping.load(Ordering::Relaxed),
         },
     );
     if summary.lagged_requests > 0 {
@@ -77,18 +105,23 @@ pub async fn run_plan(plan: &Plan, cfg: &LoadConfig) -> anyhow::Result<Summary> 
     Ok(summary)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the list
 async fn run_session(
     session: Session,
     run_start: Instant,
     due: Instant,
     client: Client,
     limit: Option<Arc<Semaphore>>,
+    stopping: Arc<AtomicBool>,
     mode: ApiMode,
     model: String,
 ) -> Vec<Record> {
     let mut out = Vec::with_capacity(session.requests.len());
     let mut scheduled = due;
     for req in &session.requests {
+        if stopping.load(Ordering::Relaxed) {
+            break;
+        }
         let _permit = match &limit {
             Some(s) => Some(
                 s.clone()

@@ -39,6 +39,8 @@ pub struct Summary {
     /// Requests that left more than the lag threshold behind schedule.
     pub lagged_requests: u64,
     pub duration_s: f64,
+    /// The run was stopped (Ctrl-C) before the schedule was complete.
+    pub stopped_early: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -124,6 +126,7 @@ pub struct RunInfo {
     pub target_rps: f64,
     pub elapsed: Duration,
     pub lag_threshold: Duration,
+    pub stopped_early: bool,
 }
 
 pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
@@ -170,6 +173,7 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
             .filter(|r| r.lag > info.lag_threshold)
             .count() as u64,
         duration_s: elapsed,
+        stopped_early: info.stopped_early,
     }
 }
 
@@ -254,6 +258,7 @@ mod tests {
                 target_rps: 3.0,
                 elapsed: Duration::from_secs(2),
                 lag_threshold: Duration::from_millis(50),
+                stopped_early: false,
             },
         );
         assert_eq!(s.requests, 7);
