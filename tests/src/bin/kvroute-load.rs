@@ -59,8 +59,8 @@ struct Args {
     /// Build the plan and print its statistics (ideal hit ratio, rate) without sending.
     #[arg(long)]
     dry_run: bool,
-    /// `model` field of every request.
-    #[arg(long, default_value = "kvroute-sim")]
+    /// `model` field of every request (kvroute-sim answers 404 to any name but its own).
+    #[arg(long, default_value = "sim-model")]
     model: String,
     /// Maximum requests in flight (default: unlimited, pure open loop).
     #[arg(long)]

@@ -71,7 +71,8 @@ impl LoadConfig {
             target: target.into(),
             workload,
             mode: ApiMode::Completions,
-            model: "kvroute-sim".to_owned(),
+            // kvroute-sim's default `--model`: the simulator rejects any other name with 404.
+            model: "sim-model".to_owned(),
             concurrency_limit: None,
             request_timeout: Duration::from_secs(60),
             lag_threshold: Duration::from_millis(50),
