@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use kvroute_tests::load::synthetic::SharedPrefixConfig;
-use kvroute_tests::load::trace::LowerOptions;
+use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
 use kvroute_tests::load::{report, run_until, ApiMode, LoadConfig, Workload};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -45,10 +45,10 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
     /// Bytes of prompt text per 512-token trace block.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_BYTES)]
     block_bytes: usize,
     /// max_tokens = round(output_length × this), at least 1.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS_SCALE)]
     max_tokens_scale: f64,
     /// Use /v1/chat/completions with multi-turn messages and an x-session-id header.
     #[arg(long)]

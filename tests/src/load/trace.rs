@@ -84,11 +84,30 @@ pub fn block_role(i: usize, n: usize) -> Role {
     }
 }
 
+/// 512 tokens at 1 byte each instead of ~4: a quarter of the real prompt size keeps the trace's
+/// sharing structure while a replay fits on a small machine. It is also a multiple of
+/// kvroute-sim's 64-byte cache block (16 tokens × 4 bytes), so trace block boundaries fall on
+/// simulator block boundaries and completions-mode hits are not blurred by misalignment.
+pub const DEFAULT_BLOCK_BYTES: usize = 512;
+
+/// Trace outputs average ~340 tokens; 5 % keeps decode from dominating a routing benchmark.
+pub const DEFAULT_MAX_TOKENS_SCALE: f64 = 0.05;
+
 #[derive(Clone, Copy, Debug)]
 pub struct LowerOptions {
     pub block_bytes: usize,
     pub speed: f64,
     pub max_tokens_scale: f64,
+}
+
+impl Default for LowerOptions {
+    fn default() -> Self {
+        Self {
+            block_bytes: DEFAULT_BLOCK_BYTES,
+            speed: 1.0,
+            max_tokens_scale: DEFAULT_MAX_TOKENS_SCALE,
+        }
+    }
 }
 
 pub fn max_tokens(output_length: u64, scale: f64) -> u32 {
@@ -141,8 +160,8 @@ pub fn plan(entries: &[TraceEntry], opts: LowerOptions) -> Plan {
         })
         .collect::<Vec<_>>();
     let span = sessions.last().map_or(0.0, |s| s.start.as_secs_f64());
-    // A schedule whose requests all arrive at once has no meaningful rate; report it as
-    // infinite-demand (0 means "unknown" downstream).
+    // n arrivals span n − 1 intervals. A schedule that is due all at once has no finite rate;
+    // 0 stands for that and the report says so.
     let target_rps = if span > 0.0 {
         (sessions.len().saturating_sub(1)) as f64 / span
     } else {
