@@ -1,2 +1,51 @@
-//! `cargo xtask`: the project's automation (test, demo, bench, build-ebpf).
-fn main() {}
+//! `cargo xtask`: the project's automation.
+//!
+//! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
+//! - `demo`: simulated replicas + data plane + a real workload, with a printed report
+//! - `bench proxy|routing`: the benchmarks whose figures the README quotes
+#![forbid(unsafe_code)]
+
+mod bench_proxy;
+mod bench_routing;
+mod demo;
+mod procs;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "kvroute project automation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole test suite (what CI runs).
+    Test(test::Args),
+    /// Start simulated replicas and kvroute, replay a trace window, print a report.
+    Demo(demo::Args),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Proxy overhead: kvroute vs nginx, HAProxy, SGLang's router, direct.
+    Proxy(bench_proxy::Args),
+    /// Routing quality on the shared trace: kvroute policies vs SGLang's router.
+    Routing(bench_routing::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Test(a) => test::run(a),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench { which: Bench::Proxy(a) } => bench_proxy::run(a),
+        Cmd::Bench { which: Bench::Routing(a) } => bench_routing::run(a),
+    }
+}
