@@ -12,7 +12,7 @@ pub fn root() -> PathBuf {
 }
 
 /// Runs a command, failing with its name when it fails.
-pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
     eprintln!("xtask: {shown}");
     let st = cmd.status().map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;

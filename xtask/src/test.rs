@@ -3,7 +3,7 @@
 //! The end-to-end tests start the real binaries, so those are built first;
 //! both I/O runtimes are exercised by the tests themselves.
 
-use crate::procs::{cargo, run};
+use crate::procs::{cargo, sh};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,14 +17,14 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.lint {
-        run(cargo().args(["fmt", "--all", "--check"]))?;
-        run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        sh(cargo().args(["fmt", "--all", "--check"]))?;
+        sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     }
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    sh(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut t = cargo();
     t.args(["test", "--workspace"]);
     if !a.rest.is_empty() {
         t.arg("--").args(&a.rest);
     }
-    run(&mut t)
+    sh(&mut t)
 }
