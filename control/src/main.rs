@@ -9,7 +9,10 @@
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "kvroute control daemon (discovery, health, load, KV events)")]
+#[command(
+    version,
+    about = "kvroute control daemon (discovery, health, load, KV events)"
+)]
 struct Args {
     /// Path of control.toml.
     #[arg(long)]

@@ -183,7 +183,8 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-                Config::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+                Config::from_toml(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
             }
             None => Config::default(),
         };
@@ -235,8 +236,14 @@ impl Config {
             ("limits.body_timeout_ms", self.limits.body_timeout_ms),
             ("limits.idle_timeout_ms", self.limits.idle_timeout_ms),
             ("limits.write_timeout_ms", self.limits.write_timeout_ms),
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            ("upstream.first_byte_timeout_ms", self.upstream.first_byte_timeout_ms),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.first_byte_timeout_ms",
+                self.upstream.first_byte_timeout_ms,
+            ),
             ("upstream.read_timeout_ms", self.upstream.read_timeout_ms),
         ] {
             if v == 0 {
@@ -272,7 +279,11 @@ fn parse_replica_arg(s: &str) -> ReplicaSpec {
     match s.split_once('=') {
         Some((url, models)) => {
             let mut spec = ReplicaSpec::new(url);
-            spec.models = models.split(',').filter(|m| !m.is_empty()).map(String::from).collect();
+            spec.models = models
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(String::from)
+                .collect();
             spec
         }
         None => ReplicaSpec::new(s),
@@ -296,7 +307,11 @@ mod tests {
         let c = Config::from_toml("workers = 0\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("workers"));
         let c = Config::from_toml("[[replicas]]\nurl = \"ftp://x\"\n").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("replicas[0].url"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replicas[0].url"));
         let c = Config::from_toml("admin = \"0.0.0.0:9090\"\n").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("loopback"));
         let e = Config::from_toml("io = \"kqueue\"\n").unwrap_err();
@@ -326,7 +341,10 @@ weight = 2
         c.validate().unwrap();
         assert_eq!(c.worker_count(), 2);
         assert_eq!(c.replicas[0].weight, 2);
-        assert_eq!(AdminAddr::parse(&c.admin).unwrap(), AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap()));
+        assert_eq!(
+            AdminAddr::parse(&c.admin).unwrap(),
+            AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap())
+        );
     }
 
     #[test]

@@ -19,7 +19,11 @@ fn main() {
         }
     };
     if cli.check_config {
-        println!("kvroute: configuration ok ({} replicas, {} workers)", cfg.replicas.len(), cfg.worker_count());
+        println!(
+            "kvroute: configuration ok ({} replicas, {} workers)",
+            cfg.replicas.len(),
+            cfg.worker_count()
+        );
         return;
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

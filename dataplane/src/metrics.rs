@@ -25,8 +25,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let buckets = [
-            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-            2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
         ];
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
@@ -76,9 +76,9 @@ pub fn status_label(code: u16) -> &'static str {
         503 => "503",
         504 => "504",
         100..=199 => "1xx",
-        200..=299 => "2xx",
+        202..=299 => "2xx",
         300..=399 => "3xx",
-        400..=499 => "4xx",
+        405..=499 => "4xx",
         _ => "5xx",
     }
 }

@@ -103,13 +103,22 @@ async fn write_client<C: Conn>(
     match timeout(limit, c.write_all(buf, range)).await {
         Ok(r) => r,
         Err(_) => (
-            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client write timeout")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client write timeout",
+            )),
             Vec::new(),
         ),
     }
 }
 
-async fn send_error<C: Conn>(client: &mut Client<C>, kind: ErrorKind, message: &str, close: bool, limit: Duration) {
+async fn send_error<C: Conn>(
+    client: &mut Client<C>,
+    kind: ErrorKind,
+    message: &str,
+    close: bool,
+    limit: Duration,
+) {
     metrics::counter!(m::ERRORS, "kind" => kind.code()).increment(1);
     let mut out = Vec::with_capacity(256);
     ErrorResponse::write(&mut out, kind, message, close);
@@ -152,7 +161,12 @@ async fn read_head<R: Runtime>(
             }
             Some(d) => match tokio::time::timeout_at(d, read).await {
                 Ok(r) => r,
-                Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request head not received in time")),
+                Err(_) => {
+                    return Err(Reject::new(
+                        ErrorKind::Timeout,
+                        "request head not received in time",
+                    ))
+                }
             },
         };
         match n {
@@ -199,12 +213,21 @@ async fn read_body<R: Runtime>(
             while client.buf.len() < end {
                 // Reserve what is announced, capped, so a lying Content-Length costs little.
                 let want = (end - client.buf.len()).clamp(READ_CHUNK, 1 << 20);
-                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await {
+                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) => {
-                        return Err(Reject::new(ErrorKind::BadRequest, "connection closed inside the body"))
+                        return Err(Reject::new(
+                            ErrorKind::BadRequest,
+                            "connection closed inside the body",
+                        ))
                     }
                     Ok(Ok(_)) => {}
-                    Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request body not received in time")),
+                    Err(_) => {
+                        return Err(Reject::new(
+                            ErrorKind::Timeout,
+                            "request body not received in time",
+                        ))
+                    }
                 }
             }
             Ok((Body::InBuf(start..end), end))
@@ -214,9 +237,9 @@ async fn read_body<R: Runtime>(
             let mut body = Vec::new();
             let mut pos = start;
             loop {
-                let used = dec
-                    .feed(&client.buf[pos..], Some(&mut body))
-                    .map_err(|e| Reject::new(ErrorKind::BadRequest, format!("bad chunked body: {e}")))?;
+                let used = dec.feed(&client.buf[pos..], Some(&mut body)).map_err(|e| {
+                    Reject::new(ErrorKind::BadRequest, format!("bad chunked body: {e}"))
+                })?;
                 pos += used;
                 if body.len() > lim.max_body_bytes {
                     return Err(too_large());
@@ -228,19 +251,32 @@ async fn read_body<R: Runtime>(
                 // ranges are still in use), so the buffer holds one read at most.
                 client.buf.drain(start..pos);
                 pos = start;
-                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, READ_CHUNK)).await {
+                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, READ_CHUNK))
+                    .await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) => {
-                        return Err(Reject::new(ErrorKind::BadRequest, "connection closed inside the body"))
+                        return Err(Reject::new(
+                            ErrorKind::BadRequest,
+                            "connection closed inside the body",
+                        ))
                     }
                     Ok(Ok(_)) => {}
-                    Err(_) => return Err(Reject::new(ErrorKind::Timeout, "request body not received in time")),
+                    Err(_) => {
+                        return Err(Reject::new(
+                            ErrorKind::Timeout,
+                            "request body not received in time",
+                        ))
+                    }
                 }
             }
         }
     }
 }
 
-async fn write_continue<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<R::Conn>) -> Result<(), Reject> {
+async fn write_continue<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &mut Client<R::Conn>,
+) -> Result<(), Reject> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
     let limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
     let (r, _) = write_client(&mut client.io, CONTINUE.to_vec(), 0..CONTINUE.len(), limit).await;
@@ -281,9 +317,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
 
     let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
     let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
-    let session = head
-        .header(&client.buf, "x-session-id")
-        .map(|v| v.to_vec());
+    let session = head.header(&client.buf, "x-session-id").map(|v| v.to_vec());
     let path = head.path(&client.buf).to_string();
     let is_head = head.is_head;
 
@@ -303,7 +337,17 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         prompt_bytes: body_len,
         now_ms: shared.now_ms(),
     };
-    let outcome = forward(ctx, client, &req, &upstream_head, &mut body_buf, body_range, is_head, keep_alive).await;
+    let outcome = forward(
+        ctx,
+        client,
+        &req,
+        &upstream_head,
+        &mut body_buf,
+        body_range,
+        is_head,
+        keep_alive,
+    )
+    .await;
     if in_client_buf {
         client.buf = body_buf;
     }
@@ -311,19 +355,40 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     client.buf.drain(..consumed.min(client.buf.len()));
 
     let (status, replica_label, next) = match outcome {
-        Outcome::Done { status, replica, client_keep_alive } => (
+        Outcome::Done {
             status,
             replica,
-            if client_keep_alive { Next::KeepAlive } else { Next::Close },
+            client_keep_alive,
+        } => (
+            status,
+            replica,
+            if client_keep_alive {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            },
         ),
-        Outcome::Failed { kind, message, replica } => {
+        Outcome::Failed {
+            kind,
+            message,
+            replica,
+        } => {
             send_error(client, kind, &message, !keep_alive, write_limit).await;
-            (kind.status(), replica, if keep_alive { Next::KeepAlive } else { Next::Close })
+            (
+                kind.status(),
+                replica,
+                if keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                },
+            )
         }
         Outcome::ClientGone { status, replica } => (status, replica, Next::Close),
     };
     metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(status), "replica" => replica_label.clone()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(m::REQUEST_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     next
 }
 
@@ -346,7 +411,12 @@ enum Outcome {
 
 /// Request line and end-to-end headers for the replica, without `host` (added per
 /// attempt, since a retry may go to another replica) and without the final CRLF.
-fn build_upstream_head(head: &RequestHead, buf: &[u8], peer: SocketAddr, body_len: usize) -> Vec<u8> {
+fn build_upstream_head(
+    head: &RequestHead,
+    buf: &[u8],
+    peer: SocketAddr,
+    body_len: usize,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len + 128);
     out.extend_from_slice(head.method(buf).as_bytes());
     out.push(b' ');
@@ -416,7 +486,9 @@ async fn forward<R: Runtime>(
     let set = shared.table.load();
     if set.generation != ctx.pool_generation.get() {
         let addrs: Vec<SocketAddr> = set.replicas.iter().map(|r| r.addr).collect();
-        ctx.pool.borrow_mut().prune(|a| addrs.contains(a), Instant::now());
+        ctx.pool
+            .borrow_mut()
+            .prune(|a| addrs.contains(a), Instant::now());
         ctx.pool_generation.set(set.generation);
     }
     let mut exclude: Vec<u16> = Vec::new();
@@ -439,7 +511,9 @@ async fn forward<R: Runtime>(
                     return Outcome::Failed {
                         kind,
                         message: match kind {
-                            ErrorKind::ModelNotFound => format!("model {:?} is not served here", req.model.unwrap_or("")),
+                            ErrorKind::ModelNotFound => {
+                                format!("model {:?} is not served here", req.model.unwrap_or(""))
+                            }
                             _ => "no healthy replica available".into(),
                         },
                         replica: last_replica,
@@ -458,7 +532,18 @@ async fn forward<R: Runtime>(
         last_replica = replica.spec.url.clone();
         let in_flight = replica.begin();
         let started = Instant::now();
-        match attempt::<R>(ctx, &replica, upstream_head, body, body_range.clone(), is_head, fresh_only, &mut ubuf).await {
+        match attempt::<R>(
+            ctx,
+            &replica,
+            upstream_head,
+            body,
+            body_range.clone(),
+            is_head,
+            fresh_only,
+            &mut ubuf,
+        )
+        .await
+        {
             Ok((conn, rhead)) => {
                 replica.consecutive_failures.store(0, Ordering::Relaxed);
                 metrics::counter!(m::DECISIONS, "kind" => d.kind.as_str()).increment(1);
@@ -488,7 +573,9 @@ async fn forward<R: Runtime>(
                         if attempts == 0 {
                             return Outcome::Failed {
                                 kind: ErrorKind::BadGateway,
-                                message: format!("upstream replica failed before responding: {why}"),
+                                message: format!(
+                                    "upstream replica failed before responding: {why}"
+                                ),
                                 replica: last_replica,
                             };
                         }
@@ -513,7 +600,16 @@ async fn forward<R: Runtime>(
         }
     };
     metrics::histogram!(m::UPSTREAM_TTFB).record(connect_started.elapsed().as_secs_f64());
-    let (outcome, reusable) = relay::<R>(ctx, client, &mut up, rhead, ubuf, &replica, client_keep_alive).await;
+    let (outcome, reusable) = relay::<R>(
+        ctx,
+        client,
+        &mut up,
+        rhead,
+        ubuf,
+        &replica,
+        client_keep_alive,
+    )
+    .await;
     if reusable {
         ctx.pool.borrow_mut().put(replica.addr, up, Instant::now());
     }
@@ -548,7 +644,12 @@ async fn attempt<R: Runtime>(
         None => {
             metrics::counter!(m::POOL, "result" => "new").increment(1);
             let t = Instant::now();
-            match timeout(Duration::from_millis(up_cfg.connect_timeout_ms), R::connect(replica.addr)).await {
+            match timeout(
+                Duration::from_millis(up_cfg.connect_timeout_ms),
+                R::connect(replica.addr),
+            )
+            .await
+            {
                 Ok(Ok(c)) => {
                     metrics::histogram!(m::UPSTREAM_CONNECT).record(t.elapsed().as_secs_f64());
                     c
@@ -560,7 +661,8 @@ async fn attempt<R: Runtime>(
     };
     let fail = |why| Err((AttemptError::Retryable(why), reused));
     // Request head (+ small body) in one write.
-    let mut out = Vec::with_capacity(upstream_head.len() + 64 + body_range.len().min(COALESCE_BODY));
+    let mut out =
+        Vec::with_capacity(upstream_head.len() + 64 + body_range.len().min(COALESCE_BODY));
     out.extend_from_slice(upstream_head);
     out.extend_from_slice(b"host: ");
     out.extend_from_slice(replica.authority.as_bytes());
@@ -583,18 +685,29 @@ async fn attempt<R: Runtime>(
         }
     }
     ubuf.clear();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(up_cfg.first_byte_timeout_ms);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(up_cfg.first_byte_timeout_ms);
     loop {
         match tokio::time::timeout_at(deadline, conn.read(ubuf, READ_CHUNK)).await {
-            Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() => return fail("connection closed before response"),
-            Ok(Ok(0)) | Ok(Err(_)) => return Err((AttemptError::BadResponse("connection closed inside head"), reused)),
+            Ok(Ok(0)) | Ok(Err(_)) if ubuf.is_empty() => {
+                return fail("connection closed before response")
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err((
+                    AttemptError::BadResponse("connection closed inside head"),
+                    reused,
+                ))
+            }
             Ok(Ok(_)) => {}
             Err(_) => return Err((AttemptError::Timeout, reused)),
         }
         match parse_response_head(ubuf, 64 * 1024, is_head) {
             Ok(Some(h)) if (100..200).contains(&h.status) => {
                 if h.status == 101 {
-                    return Err((AttemptError::BadResponse("protocol upgrade is not supported"), reused));
+                    return Err((
+                        AttemptError::BadResponse("protocol upgrade is not supported"),
+                        reused,
+                    ));
                 }
                 // Interim response (100, 103): skip it, the final one follows.
                 ubuf.drain(..h.len);
@@ -625,7 +738,12 @@ async fn relay<R: Runtime>(
     let keep_alive = client_keep_alive && rhead.framing != ResponseFraming::UntilClose;
 
     let mut out = Vec::with_capacity(rhead.len + 64);
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", status, http::reason_phrase(status));
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status,
+        http::reason_phrase(status)
+    );
     let mut conn_tokens: Vec<&str> = Vec::new();
     for (n, v) in &rhead.headers {
         if ubuf[n.clone()].eq_ignore_ascii_case(b"connection") {
@@ -639,7 +757,8 @@ async fn relay<R: Runtime>(
         if http::is_hop_by_hop(name, &conn_tokens) {
             continue;
         }
-        if rhead.framing == ResponseFraming::Chunked && name.eq_ignore_ascii_case("content-length") {
+        if rhead.framing == ResponseFraming::Chunked && name.eq_ignore_ascii_case("content-length")
+        {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -660,7 +779,8 @@ async fn relay<R: Runtime>(
     let leftover = &ubuf[rhead.len..];
     let take = match tracker.advance(leftover) {
         Ok(t) => t,
-        Err(_) => return (
+        Err(_) => {
+            return (
                 Outcome::Failed {
                     kind: ErrorKind::BadGateway,
                     message: "invalid chunked framing from upstream replica".into(),
@@ -668,6 +788,7 @@ async fn relay<R: Runtime>(
                 },
                 false,
             )
+        }
     };
     let mut clean_upstream = take == leftover.len();
     out.extend_from_slice(&leftover[..take]);
@@ -675,7 +796,13 @@ async fn relay<R: Runtime>(
     let (r, _) = write_client(&mut client.io, out, 0..n, write_limit).await;
     metrics::counter!(m::BYTES, "direction" => "client_out").increment(n as u64);
     if r.is_err() {
-        return (Outcome::ClientGone { status, replica: replica_label }, false);
+        return (
+            Outcome::ClientGone {
+                status,
+                replica: replica_label,
+            },
+            false,
+        );
     }
 
     while !tracker.done() {
@@ -695,13 +822,25 @@ async fn relay<R: Runtime>(
                 let fin = b"0\r\n\r\n".to_vec();
                 let _ = write_client(&mut client.io, fin, 0..5, write_limit).await;
             }
-            return (Outcome::ClientGone { status, replica: replica_label }, false);
+            return (
+                Outcome::ClientGone {
+                    status,
+                    replica: replica_label,
+                },
+                false,
+            );
         }
         let take = match tracker.advance(&ubuf[..read]) {
             Ok(t) => t,
             Err(_) => {
                 metrics::counter!(m::ERRORS, "kind" => "upstream_framing").increment(1);
-                return (Outcome::ClientGone { status, replica: replica_label }, false);
+                return (
+                    Outcome::ClientGone {
+                        status,
+                        replica: replica_label,
+                    },
+                    false,
+                );
             }
         };
         clean_upstream &= take == read;
@@ -710,10 +849,17 @@ async fn relay<R: Runtime>(
         metrics::counter!(m::BYTES, "direction" => "client_out").increment(take as u64);
         if r.is_err() {
             // Closing the upstream connection tells the engine to abort the request.
-            return (Outcome::ClientGone { status, replica: replica_label }, false);
+            return (
+                Outcome::ClientGone {
+                    status,
+                    replica: replica_label,
+                },
+                false,
+            );
         }
     }
-    let reusable = rhead.keep_alive && clean_upstream && tracker.framing != ResponseFraming::UntilClose;
+    let reusable =
+        rhead.keep_alive && clean_upstream && tracker.framing != ResponseFraming::UntilClose;
     (
         Outcome::Done {
             status,

@@ -200,7 +200,10 @@ impl ReplicaTable {
         let mut seen = std::collections::HashSet::new();
         for spec in &specs {
             if !seen.insert(spec.url.as_str()) {
-                return Err(Error::Config(format!("replicas: duplicate url {}", spec.url)));
+                return Err(Error::Config(format!(
+                    "replicas: duplicate url {}",
+                    spec.url
+                )));
             }
             let kept = old.replicas.iter().find(|r| r.spec.url == spec.url);
             match kept {

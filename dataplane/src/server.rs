@@ -64,7 +64,10 @@ impl Shared {
     }
 
     pub fn open_connections(&self) -> u64 {
-        self.workers.iter().map(|w| w.connections.load(Ordering::Relaxed)).sum()
+        self.workers
+            .iter()
+            .map(|w| w.connections.load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -108,7 +111,10 @@ pub fn resolve_io(mode: IoMode) -> Result<&'static str, Error> {
 }
 
 /// Starts the workers; returns once every worker is accepting.
-pub fn start_workers(shared: &Arc<Shared>, listeners: Vec<std::net::TcpListener>) -> Result<(), Error> {
+pub fn start_workers(
+    shared: &Arc<Shared>,
+    listeners: Vec<std::net::TcpListener>,
+) -> Result<(), Error> {
     let io = *shared.io_name.get().expect("io resolved before start");
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -166,7 +172,9 @@ pub fn run(cfg: Config) -> Result<i32, Error> {
         replicas = shared.table.load().replicas.len(),
         "kvroute ready"
     );
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(control_loop(shared))
 }
 
@@ -219,4 +227,3 @@ async fn control_loop(shared: Arc<Shared>) -> Result<i32, Error> {
 pub fn io_name(shared: &Shared) -> &'static str {
     shared.io_name.get().copied().unwrap_or("none")
 }
-

@@ -23,7 +23,10 @@ pub fn free_port() -> u16 {
 /// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
 /// `cargo xtask test` builds every binary before running tests.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(format!("KVROUTE_BIN_{}", name.replace('-', "_").to_uppercase())) {
+    if let Ok(p) = std::env::var(format!(
+        "KVROUTE_BIN_{}",
+        name.replace('-', "_").to_uppercase()
+    )) {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe");
@@ -129,9 +132,12 @@ impl Kvroute {
             admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
         };
         let up = wait_until(Duration::from_secs(10), || {
-            request(k.admin, "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                .map(|r| r.status == 200)
-                .unwrap_or(false)
+            request(
+                k.admin,
+                "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
         });
         assert!(up, "kvroute did not become ready");
         k
@@ -223,7 +229,12 @@ impl Client {
                 let headers = r
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect();
                 self.buf.drain(..end + 4);
                 return Ok((status, headers));
@@ -239,8 +250,9 @@ impl Client {
         loop {
             if let Some(line_end) = find(&self.buf, b"\r\n") {
                 let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
-                let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| std::io::Error::other(format!("bad chunk line {line:?}")))?;
+                let size =
+                    usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| std::io::Error::other(format!("bad chunk line {line:?}")))?;
                 let need = line_end + 2 + size + 2;
                 while self.buf.len() < need {
                     if self.fill()? == 0 {
@@ -298,12 +310,17 @@ impl Client {
         if !self.buf.is_empty() {
             return false;
         }
-        let _ = self.stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)));
         let mut tmp = [0u8; 1];
         let r = match self.stream.peek(&mut tmp) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
         };
         let _ = self.stream.set_read_timeout(Some(Duration::from_secs(20)));
         r
@@ -391,7 +408,8 @@ impl Upstream {
                 match l.accept() {
                     Ok((s, _)) => {
                         conns.fetch_add(1, Ordering::Relaxed);
-                        let (reqs, gate, name, stop) = (reqs.clone(), gate.clone(), name.clone(), stop.clone());
+                        let (reqs, gate, name, stop) =
+                            (reqs.clone(), gate.clone(), name.clone(), stop.clone());
                         std::thread::spawn(move || upstream_conn(s, &name, &reqs, &gate, &stop));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -421,7 +439,13 @@ impl Drop for Upstream {
     }
 }
 
-fn upstream_conn(mut s: TcpStream, name: &str, reqs: &Mutex<Vec<SeenRequest>>, gate: &AtomicBool, stop: &AtomicBool) {
+fn upstream_conn(
+    mut s: TcpStream,
+    name: &str,
+    reqs: &Mutex<Vec<SeenRequest>>,
+    gate: &AtomicBool,
+    stop: &AtomicBool,
+) {
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = Vec::new();
@@ -434,7 +458,12 @@ fn upstream_conn(mut s: TcpStream, name: &str, reqs: &Mutex<Vec<SeenRequest>>, g
             match s.read(&mut tmp) {
                 Ok(0) => return,
                 Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     if stop.load(Ordering::Relaxed) {
                         return;
                     }
@@ -452,7 +481,12 @@ fn upstream_conn(mut s: TcpStream, name: &str, reqs: &Mutex<Vec<SeenRequest>>, g
         let headers: Vec<(String, String)> = r
             .headers
             .iter()
-            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
             .collect();
         let len: usize = headers
             .iter()
@@ -463,7 +497,11 @@ fn upstream_conn(mut s: TcpStream, name: &str, reqs: &Mutex<Vec<SeenRequest>>, g
             match s.read(&mut tmp) {
                 Ok(0) => return,
                 Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => return,
             }
         }

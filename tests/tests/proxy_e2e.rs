@@ -82,7 +82,8 @@ fn streams_sse_incrementally(io: &str) {
     let up = Upstream::start("a");
     let k = start(io, &["--replica", &up.url()]);
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"POST /sse?n=4 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+    c.send(b"POST /sse?n=4 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
     let (status, headers) = c.read_head().unwrap();
     assert_eq!(status, 200);
     assert!(headers
@@ -110,19 +111,33 @@ fn reuses_connections_both_ways(io: &str) {
     let mut c = Client::connect(k.addr).unwrap();
     for i in 0..20 {
         let body = format!("{{\"i\":{i}}}");
-        c.send(format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
-            .unwrap();
+        c.send(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
         let r = c.read_response(false).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["len"], body.len());
     }
     // Two pipelined requests in one write are answered in order.
-    c.send(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.send(b"GET /p1 HTTP/1.1\r\nHost: x\r\n\r\nGET /p2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     assert_eq!(c.read_response(false).unwrap().json()["path"], "/p1");
     assert_eq!(c.read_response(false).unwrap().json()["path"], "/p2");
-    assert_eq!(up.connections.load(Ordering::Relaxed), 1, "upstream connection not reused");
+    assert_eq!(
+        up.connections.load(Ordering::Relaxed),
+        1,
+        "upstream connection not reused"
+    );
     let metrics = k.admin_get("/metrics").text();
-    assert!(metrics.contains("kvroute_upstream_pool_total{result=\"reuse\"} 21"), "{metrics}");
+    assert!(
+        metrics.contains("kvroute_upstream_pool_total{result=\"reuse\"} 21"),
+        "{metrics}"
+    );
 }
 
 fn accepts_chunked_request_bodies(io: &str) {
@@ -132,7 +147,8 @@ fn accepts_chunked_request_bodies(io: &str) {
     c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    c.send(b"7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n").unwrap();
+    c.send(b"7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n")
+        .unwrap();
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 200);
     let seen = &up.seen()[0];
@@ -145,7 +161,9 @@ fn expect_error(r: &kvroute_tests::harness::Response, status: u16, code: &str) {
     assert_eq!(r.status, status, "{}", r.text());
     let v = r.json();
     assert_eq!(v["error"]["code"], code, "{v}");
-    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(v["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
     assert!(v["error"]["type"].is_string());
 }
 
@@ -167,7 +185,10 @@ fn rejects_malformed_and_smuggling_requests(io: &str) {
         expect_error(&r, 400, "bad_request");
         assert!(r.closed, "connection left open after {raw:?}");
     }
-    assert!(up.seen().is_empty(), "a malformed request reached the replica");
+    assert!(
+        up.seen().is_empty(),
+        "a malformed request reached the replica"
+    );
     // The proxy still serves well-formed requests afterwards.
     assert_eq!(post(k.addr, "/ok", "{}").unwrap().status, 200);
 }
@@ -176,29 +197,67 @@ fn enforces_size_limits(io: &str) {
     let up = Upstream::start("a");
     let dir = tempdir();
     let cfg = dir.join("kvroute.toml");
-    std::fs::write(&cfg, "[limits]\nmax_body_bytes = 1000\nmax_head_bytes = 2048\n").unwrap();
-    let k = start(io, &["--config", cfg.to_str().unwrap(), "--replica", &up.url()]);
+    std::fs::write(
+        &cfg,
+        "[limits]\nmax_body_bytes = 1000\nmax_head_bytes = 2048\n",
+    )
+    .unwrap();
+    let k = start(
+        io,
+        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+    );
     let big = "x".repeat(1001);
-    expect_error(&post(k.addr, "/v1/completions", &big).unwrap(), 413, "request_too_large");
+    expect_error(
+        &post(k.addr, "/v1/completions", &big).unwrap(),
+        413,
+        "request_too_large",
+    );
     let chunked = format!(
         "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n{big}\r\n0\r\n\r\n"
     );
-    expect_error(&request(k.addr, &chunked).unwrap(), 413, "request_too_large");
-    let long_head = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(3000));
-    expect_error(&request(k.addr, &long_head).unwrap(), 431, "header_fields_too_large");
-    assert_eq!(post(k.addr, "/v1/completions", &"y".repeat(1000)).unwrap().status, 200);
+    expect_error(
+        &request(k.addr, &chunked).unwrap(),
+        413,
+        "request_too_large",
+    );
+    let long_head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(3000)
+    );
+    expect_error(
+        &request(k.addr, &long_head).unwrap(),
+        431,
+        "header_fields_too_large",
+    );
+    assert_eq!(
+        post(k.addr, "/v1/completions", &"y".repeat(1000))
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 fn times_out_slow_clients_without_hurting_others(io: &str) {
     let up = Upstream::start("a");
     let dir = tempdir();
     let cfg = dir.join("kvroute.toml");
-    std::fs::write(&cfg, "[limits]\nhead_timeout_ms = 300\nbody_timeout_ms = 300\n").unwrap();
-    let k = start(io, &["--config", cfg.to_str().unwrap(), "--replica", &up.url()]);
+    std::fs::write(
+        &cfg,
+        "[limits]\nhead_timeout_ms = 300\nbody_timeout_ms = 300\n",
+    )
+    .unwrap();
+    let k = start(
+        io,
+        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+    );
     let mut slow_head = Client::connect(k.addr).unwrap();
-    slow_head.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow_head
+        .send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let mut slow_body = Client::connect(k.addr).unwrap();
-    slow_body.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap();
+    slow_body
+        .send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        .unwrap();
     // Meanwhile, another client is served normally.
     for _ in 0..5 {
         assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().status, 200);
@@ -229,7 +288,10 @@ fn retries_refused_replica_then_502_then_503(io: &str) {
         .find(|r| r["url"] == dead.as_str())
         .unwrap()
         .clone();
-    assert!(dead_state["failures_total"].as_u64().unwrap() >= 3, "{dead_state}");
+    assert!(
+        dead_state["failures_total"].as_u64().unwrap() >= 3,
+        "{dead_state}"
+    );
     // A replica that resets before answering counts the same as a refused one.
     let r = post(k.addr, "/reset", "{}").unwrap();
     expect_error(&r, 502, "upstream_error");
@@ -237,10 +299,18 @@ fn retries_refused_replica_then_502_then_503(io: &str) {
     let dead2 = format!("http://127.0.0.1:{}", free_port());
     let body = format!(r#"{{"replicas":[{{"url":"{dead}"}},{{"url":"{dead2}"}}]}}"#);
     assert_eq!(k.admin_put("/replicas", &body).status, 200);
-    expect_error(&post(k.addr, "/v1/completions", "{}").unwrap(), 502, "upstream_error");
+    expect_error(
+        &post(k.addr, "/v1/completions", "{}").unwrap(),
+        502,
+        "upstream_error",
+    );
     // No replica at all: 503.
     assert_eq!(k.admin_put("/replicas", r#"{"replicas":[]}"#).status, 200);
-    expect_error(&post(k.addr, "/v1/completions", "{}").unwrap(), 503, "no_healthy_replica");
+    expect_error(
+        &post(k.addr, "/v1/completions", "{}").unwrap(),
+        503,
+        "no_healthy_replica",
+    );
     let m = k.admin_get("/metrics").text();
     assert!(m.contains("kvroute_upstream_retries_total"), "{m}");
 }
@@ -249,13 +319,20 @@ fn ends_stream_cleanly_when_replica_dies(io: &str) {
     let up = Upstream::start("a");
     let k = start(io, &["--replica", &up.url()]);
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"POST /die HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+    c.send(b"POST /die HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"data: {\"i\":0}\n\n");
-    assert!(c.peer_closed(), "client connection must close after a broken stream");
+    assert!(
+        c.peer_closed(),
+        "client connection must close after a broken stream"
+    );
     let m = k.admin_get("/metrics").text();
-    assert!(m.contains("kvroute_errors_total{kind=\"upstream_midstream\"} 1"), "{m}");
+    assert!(
+        m.contains("kvroute_errors_total{kind=\"upstream_midstream\"} 1"),
+        "{m}"
+    );
     assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().status, 200);
 }
 
@@ -271,7 +348,10 @@ fn replaces_replicas_mid_traffic_without_failures(io: &str) {
             std::thread::spawn(move || {
                 let mut c = Client::connect(k.addr).unwrap();
                 for _ in 0..150 {
-                    c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+                    c.send(
+                        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+                    )
+                    .unwrap();
                     match c.read_response(false) {
                         Ok(r) if r.status == 200 => {}
                         _ => {
@@ -284,10 +364,18 @@ fn replaces_replicas_mid_traffic_without_failures(io: &str) {
             })
         })
         .collect();
-    assert!(wait_until(Duration::from_secs(10), || done.load(Ordering::Relaxed) > 100));
-    let body = format!(r#"{{"replicas":[{{"url":"{}"}},{{"url":"{}"}}]}}"#, a.url(), b.url());
+    assert!(wait_until(Duration::from_secs(10), || done
+        .load(Ordering::Relaxed)
+        > 100));
+    let body = format!(
+        r#"{{"replicas":[{{"url":"{}"}},{{"url":"{}"}}]}}"#,
+        a.url(),
+        b.url()
+    );
     assert_eq!(k.admin_put("/replicas", &body).status, 200);
-    assert!(wait_until(Duration::from_secs(10), || done.load(Ordering::Relaxed) > 250));
+    assert!(wait_until(Duration::from_secs(10), || done
+        .load(Ordering::Relaxed)
+        > 250));
     let body = format!(r#"{{"replicas":[{{"url":"{}"}}]}}"#, b.url());
     let r = k.admin_put("/replicas", &body);
     assert_eq!(r.status, 200);
@@ -299,9 +387,18 @@ fn replaces_replicas_mid_traffic_without_failures(io: &str) {
     assert!(!b.seen().is_empty(), "new replica never used");
     let before = a.seen().len();
     for _ in 0..5 {
-        assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().header("x-upstream"), Some("b"));
+        assert_eq!(
+            post(k.addr, "/v1/completions", "{}")
+                .unwrap()
+                .header("x-upstream"),
+            Some("b")
+        );
     }
-    assert_eq!(a.seen().len(), before, "removed replica still receives traffic");
+    assert_eq!(
+        a.seen().len(),
+        before,
+        "removed replica still receives traffic"
+    );
     // A bad update is refused and changes nothing.
     let r = k.admin_put("/replicas", r#"{"replicas":[{"url":"ftp://x"}]}"#);
     assert_eq!(r.status, 400);
@@ -312,13 +409,20 @@ fn drains_open_stream_on_sigterm(io: &str) {
     let up = Upstream::start("a");
     let mut k = start(io, &["--replica", &up.url()]);
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"POST /sse?n=5 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}").unwrap();
+    c.send(b"POST /sse?n=5 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
     assert_eq!(c.read_head().unwrap().0, 200);
     assert!(c.read_chunk().unwrap().is_some());
     k.proc.signal("TERM");
     // New connections are refused once draining has started.
-    assert!(wait_until(Duration::from_secs(5), || Client::connect(k.addr).is_err()));
-    assert!(k.proc.wait_exit(Duration::from_millis(300)).is_none(), "exited with a stream open");
+    assert!(wait_until(Duration::from_secs(5), || Client::connect(
+        k.addr
+    )
+    .is_err()));
+    assert!(
+        k.proc.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a stream open"
+    );
     up.release();
     let mut n = 1;
     while let Some(_ch) = c.read_chunk().unwrap() {
@@ -346,12 +450,20 @@ fn handles_expect_continue_and_head(io: &str) {
     assert_eq!(r.header("content-length"), Some("42"));
     assert!(r.body.is_empty());
     // The connection is still in sync after a bodiless response.
-    c.send(b"GET /after-head HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    assert_eq!(c.read_response(false).unwrap().json()["path"], "/after-head");
+    c.send(b"GET /after-head HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        c.read_response(false).unwrap().json()["path"],
+        "/after-head"
+    );
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kvroute-test-{}-{}", std::process::id(), free_port()));
+    let d = std::env::temp_dir().join(format!(
+        "kvroute-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

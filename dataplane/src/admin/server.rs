@@ -31,7 +31,10 @@ pub async fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
             // answers belongs to a live kvroute and must not be stolen.
             if path.exists() {
                 if tokio::net::UnixStream::connect(path).await.is_ok() {
-                    return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process serves this admin socket"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        "another process serves this admin socket",
+                    ));
                 }
                 std::fs::remove_file(path)?;
             }
@@ -78,7 +81,9 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, shared: Arc<Shared>
 }
 
 /// Reads one request (head + Content-Length body) within 5 s.
-async fn timeout_read<S: AsyncRead + Unpin>(s: &mut S) -> Result<(String, String, Vec<u8>), &'static str> {
+async fn timeout_read<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<(String, String, Vec<u8>), &'static str> {
     tokio::time::timeout(Duration::from_secs(5), async {
         let mut buf = Vec::with_capacity(4096);
         let head_len = loop {
@@ -94,14 +99,21 @@ async fn timeout_read<S: AsyncRead + Unpin>(s: &mut S) -> Result<(String, String
         };
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
-        req.parse(&buf[..head_len]).map_err(|_| "malformed request")?;
+        req.parse(&buf[..head_len])
+            .map_err(|_| "malformed request")?;
         let method = req.method.unwrap_or("").to_string();
         let path = req.path.unwrap_or("").to_string();
         let len = req
             .headers
             .iter()
             .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
             .unwrap_or(0);
         if len > MAX_ADMIN_BODY {
             return Err("body too large");
@@ -138,7 +150,11 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
                 match shared.table.replace(u.replicas) {
                     Ok(set) => {
                         shared.router.on_replicas_changed(&set);
-                        tracing::info!(replicas = count, generation = set.generation, "replica set replaced");
+                        tracing::info!(
+                            replicas = count,
+                            generation = set.generation,
+                            "replica set replaced"
+                        );
                         json(200, &state(shared))
                     }
                     Err(e) => json_error(400, &e.to_string()),
@@ -146,7 +162,9 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
             }
             Err(e) => json_error(400, &format!("invalid replica update: {e}")),
         },
-        (_, "/healthz" | "/metrics" | "/state" | "/replicas") => json_error(405, "method not allowed"),
+        (_, "/healthz" | "/metrics" | "/state" | "/replicas") => {
+            json_error(405, "method not allowed")
+        }
         _ => json_error(404, "no such admin endpoint"),
     }
 }
@@ -156,10 +174,15 @@ fn refresh_gauges(shared: &Shared) {
     for r in &shared.table.load().replicas {
         let url = r.spec.url.clone();
         metrics::gauge!(m::IN_FLIGHT, "replica" => url.clone()).set(r.in_flight() as f64);
-        metrics::gauge!(m::REPLICA_HEALTHY, "replica" => url).set(if r.is_available() { 1.0 } else { 0.0 });
+        metrics::gauge!(m::REPLICA_HEALTHY, "replica" => url).set(if r.is_available() {
+            1.0
+        } else {
+            0.0
+        });
     }
     for (i, w) in shared.workers.iter().enumerate() {
-        metrics::gauge!(m::CONNECTIONS, "worker" => i.to_string()).set(w.connections.load(Ordering::Relaxed) as f64);
+        metrics::gauge!(m::CONNECTIONS, "worker" => i.to_string())
+            .set(w.connections.load(Ordering::Relaxed) as f64);
     }
 }
 
@@ -212,7 +235,11 @@ fn response(status: u16, ctype: &str, body: &[u8]) -> Vec<u8> {
 }
 
 fn json<T: serde::Serialize>(status: u16, v: &T) -> Vec<u8> {
-    response(status, "application/json", &serde_json::to_vec(v).unwrap_or_default())
+    response(
+        status,
+        "application/json",
+        &serde_json::to_vec(v).unwrap_or_default(),
+    )
 }
 
 fn json_error(status: u16, message: &str) -> Vec<u8> {

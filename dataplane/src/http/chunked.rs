@@ -75,7 +75,11 @@ impl ChunkedDecoder {
     /// Consumes `input`, appending chunk data to `out` when given. Returns how many
     /// bytes of `input` belong to the chunked body (less than `input.len()` only
     /// when the body ended inside it).
-    pub fn feed(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, ChunkError> {
+    pub fn feed(
+        &mut self,
+        input: &[u8],
+        mut out: Option<&mut Vec<u8>>,
+    ) -> Result<usize, ChunkError> {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -230,7 +234,10 @@ mod tests {
         assert_eq!(decode_all(b"zz\r\n").unwrap_err(), ChunkError::BadSize);
         assert_eq!(decode_all(b"\r\n").unwrap_err(), ChunkError::BadSize);
         assert_eq!(decode_all(b"5\nhello").unwrap_err(), ChunkError::BareLf);
-        assert_eq!(decode_all(b"5\r\nhelloX").unwrap_err(), ChunkError::MissingCrlf);
+        assert_eq!(
+            decode_all(b"5\r\nhelloX").unwrap_err(),
+            ChunkError::MissingCrlf
+        );
         assert_eq!(
             decode_all(b"fffffffffffffffff\r\n").unwrap_err(),
             ChunkError::SizeOverflow

@@ -31,7 +31,9 @@ pub const HOP_BY_HOP: &[&str] = &[
 /// message's `Connection` header lists it.
 pub fn is_hop_by_hop(name: &str, connection_tokens: &[&str]) -> bool {
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || connection_tokens.iter().any(|t| name.eq_ignore_ascii_case(t))
+        || connection_tokens
+            .iter()
+            .any(|t| name.eq_ignore_ascii_case(t))
 }
 
 /// Tokens of all `Connection` headers, trimmed.

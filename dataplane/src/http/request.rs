@@ -106,10 +106,16 @@ pub fn parse_request_head(
         Ok(httparse::Status::Partial) => return Err(HeadError::Malformed("incomplete head")),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge(max_head)),
         Err(httparse::Error::HeaderName) => {
-            return Err(HeadError::Malformed("invalid header name (obs-fold or whitespace)"))
+            return Err(HeadError::Malformed(
+                "invalid header name (obs-fold or whitespace)",
+            ))
         }
-        Err(httparse::Error::HeaderValue) => return Err(HeadError::Malformed("invalid header value")),
-        Err(httparse::Error::Version) => return Err(HeadError::Malformed("unsupported HTTP version")),
+        Err(httparse::Error::HeaderValue) => {
+            return Err(HeadError::Malformed("invalid header value"))
+        }
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Malformed("unsupported HTTP version"))
+        }
         Err(httparse::Error::Token) => return Err(HeadError::Malformed("invalid method token")),
         Err(_) => return Err(HeadError::Malformed("invalid request line")),
     }
@@ -133,7 +139,8 @@ pub fn parse_request_head(
         if name.eq_ignore_ascii_case("content-length") {
             // "5, 5" and repeated identical headers are one length; anything else is ambiguous.
             for part in h.value.split(|b| *b == b',') {
-                let v = parse_decimal(trim(part)).ok_or(HeadError::Malformed("invalid content-length"))?;
+                let v = parse_decimal(trim(part))
+                    .ok_or(HeadError::Malformed("invalid content-length"))?;
                 match content_length {
                     Some(prev) if prev != v => {
                         return Err(HeadError::Malformed("conflicting content-length headers"))
@@ -160,7 +167,11 @@ pub fn parse_request_head(
                     }
                     chunked = true;
                 }
-                _ => return Err(HeadError::Malformed("transfer-encoding does not end in chunked")),
+                _ => {
+                    return Err(HeadError::Malformed(
+                        "transfer-encoding does not end in chunked",
+                    ))
+                }
             }
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
@@ -181,13 +192,19 @@ pub fn parse_request_head(
         }
     }
     if chunked && content_length.is_some() {
-        return Err(HeadError::Malformed("both content-length and transfer-encoding"));
+        return Err(HeadError::Malformed(
+            "both content-length and transfer-encoding",
+        ));
     }
     if version == 1 && hosts != 1 {
-        return Err(HeadError::Malformed("HTTP/1.1 request needs exactly one host header"));
+        return Err(HeadError::Malformed(
+            "HTTP/1.1 request needs exactly one host header",
+        ));
     }
     if chunked && version == 0 {
-        return Err(HeadError::Malformed("chunked transfer-encoding in HTTP/1.0"));
+        return Err(HeadError::Malformed(
+            "chunked transfer-encoding in HTTP/1.0",
+        ));
     }
     let framing = if chunked {
         BodyFraming::Chunked
@@ -211,8 +228,14 @@ pub fn parse_request_head(
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let s = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let e = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(s, |p| p + 1);
+    let s = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let e = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(s, |p| p + 1);
     &v[s..e]
 }
 
@@ -277,28 +300,38 @@ mod tests {
             );
         }
         assert_eq!(
-            parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err(),
+            parse("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+                .unwrap_err(),
             HeadError::UnsupportedEncoding
         );
     }
 
     #[test]
     fn accepts_repeated_identical_length_and_keepalive_rules() {
-        let h = parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h =
+            parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(h.framing, BodyFraming::Length(5));
         let h = parse("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
         assert!(!h.keep_alive);
-        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
-        assert!(h.keep_alive);
-        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap().unwrap();
-        assert!(!h.keep_alive);
-        let h = parse("POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        let h = parse("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             .unwrap()
             .unwrap();
+        assert!(h.keep_alive);
+        let h = parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive);
+        let h = parse(
+            "POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert!(h.expect_continue);
-        let h = parse("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        let h = parse("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(h.is_head);
     }
 }

@@ -96,20 +96,21 @@ pub fn parse_response_head(
             json = starts_with_ci(v, b"application/json");
         }
     }
-    let framing = if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
-        ResponseFraming::None
-    } else if chunked {
-        ResponseFraming::Chunked
-    } else if let Some(n) = content_length {
-        if n == 0 {
+    let framing =
+        if request_was_head || (100..200).contains(&status) || status == 204 || status == 304 {
             ResponseFraming::None
+        } else if chunked {
+            ResponseFraming::Chunked
+        } else if let Some(n) = content_length {
+            if n == 0 {
+                ResponseFraming::None
+            } else {
+                ResponseFraming::Length(n)
+            }
         } else {
-            ResponseFraming::Length(n)
-        }
-    } else {
-        keep_alive = false;
-        ResponseFraming::UntilClose
-    };
+            keep_alive = false;
+            ResponseFraming::UntilClose
+        };
     Ok(Some(ResponseHead {
         len: end,
         status,
@@ -131,19 +132,47 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        let p = |s: &str, head: bool| parse_response_head(s.as_bytes(), 8192, head).unwrap().unwrap();
-        assert_eq!(p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false).framing, ResponseFraming::Length(3));
-        assert_eq!(p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).framing, ResponseFraming::None);
+        let p = |s: &str, head: bool| {
+            parse_response_head(s.as_bytes(), 8192, head)
+                .unwrap()
+                .unwrap()
+        };
         assert_eq!(
-            p("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false).framing,
+            p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false).framing,
+            ResponseFraming::Length(3)
+        );
+        assert_eq!(
+            p("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).framing,
+            ResponseFraming::None
+        );
+        assert_eq!(
+            p(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                false
+            )
+            .framing,
             ResponseFraming::Chunked
         );
-        let r = p("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n", false);
+        let r = p(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n",
+            false,
+        );
         assert_eq!(r.framing, ResponseFraming::UntilClose);
         assert!(!r.keep_alive && r.content_type_sse);
-        assert_eq!(p("HTTP/1.1 204 No Content\r\n\r\n", false).framing, ResponseFraming::None);
-        assert!(!p("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false).keep_alive);
-        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", 8192, false).unwrap().is_none());
+        assert_eq!(
+            p("HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            ResponseFraming::None
+        );
+        assert!(
+            !p(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            )
+            .keep_alive
+        );
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\n", 8192, false)
+            .unwrap()
+            .is_none());
         assert!(parse_response_head(b"garbage\r\n\r\n", 8192, false).is_err());
     }
 }

@@ -34,7 +34,9 @@ impl Runtime for Epoll {
     const NAME: &'static str = "epoll";
 
     fn block_on<F: Future>(fut: F) -> io::Result<F::Output> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let local = tokio::task::LocalSet::new();
         Ok(local.block_on(&rt, fut))
     }

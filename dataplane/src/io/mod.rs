@@ -17,7 +17,9 @@ pub use epoll::Epoll;
 pub use uring::{uring_available, Uring};
 
 /// Which runtime a worker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum IoMode {
     /// io_uring when the kernel and seccomp allow it, else epoll.
@@ -30,10 +32,18 @@ pub enum IoMode {
 pub trait Conn: 'static {
     /// Reads into `buf`'s spare capacity (reserving `min_free` first), appending.
     /// Returns the number of bytes read; 0 means end of stream.
-    fn read(&mut self, buf: &mut Vec<u8>, min_free: usize) -> impl Future<Output = io::Result<usize>>;
+    fn read(
+        &mut self,
+        buf: &mut Vec<u8>,
+        min_free: usize,
+    ) -> impl Future<Output = io::Result<usize>>;
 
     /// Writes `buf[range]` completely and hands the buffer back.
-    fn write_all(&mut self, buf: Vec<u8>, range: Range<usize>) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
+    fn write_all(
+        &mut self,
+        buf: Vec<u8>,
+        range: Range<usize>,
+    ) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
 
     /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
     fn shutdown_write(&mut self);

@@ -35,9 +35,13 @@ mod tests {
         let _a = set.replicas[0].begin();
         let _b = set.replicas[0].begin();
         let _c = set.replicas[2].begin();
-        let d = LeastLoaded.pick(&RouteRequest::default(), &set, &[]).unwrap();
+        let d = LeastLoaded
+            .pick(&RouteRequest::default(), &set, &[])
+            .unwrap();
         assert_eq!(d.replica.slot, 1);
-        let d = LeastLoaded.pick(&RouteRequest::default(), &set, &[1]).unwrap();
+        let d = LeastLoaded
+            .pick(&RouteRequest::default(), &set, &[1])
+            .unwrap();
         assert_eq!(d.replica.slot, 2);
     }
 }

@@ -112,7 +112,9 @@ pub fn candidates<'s>(
 }
 
 /// Routing policy names accepted by `--policy` / `policy =`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     RoundRobin,
