@@ -183,8 +183,10 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-                Config::from_toml(&text)
-                    .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+                Config::from_toml(&text).map_err(|e| match e {
+                    Error::Config(m) => Error::Config(format!("{}: {m}", p.display())),
+                    other => other,
+                })?
             }
             None => Config::default(),
         };
