@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod io;
 pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod proxy;
 pub mod replica;

@@ -33,7 +33,7 @@ fn main() {
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
-    match kvroute::server::run(cfg) {
+    match kvroute::server::run(cfg, cli.config.clone()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             tracing::error!("{e}");

@@ -21,6 +21,8 @@ pub struct WorkerStats {
     pub connections: AtomicU64,
     pub active_requests: AtomicU64,
     pub requests: AtomicU64,
+    /// Advanced by the worker's runtime every [`crate::notify::HEARTBEAT`]; the watchdog reads it.
+    pub heartbeat: AtomicU64,
 }
 
 /// State every worker and the admin API share.
@@ -156,7 +158,7 @@ pub fn start_workers(
 }
 
 /// Runs the whole data plane until a signal drains it. Returns the exit code.
-pub fn run(cfg: Config) -> Result<i32, Error> {
+pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, Error> {
     crate::metrics::install();
     let io = resolve_io(cfg.io)?;
     let listeners = bind_listeners(cfg.listen, cfg.worker_count())?;
@@ -175,11 +177,14 @@ pub fn run(cfg: Config) -> Result<i32, Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(control_loop(shared))
+    rt.block_on(control_loop(shared, config_path))
 }
 
 /// The main thread: admin API, signals, and the drain that ends the process.
-async fn control_loop(shared: Arc<Shared>) -> Result<i32, Error> {
+async fn control_loop(
+    shared: Arc<Shared>,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<i32, Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let explicit_admin = shared.cfg.admin != crate::config::DEFAULT_ADMIN;
     let mut admin_addrs = vec![AdminAddr::parse(&shared.cfg.admin)?];
@@ -202,11 +207,22 @@ async fn control_loop(shared: Arc<Shared>) -> Result<i32, Error> {
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    let mut hup = signal(SignalKind::hangup())?;
+    crate::notify::ready(&shared);
+    crate::notify::spawn_watchdog(shared.clone());
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = hup.recv() => {
+                crate::notify::reloading();
+                reload(&shared, config_path.as_deref());
+                crate::notify::ready(&shared);
+            }
+        }
     }
     shared.begin_drain();
+    crate::notify::stopping(&shared);
     let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
     let deadline = Instant::now() + grace;
     loop {
@@ -220,6 +236,49 @@ async fn control_loop(shared: Arc<Shared>) -> Result<i32, Error> {
             return Ok(0);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGHUP: re-reads the config file and applies what can change without a
+/// restart (the replica set); connections are untouched. Keys that need a
+/// restart are reported, not half-applied.
+fn reload(shared: &Shared, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: no config file to reload");
+        return;
+    };
+    let fresh = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        .and_then(|t| Config::from_toml(&t))
+        .and_then(|c| c.validate().map(|_| c));
+    let fresh = match fresh {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: config rejected, keeping the running one");
+            return;
+        }
+    };
+    let old = &shared.cfg;
+    if fresh.listen != old.listen
+        || fresh.workers != old.workers
+        || fresh.io != old.io
+        || fresh.policy != old.policy
+    {
+        tracing::warn!("SIGHUP: listen, workers, io and policy changes take effect on restart");
+    }
+    if fresh.limits != old.limits || fresh.upstream != old.upstream {
+        tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");
+    }
+    match shared.table.replace(fresh.replicas) {
+        Ok(set) => {
+            shared.router.on_replicas_changed(&set);
+            tracing::info!(
+                replicas = set.replicas.len(),
+                generation = set.generation,
+                "SIGHUP: replica set reloaded"
+            );
+        }
+        Err(e) => tracing::error!(error = %e, "SIGHUP: replica set rejected"),
     }
 }
 

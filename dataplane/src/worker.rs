@@ -40,6 +40,7 @@ pub fn run<R: Runtime>(
             id,
         });
         let mut shutdown = shared.shutdown.subscribe();
+        tokio::task::spawn_local(heartbeat(shared.clone(), id));
         let _ = ready.send(Ok(()));
         tracing::debug!(worker = id, io = R::NAME, "worker accepting");
         loop {
@@ -64,4 +65,29 @@ pub fn run<R: Runtime>(
         std::future::pending::<()>().await;
         Ok(())
     })?
+}
+
+/// Proves to the watchdog that this worker's runtime still runs tasks.
+async fn heartbeat(shared: Arc<Shared>, id: usize) {
+    // Test-only fault hook: `KVROUTE_FAULT_HANG_WORKER=<id>` blocks that worker's
+    // thread after a second, as a stuck worker would, so the watchdog path can be
+    // tested against the real binary.
+    let hang = std::env::var("KVROUTE_FAULT_HANG_WORKER")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        == Some(id);
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(crate::notify::HEARTBEAT);
+    loop {
+        tick.tick().await;
+        shared.workers[id]
+            .heartbeat
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if hang && started.elapsed() > Duration::from_secs(1) {
+            tracing::warn!(worker = id, "fault hook: hanging this worker");
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+    }
 }

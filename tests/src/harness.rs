@@ -60,8 +60,14 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &str, args: &[String]) -> Proc {
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(bin: &str, args: &[String], env: &[(&str, &str)]) -> Proc {
         let child = Command::new(workspace_bin(bin))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
