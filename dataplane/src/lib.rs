@@ -6,6 +6,9 @@
 
 pub mod admin;
 pub mod error;
+pub mod index;
+pub mod prefix;
+pub mod prompt;
 pub mod replica;
 pub mod route;
 
