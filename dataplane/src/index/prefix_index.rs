@@ -286,7 +286,9 @@ impl PrefixIndex {
         for shard in self.shards.iter() {
             let sh = shard.lock();
             st.entries += sh.map.len() as u64;
-            st.pairs += (0..MAX_REPLICAS as u16).map(|s| sh.queued(s) as u64).sum::<u64>();
+            st.pairs += (0..MAX_REPLICAS as u16)
+                .map(|s| sh.queued(s) as u64)
+                .sum::<u64>();
             st.heap_bytes += sh.heap_bytes() as u64;
         }
         st

@@ -26,7 +26,11 @@ pub fn analyze<'a>(
     let endpoint = Endpoint::from_path(path);
     let mut hasher = BlockHasher::with_capacity(
         cfg,
-        if endpoint == Endpoint::Other { 0 } else { body.len() },
+        if endpoint == Endpoint::Other {
+            0
+        } else {
+            body.len()
+        },
     );
     let fields = extract(endpoint, body, |slice| hasher.feed(slice))?;
     let prompt_bytes = hasher.total_bytes();

@@ -9,4 +9,6 @@ mod analyze;
 mod chain;
 
 pub use analyze::{analyze, Analyzed};
-pub use chain::{chain_hashes, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES};
+pub use chain::{
+    chain_hashes, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES,
+};

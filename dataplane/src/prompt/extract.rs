@@ -178,12 +178,17 @@ fn opt_bool(s: &mut Scanner<'_>, field: &'static str) -> Result<Option<bool>, Ex
     })
 }
 
-fn opt_number<'a>(s: &mut Scanner<'a>, field: &'static str) -> Result<Option<&'a str>, ExtractError> {
+fn opt_number<'a>(
+    s: &mut Scanner<'a>,
+    field: &'static str,
+) -> Result<Option<&'a str>, ExtractError> {
     match s.peek() {
         Some(b'-' | b'0'..=b'9') => {
             let raw = s.number()?;
             // The scanner only accepts ASCII number characters.
-            Ok(Some(std::str::from_utf8(raw).map_err(|_| wrong(field, "a number"))?))
+            Ok(Some(
+                std::str::from_utf8(raw).map_err(|_| wrong(field, "a number"))?,
+            ))
         }
         Some(b'n') if s.literal()? == Literal::Null => Ok(None),
         _ => Err(wrong(field, "a number")),
@@ -201,7 +206,10 @@ fn opt_int<T: std::str::FromStr>(
     field: &'static str,
 ) -> Result<Option<T>, ExtractError> {
     opt_number(s, field)?
-        .map(|t| t.parse::<T>().map_err(|_| wrong(field, "an integer in range")))
+        .map(|t| {
+            t.parse::<T>()
+                .map_err(|_| wrong(field, "an integer in range"))
+        })
         .transpose()
 }
 
@@ -247,7 +255,10 @@ fn sampling_params(s: &mut Scanner<'_>, f: &mut RequestFields<'_>) -> Result<(),
 /// `prompt` / `text` / `input_ids`: a string, or an array of strings, token ids or
 /// token-id arrays. Token ids are fed as the array's raw text: the same ids always
 /// print the same way for one client, and a longer id list extends a shorter one.
-fn prompt_value<'a>(s: &mut Scanner<'a>, sink: &mut dyn FnMut(&'a [u8])) -> Result<(), ExtractError> {
+fn prompt_value<'a>(
+    s: &mut Scanner<'a>,
+    sink: &mut dyn FnMut(&'a [u8]),
+) -> Result<(), ExtractError> {
     match s.peek() {
         Some(b'"') => sink(s.string()?),
         Some(b'[') => {

@@ -13,7 +13,10 @@ fn chat_body(turns: &[(&str, &str)]) -> String {
         .iter()
         .map(|(r, c)| format!(r#"{{"role":{},"content":{}}}"#, json(r), json(c)))
         .collect();
-    format!(r#"{{"model":"m","messages":[{}],"stream":true}}"#, msgs.join(","))
+    format!(
+        r#"{{"model":"m","messages":[{}],"stream":true}}"#,
+        msgs.join(",")
+    )
 }
 
 fn json(s: &str) -> String {
@@ -64,7 +67,10 @@ fn chat_role_then_content_in_order() {
 user\x1fhi\x1d{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:x\"}}\x1d\x1e\
 user\x1flate role\x1d\x1e\
 assistant\x1f\x1f[{\"id\":\"1\"}]\x1e";
-    assert_eq!(String::from_utf8_lossy(&s), String::from_utf8_lossy(expected));
+    assert_eq!(
+        String::from_utf8_lossy(&s),
+        String::from_utf8_lossy(expected)
+    );
 }
 
 #[test]
@@ -91,15 +97,21 @@ fn generate_and_responses() {
 
 #[test]
 fn errors_are_clear_and_unknown_paths_lenient() {
-    let e = run(Endpoint::ChatCompletions, r#"{"messages":[{"role":"user","content":"x"}"#)
-        .unwrap_err();
+    let e = run(
+        Endpoint::ChatCompletions,
+        r#"{"messages":[{"role":"user","content":"x"}"#,
+    )
+    .unwrap_err();
     assert!(e.to_string().starts_with("invalid JSON at byte"), "{e}");
     assert_eq!(
         run(Endpoint::ChatCompletions, "[1]").unwrap_err(),
         ExtractError::NotAnObject
     );
     let e = run(Endpoint::Completions, r#"{"model":5}"#).unwrap_err();
-    assert_eq!(e.to_string(), "field `model` has the wrong type: expected a string");
+    assert_eq!(
+        e.to_string(),
+        "field `model` has the wrong type: expected a string"
+    );
     assert!(run(Endpoint::Completions, r#"{"a":1} x"#).is_err());
     // No prompt at all is fine: routed by load alone.
     let (f, s) = run(Endpoint::ChatCompletions, r#"{"model":"m"}"#).unwrap();
@@ -114,8 +126,14 @@ fn errors_are_clear_and_unknown_paths_lenient() {
 
 #[test]
 fn paths_map_to_endpoints() {
-    assert_eq!(Endpoint::from_path("/v1/chat/completions?x=1"), Endpoint::ChatCompletions);
-    assert_eq!(Endpoint::from_path("/v1/completions/"), Endpoint::Completions);
+    assert_eq!(
+        Endpoint::from_path("/v1/chat/completions?x=1"),
+        Endpoint::ChatCompletions
+    );
+    assert_eq!(
+        Endpoint::from_path("/v1/completions/"),
+        Endpoint::Completions
+    );
     assert_eq!(Endpoint::from_path("/generate"), Endpoint::Generate);
     assert_eq!(Endpoint::from_path("/v1/responses"), Endpoint::Responses);
     assert_eq!(Endpoint::from_path("/v1/models"), Endpoint::Other);

@@ -64,13 +64,20 @@ impl RoutingConfig {
         if !(MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES).contains(&self.block_bytes) {
             return bad(
                 "block_bytes",
-                format!("{} is outside {MIN_BLOCK_BYTES}..={MAX_BLOCK_BYTES}", self.block_bytes),
+                format!(
+                    "{} is outside {MIN_BLOCK_BYTES}..={MAX_BLOCK_BYTES}",
+                    self.block_bytes
+                ),
             );
         }
         if self.anchor_bytes < self.block_bytes {
             return bad("anchor_bytes", "must be at least block_bytes".into());
         }
-        for (key, v) in [("w_cache", self.w_cache), ("w_load", self.w_load), ("epsilon", self.epsilon)] {
+        for (key, v) in [
+            ("w_cache", self.w_cache),
+            ("w_load", self.w_load),
+            ("epsilon", self.epsilon),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 return bad(key, format!("{v} must be a finite number >= 0"));
             }
@@ -141,11 +148,13 @@ mod tests {
         assert_eq!(d.policy, PolicyKind::KvAware);
         d.validate().unwrap();
         assert_eq!(d.anchor_blocks(), 8);
-        let c: RoutingConfig = toml::from_str(
-            "policy = \"consistent-hash\"\nblock_bytes = 64\nepsilon = 0.5\n",
-        )
-        .unwrap();
-        assert_eq!((c.policy, c.block_bytes, c.epsilon, c.anchor_bytes), (PolicyKind::ConsistentHash, 64, 0.5, 1024));
+        let c: RoutingConfig =
+            toml::from_str("policy = \"consistent-hash\"\nblock_bytes = 64\nepsilon = 0.5\n")
+                .unwrap();
+        assert_eq!(
+            (c.policy, c.block_bytes, c.epsilon, c.anchor_bytes),
+            (PolicyKind::ConsistentHash, 64, 0.5, 1024)
+        );
         assert!(toml::from_str::<RoutingConfig>("blok_bytes = 1").is_err());
         assert_eq!(c.build().name(), "consistent-hash");
         assert_eq!(d.build().name(), "kv-aware");
@@ -157,11 +166,19 @@ mod tests {
             block_bytes: 1,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("routing.block_bytes"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("routing.block_bytes"));
         let c = RoutingConfig {
             epsilon: f64::NAN,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("routing.epsilon"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("routing.epsilon"));
     }
 }

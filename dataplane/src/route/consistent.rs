@@ -63,7 +63,10 @@ pub fn anchor(
     model: Option<&str>,
     session: Option<&[u8]>,
 ) -> Option<u64> {
-    if let Some(last) = hashes.get(..anchor_blocks.max(1).min(hashes.len())).and_then(|h| h.last()) {
+    if let Some(last) = hashes
+        .get(..anchor_blocks.max(1).min(hashes.len()))
+        .and_then(|h| h.last())
+    {
         return Some(*last);
     }
     let session = session?;
@@ -138,7 +141,9 @@ pub fn best_admitted<F: Fn(&Candidate<'_>) -> (f64, f64)>(
 
 /// Places `anchor` by rendezvous hashing under the bound: (index, spilled).
 pub fn place(anchor: u64, cands: &[Candidate<'_>], bound: &LoadBound) -> Option<(usize, bool)> {
-    let (p, a) = best_admitted(cands, bound, |c| (hrw_score(anchor, c.url_key, c.weight), 0.0))?;
+    let (p, a) = best_admitted(cands, bound, |c| {
+        (hrw_score(anchor, c.url_key, c.weight), 0.0)
+    })?;
     Some((a, a != p))
 }
 
@@ -178,15 +183,26 @@ impl Router for ConsistentHash {
     }
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
-        let cands: SmallVec<[Candidate<'_>; 16]> =
-            candidates(set, req.model, exclude).map(Candidate::new).collect();
+        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
+            .map(Candidate::new)
+            .collect();
         let bound = LoadBound::new(&cands, self.epsilon);
         let (i, kind) = match anchor(req.block_hashes, self.anchor_blocks, req.model, req.session) {
             Some(a) => {
                 let (i, spilled) = place(a, &cands, &bound)?;
-                (i, if spilled { DecisionKind::Spill } else { DecisionKind::Consistent })
+                (
+                    i,
+                    if spilled {
+                        DecisionKind::Spill
+                    } else {
+                        DecisionKind::Consistent
+                    },
+                )
             }
-            None => (rotate(&self.next, &cands, &bound)?, DecisionKind::RoundRobin),
+            None => (
+                rotate(&self.next, &cands, &bound)?,
+                DecisionKind::RoundRobin,
+            ),
         };
         Some(Decision::simple(cands[i].replica.clone(), kind))
     }
@@ -213,7 +229,13 @@ mod tests {
         let bound = LoadBound::new(&cands, 0.25);
         anchors
             .iter()
-            .map(|&a| cands[place(a, &cands, &bound).unwrap().0].replica.spec.url.clone())
+            .map(|&a| {
+                cands[place(a, &cands, &bound).unwrap().0]
+                    .replica
+                    .spec
+                    .url
+                    .clone()
+            })
             .collect()
     }
 
@@ -232,7 +254,9 @@ mod tests {
         // Add one: only anchors that go to the newcomer move.
         let grown = owners(&table(9000..9001 + n).load(), &anchors);
         let moved: Vec<_> = before.iter().zip(&grown).filter(|(a, b)| a != b).collect();
-        assert!(moved.iter().all(|(_, b)| b.ends_with(&format!(":{}", 9000 + n))));
+        assert!(moved
+            .iter()
+            .all(|(_, b)| b.ends_with(&format!(":{}", 9000 + n))));
         let frac = moved.len() as f64 / anchors.len() as f64;
         assert!((0.07..0.11).contains(&frac), "addition moved {frac}");
     }
@@ -258,12 +282,16 @@ mod tests {
 
     #[test]
     fn weights_shift_shares() {
-        let mut specs: Vec<ReplicaSpec> =
-            (0..2).map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9100 + i))).collect();
+        let mut specs: Vec<ReplicaSpec> = (0..2)
+            .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9100 + i)))
+            .collect();
         specs[1].weight = 3;
         let t = ReplicaTable::new(specs).unwrap();
         let anchors: Vec<u64> = (0..8000u64).map(|i| xxh3_64(&i.to_le_bytes())).collect();
-        let heavy = owners(&t.load(), &anchors).iter().filter(|u| u.ends_with(":9101")).count();
+        let heavy = owners(&t.load(), &anchors)
+            .iter()
+            .filter(|u| u.ends_with(":9101"))
+            .count();
         let frac = heavy as f64 / anchors.len() as f64;
         assert!((0.70..0.80).contains(&frac), "{frac}");
     }

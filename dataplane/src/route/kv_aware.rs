@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::consistent::{anchor, best_admitted, hrw_score, place, rotate, url_key, Candidate, LoadBound};
+use super::consistent::{
+    anchor, best_admitted, hrw_score, place, rotate, url_key, Candidate, LoadBound,
+};
 use super::session::SessionTable;
 use super::{candidates, Decision, DecisionKind, RouteRequest, Router};
 use crate::index::{IndexConfig, PrefixIndex};
@@ -124,7 +126,9 @@ impl KvAware {
     pub fn replica_budget(&self, r: &Replica) -> u64 {
         match (r.spec.kv_blocks, r.spec.kv_block_tokens) {
             (Some(blocks), Some(tokens)) => {
-                blocks.saturating_mul(u64::from(tokens)).saturating_mul(BYTES_PER_TOKEN)
+                blocks
+                    .saturating_mul(u64::from(tokens))
+                    .saturating_mul(BYTES_PER_TOKEN)
                     / self.p.block_bytes.max(1) as u64
             }
             _ => self.p.index.default_budget,
@@ -160,13 +164,16 @@ impl Router for KvAware {
     }
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
-        let cands: SmallVec<[Candidate<'_>; 16]> =
-            candidates(set, req.model, exclude).map(Candidate::new).collect();
+        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
+            .map(Candidate::new)
+            .collect();
         if cands.is_empty() {
             return None;
         }
         let bound = LoadBound::new(&cands, self.p.epsilon);
-        let mask = cands.iter().fold(0u128, |m, c| m | (1u128 << c.replica.slot));
+        let mask = cands
+            .iter()
+            .fold(0u128, |m, c| m | (1u128 << c.replica.slot));
         let matches = self.index.longest_match(req.block_hashes, mask);
         let best_blocks = matches.best();
         let decide = |i: usize, kind: DecisionKind| Decision {
@@ -185,14 +192,29 @@ impl Router for KvAware {
             }
         }
 
-        let anchor = anchor(req.block_hashes, self.p.anchor_blocks, req.model, req.session);
+        let anchor = anchor(
+            req.block_hashes,
+            self.p.anchor_blocks,
+            req.model,
+            req.session,
+        );
         if best_blocks == 0 {
             return Some(match anchor {
                 Some(a) => {
                     let (i, spilled) = place(a, &cands, &bound)?;
-                    decide(i, if spilled { DecisionKind::Spill } else { DecisionKind::Consistent })
+                    decide(
+                        i,
+                        if spilled {
+                            DecisionKind::Spill
+                        } else {
+                            DecisionKind::Consistent
+                        },
+                    )
                 }
-                None => decide(rotate(&self.next, &cands, &bound)?, DecisionKind::RoundRobin),
+                None => decide(
+                    rotate(&self.next, &cands, &bound)?,
+                    DecisionKind::RoundRobin,
+                ),
             });
         }
 
@@ -201,7 +223,10 @@ impl Router for KvAware {
         let total = req.block_hashes.len();
         let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
         let (preferred, chosen) = best_admitted(&cands, &bound, |c| {
-            (self.score(c, matches.get(c.replica.slot), total, &bound), tie(c))
+            (
+                self.score(c, matches.get(c.replica.slot), total, &bound),
+                tie(c),
+            )
         })?;
         let kind = if chosen != preferred {
             DecisionKind::Spill
@@ -218,7 +243,8 @@ impl Router for KvAware {
         let r = &decision.replica;
         self.index.insert(r.slot, req.block_hashes);
         if let Some(s) = req.session {
-            self.sessions.put(s, r.slot, url_key(&r.spec.url), req.now_ms);
+            self.sessions
+                .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
         }
         self.count(decision.kind);
     }
@@ -228,7 +254,8 @@ impl Router for KvAware {
         let predicted_tokens =
             u64::from(decision.predicted_blocks) * self.p.block_bytes as u64 / BYTES_PER_TOKEN;
         c.usage_reports.fetch_add(1, Ordering::Relaxed);
-        c.predicted_tokens.fetch_add(predicted_tokens, Ordering::Relaxed);
+        c.predicted_tokens
+            .fetch_add(predicted_tokens, Ordering::Relaxed);
         c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
         let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
             (true, true) => Some((&c.hit_hit, "hit_hit")),

@@ -127,14 +127,14 @@ pub fn candidates<'s>(
 
 /// Routing policy names accepted by `--policy` / `policy =`.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     RoundRobin,
     LeastLoaded,
-    /// Session, then longest cached prefix vs load, then consistent hashing.
-    #[default]
+    /// Session, then longest cached prefix vs load, then consistent hashing
+    /// (the default: `RoutingConfig::default().policy`).
     KvAware,
     /// Consistent hashing of the prompt's anchor with bounded load, no index.
     ConsistentHash,

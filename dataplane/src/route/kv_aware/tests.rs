@@ -58,7 +58,10 @@ fn shared_system_prompt_sticks_to_one_replica_while_load_allows() {
     let d0 = route(&r, &set, &req(&first, None, 0));
     assert_eq!(d0.kind, DecisionKind::Consistent);
     for i in 1..50 {
-        let h = chat_hashes(60, &format!("question {i} with its own details. ").repeat(10));
+        let h = chat_hashes(
+            60,
+            &format!("question {i} with its own details. ").repeat(10),
+        );
         let d = route(&r, &set, &req(&h, None, i));
         assert_eq!(d.replica.slot, d0.replica.slot, "request {i}");
         assert_eq!(d.kind, DecisionKind::Prefix);
@@ -83,8 +86,14 @@ fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
         let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
         let bound = LoadBound::new(&cands, 0.25);
         let d = route(&r, &set, &rq);
-        let c = cands.iter().find(|c| c.replica.slot == d.replica.slot).unwrap();
-        assert!(c.load + 1 <= bound.capacity(c.weight), "request {i} over the bound");
+        let c = cands
+            .iter()
+            .find(|c| c.replica.slot == d.replica.slot)
+            .unwrap();
+        assert!(
+            c.load + 1 <= bound.capacity(c.weight),
+            "request {i} over the bound"
+        );
         spills += usize::from(d.kind == DecisionKind::Spill);
         held.push(d.replica.begin());
     }
@@ -118,7 +127,10 @@ fn sessions_stick_and_move_when_their_replica_goes() {
     assert_ne!(d3.replica.slot, d1.replica.slot);
     d1.replica.healthy.store(true, Ordering::Relaxed);
     let d4 = route(&r, &set, &req(&b, Some(s), 30));
-    assert_eq!((d4.replica.slot, d4.kind), (d3.replica.slot, DecisionKind::Session));
+    assert_eq!(
+        (d4.replica.slot, d4.kind),
+        (d3.replica.slot, DecisionKind::Session)
+    );
     // After the TTL the session is forgotten.
     let ttl = RoutingConfig::default().session_ttl_ms;
     let d5 = r.pick(&req(&b, Some(s), 30 + ttl + 1), &set, &[]).unwrap();
@@ -127,8 +139,9 @@ fn sessions_stick_and_move_when_their_replica_goes() {
 
 #[test]
 fn retries_exclude_and_models_filter() {
-    let mut specs: Vec<ReplicaSpec> =
-        (0..3).map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9400 + i))).collect();
+    let mut specs: Vec<ReplicaSpec> = (0..3)
+        .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9400 + i)))
+        .collect();
     specs[2].models = vec!["other".into()];
     let t = ReplicaTable::new(specs).unwrap();
     let set = t.load();
@@ -138,7 +151,10 @@ fn retries_exclude_and_models_filter() {
     assert_ne!(d.replica.slot, 2, "replica 2 does not serve model m");
     let retry = r.pick(&req(&h, None, 1), &set, &[d.replica.slot]).unwrap();
     assert!(retry.replica.slot != d.replica.slot && retry.replica.slot != 2);
-    assert_eq!(retry.best_blocks, 0, "the excluded holder is not a candidate");
+    assert_eq!(
+        retry.best_blocks, 0,
+        "the excluded holder is not a candidate"
+    );
     assert!(r.pick(&req(&h, None, 2), &set, &[0, 1]).is_none());
 }
 
@@ -158,8 +174,9 @@ fn short_prompts_without_session_rotate() {
 
 #[test]
 fn replica_changes_clear_removed_slots_and_set_budgets() {
-    let mut specs: Vec<ReplicaSpec> =
-        (0..2).map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9500 + i))).collect();
+    let mut specs: Vec<ReplicaSpec> = (0..2)
+        .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9500 + i)))
+        .collect();
     specs[1].kv_blocks = Some(1000);
     specs[1].kv_block_tokens = Some(16);
     let t = ReplicaTable::new(specs.clone()).unwrap();
@@ -188,7 +205,10 @@ fn usage_reports_are_counted() {
     assert!(d.predicted_blocks > 0);
     r.on_usage_predicted(&d, 500, 448);
     let c = r.counters();
-    assert_eq!((c.usage_reports, c.predicted_hit_actual_hit, c.cached_tokens), (2, 1, 448));
+    assert_eq!(
+        (c.usage_reports, c.predicted_hit_actual_hit, c.cached_tokens),
+        (2, 1, 448)
+    );
     assert_eq!(c.predicted_tokens, u64::from(d.predicted_blocks) * 32);
 }
 
