@@ -61,6 +61,8 @@ fn text(len: usize, seed: u64) -> String {
     out
 }
 
+type BodyMaker = fn(usize) -> Vec<u8>;
+
 fn completions_body(size: usize) -> Vec<u8> {
     let head = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"max_tokens":256,"temperature":0.7,"prompt":""#;
     let tail = r#"","user":"bench"}"#;
@@ -154,7 +156,7 @@ fn extract_simd_json(body: &[u8], scratch: &mut Vec<u8>, hasher: &mut BlockHashe
 
 fn bench(c: &mut Criterion) {
     let cfg = PrefixConfig::default();
-    let kinds: [(&str, &str, fn(usize) -> Vec<u8>); 2] = [
+    let kinds: [(&str, &str, BodyMaker); 2] = [
         ("chat", "/v1/chat/completions", chat_body),
         ("completions", "/v1/completions", completions_body),
     ];

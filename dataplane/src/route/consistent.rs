@@ -109,7 +109,7 @@ impl LoadBound {
     }
 
     pub fn admits(&self, c: &Candidate<'_>) -> bool {
-        c.load + 1 <= self.capacity(c.weight)
+        c.load < self.capacity(c.weight)
     }
 }
 
@@ -314,7 +314,7 @@ mod tests {
                     let bound = LoadBound::new(&cands, eps);
                     let (i, _) = place(anchor_id, &cands, &bound).unwrap();
                     let c = &cands[i];
-                    prop_assert!(c.load + 1 <= bound.capacity(c.weight));
+                    prop_assert!(c.load < bound.capacity(c.weight));
                     let total: u64 = cands.iter().map(|c| c.load).sum::<u64>() + 1;
                     let mean = total as f64 / n as f64;
                     prop_assert!((c.load + 1) as f64 <= ((1.0 + eps) * mean).ceil());
