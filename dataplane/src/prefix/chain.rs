@@ -32,11 +32,11 @@ impl Default for PrefixConfig {
 }
 
 /// Streaming prefix-chained block hasher. Full blocks are hashed straight from the
-/// fed slices; only a block straddling two slices is staged in `pending`.
+/// fed slices; only a block straddling two slices is staged in `pending`, whose
+/// inline storage is left uninitialised (a zeroed 4 KiB array cost ~10% at 1 KiB).
 pub struct BlockHasher {
     block: usize,
-    pending: [u8; MAX_BLOCK_BYTES],
-    pending_len: usize,
+    pending: SmallVec<[u8; 256]>,
     prev: u64,
     total: usize,
     out: BlockHashes,
@@ -54,8 +54,7 @@ impl BlockHasher {
         out.reserve(expected_bytes / block);
         BlockHasher {
             block,
-            pending: [0; MAX_BLOCK_BYTES],
-            pending_len: 0,
+            pending: SmallVec::new(),
             prev: CHAIN_SEED,
             total: 0,
             out,
@@ -70,25 +69,22 @@ impl BlockHasher {
 
     pub fn feed(&mut self, mut bytes: &[u8]) {
         self.total += bytes.len();
-        if self.pending_len > 0 {
-            let take = (self.block - self.pending_len).min(bytes.len());
-            self.pending[self.pending_len..self.pending_len + take].copy_from_slice(&bytes[..take]);
-            self.pending_len += take;
+        if !self.pending.is_empty() {
+            let take = (self.block - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
             bytes = &bytes[take..];
-            if self.pending_len < self.block {
+            if self.pending.len() < self.block {
                 return;
             }
-            self.prev = xxh3_64_with_seed(&self.pending[..self.block], self.prev);
+            self.prev = xxh3_64_with_seed(&self.pending, self.prev);
             self.out.push(self.prev);
-            self.pending_len = 0;
+            self.pending.clear();
         }
         let mut blocks = bytes.chunks_exact(self.block);
         for block in &mut blocks {
             self.push_block(block);
         }
-        let rest = blocks.remainder();
-        self.pending[..rest.len()].copy_from_slice(rest);
-        self.pending_len = rest.len();
+        self.pending.extend_from_slice(blocks.remainder());
     }
 
     /// Bytes fed so far, including the partial last block.
