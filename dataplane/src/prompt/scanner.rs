@@ -27,6 +27,18 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
 }
 
+/// Bytes that may follow a backslash, other than `u`.
+const SIMPLE_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let ok = *b"\"\\/bfnrt";
+    let mut k = 0;
+    while k < ok.len() {
+        t[ok[k] as usize] = true;
+        k += 1;
+    }
+    t
+};
+
 /// Bit i set when byte i is a quote, a backslash or a control byte: the only
 /// bytes a string scan must stop at. The compare vectorises (baseline SSE2/NEON)
 /// into 0/1 bytes and one multiply packs each 8 of them into 8 bits, the
@@ -124,11 +136,21 @@ impl<'a> Scanner<'a> {
                     continue; // inside an escape already consumed
                 }
                 i = at;
-                if buf[i] == b'"' {
-                    self.pos = i + 1;
-                    return Ok(&buf[start..i]);
+                match buf[i] {
+                    b'"' => {
+                        self.pos = i + 1;
+                        return Ok(&buf[start..i]);
+                    }
+                    // The common escapes inline; the rest (and errors) out of line.
+                    b'\\'
+                        if buf
+                            .get(i + 1)
+                            .is_some_and(|&e| SIMPLE_ESCAPE[usize::from(e)]) =>
+                    {
+                        i += 2
+                    }
+                    _ => i += self.escape_or_control(i)?,
                 }
-                i += self.escape_or_control(i)?;
             }
             base += STRING_CHUNK;
             i = i.max(base);
@@ -150,6 +172,8 @@ impl<'a> Scanner<'a> {
 
     /// At a backslash or control byte inside a string: the escape's length, or
     /// the error.
+    #[cold]
+    #[inline(never)]
     fn escape_or_control(&mut self, i: usize) -> Result<usize, ExtractError> {
         let buf = self.buf;
         if buf[i] != b'\\' {
