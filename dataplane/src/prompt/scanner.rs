@@ -27,6 +27,16 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
 }
 
+/// A mask with bits `0..n` clear and the rest set (none set from 64 on).
+#[inline(always)]
+fn below_cleared(n: usize) -> u64 {
+    if n >= 64 {
+        0
+    } else {
+        !0u64 << n
+    }
+}
+
 /// Bytes that may follow a backslash, other than `u`.
 const SIMPLE_ESCAPE: [bool; 256] = {
     let mut t = [false; 256];
@@ -128,14 +138,10 @@ impl<'a> Scanner<'a> {
             let Ok(chunk) = <&[u8; STRING_CHUNK]>::try_from(chunk) else {
                 break;
             };
-            let mut mask = special_mask(chunk);
+            // Bits of bytes an escape that began in the previous chunk consumed.
+            let mut mask = special_mask(chunk) & below_cleared(i - base);
             while mask != 0 {
-                let at = base + mask.trailing_zeros() as usize;
-                mask &= mask - 1;
-                if at < i {
-                    continue; // inside an escape already consumed
-                }
-                i = at;
+                i = base + mask.trailing_zeros() as usize;
                 match buf[i] {
                     b'"' => {
                         self.pos = i + 1;
@@ -151,6 +157,8 @@ impl<'a> Scanner<'a> {
                     }
                     _ => i += self.escape_or_control(i)?,
                 }
+                // Drop this special and whatever its escape covered.
+                mask &= below_cleared(i - base);
             }
             base += STRING_CHUNK;
             i = i.max(base);
