@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use kvroute::index::{IndexConfig, PrefixIndex};
 use kvroute::prefix::{analyze, chain_hashes, BlockHasher, PrefixConfig};
 use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
@@ -276,5 +276,48 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// On a shared, loaded machine wall-clock medians swing 2x; user-mode cycles of
+/// a fixed run do not. `KVROUTE_BENCH_CASE=chat/128KiB KVROUTE_BENCH_ITERS=2000
+/// perf stat -e cycles:u,instructions:u <bench binary>` runs one pipeline case
+/// (or `memcpy/128KiB`) that many times and nothing else.
+fn fixed_run(case: &str, iters: u64) {
+    let cfg = PrefixConfig::default();
+    let (kind, label) = case.split_once('/').expect("KIND/SIZE");
+    let size = SIZES.iter().find(|(_, l)| *l == label).expect("size label").0;
+    let (path, body) = match kind {
+        "chat" => ("/v1/chat/completions", chat_body(size)),
+        "completions" => ("/v1/completions", completions_body(size)),
+        "memcpy" => ("", chat_body(size)),
+        _ => panic!("kind: chat, completions or memcpy"),
+    };
+    if kind == "memcpy" {
+        let mut dst = vec![0u8; body.len()];
+        for _ in 0..iters {
+            dst.copy_from_slice(black_box(&body));
+            black_box(&dst);
+        }
+        return;
+    }
+    let index = PrefixIndex::new(&IndexConfig::default());
+    let hashes = analyze(path, &body, &cfg).unwrap().hashes;
+    index.insert(0, &hashes);
+    for _ in 0..iters {
+        let a = analyze(path, black_box(&body), &cfg).unwrap();
+        black_box(index.longest_match(&a.hashes, u128::MAX));
+    }
+    eprintln!("{case}: {} body bytes x {iters}", body.len());
+}
+
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    if let (Ok(case), Ok(iters)) = (
+        std::env::var("KVROUTE_BENCH_CASE"),
+        std::env::var("KVROUTE_BENCH_ITERS"),
+    ) {
+        fixed_run(&case, iters.parse().expect("KVROUTE_BENCH_ITERS: a number"));
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
