@@ -283,7 +283,11 @@ fn bench(c: &mut Criterion) {
 fn fixed_run(case: &str, iters: u64) {
     let cfg = PrefixConfig::default();
     let (kind, label) = case.split_once('/').expect("KIND/SIZE");
-    let size = SIZES.iter().find(|(_, l)| *l == label).expect("size label").0;
+    let size = SIZES
+        .iter()
+        .find(|(_, l)| *l == label)
+        .expect("size label")
+        .0;
     let (path, body) = match kind {
         "chat" => ("/v1/chat/completions", chat_body(size)),
         "completions" => ("/v1/completions", completions_body(size)),
