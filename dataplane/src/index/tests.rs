@@ -148,3 +148,38 @@ proptest! {
         }
     }
 }
+
+/// Workers share one index: concurrent inserts, lookups and clears keep the
+/// per-replica counts consistent with the tables and within budget.
+#[test]
+fn concurrent_workers_keep_counts_consistent() {
+    let ix = std::sync::Arc::new(PrefixIndex::new(&IndexConfig {
+        shards: 16,
+        max_entries: 1 << 20,
+        default_budget: 500,
+    }));
+    let threads: Vec<_> = (0..4u16)
+        .map(|t| {
+            let ix = ix.clone();
+            std::thread::spawn(move || {
+                for i in 0..300u64 {
+                    let c = chain(i % 37, 10 + (i as usize % 50));
+                    ix.insert((t + i as u16) % 6, &c);
+                    let _ = ix.longest_match(&c, ALL);
+                    if i % 97 == 0 {
+                        ix.clear(t);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let st = ix.stats();
+    let tracked: u64 = (0..6).map(|s| ix.tracked(s)).sum();
+    assert_eq!(st.pairs, tracked);
+    for s in 0..6 {
+        assert!(ix.tracked(s) <= 500, "slot {s}: {}", ix.tracked(s));
+    }
+}
