@@ -27,15 +27,21 @@ pub struct Candidate<'s> {
     pub load: u64,
     pub weight: u64,
     pub url_key: u64,
+    /// The replica's reported KV cache usage, 0..=1.
+    pub kv_usage: f32,
 }
 
 impl<'s> Candidate<'s> {
     pub fn new(replica: &'s Arc<Replica>) -> Self {
+        let ext = replica.external_load();
         Candidate {
             replica,
-            load: replica_load(replica),
+            // Not their sum: see `replica_load`.
+            load: u64::from(replica.in_flight())
+                .max(u64::from(ext.running) + u64::from(ext.waiting)),
             weight: u64::from(replica.spec.weight.max(1)),
             url_key: url_key(&replica.spec.url),
+            kv_usage: ext.kv_usage,
         }
     }
 }

@@ -140,7 +140,7 @@ impl KvAware {
     fn score(&self, c: &Candidate<'_>, matched: u32, total: usize, bound: &LoadBound) -> f64 {
         let cache = f64::from(matched) / total.max(1) as f64;
         let relative = c.load as f64 / bound.capacity(c.weight) as f64;
-        let kv = f64::from(c.replica.external_load().kv_usage).clamp(0.0, 1.0);
+        let kv = f64::from(c.kv_usage).clamp(0.0, 1.0);
         let load_norm = (1.0 - KV_USAGE_SHARE) * relative + KV_USAGE_SHARE * kv;
         self.p.w_cache * cache - self.p.w_load * load_norm
     }

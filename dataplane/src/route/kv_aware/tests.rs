@@ -244,3 +244,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn load_reported_by_the_replica_counts_toward_the_bound() {
+    let t = table(3);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(30, "x");
+    let d = route(&r, &set, &req(&h, None, 0));
+    // Other proxies keep the holder busy: its own running + waiting count shows it.
+    d.replica.set_external_load(crate::replica::ExternalLoad {
+        running: 40,
+        waiting: 10,
+        kv_usage: 0.9,
+    });
+    let d2 = route(&r, &set, &req(&h, None, 1));
+    assert_ne!(d2.replica.slot, d.replica.slot);
+    assert_eq!(d2.kind, DecisionKind::Spill);
+    assert_eq!(d2.best_blocks, h.len() as u32);
+    assert_eq!(d2.predicted_blocks, 0);
+}
