@@ -1,8 +1,9 @@
 //! `kvroute`: a KV-cache-aware, thread-per-core reverse proxy for LLM inference replicas.
 //!
-//! The deterministic core (`http` framing, `route`, `replica` state) takes bytes,
-//! snapshots and clock values and never touches a socket; the I/O around it lives
-//! in `io` (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
+//! The deterministic core (`http` framing, `prompt` extraction, `prefix` hashing,
+//! the prefix `index`, `route` policies, `replica` state) takes bytes, snapshots
+//! and clock values and never touches a socket; the I/O around it lives in `io`
+//! (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
 //! See ARCHITECTURE.md for the whole design.
 #![forbid(unsafe_code)]
 
@@ -10,10 +11,13 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod index;
 pub mod io;
 pub mod metrics;
 pub mod notify;
 pub mod pool;
+pub mod prefix;
+pub mod prompt;
 pub mod proxy;
 pub mod replica;
 pub mod route;

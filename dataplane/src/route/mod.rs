@@ -5,11 +5,18 @@
 //! property-tested without processes. The proxy calls the hooks around `pick` so a
 //! policy can learn from what it decided and from what the replica reported.
 
+pub mod config;
+pub mod consistent;
+pub mod kv_aware;
 mod least_loaded;
 mod round_robin;
+pub mod session;
 
 use std::sync::Arc;
 
+pub use config::RoutingConfig;
+pub use consistent::ConsistentHash;
+pub use kv_aware::{KvAware, KvAwareCounters};
 pub use least_loaded::LeastLoaded;
 pub use round_robin::RoundRobin;
 
@@ -96,6 +103,13 @@ pub trait Router: Send + Sync + 'static {
     /// Called when a response reported its prompt and cached token counts.
     fn on_usage(&self, _replica: &Replica, _prompt_tokens: u64, _cached_tokens: u64) {}
 
+    /// Like `on_usage`, with the decision the response answers, so a policy can
+    /// compare its predicted overlap with the replica's `cached_tokens`. The proxy
+    /// should call this one; the default forwards to `on_usage`.
+    fn on_usage_predicted(&self, decision: &Decision, prompt_tokens: u64, cached_tokens: u64) {
+        self.on_usage(&decision.replica, prompt_tokens, cached_tokens)
+    }
+
     /// Called after the replica set was replaced (drop state of removed replicas).
     fn on_replicas_changed(&self, _set: &ReplicaSet) {}
 }
@@ -119,13 +133,20 @@ pub fn candidates<'s>(
 pub enum PolicyKind {
     RoundRobin,
     LeastLoaded,
+    /// Session, then longest cached prefix vs load, then consistent hashing
+    /// (the default: `RoutingConfig::default().policy`).
+    KvAware,
+    /// Consistent hashing of the prompt's anchor with bounded load, no index.
+    ConsistentHash,
 }
 
 impl PolicyKind {
-    pub fn build(self) -> Arc<dyn Router> {
+    pub fn build(self, cfg: &RoutingConfig) -> Arc<dyn Router> {
         match self {
             PolicyKind::RoundRobin => Arc::new(RoundRobin::default()),
             PolicyKind::LeastLoaded => Arc::new(LeastLoaded),
+            PolicyKind::KvAware => cfg.build_kv_aware(),
+            PolicyKind::ConsistentHash => cfg.build_consistent_hash(),
         }
     }
 }

@@ -1,0 +1,327 @@
+//! The routing core's per-request cost: extraction + hashing + index lookup, next
+//! to a `memcpy` of the same bytes, plus the extraction and hashing alternatives
+//! that were measured to choose the implementation.
+//!
+//! `cargo bench -p kvroute --bench routing_core -- --measurement-time 2 --warm-up-time 1`
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use kvroute::index::{IndexConfig, PrefixIndex};
+use kvroute::prefix::{analyze, chain_hashes, BlockHasher, PrefixConfig};
+use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+const SIZES: [(usize, &str); 5] = [
+    (1 << 10, "1KiB"),
+    (4 << 10, "4KiB"),
+    (32 << 10, "32KiB"),
+    (128 << 10, "128KiB"),
+    (512 << 10, "512KiB"),
+];
+
+/// Prose with what real prompts carry: newlines (escaped), quotes, non-ASCII.
+fn text(len: usize, seed: u64) -> String {
+    let words = [
+        "the",
+        "replica",
+        "cache",
+        "prefix",
+        "tokens",
+        "router",
+        "é",
+        "naïve",
+        "\\\"quoted\\\"",
+        "memory",
+        "block",
+        "request",
+        "schedule",
+        "latency",
+        "warm",
+        "model",
+        "日本",
+    ];
+    let mut out = String::with_capacity(len + 16);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut line = 0;
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let w = words[(x % words.len() as u64) as usize];
+        out.push_str(w);
+        line += w.len() + 1;
+        if line > 80 {
+            out.push_str("\\n");
+            line = 0;
+        } else {
+            out.push(' ');
+        }
+    }
+    out
+}
+
+type BodyMaker = fn(usize) -> Vec<u8>;
+
+fn completions_body(size: usize) -> Vec<u8> {
+    let head = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"max_tokens":256,"temperature":0.7,"prompt":""#;
+    let tail = r#"","user":"bench"}"#;
+    let prompt = text(size.saturating_sub(head.len() + tail.len()), 1);
+    format!("{head}{prompt}{tail}").into_bytes()
+}
+
+/// A system prompt of ~40% then user/assistant turns of ~1 KiB.
+fn chat_body(size: usize) -> Vec<u8> {
+    let mut msgs = vec![format!(
+        r#"{{"role":"system","content":"{}"}}"#,
+        text(size * 2 / 5, 2)
+    )];
+    let mut used = msgs[0].len() + 120;
+    let mut i = 0;
+    while used < size {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let m = format!(
+            r#"{{"role":"{role}","content":"{}"}}"#,
+            text((size - used).clamp(16, 1024), 3 + i)
+        );
+        used += m.len() + 1;
+        msgs.push(m);
+        i += 1;
+    }
+    format!(
+        r#"{{"model":"meta-llama/Llama-3.1-8B-Instruct","messages":[{}],"stream":true,"stream_options":{{"include_usage":true}}}}"#,
+        msgs.join(",")
+    )
+    .into_bytes()
+}
+
+/// The same extraction through sonic-rs's lazy, immutable-input iterators.
+fn extract_sonic(body: &[u8], hasher: &mut BlockHasher) -> Option<bool> {
+    use sonic_rs::JsonValueTrait;
+    let mut stream = false;
+    for kv in sonic_rs::to_object_iter(body) {
+        let (k, v) = kv.ok()?;
+        match &*k {
+            "model" | "user" => {
+                black_box(v.as_raw_str());
+            }
+            "stream" => stream = v.as_bool()?,
+            "prompt" => {
+                let raw = v.as_raw_str().as_bytes();
+                hasher.feed(&raw[1..raw.len() - 1]);
+            }
+            "messages" => {
+                for m in v.into_array_iter()? {
+                    for kv in m.ok()?.into_object_iter()? {
+                        let (k, v) = kv.ok()?;
+                        let raw = v.as_raw_str().as_bytes();
+                        if v.is_str() {
+                            hasher.feed(&raw[1..raw.len() - 1]);
+                            hasher.feed(if k == "role" {
+                                ROLE_SEPARATOR
+                            } else {
+                                ITEM_SEPARATOR
+                            });
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(stream)
+}
+
+/// The same through simd-json, which parses in place: the body must be copied
+/// first so the original can still be forwarded. Strings come back unescaped.
+fn extract_simd_json(body: &[u8], scratch: &mut Vec<u8>, hasher: &mut BlockHasher) -> Option<bool> {
+    use simd_json::prelude::*;
+    scratch.clear();
+    scratch.extend_from_slice(body);
+    let v = simd_json::to_borrowed_value(scratch).ok()?;
+    black_box(v.get_str("model"));
+    if let Some(p) = v.get_str("prompt") {
+        hasher.feed(p.as_bytes());
+    }
+    if let Some(msgs) = v.get_array("messages") {
+        for m in msgs {
+            hasher.feed(m.get_str("role")?.as_bytes());
+            hasher.feed(ROLE_SEPARATOR);
+            hasher.feed(m.get_str("content")?.as_bytes());
+            hasher.feed(ITEM_SEPARATOR);
+        }
+    }
+    v.get_bool("stream")
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = PrefixConfig::default();
+    let kinds: [(&str, &str, BodyMaker); 2] = [
+        ("chat", "/v1/chat/completions", chat_body),
+        ("completions", "/v1/completions", completions_body),
+    ];
+
+    let mut g = c.benchmark_group("pipeline");
+    for (size, label) in SIZES {
+        for (kind, path, make) in kinds {
+            let body = make(size);
+            // Warm index: a replica holds the whole prompt, so the lookup walks it all.
+            let index = PrefixIndex::new(&IndexConfig::default());
+            let hashes = analyze(path, &body, &cfg).unwrap().hashes;
+            index.insert(0, &hashes);
+            index.insert(1, &hashes[..hashes.len() / 2]);
+            g.throughput(Throughput::Bytes(body.len() as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("{kind}/analyze+lookup"), label),
+                |b| {
+                    b.iter(|| {
+                        let a = analyze(path, black_box(&body), &cfg).unwrap();
+                        black_box(index.longest_match(&a.hashes, u128::MAX))
+                    })
+                },
+            );
+        }
+        let body = chat_body(size);
+        let mut dst = vec![0u8; body.len()];
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("memcpy", label), |b| {
+            b.iter(|| {
+                dst.copy_from_slice(black_box(&body));
+                black_box(&dst);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("extract");
+    for (size, label) in SIZES {
+        let body = chat_body(size);
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("scanner+hash", label), |b| {
+            b.iter(|| {
+                let mut h = BlockHasher::with_capacity(&cfg, body.len());
+                extract(Endpoint::ChatCompletions, black_box(&body), |s| h.feed(s)).unwrap();
+                black_box(h.finish())
+            })
+        });
+        g.bench_function(BenchmarkId::new("sonic-rs+hash", label), |b| {
+            b.iter(|| {
+                let mut h = BlockHasher::with_capacity(&cfg, body.len());
+                extract_sonic(black_box(&body), &mut h).unwrap();
+                black_box(h.finish())
+            })
+        });
+        let mut scratch = Vec::with_capacity(body.len());
+        g.bench_function(BenchmarkId::new("simd-json-copy+hash", label), |b| {
+            b.iter(|| {
+                let mut h = BlockHasher::with_capacity(&cfg, body.len());
+                extract_simd_json(black_box(&body), &mut scratch, &mut h).unwrap();
+                black_box(h.finish())
+            })
+        });
+        g.bench_function(BenchmarkId::new("scanner-only", label), |b| {
+            b.iter(|| {
+                let mut n = 0usize;
+                extract(Endpoint::ChatCompletions, black_box(&body), |s| {
+                    n += s.len()
+                })
+                .unwrap();
+                black_box(n)
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("hash");
+    for (size, label) in SIZES {
+        let data = text(size, 9).into_bytes();
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        g.bench_function(BenchmarkId::new("xxh3-seeded-chain", label), |b| {
+            b.iter(|| black_box(chain_hashes(black_box(&data), &cfg)))
+        });
+        g.bench_function(BenchmarkId::new("xxh3-then-fold", label), |b| {
+            b.iter(|| {
+                let mut prev = 0u64;
+                let mut out = Vec::with_capacity(data.len() / 128);
+                for block in black_box(&data).chunks_exact(128) {
+                    prev = xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev);
+                    out.push(prev);
+                }
+                black_box(out)
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("index");
+    let index = PrefixIndex::new(&IndexConfig::default());
+    let warm: Vec<Vec<u64>> = (0..2000u64)
+        .map(|i| chain_hashes(text(4096, 100 + i).as_bytes(), &cfg).to_vec())
+        .collect();
+    for (i, h) in warm.iter().enumerate() {
+        index.insert((i % 8) as u16, h);
+    }
+    let fresh = chain_hashes(text(128 << 10, 7).as_bytes(), &cfg).to_vec();
+    g.throughput(Throughput::Elements(fresh.len() as u64));
+    g.bench_function("insert-1024-blocks", |b| {
+        let mut slot = 0u16;
+        b.iter(|| {
+            slot = (slot + 1) % 8;
+            index.insert(slot, black_box(&fresh));
+        })
+    });
+    g.bench_function("lookup-1024-blocks-warm", |b| {
+        b.iter(|| black_box(index.longest_match(black_box(&fresh), u128::MAX)))
+    });
+    g.finish();
+}
+
+/// On a shared, loaded machine wall-clock medians swing 2x; user-mode cycles of
+/// a fixed run do not. `KVROUTE_BENCH_CASE=chat/128KiB KVROUTE_BENCH_ITERS=2000
+/// perf stat -e cycles:u,instructions:u <bench binary>` runs one pipeline case
+/// (or `memcpy/128KiB`) that many times and nothing else.
+fn fixed_run(case: &str, iters: u64) {
+    let cfg = PrefixConfig::default();
+    let (kind, label) = case.split_once('/').expect("KIND/SIZE");
+    let size = SIZES
+        .iter()
+        .find(|(_, l)| *l == label)
+        .expect("size label")
+        .0;
+    let (path, body) = match kind {
+        "chat" => ("/v1/chat/completions", chat_body(size)),
+        "completions" => ("/v1/completions", completions_body(size)),
+        "memcpy" => ("", chat_body(size)),
+        _ => panic!("kind: chat, completions or memcpy"),
+    };
+    if kind == "memcpy" {
+        let mut dst = vec![0u8; body.len()];
+        for _ in 0..iters {
+            dst.copy_from_slice(black_box(&body));
+            black_box(&dst);
+        }
+        return;
+    }
+    let index = PrefixIndex::new(&IndexConfig::default());
+    let hashes = analyze(path, &body, &cfg).unwrap().hashes;
+    index.insert(0, &hashes);
+    for _ in 0..iters {
+        let a = analyze(path, black_box(&body), &cfg).unwrap();
+        black_box(index.longest_match(&a.hashes, u128::MAX));
+    }
+    eprintln!("{case}: {} body bytes x {iters}", body.len());
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    if let (Ok(case), Ok(iters)) = (
+        std::env::var("KVROUTE_BENCH_CASE"),
+        std::env::var("KVROUTE_BENCH_ITERS"),
+    ) {
+        fixed_run(&case, iters.parse().expect("KVROUTE_BENCH_ITERS: a number"));
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,14 @@
+//! The prefix index: which replica holds which prompt block, mirrored from what
+//! kvroute sent where, with each replica's real cache budget and LRU order.
+//!
+//! - `shard.rs`: one lock's worth of entries and the per-replica eviction queues.
+//! - `prefix_index.rs`: sharding, budgets, batched longest-prefix lookups.
+//! - `tests.rs`: budgets under random operations, memory per block.
+#![forbid(unsafe_code)]
+
+mod prefix_index;
+mod shard;
+#[cfg(test)]
+mod tests;
+
+pub use prefix_index::{IndexConfig, IndexStats, MatchCounts, PrefixIndex};

@@ -1,0 +1,178 @@
+//! `h[i] = fold(h[i-1], xxh3(block[i]))`, streamed over however many slices the
+//! prompt arrives in.
+//!
+//! Why hash then fold rather than seeding each block's xxh3 with `h[i-1]`: the seed
+//! enters xxh3's first multiply, so every block would wait for the previous one;
+//! unseeded block hashes are independent and overlap in the CPU, and only the cheap
+//! 8-byte fold is serial. `benches/routing_core.rs` (`hash/*`) measured 86 ns vs
+//! 130 ns at 1 KiB and 313 ns vs 392 ns at 4 KiB (~12-13 GB/s either way at 32 KiB+).
+
+use smallvec::SmallVec;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Seeds the first block, so a chain never starts from xxh3's plain output.
+const CHAIN_SEED: u64 = 0x6b76_726f_7574_6531;
+
+pub const MIN_BLOCK_BYTES: usize = 16;
+pub const MAX_BLOCK_BYTES: usize = 4096;
+
+/// Inline capacity: a 4 KiB prompt at the default block size needs no allocation.
+pub type BlockHashes = SmallVec<[u64; 32]>;
+
+/// How the prompt stream is cut into blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixConfig {
+    /// Clamped to `MIN_BLOCK_BYTES..=MAX_BLOCK_BYTES` by [`BlockHasher::new`].
+    pub block_bytes: usize,
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        PrefixConfig { block_bytes: 128 }
+    }
+}
+
+#[inline(always)]
+fn fold(prev: u64, block: &[u8]) -> u64 {
+    xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev)
+}
+
+/// Streaming prefix-chained block hasher. Full blocks are hashed straight from the
+/// fed slices; only a block straddling two slices is staged in `pending`, whose
+/// inline storage is left uninitialised (a zeroed 4 KiB array cost ~10% at 1 KiB).
+pub struct BlockHasher {
+    block: usize,
+    pending: SmallVec<[u8; 256]>,
+    prev: u64,
+    total: usize,
+    out: BlockHashes,
+}
+
+impl BlockHasher {
+    pub fn new(cfg: &PrefixConfig) -> Self {
+        Self::with_capacity(cfg, 0)
+    }
+
+    /// `expected_bytes` sizes the output once (the body length bounds the prompt).
+    pub fn with_capacity(cfg: &PrefixConfig, expected_bytes: usize) -> Self {
+        let block = cfg.block_bytes.clamp(MIN_BLOCK_BYTES, MAX_BLOCK_BYTES);
+        let mut out = BlockHashes::new();
+        out.reserve(expected_bytes / block);
+        BlockHasher {
+            block,
+            pending: SmallVec::new(),
+            prev: CHAIN_SEED,
+            total: 0,
+            out,
+        }
+    }
+
+    #[inline]
+    fn push_block(&mut self, block: &[u8]) {
+        self.prev = fold(self.prev, block);
+        self.out.push(self.prev);
+    }
+
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        self.total += bytes.len();
+        if !self.pending.is_empty() {
+            let take = (self.block - self.pending.len()).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.pending.len() < self.block {
+                return;
+            }
+            self.prev = fold(self.prev, &self.pending);
+            self.out.push(self.prev);
+            self.pending.clear();
+        }
+        let mut blocks = bytes.chunks_exact(self.block);
+        for block in &mut blocks {
+            self.push_block(block);
+        }
+        self.pending.extend_from_slice(blocks.remainder());
+    }
+
+    /// Bytes fed so far, including the partial last block.
+    pub fn total_bytes(&self) -> usize {
+        self.total
+    }
+
+    /// The full blocks' hashes; the partial last block is not hashed.
+    pub fn finish(self) -> BlockHashes {
+        self.out
+    }
+}
+
+/// The chain of one contiguous byte string (tests, benches, pre-warming).
+pub fn chain_hashes(bytes: &[u8], cfg: &PrefixConfig) -> BlockHashes {
+    let mut h = BlockHasher::with_capacity(cfg, bytes.len());
+    h.feed(bytes);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(block_bytes: usize) -> PrefixConfig {
+        PrefixConfig { block_bytes }
+    }
+
+    #[test]
+    fn partial_block_is_not_hashed() {
+        assert_eq!(chain_hashes(&[7; 127], &cfg(128)).len(), 0);
+        assert_eq!(chain_hashes(&[7; 128], &cfg(128)).len(), 1);
+        assert_eq!(chain_hashes(&[7; 1000], &cfg(128)).len(), 7);
+    }
+
+    #[test]
+    fn equal_blocks_at_different_positions_hash_differently() {
+        let h = chain_hashes(&[7; 512], &cfg(128));
+        assert_eq!(h.len(), 4);
+        let mut uniq = h.to_vec();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 4);
+    }
+
+    proptest! {
+        #[test]
+        fn slicing_does_not_change_the_chain(
+            data in proptest::collection::vec(any::<u8>(), 0..2000),
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+            block in 16usize..300,
+        ) {
+            let whole = chain_hashes(&data, &cfg(block));
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort_unstable();
+            let mut h = BlockHasher::new(&cfg(block));
+            let mut at = 0;
+            for c in cuts.into_iter().chain([data.len()]) {
+                h.feed(&data[at..c]);
+                at = c;
+            }
+            prop_assert_eq!(h.total_bytes(), data.len());
+            prop_assert_eq!(h.finish(), whole);
+        }
+
+        #[test]
+        fn chains_agree_exactly_up_to_the_common_full_blocks(
+            common in proptest::collection::vec(any::<u8>(), 0..1500),
+            a in proptest::collection::vec(any::<u8>(), 0..600),
+            b in proptest::collection::vec(any::<u8>(), 0..600),
+            block in 16usize..200,
+        ) {
+            let x: Vec<u8> = common.iter().chain(&a).copied().collect();
+            let y: Vec<u8> = common.iter().chain(&b).copied().collect();
+            let hx = chain_hashes(&x, &cfg(block));
+            let hy = chain_hashes(&y, &cfg(block));
+            let shared_bytes = x.iter().zip(&y).take_while(|(p, q)| p == q).count();
+            let shared_blocks = shared_bytes / block;
+            for i in 0..hx.len().min(hy.len()) {
+                prop_assert_eq!(hx[i] == hy[i], i < shared_blocks, "block {}", i);
+            }
+        }
+    }
+}

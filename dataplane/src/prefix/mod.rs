@@ -1,0 +1,14 @@
+//! Prefix hashing: the prompt byte stream cut into fixed blocks, chain-hashed so
+//! equal hash at block i means equal prompt up to block i.
+//!
+//! - `chain.rs`: the streaming block hasher.
+//! - `analyze.rs`: the proxy's one call, extraction plus hashing.
+#![forbid(unsafe_code)]
+
+mod analyze;
+mod chain;
+
+pub use analyze::{analyze, Analyzed};
+pub use chain::{
+    chain_hashes, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES,
+};

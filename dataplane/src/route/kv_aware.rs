@@ -1,0 +1,299 @@
+//! The `kv-aware` policy: session affinity, then the replica holding the longest
+//! cached prefix (traded against load), then consistent hashing of the anchor,
+//! all under the `(1+ε)·mean` load bound so a hot prefix spills instead of
+//! melting one replica.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use smallvec::SmallVec;
+
+use super::consistent::{
+    anchor, best_admitted, hrw_score, place, rotate, url_key, Candidate, LoadBound,
+};
+use super::session::SessionTable;
+use super::{candidates, Decision, DecisionKind, RouteRequest, Router};
+use crate::index::{IndexConfig, PrefixIndex};
+use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
+
+/// Bytes of prompt text per token, to turn a replica's KV capacity (tokens) into
+/// prompt blocks and predicted blocks into tokens comparable with `cached_tokens`.
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// Share of `load_norm` taken by the replica's KV usage; the rest is its load
+/// relative to what the bound allows it.
+const KV_USAGE_SHARE: f64 = 0.25;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvAwareParams {
+    pub block_bytes: usize,
+    pub anchor_blocks: usize,
+    pub w_cache: f64,
+    pub w_load: f64,
+    pub epsilon: f64,
+    pub session_ttl_ms: u64,
+    pub session_capacity: usize,
+    pub index: IndexConfig,
+}
+
+/// Counters for the proxy to export (snapshot of [`KvAware::counters`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvAwareCounters {
+    pub session: u64,
+    pub prefix: u64,
+    pub consistent: u64,
+    pub spill: u64,
+    pub load_only: u64,
+    /// Responses that reported usage.
+    pub usage_reports: u64,
+    /// Predicted a cached prefix and the replica reported cached tokens.
+    pub predicted_hit_actual_hit: u64,
+    /// Predicted a cached prefix, the replica reported none.
+    pub predicted_hit_actual_miss: u64,
+    /// Predicted nothing, the replica had some (learned elsewhere, or a shared prefix).
+    pub predicted_miss_actual_hit: u64,
+    pub predicted_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    session: AtomicU64,
+    prefix: AtomicU64,
+    consistent: AtomicU64,
+    spill: AtomicU64,
+    load_only: AtomicU64,
+    usage_reports: AtomicU64,
+    hit_hit: AtomicU64,
+    hit_miss: AtomicU64,
+    miss_hit: AtomicU64,
+    predicted_tokens: AtomicU64,
+    cached_tokens: AtomicU64,
+}
+
+pub struct KvAware {
+    p: KvAwareParams,
+    index: PrefixIndex,
+    sessions: SessionTable,
+    next: AtomicUsize,
+    /// URL key per slot as of the last replica change (0: slot unused), to tell a
+    /// removed replica from a slot reused by another.
+    known: Mutex<[u64; MAX_REPLICAS]>,
+    counters: Counters,
+}
+
+impl KvAware {
+    pub fn new(p: KvAwareParams) -> Self {
+        KvAware {
+            index: PrefixIndex::new(&p.index),
+            sessions: SessionTable::new(p.session_capacity, p.session_ttl_ms),
+            next: AtomicUsize::new(0),
+            known: Mutex::new([0; MAX_REPLICAS]),
+            counters: Counters::default(),
+            p,
+        }
+    }
+
+    /// The prefix index, for the admin API (clear a restarted replica, stats).
+    pub fn index(&self) -> &PrefixIndex {
+        &self.index
+    }
+
+    pub fn sessions(&self) -> &SessionTable {
+        &self.sessions
+    }
+
+    pub fn counters(&self) -> KvAwareCounters {
+        let c = &self.counters;
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        KvAwareCounters {
+            session: r(&c.session),
+            prefix: r(&c.prefix),
+            consistent: r(&c.consistent),
+            spill: r(&c.spill),
+            load_only: r(&c.load_only),
+            usage_reports: r(&c.usage_reports),
+            predicted_hit_actual_hit: r(&c.hit_hit),
+            predicted_hit_actual_miss: r(&c.hit_miss),
+            predicted_miss_actual_hit: r(&c.miss_hit),
+            predicted_tokens: r(&c.predicted_tokens),
+            cached_tokens: r(&c.cached_tokens),
+        }
+    }
+
+    /// Block budget mirroring a replica's KV capacity, when it is known.
+    pub fn replica_budget(&self, r: &Replica) -> u64 {
+        match (r.spec.kv_blocks, r.spec.kv_block_tokens) {
+            (Some(blocks), Some(tokens)) => {
+                blocks
+                    .saturating_mul(u64::from(tokens))
+                    .saturating_mul(BYTES_PER_TOKEN)
+                    / self.p.block_bytes.max(1) as u64
+            }
+            _ => self.p.index.default_budget,
+        }
+    }
+
+    /// `w_cache·matched/total − w_load·load_norm`, `load_norm` being the load as a
+    /// fraction of what the bound allows, blended with the replica's KV usage.
+    fn score(&self, c: &Candidate<'_>, matched: u32, total: usize, bound: &LoadBound) -> f64 {
+        let cache = f64::from(matched) / total.max(1) as f64;
+        let relative = c.load as f64 / bound.capacity(c.weight) as f64;
+        let kv = f64::from(c.kv_usage).clamp(0.0, 1.0);
+        let load_norm = (1.0 - KV_USAGE_SHARE) * relative + KV_USAGE_SHARE * kv;
+        self.p.w_cache * cache - self.p.w_load * load_norm
+    }
+
+    fn count(&self, kind: DecisionKind) {
+        let c = &self.counters;
+        let counter = match kind {
+            DecisionKind::Session => &c.session,
+            DecisionKind::Prefix => &c.prefix,
+            DecisionKind::Consistent => &c.consistent,
+            DecisionKind::Spill => &c.spill,
+            DecisionKind::RoundRobin | DecisionKind::LeastLoaded => &c.load_only,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Router for KvAware {
+    fn name(&self) -> &'static str {
+        "kv-aware"
+    }
+
+    fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
+        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
+            .map(Candidate::new)
+            .collect();
+        if cands.is_empty() {
+            return None;
+        }
+        let bound = LoadBound::new(&cands, self.p.epsilon);
+        let mask = cands
+            .iter()
+            .fold(0u128, |m, c| m | (1u128 << c.replica.slot));
+        let matches = self.index.longest_match(req.block_hashes, mask);
+        let best_blocks = matches.best();
+        let decide = |i: usize, kind: DecisionKind| Decision {
+            replica: cands[i].replica.clone(),
+            kind,
+            predicted_blocks: matches.get(cands[i].replica.slot),
+            best_blocks,
+        };
+
+        if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
+            let pinned = cands
+                .iter()
+                .position(|c| c.replica.slot == pin.slot && c.url_key == pin.url_key);
+            if let Some(i) = pinned.filter(|&i| bound.admits(&cands[i])) {
+                return Some(decide(i, DecisionKind::Session));
+            }
+        }
+
+        let anchor = anchor(
+            req.block_hashes,
+            self.p.anchor_blocks,
+            req.model,
+            req.session,
+        );
+        if best_blocks == 0 {
+            return Some(match anchor {
+                Some(a) => {
+                    let (i, spilled) = place(a, &cands, &bound)?;
+                    decide(
+                        i,
+                        if spilled {
+                            DecisionKind::Spill
+                        } else {
+                            DecisionKind::Consistent
+                        },
+                    )
+                }
+                None => decide(
+                    rotate(&self.next, &cands, &bound)?,
+                    DecisionKind::RoundRobin,
+                ),
+            });
+        }
+
+        // Ties in score (equal overlap and load) go by rendezvous order, so they
+        // too are deterministic across instances.
+        let total = req.block_hashes.len();
+        let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
+        let (preferred, chosen) = best_admitted(&cands, &bound, |c| {
+            (
+                self.score(c, matches.get(c.replica.slot), total, &bound),
+                tie(c),
+            )
+        })?;
+        let kind = if chosen != preferred {
+            DecisionKind::Spill
+        } else if matches.get(cands[chosen].replica.slot) > 0 {
+            DecisionKind::Prefix
+        } else {
+            // Load outweighed every replica's overlap.
+            DecisionKind::LeastLoaded
+        };
+        Some(decide(chosen, kind))
+    }
+
+    fn on_routed(&self, req: &RouteRequest<'_>, decision: &Decision) {
+        let r = &decision.replica;
+        self.index.insert(r.slot, req.block_hashes);
+        if let Some(s) = req.session {
+            self.sessions
+                .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
+        }
+        self.count(decision.kind);
+    }
+
+    fn on_usage_predicted(&self, decision: &Decision, _prompt_tokens: u64, cached_tokens: u64) {
+        let c = &self.counters;
+        let predicted_tokens =
+            u64::from(decision.predicted_blocks) * self.p.block_bytes as u64 / BYTES_PER_TOKEN;
+        c.usage_reports.fetch_add(1, Ordering::Relaxed);
+        c.predicted_tokens
+            .fetch_add(predicted_tokens, Ordering::Relaxed);
+        c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
+        let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
+            (true, true) => Some((&c.hit_hit, "hit_hit")),
+            (true, false) => Some((&c.hit_miss, "hit_miss")),
+            (false, true) => Some((&c.miss_hit, "miss_hit")),
+            (false, false) => None,
+        };
+        if let Some((counter, label)) = outcome {
+            counter.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("kvroute_prefix_prediction_total", "outcome" => label).increment(1);
+        }
+        metrics::histogram!("kvroute_prefix_predicted_tokens").record(predicted_tokens as f64);
+        metrics::histogram!("kvroute_prefix_cached_tokens").record(cached_tokens as f64);
+    }
+
+    fn on_replicas_changed(&self, set: &ReplicaSet) {
+        let mut known = self.known.lock();
+        let mut now = [0u64; MAX_REPLICAS];
+        for r in &set.replicas {
+            if let Some(k) = now.get_mut(usize::from(r.slot)) {
+                // Never 0, which marks an unused slot.
+                *k = url_key(&r.spec.url) | 1;
+            }
+        }
+        for slot in 0..MAX_REPLICAS {
+            if known[slot] != 0 && known[slot] != now[slot] {
+                self.index.clear(slot as u16);
+            }
+        }
+        for r in &set.replicas {
+            let budget = self.replica_budget(r);
+            if self.index.budget(r.slot) != budget {
+                self.index.set_budget(r.slot, budget);
+            }
+        }
+        *known = now;
+    }
+}
+
+#[cfg(test)]
+mod tests;

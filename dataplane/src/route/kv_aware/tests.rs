@@ -1,0 +1,266 @@
+use std::sync::atomic::Ordering;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::prefix::{analyze, BlockHashes};
+use crate::replica::{InFlight, ReplicaSpec, ReplicaTable};
+use crate::route::RoutingConfig;
+
+fn table(n: usize) -> ReplicaTable {
+    ReplicaTable::new(
+        (0..n)
+            .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9300 + i)))
+            .collect(),
+    )
+    .unwrap()
+}
+
+fn router() -> KvAware {
+    KvAware::new(RoutingConfig::default().kv_aware_params())
+}
+
+const SYSTEM: &str = "You are a meticulous assistant. Follow the house style guide. ";
+
+fn chat_hashes(system_repeat: usize, user: &str) -> BlockHashes {
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":"{user}"}}]}}"#,
+        SYSTEM.repeat(system_repeat)
+    );
+    let a = analyze("/v1/chat/completions", body.as_bytes(), &Default::default()).unwrap();
+    a.hashes
+}
+
+fn req<'a>(hashes: &'a [u64], session: Option<&'a [u8]>, now_ms: u64) -> RouteRequest<'a> {
+    RouteRequest {
+        path: "/v1/chat/completions",
+        model: Some("m"),
+        session,
+        block_hashes: hashes,
+        prompt_bytes: hashes.len() * 128,
+        now_ms,
+    }
+}
+
+/// Routes and learns, like the proxy does.
+fn route(r: &KvAware, set: &ReplicaSet, rq: &RouteRequest<'_>) -> Decision {
+    let d = r.pick(rq, set, &[]).expect("a replica");
+    r.on_routed(rq, &d);
+    d
+}
+
+#[test]
+fn shared_system_prompt_sticks_to_one_replica_while_load_allows() {
+    let t = table(4);
+    let set = t.load();
+    let r = router();
+    let first = chat_hashes(60, "question 0");
+    let d0 = route(&r, &set, &req(&first, None, 0));
+    assert_eq!(d0.kind, DecisionKind::Consistent);
+    for i in 1..50 {
+        let h = chat_hashes(
+            60,
+            &format!("question {i} with its own details. ").repeat(10),
+        );
+        let d = route(&r, &set, &req(&h, None, i));
+        assert_eq!(d.replica.slot, d0.replica.slot, "request {i}");
+        assert_eq!(d.kind, DecisionKind::Prefix);
+        // The system prompt's full blocks are predicted, the user turn is not.
+        assert!(d.predicted_blocks >= (SYSTEM.len() * 60 / 128) as u32 - 1);
+        assert!((d.predicted_blocks as usize) < h.len());
+        assert_eq!(d.best_blocks, d.predicted_blocks);
+    }
+    assert_eq!(r.counters().prefix, 49);
+}
+
+#[test]
+fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
+    let t = table(4);
+    let set = t.load();
+    let r = router();
+    let mut held: Vec<InFlight> = Vec::new();
+    let mut spills = 0;
+    for i in 0..40 {
+        let h = chat_hashes(60, &format!("q{i}"));
+        let rq = req(&h, None, i);
+        let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
+        let bound = LoadBound::new(&cands, 0.25);
+        let d = route(&r, &set, &rq);
+        let c = cands
+            .iter()
+            .find(|c| c.replica.slot == d.replica.slot)
+            .unwrap();
+        assert!(
+            c.load < bound.capacity(c.weight),
+            "request {i} over the bound"
+        );
+        spills += usize::from(d.kind == DecisionKind::Spill);
+        held.push(d.replica.begin());
+    }
+    assert!(spills > 0);
+    let loads: Vec<u32> = set.replicas.iter().map(|r| r.in_flight()).collect();
+    // 40 requests, mean 10, bound ⌈1.25·10⌉ = 13.
+    assert!(loads.iter().all(|&l| l <= 13), "{loads:?}");
+    // Spilled replicas learned the prefix: more than one now predicts it.
+    let h = chat_hashes(60, "another");
+    let m = r.index().longest_match(&h, u128::MAX);
+    let holders = set.replicas.iter().filter(|x| m.get(x.slot) > 0).count();
+    assert!(holders >= 2, "{m:?}");
+}
+
+#[test]
+fn sessions_stick_and_move_when_their_replica_goes() {
+    let t = table(3);
+    let set = t.load();
+    let r = router();
+    let s: &[u8] = b"conversation-1";
+    let a = chat_hashes(20, "a");
+    let d1 = route(&r, &set, &req(&a, Some(s), 0));
+    // A different prompt in the same session follows the session.
+    let b = chat_hashes(1, "entirely different");
+    let d2 = route(&r, &set, &req(&b, Some(s), 10));
+    assert_eq!(d2.replica.slot, d1.replica.slot);
+    assert_eq!(d2.kind, DecisionKind::Session);
+    // The replica goes unhealthy: the session moves, and the table follows.
+    d1.replica.healthy.store(false, Ordering::Relaxed);
+    let d3 = route(&r, &set, &req(&b, Some(s), 20));
+    assert_ne!(d3.replica.slot, d1.replica.slot);
+    d1.replica.healthy.store(true, Ordering::Relaxed);
+    let d4 = route(&r, &set, &req(&b, Some(s), 30));
+    assert_eq!(
+        (d4.replica.slot, d4.kind),
+        (d3.replica.slot, DecisionKind::Session)
+    );
+    // After the TTL the session is forgotten.
+    let ttl = RoutingConfig::default().session_ttl_ms;
+    let d5 = r.pick(&req(&b, Some(s), 30 + ttl + 1), &set, &[]).unwrap();
+    assert_ne!(d5.kind, DecisionKind::Session);
+}
+
+#[test]
+fn retries_exclude_and_models_filter() {
+    let mut specs: Vec<ReplicaSpec> = (0..3)
+        .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9400 + i)))
+        .collect();
+    specs[2].models = vec!["other".into()];
+    let t = ReplicaTable::new(specs).unwrap();
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(30, "x");
+    let d = route(&r, &set, &req(&h, None, 0));
+    assert_ne!(d.replica.slot, 2, "replica 2 does not serve model m");
+    let retry = r.pick(&req(&h, None, 1), &set, &[d.replica.slot]).unwrap();
+    assert!(retry.replica.slot != d.replica.slot && retry.replica.slot != 2);
+    assert_eq!(
+        retry.best_blocks, 0,
+        "the excluded holder is not a candidate"
+    );
+    assert!(r.pick(&req(&h, None, 2), &set, &[0, 1]).is_none());
+}
+
+#[test]
+fn short_prompts_without_session_rotate() {
+    let t = table(3);
+    let set = t.load();
+    let r = router();
+    let slots: Vec<u16> = (0..6)
+        .map(|i| route(&r, &set, &req(&[], None, i)).replica.slot)
+        .collect();
+    let mut uniq = slots.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 3, "{slots:?}");
+}
+
+#[test]
+fn replica_changes_clear_removed_slots_and_set_budgets() {
+    let mut specs: Vec<ReplicaSpec> = (0..2)
+        .map(|i| ReplicaSpec::new(format!("http://127.0.0.1:{}", 9500 + i)))
+        .collect();
+    specs[1].kv_blocks = Some(1000);
+    specs[1].kv_block_tokens = Some(16);
+    let t = ReplicaTable::new(specs.clone()).unwrap();
+    let r = router();
+    r.on_replicas_changed(&t.load());
+    // 1000 blocks × 16 tokens × 4 bytes / 128 bytes per block.
+    assert_eq!(r.index().budget(t.load().replicas[1].slot), 500);
+    let h = chat_hashes(30, "x");
+    r.index().insert(0, &h);
+    r.index().insert(1, &h);
+    let set = t.replace(vec![specs[1].clone()]).unwrap();
+    r.on_replicas_changed(&set);
+    assert_eq!(r.index().tracked(0), 0);
+    assert_eq!(r.index().tracked(1), h.len() as u64);
+}
+
+#[test]
+fn usage_reports_are_counted() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(30, "x");
+    let d = route(&r, &set, &req(&h, None, 0));
+    r.on_usage_predicted(&d, 500, 0);
+    let d = route(&r, &set, &req(&h, None, 1));
+    assert!(d.predicted_blocks > 0);
+    r.on_usage_predicted(&d, 500, 448);
+    let c = r.counters();
+    assert_eq!(
+        (c.usage_reports, c.predicted_hit_actual_hit, c.cached_tokens),
+        (2, 1, 448)
+    );
+    assert_eq!(c.predicted_tokens, u64::from(d.predicted_blocks) * 32);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Whatever the mix of prefixes, sessions and finishing requests, no decision
+    /// puts a replica over the bound computed at that moment.
+    #[test]
+    fn kv_aware_respects_the_bound(
+        n in 2usize..6,
+        events in proptest::collection::vec((0u8..5, 0u8..4, any::<bool>(), any::<u16>()), 1..120),
+    ) {
+        let t = table(n);
+        let set = t.load();
+        let r = router();
+        let families: Vec<BlockHashes> = (0..5).map(|f| chat_hashes(10 + f * 7, "q")).collect();
+        let mut held: Vec<InFlight> = Vec::new();
+        for (i, (family, session, finish, k)) in events.into_iter().enumerate() {
+            if finish && !held.is_empty() {
+                let k = usize::from(k) % held.len();
+                held.swap_remove(k);
+                continue;
+            }
+            let s = [session];
+            let rq = req(&families[usize::from(family)], (session > 0).then_some(&s[..]), i as u64);
+            let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
+            let bound = LoadBound::new(&cands, 0.25);
+            let d = route(&r, &set, &rq);
+            let c = cands.iter().find(|c| c.replica.slot == d.replica.slot).unwrap();
+            prop_assert!(c.load < bound.capacity(c.weight));
+            prop_assert!(d.predicted_blocks <= d.best_blocks);
+            held.push(d.replica.begin());
+        }
+    }
+}
+
+#[test]
+fn load_reported_by_the_replica_counts_toward_the_bound() {
+    let t = table(3);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(30, "x");
+    let d = route(&r, &set, &req(&h, None, 0));
+    // Other proxies keep the holder busy: its own running + waiting count shows it.
+    d.replica.set_external_load(crate::replica::ExternalLoad {
+        running: 40,
+        waiting: 10,
+        kv_usage: 0.9,
+    });
+    let d2 = route(&r, &set, &req(&h, None, 1));
+    assert_ne!(d2.replica.slot, d.replica.slot);
+    assert_eq!(d2.kind, DecisionKind::Spill);
+    assert_eq!(d2.best_blocks, h.len() as u32);
+    assert_eq!(d2.predicted_blocks, 0);
+}
