@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::io::IoMode;
 use crate::replica::ReplicaSpec;
-use crate::route::PolicyKind;
+use crate::route::{PolicyKind, RoutingConfig};
 
 /// Where the admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,7 +109,8 @@ pub struct Config {
     /// Pin each worker to its own core.
     pub pin_workers: bool,
     pub io: IoMode,
-    pub policy: PolicyKind,
+    /// Policy, prefix hashing and index settings (`[routing]`).
+    pub routing: RoutingConfig,
     /// Admin API: a Unix socket path or a loopback `ip:port`.
     pub admin: String,
     /// An optional second admin listener on loopback TCP.
@@ -132,7 +133,7 @@ impl Default for Config {
             workers: None,
             pin_workers: true,
             io: IoMode::Auto,
-            policy: PolicyKind::RoundRobin,
+            routing: RoutingConfig::default(),
             admin: DEFAULT_ADMIN.into(),
             admin_tcp: None,
             shutdown_grace_ms: 30_000,
@@ -200,7 +201,7 @@ impl Config {
             cfg.io = io;
         }
         if let Some(p) = cli.policy {
-            cfg.policy = p;
+            cfg.routing.policy = p;
         }
         if let Some(a) = &cli.admin {
             cfg.admin = a.clone();
@@ -252,6 +253,7 @@ impl Config {
                 return bad(k, "must be greater than 0");
             }
         }
+        self.routing.validate()?;
         AdminAddr::parse(&self.admin)?;
         if let Some(a) = self.admin_tcp {
             if !a.ip().is_loopback() {
@@ -327,8 +329,9 @@ mod tests {
 listen = "127.0.0.1:8080"
 workers = 2
 io = "epoll"
-policy = "least-loaded"
 admin = "127.0.0.1:9090"
+[routing]
+policy = "least-loaded"
 [limits]
 max_body_bytes = 1048576
 [upstream]
@@ -343,6 +346,7 @@ weight = 2
         c.validate().unwrap();
         assert_eq!(c.worker_count(), 2);
         assert_eq!(c.replicas[0].weight, 2);
+        assert_eq!(c.routing.policy, PolicyKind::LeastLoaded);
         assert_eq!(
             AdminAddr::parse(&c.admin).unwrap(),
             AdminAddr::Tcp("127.0.0.1:9090".parse().unwrap())

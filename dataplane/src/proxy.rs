@@ -316,10 +316,50 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     metrics::counter!(m::BYTES, "direction" => "client_in").increment((consumed) as u64);
 
     let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
-    let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
-    let session = head.header(&client.buf, "x-session-id").map(|v| v.to_vec());
     let path = head.path(&client.buf).to_string();
     let is_head = head.is_head;
+
+    // Prompt extraction and hashing read the body where it lies; only the few
+    // fields routing keeps past this point are copied out.
+    let body_bytes: &[u8] = match &body {
+        Body::InBuf(r) => &client.buf[r.clone()],
+        Body::Decoded(v) => v,
+    };
+    let (model, hashes, prompt_bytes, user) = match crate::prefix::analyze(
+        &path,
+        body_bytes,
+        &shared.prefix,
+    ) {
+        Ok(a) => (
+            a.fields.model.map(str::to_owned),
+            a.hashes,
+            a.prompt_bytes,
+            a.fields.user.map(|u| u.as_bytes().to_vec()),
+        ),
+        Err(e) => {
+            let kind = ErrorKind::BadRequest;
+            send_error(
+                client,
+                kind,
+                &format!("invalid request body: {e}"),
+                !keep_alive,
+                write_limit,
+            )
+            .await;
+            client.buf.drain(..consumed.min(client.buf.len()));
+            metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(400), "replica" => "none").increment(1);
+            return if keep_alive {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            };
+        }
+    };
+    let session = head
+        .header(&client.buf, &shared.cfg.routing.session_header)
+        .map(<[u8]>::to_vec)
+        .or(user);
+    let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
 
     // The body moves out of the client buffer only for the duration of forwarding.
     let (mut body_buf, body_range, in_client_buf) = match body {
@@ -331,10 +371,10 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     };
     let req = RouteRequest {
         path: &path,
-        model: None,
+        model: model.as_deref(),
         session: session.as_deref(),
-        block_hashes: &[],
-        prompt_bytes: body_len,
+        block_hashes: &hashes,
+        prompt_bytes,
         now_ms: shared.now_ms(),
     };
     let outcome = forward(
@@ -497,7 +537,7 @@ async fn forward<R: Runtime>(
     let mut fresh_only = false;
     let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let (mut up, rhead, replica, _in_flight, connect_started) = loop {
+    let (mut up, rhead, chosen, _in_flight, connect_started) = loop {
         let d = match decision.take() {
             Some(d) => d,
             None => match shared.router.pick(req, &set, &exclude) {
@@ -548,7 +588,7 @@ async fn forward<R: Runtime>(
                 replica.consecutive_failures.store(0, Ordering::Relaxed);
                 metrics::counter!(m::DECISIONS, "kind" => d.kind.as_str()).increment(1);
                 shared.router.on_routed(req, &d);
-                break (conn, rhead, replica, in_flight, started);
+                break (conn, rhead, d, in_flight, started);
             }
             Err((e, reused)) => {
                 replica.failures.fetch_add(1, Ordering::Relaxed);
@@ -606,12 +646,14 @@ async fn forward<R: Runtime>(
         &mut up,
         rhead,
         ubuf,
-        &replica,
+        &chosen,
         client_keep_alive,
     )
     .await;
     if reusable {
-        ctx.pool.borrow_mut().put(replica.addr, up, Instant::now());
+        ctx.pool
+            .borrow_mut()
+            .put(chosen.replica.addr, up, Instant::now());
     }
     outcome
 }
@@ -727,9 +769,13 @@ async fn relay<R: Runtime>(
     up: &mut R::Conn,
     rhead: ResponseHead,
     mut ubuf: Vec<u8>,
-    replica: &Replica,
+    decision: &Decision,
     client_keep_alive: bool,
 ) -> (Outcome, bool) {
+    let replica = &*decision.replica;
+    // Only successful completions report usage; the tail costs a small copy per read.
+    let mut tail = (rhead.status == 200 && (rhead.content_type_json || rhead.content_type_sse))
+        .then(crate::http::usage::UsageTail::default);
     let cfg = &ctx.shared.cfg;
     let write_limit = Duration::from_millis(cfg.limits.write_timeout_ms);
     let read_limit = Duration::from_millis(cfg.upstream.read_timeout_ms);
@@ -791,6 +837,9 @@ async fn relay<R: Runtime>(
         }
     };
     let mut clean_upstream = take == leftover.len();
+    if let Some(t) = tail.as_mut() {
+        t.push(&leftover[..take]);
+    }
     out.extend_from_slice(&leftover[..take]);
     let n = out.len();
     let (r, _) = write_client(&mut client.io, out, 0..n, write_limit).await;
@@ -844,6 +893,9 @@ async fn relay<R: Runtime>(
             }
         };
         clean_upstream &= take == read;
+        if let Some(t) = tail.as_mut() {
+            t.push(&ubuf[..take]);
+        }
         let (r, b) = write_client(&mut client.io, ubuf, 0..take, write_limit).await;
         ubuf = b;
         metrics::counter!(m::BYTES, "direction" => "client_out").increment(take as u64);
@@ -857,6 +909,11 @@ async fn relay<R: Runtime>(
                 false,
             );
         }
+    }
+    if let Some((prompt, cached)) = tail.as_ref().and_then(|t| t.usage()) {
+        ctx.shared
+            .router
+            .on_usage_predicted(decision, prompt, cached);
     }
     let reusable =
         rhead.keep_alive && clean_upstream && tracker.framing != ResponseFraming::UntilClose;

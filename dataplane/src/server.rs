@@ -30,6 +30,8 @@ pub struct Shared {
     pub cfg: Config,
     pub table: Arc<ReplicaTable>,
     pub router: Arc<dyn Router>,
+    /// Block size etc. for prompt hashing, fixed at start like the policy.
+    pub prefix: crate::prefix::PrefixConfig,
     pub workers: Vec<WorkerStats>,
     pub io_name: OnceLock<&'static str>,
     pub draining: AtomicBool,
@@ -40,12 +42,13 @@ pub struct Shared {
 impl Shared {
     pub fn new(cfg: Config) -> Result<Arc<Shared>, Error> {
         let table = Arc::new(ReplicaTable::new(cfg.replicas.clone())?);
-        let router = cfg.policy.build();
+        let router = cfg.routing.build();
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();
         Ok(Arc::new(Shared {
             table,
             router,
+            prefix: cfg.routing.prefix(),
             workers: (0..n).map(|_| WorkerStats::default()).collect(),
             io_name: OnceLock::new(),
             draining: AtomicBool::new(false),
@@ -262,9 +265,9 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     if fresh.listen != old.listen
         || fresh.workers != old.workers
         || fresh.io != old.io
-        || fresh.policy != old.policy
+        || fresh.routing != old.routing
     {
-        tracing::warn!("SIGHUP: listen, workers, io and policy changes take effect on restart");
+        tracing::warn!("SIGHUP: listen, workers, io and [routing] changes take effect on restart");
     }
     if fresh.limits != old.limits || fresh.upstream != old.upstream {
         tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");

@@ -32,6 +32,7 @@ both_io!(
     replaces_replicas_mid_traffic_without_failures,
     drains_open_stream_on_sigterm,
     handles_expect_continue_and_head,
+    rejects_bad_json_and_routes_by_model,
 );
 
 /// io_uring can be missing (old kernel, Docker's seccomp profile,
@@ -160,7 +161,7 @@ fn accepts_chunked_request_bodies(io: &str) {
     let up = Upstream::start("a");
     let k = start(io, &["--replica", &up.url()]);
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     c.send(b"7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n")
@@ -246,9 +247,7 @@ fn enforces_size_limits(io: &str) {
         "header_fields_too_large",
     );
     assert_eq!(
-        post(k.addr, "/v1/completions", &"y".repeat(1000))
-            .unwrap()
-            .status,
+        post(k.addr, "/upload", &"y".repeat(1000)).unwrap().status,
         200
     );
 }
@@ -452,8 +451,10 @@ fn handles_expect_continue_and_head(io: &str) {
     let up = Upstream::start("a");
     let k = start(io, &["--replica", &up.url()]);
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
-        .unwrap();
+    c.send(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .unwrap();
     let (status, _) = c.read_head().unwrap();
     assert_eq!(status, 100);
     c.stream.write_all(b"hello").unwrap();
@@ -482,4 +483,60 @@ fn tempdir() -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+fn rejects_bad_json_and_routes_by_model(io: &str) {
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    let k = start(
+        io,
+        &[
+            "--replica",
+            &format!("{}=llama", a.url()),
+            "--replica",
+            &format!("{}=qwen", b.url()),
+        ],
+    );
+    let mut c = Client::connect(k.addr).unwrap();
+    let bad = r#"{"model":"llama","prompt":"unterminated}"#;
+    c.send(
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{bad}",
+            bad.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let r = c.read_response(false).unwrap();
+    expect_error(&r, 400, "bad_request");
+    assert!(
+        !r.closed,
+        "a complete request with a bad body keeps the connection"
+    );
+    for (model, name) in [("llama", "a"), ("qwen", "b"), ("llama", "a"), ("qwen", "b")] {
+        let body = format!(r#"{{"model":"{model}","prompt":"hello there"}}"#);
+        c.send(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-upstream"), Some(name), "model {model}");
+    }
+    let r = post(
+        k.addr,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-x","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .unwrap();
+    expect_error(&r, 404, "model_not_found");
+    assert!(a
+        .seen()
+        .iter()
+        .chain(b.seen().iter())
+        .all(|s| !String::from_utf8_lossy(&s.body).contains("unterminated")));
 }

@@ -8,6 +8,7 @@ pub mod chunked;
 pub mod error_response;
 pub mod request;
 pub mod response;
+pub mod usage;
 
 pub use chunked::{ChunkError, ChunkedDecoder};
 pub use error_response::{ErrorKind, ErrorResponse};
