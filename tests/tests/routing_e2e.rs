@@ -131,10 +131,7 @@ fn conversation_sticks_and_moves_when_its_replica_dies() {
     let k = kvroute("kv-aware", &sims.iter().collect::<Vec<_>>());
     let mut c = Client::connect(k.addr).unwrap();
     let mut messages = vec![serde_json::json!({"role": "system", "content": text(7, 1500)})];
-    let mut turn = |c: &mut Client,
-                    messages: &mut Vec<serde_json::Value>,
-                    i: usize|
-     -> (u16, String) {
+    let turn = |c: &mut Client, messages: &mut Vec<serde_json::Value>, i: usize| -> (u16, String) {
         messages.push(serde_json::json!({"role": "user", "content": format!("turn {i}: {}", text(100 + i as u64, 200))}));
         let body = serde_json::json!({"model": "sim-model", "messages": messages, "max_tokens": 2})
             .to_string();
