@@ -56,7 +56,8 @@ pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
          workspace root)",
         path.display()
     );
-    Ok(path)
+    // Shown in reports: `/work/shared/x`, not `/work/kvroute/../shared/x`.
+    Ok(path.canonicalize().unwrap_or(path))
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -130,7 +131,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let logs = f.logs();
         let m = measure(&bins, &mut f, &plan, &largs, &log_dir, "demo").with_context(|| {
             let shown: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
-            format!("replay through --policy {policy}; logs: {}", shown.join(" "))
+            format!(
+                "replay through --policy {policy}; logs: {}",
+                shown.join(" ")
+            )
         })?;
         drop(f);
         eprintln!(
@@ -173,8 +177,16 @@ fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String
         &|m| pct(m.fleet.hit_ratio),
         &format!("(ideal {}: one infinite cache)", pct(ideal)),
     );
-    row("TTFT p50 ms", &|m| format!("{:.1}", m.client.ttft_ms.p50), "");
-    row("TTFT p99 ms", &|m| format!("{:.1}", m.client.ttft_ms.p99), "");
+    row(
+        "TTFT p50 ms",
+        &|m| format!("{:.1}", m.client.ttft_ms.p50),
+        "",
+    );
+    row(
+        "TTFT p99 ms",
+        &|m| format!("{:.1}", m.client.ttft_ms.p99),
+        "",
+    );
     row("e2e p99 ms", &|m| format!("{:.1}", m.client.e2e_ms.p99), "");
     row(
         "imbalance (max/mean)",
@@ -192,5 +204,5 @@ fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String
         &|m| format!("{:.1}", m.client.achieved_rps),
         "",
     );
-    o.trim_end().to_owned()
+    o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
 }

@@ -31,10 +31,8 @@ impl FleetCounts {
     pub fn from_stats(stats: &[SimStats]) -> FleetCounts {
         let prompt: u64 = stats.iter().map(|s| s.prompt_tokens).sum();
         let cached: u64 = stats.iter().map(|s| s.cached_tokens).sum();
-        let per_replica: BTreeMap<String, u64> = stats
-            .iter()
-            .map(|s| (s.name.clone(), s.requests))
-            .collect();
+        let per_replica: BTreeMap<String, u64> =
+            stats.iter().map(|s| (s.name.clone(), s.requests)).collect();
         let total: u64 = per_replica.values().sum();
         let max = per_replica.values().copied().max().unwrap_or(0);
         FleetCounts {

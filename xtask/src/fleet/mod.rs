@@ -93,7 +93,9 @@ impl Bins {
 /// The `[possible values: …]` list of the `--policy` flag in clap's short help (`-h`; the
 /// long help switches to a bulleted list once variants carry doc comments).
 fn parse_policy_values(help: &str) -> Option<Vec<String>> {
-    let mut lines = help.lines().skip_while(|l| !l.trim_start().starts_with("--policy"));
+    let mut lines = help
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("--policy"));
     let first = lines.next()?;
     // The flag's own text runs until the next line that starts another flag; wrapped lines of
     // a long value list are part of it, another flag's values are not.
@@ -173,12 +175,13 @@ pub fn largest_request_blocks(plan: &Plan, block_bytes: usize) -> u64 {
 }
 
 /// Per-replica KV capacity so the fleet as a whole holds `fraction` of the working set, but
-/// never less than a few of the largest prompts (a replica that cannot hold one prompt measures
+/// never less than two of the largest prompts (a replica that cannot hold one prompt measures
 /// nothing but thrashing).
 pub fn size_kv_blocks(plan: &Plan, block_bytes: usize, replicas: usize, fraction: f64) -> usize {
     let ws = working_set_blocks(plan, block_bytes) as f64;
     let per = (ws * fraction / replicas.max(1) as f64).ceil() as u64;
-    per.max(4 * largest_request_blocks(plan, block_bytes)).max(64) as usize
+    per.max(2 * largest_request_blocks(plan, block_bytes))
+        .max(64) as usize
 }
 
 /// The router in front of the replicas.
@@ -281,7 +284,12 @@ impl Fleet {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            let child = Child::spawn(&format!("kvroute-sim {name}"), &bins.sim, &args, &log(&name))?;
+            let child = Child::spawn(
+                &format!("kvroute-sim {name}"),
+                &bins.sim,
+                &args,
+                &log(&name),
+            )?;
             sims.push(Sim { name, addr, child });
         }
         for s in &mut sims {
@@ -290,9 +298,16 @@ impl Fleet {
                 .wait_ready("GET /health", SIM_READY, || http_ok(addr, "/health"))?;
         }
         let (router_child, url) = match router {
-            RouterSpec::Kvroute { policy, workers } => {
-                start_kvroute(bins, spec, &sims, policy, *workers, &log("kvroute"), log_dir, tag)?
-            }
+            RouterSpec::Kvroute { policy, workers } => start_kvroute(
+                bins,
+                spec,
+                &sims,
+                policy,
+                *workers,
+                &log("kvroute"),
+                log_dir,
+                tag,
+            )?,
             RouterSpec::Sglang { policy, python } => {
                 start_sglang(python, &sims, policy, &log("sglang-router"))?
             }
@@ -327,21 +342,25 @@ impl Fleet {
         let body = r#"{"model":"sim-model","prompt":"kvroute fleet smoke test","max_tokens":1}"#;
         let mut last = String::from("no answer");
         let label = self.label.clone();
-        let res = self.router.wait_ready("a first completion", FIRST_REQUEST, || {
-            match post(addr, "/v1/completions", body) {
-                Ok(r) if r.status == 200 => true,
-                Ok(r) => {
-                    last = format!("HTTP {}: {}", r.status, r.text().trim());
-                    std::thread::sleep(Duration::from_millis(200));
-                    false
+        let res = self
+            .router
+            .wait_ready("a first completion", FIRST_REQUEST, || {
+                match post(addr, "/v1/completions", body) {
+                    Ok(r) if r.status == 200 => true,
+                    Ok(r) => {
+                        last = format!("HTTP {}: {}", r.status, r.text().trim());
+                        std::thread::sleep(Duration::from_millis(200));
+                        false
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
                 }
-                Err(e) => {
-                    last = e.to_string();
-                    false
-                }
-            }
-        });
-        res.with_context(|| format!("{label}: a completion through the router failed (last: {last})"))
+            });
+        res.with_context(|| {
+            format!("{label}: a completion through the router failed (last: {last})")
+        })
     }
 
     /// Clears every replica's cache and counters.
@@ -349,7 +368,12 @@ impl Fleet {
         for s in &self.sims {
             let r = post(s.addr, "/sim/reset", "{}")
                 .with_context(|| format!("POST /sim/reset to {}", s.name))?;
-            anyhow::ensure!(r.status == 200, "POST /sim/reset to {}: HTTP {}", s.name, r.status);
+            anyhow::ensure!(
+                r.status == 200,
+                "POST /sim/reset to {}: HTTP {}",
+                s.name,
+                r.status
+            );
         }
         Ok(())
     }
@@ -363,7 +387,12 @@ impl Fleet {
                     "GET /sim/stats HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n",
                 )
                 .with_context(|| format!("GET /sim/stats from {}", s.name))?;
-                anyhow::ensure!(r.status == 200, "GET /sim/stats from {}: HTTP {}", s.name, r.status);
+                anyhow::ensure!(
+                    r.status == 200,
+                    "GET /sim/stats from {}: HTTP {}",
+                    s.name,
+                    r.status
+                );
                 let mut st: SimStats = serde_json::from_slice(&r.body)
                     .with_context(|| format!("/sim/stats of {}", s.name))?;
                 st.name.clone_from(&s.name);
@@ -433,7 +462,12 @@ fn start_kvroute(
         "--policy".to_owned(),
         policy.to_owned(),
     ];
-    let mut child = Child::spawn(&format!("kvroute --policy {policy}"), &bins.kvroute, &args, log)?;
+    let mut child = Child::spawn(
+        &format!("kvroute --policy {policy}"),
+        &bins.kvroute,
+        &args,
+        log,
+    )?;
     child.wait_ready("GET /healthz on the admin API", KVROUTE_READY, || {
         http_ok(admin, "/healthz")
     })?;
@@ -487,7 +521,8 @@ mod tests {
             parse_policy_values(help).unwrap(),
             vec!["round-robin", "least-loaded", "kv-aware"]
         );
-        let short = "  --policy <POLICY>  [possible values: round-robin, least-loaded]\n  --admin <A>\n";
+        let short =
+            "  --policy <POLICY>  [possible values: round-robin, least-loaded]\n  --admin <A>\n";
         assert_eq!(
             parse_policy_values(short).unwrap(),
             vec!["round-robin", "least-loaded"]
