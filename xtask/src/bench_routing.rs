@@ -33,8 +33,15 @@ pub enum WorkloadArg {
     Both,
 }
 
+/// Boxed so the `Bench` subcommand enum stays small (clippy's `large_enum_variant`).
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    opts: Box<Opts>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Opts {
     /// Which workload(s) to run.
     #[arg(long, value_enum, default_value = "both")]
     pub workload: WorkloadArg,
@@ -58,16 +65,16 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub groups: u32,
     /// Synthetic: users per tenant.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 12)]
     pub users: u32,
     /// Synthetic: turns per conversation.
     #[arg(long, default_value_t = 4)]
     pub turns: u32,
     /// Synthetic: bytes of each tenant's system prompt.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 16384)]
     pub system_bytes: usize,
     /// Synthetic: new conversations per second.
-    #[arg(long, default_value_t = 12.0)]
+    #[arg(long, default_value_t = 24.0)]
     pub rate: f64,
     /// Simulated replicas.
     #[arg(long, default_value_t = 4)]
@@ -102,6 +109,10 @@ pub struct Args {
     /// Use the binaries already in target/release.
     #[arg(long)]
     pub no_build: bool,
+    /// Benchmark this kvroute binary instead of target/release/kvroute (e.g. another branch's
+    /// build); its policies are detected the same way.
+    #[arg(long)]
+    pub kvroute_bin: Option<PathBuf>,
     /// Copy routing.md and routing.svg into docs/bench/.
     #[arg(long)]
     pub publish: bool,
@@ -149,7 +160,8 @@ enum Outcome {
 /// A router to try, or the reason it cannot be.
 type Candidate = (String, Result<RouterSpec, String>);
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let a = *args.opts;
     let started = Instant::now();
     anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");
     anyhow::ensure!(a.time_scale > 0.0, "--time-scale must be positive");
@@ -159,7 +171,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         _ => Some(crate::demo::resolve_trace(a.trace.as_deref())?),
     };
     crate::fleet::child::install_signal_handler();
-    let bins = Bins::prepare(a.no_build)?;
+    let mut bins = Bins::prepare(a.no_build)?;
+    if let Some(k) = &a.kvroute_bin {
+        anyhow::ensure!(k.is_file(), "--kvroute-bin {}: no such file", k.display());
+        bins.kvroute = k.clone();
+    }
     let candidates = candidates(&a, &bins)?;
     let out_dir = fleet::bench_dir();
     let log_dir = out_dir.join("logs");
@@ -358,8 +374,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// Every router the run asks for, each either ready to start or with the reason it is not.
-fn candidates(a: &Args, bins: &Bins) -> anyhow::Result<Vec<Candidate>> {
-    let supported = bins.kvroute_policies()?;
+fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<Vec<Candidate>> {
+    let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
     let mut out = Vec::new();
     for p in a.policies.iter().filter(|p| !p.is_empty()) {
         let label = format!("kvroute {p}");

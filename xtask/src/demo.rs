@@ -68,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     fleet::child::install_signal_handler();
     let bins = Bins::prepare(a.no_build)?;
 
-    let supported = bins.kvroute_policies()?;
+    let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
     let second = if supported.iter().any(|p| p == "kv-aware") {
         "kv-aware"
     } else {

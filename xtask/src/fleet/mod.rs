@@ -21,6 +21,10 @@ use crate::procs::{cargo, root, sh};
 /// Bytes of prompt per simulated token: kvroute-sim has no tokenizer and counts 4 bytes a token.
 pub const SIM_BYTES_PER_TOKEN: usize = 4;
 
+/// Every policy name kvroute has or is getting, in the order they are compared.
+pub const KNOWN_POLICIES: [&str; 4] =
+    ["round-robin", "least-loaded", "consistent-hash", "kv-aware"];
+
 /// Where benchmark output, logs and generated configs go.
 pub fn bench_dir() -> PathBuf {
     target_dir().join("bench")
@@ -72,20 +76,34 @@ impl Bins {
         Ok(bins)
     }
 
-    /// The `--policy` values this kvroute build accepts, read from its `--help` (clap lists
-    /// them as `[possible values: a, b]`), so callers work before and after a policy lands.
-    pub fn kvroute_policies(&self) -> anyhow::Result<Vec<String>> {
+    /// The `--policy` values this kvroute build accepts, read from its `-h` (clap lists them
+    /// as `[possible values: a, b]`), so callers work before and after a policy lands. If the
+    /// help has no such list, each of `known` is tried with `--check-config` instead (clap
+    /// rejects an unknown value with exit code 2 before anything else happens).
+    pub fn kvroute_policies(&self, known: &[&str]) -> anyhow::Result<Vec<String>> {
         let out = Command::new(&self.kvroute)
             .arg("-h")
             .output()
             .with_context(|| format!("run {} -h", self.kvroute.display()))?;
-        let help = String::from_utf8_lossy(&out.stdout);
-        let Some(found) = parse_policy_values(&help) else {
-            anyhow::bail!(
-                "cannot find the --policy values in `{} -h`",
-                self.kvroute.display()
-            )
+        if let Some(found) = parse_policy_values(&String::from_utf8_lossy(&out.stdout)) {
+            return Ok(found);
+        }
+        let accepts = |p: &str| {
+            Command::new(&self.kvroute)
+                .args(["--policy", p, "--check-config", "--admin", "127.0.0.1:9"])
+                .output()
+                .is_ok_and(|o| o.status.success())
         };
+        let found: Vec<String> = known
+            .iter()
+            .filter(|p| accepts(p))
+            .map(|p| p.to_string())
+            .collect();
+        anyhow::ensure!(
+            !found.is_empty(),
+            "{} accepts none of the policies {known:?} (neither `-h` nor `--check-config` tell)",
+            self.kvroute.display()
+        );
         Ok(found)
     }
 }
