@@ -719,3 +719,90 @@ fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     root.present()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::measure::FleetCounts;
+    use kvroute_tests::load::Summary;
+
+    fn report() -> Report {
+        let mut client = Summary::default();
+        client.ttft_ms.p50 = 12.34;
+        client.ttft_ms.p99 = 99.0;
+        client.errors = 2;
+        let fleet = FleetCounts {
+            hit_ratio: 0.25,
+            per_replica: [("r0".into(), 3), ("r1".into(), 1)].into(),
+            imbalance: 1.5,
+            evictions: 0,
+        };
+        Report {
+            generated: "now".into(),
+            git: "abc".into(),
+            machine: "2 cores".into(),
+            api: "/v1/completions",
+            command: "cargo xtask bench routing".into(),
+            sglang_router: None,
+            workloads: vec![WorkloadResult {
+                name: "trace",
+                description: "d".into(),
+                requests: 4,
+                target_rps: 1.0,
+                ideal_hit_ratio: 0.5,
+                working_set_blocks: 100,
+                sim: SimSpec {
+                    replicas: 2,
+                    kv_blocks: 25,
+                    block_tokens: 16,
+                    time_scale: 0.1,
+                    prefill_tps: 8000.0,
+                    decode_tps: 50.0,
+                    max_seqs: 256,
+                },
+                rows: vec![
+                    Row {
+                        router: "kvroute round-robin".into(),
+                        outcome: Outcome::Ok(Box::new(Measured { client, fleet })),
+                    },
+                    Row {
+                        router: "kvroute kv-aware".into(),
+                        outcome: Outcome::Skipped {
+                            reason: "not in this build".into(),
+                        },
+                    },
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn markdown_has_a_full_row_per_router_and_the_ideal() {
+        let md = markdown(&report());
+        assert!(
+            md.contains("| kvroute round-robin | 25.0 % | 12.3 | 0.0 | 99.0 | 0.0 | 1.50 | 2 | 0.0 | 75/25 % |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| kvroute kv-aware | skipped: not in this build |"),
+            "{md}"
+        );
+        assert!(md.contains("ideal hit ratio 50.0 %"), "{md}");
+        // 2 × 25 blocks of a 100-block working set.
+        assert!(md.contains("(50 % of the 100-block working set"), "{md}");
+        assert!(md.contains("Skipped rows"), "{md}");
+    }
+
+    #[test]
+    fn chart_renders_with_and_without_measured_rows() {
+        let dir = std::env::temp_dir().join(format!("xtask-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = report();
+        chart(&r, &dir.join("a.svg")).unwrap();
+        let svg = std::fs::read_to_string(dir.join("a.svg")).unwrap();
+        assert!(svg.contains("kvroute round-robin"));
+        r.workloads[0].rows.remove(0);
+        chart(&r, &dir.join("b.svg")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -165,6 +165,33 @@ mod tests {
     }
 
     #[test]
+    fn load_args_cover_both_workloads() {
+        use kvroute_tests::load::synthetic::SharedPrefixConfig;
+        use kvroute_tests::load::trace::LowerOptions;
+        let t = Workload::Trace {
+            path: "/t.jsonl".into(),
+            skip: 5,
+            n: Some(10),
+            opts: LowerOptions {
+                block_bytes: 512,
+                speed: 20.0,
+                max_tokens_scale: 0.05,
+            },
+        };
+        let a = load_args(&t, ApiMode::Completions, Duration::from_secs(60)).join(" ");
+        assert_eq!(
+            a,
+            "--trace /t.jsonl --skip 5 --n 10 --speed 20 --block-bytes 512 \
+             --max-tokens-scale 0.05 --timeout-s 60"
+        );
+        let s = Workload::SharedPrefix(SharedPrefixConfig::default());
+        let a = load_args(&s, ApiMode::Chat, Duration::from_secs(1));
+        assert_eq!(&a[..2], ["--synthetic", "shared-prefix"]);
+        assert_eq!(a.last().map(String::as_str), Some("--chat"));
+        assert!(a.windows(2).any(|w| w == ["--system-bytes", "2048"]));
+    }
+
+    #[test]
     fn counts_include_idle_replicas() {
         let c = FleetCounts::from_stats(&[
             st("r0", 6, 600, 300),
