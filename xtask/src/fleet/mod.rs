@@ -279,41 +279,12 @@ impl Fleet {
         let log = |what: &str| log_dir.join(format!("{tag}-{}-{what}.log", router.slug()));
         let mut sims = Vec::with_capacity(spec.replicas);
         for i in 0..spec.replicas {
-            let name = format!("r{i}");
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-            let args: Vec<String> = [
-                "--listen",
-                &addr.to_string(),
-                "--name",
-                &name,
-                "--kv-blocks",
-                &spec.kv_blocks.to_string(),
-                "--block-tokens",
-                &spec.block_tokens.to_string(),
-                "--prefill-tps",
-                &spec.prefill_tps.to_string(),
-                "--decode-tps",
-                &spec.decode_tps.to_string(),
-                "--max-seqs",
-                &spec.max_seqs.to_string(),
-                "--time-scale",
-                &spec.time_scale.to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            let child = Child::spawn(
-                &format!("kvroute-sim {name}"),
-                &bins.sim,
-                &args,
-                &log(&name),
-            )?;
-            sims.push(Sim { name, addr, child });
-        }
-        for s in &mut sims {
-            let addr = s.addr;
-            s.child
-                .wait_ready("GET /health", SIM_READY, || http_ok(addr, "/health"))?;
+            sims.push(start_sim(
+                bins,
+                spec,
+                &format!("r{i}"),
+                &log(&format!("r{i}")),
+            )?);
         }
         let (router_child, url) = match router {
             RouterSpec::Kvroute { policy, workers } => start_kvroute(
@@ -433,6 +404,53 @@ impl Fleet {
         std::iter::once(self.router.log.clone())
             .chain(self.sims.iter().map(|s| s.child.log.clone()))
             .collect()
+    }
+}
+
+/// Starts one replica and waits for its health check. `free_port` only says a port *was*
+/// free, and a dozen fleets come and go in one benchmark: a replica that lost the race for
+/// its port is retried on another one instead of failing the row.
+fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Result<Sim> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let args: Vec<String> = [
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--kv-blocks",
+            &spec.kv_blocks.to_string(),
+            "--block-tokens",
+            &spec.block_tokens.to_string(),
+            "--prefill-tps",
+            &spec.prefill_tps.to_string(),
+            "--decode-tps",
+            &spec.decode_tps.to_string(),
+            "--max-seqs",
+            &spec.max_seqs.to_string(),
+            "--time-scale",
+            &spec.time_scale.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut child = Child::spawn(&format!("kvroute-sim {name}"), &bins.sim, &args, log)?;
+        match child.wait_ready("GET /health", SIM_READY, || http_ok(addr, "/health")) {
+            Ok(()) => {
+                return Ok(Sim {
+                    name: name.to_owned(),
+                    addr,
+                    child,
+                })
+            }
+            Err(e) if attempt < ATTEMPTS && child.exited().is_some() => {
+                eprintln!("xtask: kvroute-sim {name} did not start on {addr}, retrying: {e:#}");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
