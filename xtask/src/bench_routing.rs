@@ -1,8 +1,808 @@
-//! Not written yet.
+//! `cargo xtask bench routing`: routing quality of kvroute's policies against SGLang's router,
+//! on the same simulated fleet and the same requests.
+//!
+//! Every row starts a fresh fleet (new replicas, new router), so no router inherits a cache
+//! warmed by the one before it. The replicas' KV capacity is sized from the workload so the
+//! fleet holds only part of its working set: with room for everything, any router hits and
+//! routing quality is invisible.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+use anyhow::Context;
+use clap::ValueEnum;
+use kvroute_tests::load::synthetic::SharedPrefixConfig;
+use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute_tests::load::{ApiMode, Workload};
+use serde::Serialize;
+
+use crate::fleet::measure::{load_args, measure, Measured};
+use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
+use crate::procs::root;
+
+/// kvroute's policies, in the order rows are printed; those the binary does not know are
+/// skipped with a note, so the benchmark runs before and after a policy is merged.
+const KVROUTE_POLICIES: &str = "round-robin,least-loaded,consistent-hash,kv-aware";
+const SGLANG_POLICIES: &str = "cache_aware,round_robin";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadArg {
+    Trace,
+    Synthetic,
+    Both,
+}
+
+/// Boxed so the `Bench` subcommand enum stays small (clippy's `large_enum_variant`).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    opts: Box<Opts>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Opts {
+    /// Which workload(s) to run.
+    #[arg(long, value_enum, default_value = "both")]
+    pub workload: WorkloadArg,
+    /// Mooncake-format trace (default: ../shared/traces/conversation_trace.jsonl from the
+    /// workspace root).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Trace requests to replay.
+    #[arg(long, default_value_t = 2000)]
+    pub n: usize,
+    /// Trace lines to skip first.
+    #[arg(long, default_value_t = 0)]
+    pub skip: usize,
+    /// Trace replay speed-up (timestamps divided by this). 20x is the knee with the default
+    /// replicas: measured with round-robin on 1000 requests, TTFT p50 was 48 ms at 10x, 66 ms
+    /// at 20x, 206 ms at 30x, and at 40x the fleet fell behind the schedule.
+    #[arg(long, default_value_t = 20.0)]
+    pub speed: f64,
+    /// Bytes of prompt per 512-token trace block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_BYTES)]
+    pub block_bytes: usize,
+    /// Synthetic: tenants, each with its own system prompt.
+    #[arg(long, default_value_t = 32)]
+    pub groups: u32,
+    /// Synthetic: users per tenant.
+    #[arg(long, default_value_t = 12)]
+    pub users: u32,
+    /// Synthetic: turns per conversation.
+    #[arg(long, default_value_t = 4)]
+    pub turns: u32,
+    /// Synthetic: bytes of each tenant's system prompt.
+    #[arg(long, default_value_t = 16384)]
+    pub system_bytes: usize,
+    /// Synthetic: new conversations per second.
+    #[arg(long, default_value_t = 24.0)]
+    pub rate: f64,
+    /// Simulated replicas.
+    #[arg(long, default_value_t = 4)]
+    pub replicas: usize,
+    /// Fraction of the workload's distinct KV blocks the whole fleet can hold.
+    #[arg(long, default_value_t = 0.5)]
+    pub kv_fraction: f64,
+    /// KV blocks per replica (overrides --kv-fraction).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Real seconds per simulated second in the replicas.
+    #[arg(long, default_value_t = 0.1)]
+    pub time_scale: f64,
+    /// Replica prefill throughput, tokens per simulated second.
+    #[arg(long, default_value_t = 8000.0)]
+    pub prefill_tps: f64,
+    /// kvroute policies to compare (comma-separated).
+    #[arg(long, default_value = KVROUTE_POLICIES, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// SGLang router policies to compare (comma-separated; empty to leave SGLang out).
+    #[arg(long, default_value = SGLANG_POLICIES, value_delimiter = ',')]
+    pub sglang_policies: Vec<String>,
+    /// Python that has `sglang-router` installed.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// kvroute worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub kvroute_workers: usize,
+    /// Send /v1/chat/completions with an x-session-id header instead of /v1/completions.
+    #[arg(long)]
+    pub chat: bool,
+    /// Use the binaries already in target/release.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Benchmark this kvroute binary instead of target/release/kvroute (e.g. another branch's
+    /// build); its policies are detected the same way.
+    #[arg(long)]
+    pub kvroute_bin: Option<PathBuf>,
+    /// Copy routing.md and routing.svg into docs/bench/.
+    #[arg(long)]
+    pub publish: bool,
+    /// Print the results as one JSON object on stdout (progress goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    generated: String,
+    git: String,
+    machine: String,
+    api: &'static str,
+    /// The command line that produced this report.
+    command: String,
+    /// Version of the `sglang-router` Python package, when it was found.
+    sglang_router: Option<String>,
+    workloads: Vec<WorkloadResult>,
+}
+
+#[derive(Serialize)]
+struct WorkloadResult {
+    name: &'static str,
+    description: String,
+    requests: usize,
+    target_rps: f64,
+    ideal_hit_ratio: f64,
+    working_set_blocks: u64,
+    sim: SimSpec,
+    rows: Vec<Row>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    router: String,
+    #[serde(flatten)]
+    outcome: Outcome,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+enum Outcome {
+    Ok(Box<Measured>),
+    Skipped { reason: String },
+    Failed { error: String },
+}
+
+/// A router to try, or the reason it cannot be.
+type Candidate = (String, Result<RouterSpec, String>);
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let a = *args.opts;
+    let started = Instant::now();
+    anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");
+    anyhow::ensure!(a.time_scale > 0.0, "--time-scale must be positive");
+    anyhow::ensure!(a.kv_fraction > 0.0, "--kv-fraction must be positive");
+    let trace = match a.workload {
+        WorkloadArg::Synthetic => None,
+        _ => Some(crate::demo::resolve_trace(a.trace.as_deref())?),
+    };
+    crate::fleet::child::install_signal_handler();
+    let mut bins = Bins::prepare(a.no_build)?;
+    if let Some(k) = &a.kvroute_bin {
+        anyhow::ensure!(k.is_file(), "--kvroute-bin {}: no such file", k.display());
+        bins.kvroute = k.clone();
+    }
+    let (candidates, sglang_router) = candidates(&a, &bins)?;
+    let out_dir = fleet::bench_dir();
+    let log_dir = out_dir.join("logs");
+
+    let mut workloads = Vec::new();
+    if let Some(path) = &trace {
+        let w = Workload::Trace {
+            path: path.clone(),
+            skip: a.skip,
+            n: Some(a.n),
+            opts: LowerOptions {
+                block_bytes: a.block_bytes,
+                speed: a.speed,
+                max_tokens_scale: DEFAULT_MAX_TOKENS_SCALE,
+            },
+        };
+        let desc = format!(
+            "Mooncake conversation trace, requests {}..{}, replayed {}x faster",
+            a.skip,
+            a.skip + a.n,
+            a.speed
+        );
+        workloads.push(("trace", desc, w));
+    }
+    if a.workload != WorkloadArg::Trace {
+        let cfg = SharedPrefixConfig {
+            groups: a.groups,
+            users: a.users,
+            turns: a.turns,
+            system_bytes: a.system_bytes,
+            question_bytes: 256,
+            answer_bytes: 256,
+            rate: a.rate,
+            max_tokens: 16,
+            seed: 0,
+        };
+        let desc = format!(
+            "synthetic shared prefix: {} tenants x {} users x {} turns, {} B system prompts, \
+             {} new conversations/s",
+            a.groups, a.users, a.turns, a.system_bytes, a.rate
+        );
+        workloads.push(("synthetic", desc, Workload::SharedPrefix(cfg)));
+    }
+
+    let mut results = Vec::new();
+    for (name, description, workload) in workloads {
+        let plan = workload
+            .plan()
+            .with_context(|| format!("plan the {name} workload"))?;
+        let mut sim = SimSpec {
+            replicas: a.replicas,
+            kv_blocks: 0,
+            block_tokens: 16,
+            time_scale: a.time_scale,
+            prefill_tps: a.prefill_tps,
+            decode_tps: 50.0,
+            max_seqs: 256,
+        };
+        let ws = fleet::working_set_blocks(&plan, sim.block_bytes());
+        sim.kv_blocks = a.kv_blocks.unwrap_or_else(|| {
+            fleet::size_kv_blocks(&plan, sim.block_bytes(), a.replicas, a.kv_fraction)
+        });
+        let stats = plan.stats();
+        eprintln!(
+            "\n== {name}: {description}\n   {} requests, {:.1} req/s target, ideal hit ratio {:.1} %, \
+             working set {ws} KV blocks, {} replicas x {} blocks, time scale {}",
+            stats.requests,
+            stats.target_rps,
+            stats.ideal_hit_ratio * 100.0,
+            a.replicas,
+            sim.kv_blocks,
+            a.time_scale
+        );
+        let mode = if a.chat {
+            ApiMode::Chat
+        } else {
+            ApiMode::Completions
+        };
+        let largs = load_args(&workload, mode, Duration::from_secs(120));
+        let mut rows = Vec::new();
+        for (label, spec) in &candidates {
+            let outcome = match spec {
+                Err(reason) => {
+                    eprintln!("   {label}: skipped: {reason}");
+                    Outcome::Skipped {
+                        reason: reason.clone(),
+                    }
+                }
+                Ok(spec) => {
+                    let t = Instant::now();
+                    eprint!("   {label}: ");
+                    match one_row(&bins, &sim, spec, &log_dir, name, &plan, &largs) {
+                        Ok(m) => {
+                            eprintln!(
+                                "hit {:.1} %, TTFT p50 {:.1} ms p99 {:.1} ms, {} errors ({:.0} s)",
+                                m.fleet.hit_ratio * 100.0,
+                                m.client.ttft_ms.p50,
+                                m.client.ttft_ms.p99,
+                                m.client.errors,
+                                t.elapsed().as_secs_f64()
+                            );
+                            Outcome::Ok(Box::new(m))
+                        }
+                        Err(e) => {
+                            eprintln!("FAILED: {e:#}");
+                            Outcome::Failed {
+                                error: format!("{e:#}"),
+                            }
+                        }
+                    }
+                }
+            };
+            rows.push(Row {
+                router: label.clone(),
+                outcome,
+            });
+        }
+        results.push(WorkloadResult {
+            name,
+            description,
+            requests: stats.requests,
+            target_rps: stats.target_rps,
+            ideal_hit_ratio: stats.ideal_hit_ratio,
+            working_set_blocks: ws,
+            sim,
+            rows,
+        });
+    }
+
+    let report = Report {
+        generated: crate::procs::capture(
+            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
+        )
+        .unwrap_or_default(),
+        git: crate::procs::capture(crate::procs::git().args(["rev-parse", "--short", "HEAD"]))
+            .unwrap_or_default(),
+        machine: format!(
+            "{} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        api: if a.chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        },
+        command: std::iter::once("cargo xtask".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        sglang_router,
+        workloads: results,
+    };
+    std::fs::create_dir_all(&out_dir)?;
+    let md = markdown(&report);
+    let md_path = out_dir.join("routing.md");
+    let svg_path = out_dir.join("routing.svg");
+    let json_path = out_dir.join("routing.json");
+    std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    chart(&report, &svg_path).with_context(|| format!("draw {}", svg_path.display()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&json_path, &json)?;
+    if a.json {
+        println!("{json}");
+    } else {
+        println!("\n{}", terminal_tables(&report));
+    }
+    eprintln!(
+        "wrote {}, {} and {} ({:.0} s in all)",
+        md_path.display(),
+        svg_path.display(),
+        json_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if a.publish {
+        let docs = root().join("docs/bench");
+        std::fs::create_dir_all(&docs)?;
+        for (from, to) in [(&md_path, "routing.md"), (&svg_path, "routing.svg")] {
+            std::fs::copy(from, docs.join(to))
+                .with_context(|| format!("copy {} to {}", from.display(), docs.display()))?;
+        }
+        eprintln!("published to {}", docs.display());
+    }
+    let failed: Vec<String> = report
+        .workloads
+        .iter()
+        .flat_map(|w| {
+            w.rows
+                .iter()
+                .filter(|r| matches!(r.outcome, Outcome::Failed { .. }))
+                .map(move |r| format!("{} / {}", w.name, r.router))
+        })
+        .collect();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} row(s) failed: {} (logs under {})",
+        failed.len(),
+        failed.join(", "),
+        log_dir.display()
+    );
+    Ok(())
+}
+
+/// Every router the run asks for, each either ready to start or with the reason it is not,
+/// and the sglang-router version found (if any).
+fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<String>)> {
+    let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
+    let mut out = Vec::new();
+    for p in a.policies.iter().filter(|p| !p.is_empty()) {
+        let label = format!("kvroute {p}");
+        let spec = if supported.iter().any(|s| s == p) {
+            Ok(RouterSpec::Kvroute {
+                policy: p.clone(),
+                workers: a.kvroute_workers,
+            })
+        } else {
+            Err(format!(
+                "this kvroute build does not accept --policy {p} (it accepts: {})",
+                supported.join(", ")
+            ))
+        };
+        out.push((label, spec));
+    }
+    let sglang: Vec<&String> = a.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
+    let mut version = None;
+    if !sglang.is_empty() {
+        let available = fleet::sglang_router_available(&a.python);
+        if let Ok(v) = &available {
+            eprintln!("sglang-router {v} found");
+            version = Some(v.clone());
+        }
+        for p in sglang {
+            let spec = available.clone().map(|_| RouterSpec::Sglang {
+                policy: p.clone(),
+                python: a.python.clone(),
+            });
+            out.push((format!("sglang-router {p}"), spec));
+        }
+    }
+    Ok((out, version))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn one_row(
+    bins: &Bins,
+    sim: &SimSpec,
+    spec: &RouterSpec,
+    log_dir: &Path,
+    tag: &str,
+    plan: &kvroute_tests::load::plan::Plan,
+    load_args: &[String],
+) -> anyhow::Result<Measured> {
+    let mut fleet = Fleet::start(bins, sim, spec, log_dir, tag)?;
+    let logs = fleet.logs();
+    measure(bins, &mut fleet, plan, load_args, log_dir, tag).with_context(|| {
+        let shown: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
+        format!("logs: {}", shown.join(" "))
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1} %", x * 100.0)
+}
+
+const HEADERS: [&str; 10] = [
+    "router",
+    "hit ratio",
+    "TTFT p50 ms",
+    "TTFT p90 ms",
+    "TTFT p99 ms",
+    "e2e p99 ms",
+    "imbalance",
+    "errors",
+    "req/s",
+    "share r0/r1/…",
+];
+
+fn cells(r: &Row) -> Vec<String> {
+    match &r.outcome {
+        Outcome::Ok(m) => vec![
+            r.router.clone(),
+            pct(m.fleet.hit_ratio),
+            format!("{:.1}", m.client.ttft_ms.p50),
+            format!("{:.1}", m.client.ttft_ms.p90),
+            format!("{:.1}", m.client.ttft_ms.p99),
+            format!("{:.1}", m.client.e2e_ms.p99),
+            format!("{:.2}", m.fleet.imbalance),
+            m.client.errors.to_string(),
+            format!("{:.1}", m.client.achieved_rps),
+            m.fleet.shares(),
+        ],
+        Outcome::Skipped { reason } => vec![r.router.clone(), format!("skipped: {reason}")],
+        Outcome::Failed { error } => {
+            let first = error.lines().next().unwrap_or_default();
+            vec![r.router.clone(), format!("FAILED: {first}")]
+        }
+    }
+}
+
+fn workload_header(w: &WorkloadResult) -> String {
+    format!(
+        "{}: {} requests at {:.1} req/s; ideal hit ratio {} (one infinite cache); \
+         {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
+         replica time scale {}",
+        w.description,
+        w.requests,
+        w.target_rps,
+        pct(w.ideal_hit_ratio),
+        w.sim.replicas,
+        w.sim.kv_blocks,
+        w.sim.block_tokens,
+        (w.sim.kv_blocks * w.sim.replicas) as f64 * 100.0 / w.working_set_blocks.max(1) as f64,
+        w.working_set_blocks,
+        w.sim.time_scale
+    )
+}
+
+fn terminal_tables(r: &Report) -> String {
+    let mut o = String::new();
+    for w in &r.workloads {
+        let _ = writeln!(o, "{} workload", w.name);
+        let _ = writeln!(o, "  {}", workload_header(w));
+        let rows: Vec<Vec<String>> = w.rows.iter().map(cells).collect();
+        let mut width: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
+        for row in rows.iter().filter(|r| r.len() == HEADERS.len()) {
+            for (i, c) in row.iter().enumerate() {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        width[0] = width[0].max(rows.iter().map(|r| r[0].chars().count()).max().unwrap_or(0));
+        let line = |o: &mut String, row: &[String]| {
+            let mut s = String::from(" ");
+            for (i, c) in row.iter().enumerate() {
+                if i == 0 {
+                    let _ = write!(s, " {c:<w$}", w = width[0]);
+                } else if row.len() == HEADERS.len() {
+                    let _ = write!(s, "  {c:>w$}", w = width[i]);
+                } else {
+                    let _ = write!(s, "  {c}");
+                }
+            }
+            let _ = writeln!(o, "{}", s.trim_end());
+        };
+        line(&mut o, &HEADERS.map(String::from));
+        for row in &rows {
+            line(&mut o, row);
+        }
+        o.push('\n');
+    }
+    o
+}
+
+fn markdown(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# Routing quality: kvroute policies vs SGLang's router\n"
+    );
+    let _ = writeln!(
+        o,
+        "Generated by `cargo xtask bench routing` on {} ({}, commit {}). Every row runs on a \
+         fresh fleet of `kvroute-sim` replicas (cold caches) with the same requests, sent to `{}` \
+         with streaming. Hit ratio, per-replica share and imbalance (max/mean requests per \
+         replica) are the replicas' own counters; TTFT and e2e are measured by the client in \
+         wall-clock ms (simulated time runs at the stated time scale).\n",
+        r.generated, r.machine, r.git, r.api
+    );
+    for w in &r.workloads {
+        let _ = writeln!(o, "## {}\n", w.name);
+        let _ = writeln!(o, "{}\n", workload_header(w));
+        let _ = writeln!(o, "| {} |", HEADERS.join(" | "));
+        let _ = writeln!(
+            o,
+            "|{}",
+            HEADERS
+                .iter()
+                .enumerate()
+                .map(|(i, _)| if i == 0 { " --- |" } else { " ---: |" })
+                .collect::<String>()
+        );
+        for row in &w.rows {
+            let mut c = cells(row);
+            c.resize(HEADERS.len(), String::new());
+            let _ = writeln!(o, "| {} |", c.join(" | "));
+        }
+        o.push('\n');
+    }
+    let _ = writeln!(o, "## Notes\n");
+    let _ = writeln!(o, "- Reproduce: `{}`", r.command);
+    if let Some(v) = &r.sglang_router {
+        let _ = writeln!(
+            o,
+            "- SGLang's router is the `sglang-router` {v} package from PyPI, started with \
+             `python -m sglang_router.launch_router --worker-urls … --policy P` and its default \
+             tuning. On a reused keep-alive connection it often holds a streamed response for \
+             about 40 ms (the TCP delayed-ACK signature; also seen with a raw-socket client, not \
+             with a fresh connection per request), which sets the floor of its TTFT here. Hit \
+             ratio and balance are not affected."
+        );
+    }
+    let skipped = r
+        .workloads
+        .iter()
+        .flat_map(|w| &w.rows)
+        .any(|row| matches!(row.outcome, Outcome::Skipped { .. }));
+    if skipped {
+        let _ = writeln!(
+            o,
+            "- Skipped rows name what was missing when this was generated; they fill in when the \
+             benchmark is re-run with a kvroute build (or Python) that has them."
+        );
+    }
+    o
+}
+
+/// Per workload, two horizontal bar panels: TTFT p50/p99 and hit ratio (with the ideal as a
+/// line). Horizontal so router names fit as axis labels.
+fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+
+    let measured: Vec<(&WorkloadResult, Vec<(&str, &Measured)>)> = r
+        .workloads
+        .iter()
+        .map(|w| {
+            let rows = w
+                .rows
+                .iter()
+                .filter_map(|row| match &row.outcome {
+                    Outcome::Ok(m) => Some((row.router.as_str(), m.as_ref())),
+                    _ => None,
+                })
+                .collect();
+            (w, rows)
+        })
+        .collect();
+    let panel_h = 60
+        + 46 * measured
+            .iter()
+            .map(|(_, v)| v.len())
+            .max()
+            .unwrap_or(1)
+            .max(1) as u32;
+    let root =
+        SVGBackend::new(path, (1200, panel_h * measured.len().max(1) as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let light = RGBColor(120, 170, 220);
+    let dark = RGBColor(30, 80, 150);
+    let hit = RGBColor(60, 150, 90);
+    for (area, (w, rows)) in root
+        .split_evenly((measured.len().max(1), 1))
+        .into_iter()
+        .zip(&measured)
+    {
+        let (left, right) = area.split_horizontally(660);
+        let n = rows.len().max(1) as f64;
+        let names: Vec<String> = rows.iter().rev().map(|(n, _)| n.to_string()).collect();
+        let label_of = move |y: &f64| -> String {
+            let i = y.floor();
+            if (y - i - 0.5).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        let max_ttft = rows
+            .iter()
+            .map(|(_, m)| m.client.ttft_ms.p99)
+            .fold(1.0, f64::max)
+            * 1.1;
+        let mut c = ChartBuilder::on(&left)
+            .caption(
+                format!("{}: TTFT ms (light: p50, dark: p99)", w.name),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(190)
+            .build_cartesian_2d(0.0..max_ttft, 0.0..n)?;
+        c.configure_mesh()
+            .disable_y_mesh()
+            .light_line_style(TRANSPARENT)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_labels(2 * rows.len() + 1)
+            .y_label_formatter(&label_of)
+            .draw()?;
+        // Table order top to bottom: the first row gets the highest y.
+        let at = |i: usize| n - 1.0 - i as f64;
+        c.draw_series(rows.iter().enumerate().map(|(i, (_, m))| {
+            Rectangle::new(
+                [(0.0, at(i) + 0.52), (m.client.ttft_ms.p50, at(i) + 0.85)],
+                light.filled(),
+            )
+        }))?;
+        c.draw_series(rows.iter().enumerate().map(|(i, (_, m))| {
+            Rectangle::new(
+                [(0.0, at(i) + 0.15), (m.client.ttft_ms.p99, at(i) + 0.48)],
+                dark.filled(),
+            )
+        }))?;
+
+        let mut h = ChartBuilder::on(&right)
+            .caption(
+                format!("{}: hit ratio % (line: ideal)", w.name),
+                ("sans-serif", 18),
+            )
+            .margin(10)
+            .margin_right(25)
+            .x_label_area_size(30)
+            .y_label_area_size(10)
+            .build_cartesian_2d(0.0..100.0, 0.0..n)?;
+        h.configure_mesh()
+            .disable_y_mesh()
+            .light_line_style(TRANSPARENT)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_labels(0)
+            .draw()?;
+        h.draw_series(rows.iter().enumerate().map(|(i, (_, m))| {
+            Rectangle::new(
+                [(0.0, at(i) + 0.2), (m.fleet.hit_ratio * 100.0, at(i) + 0.8)],
+                hit.filled(),
+            )
+        }))?;
+        let ideal = w.ideal_hit_ratio * 100.0;
+        h.draw_series(std::iter::once(PathElement::new(
+            vec![(ideal, 0.0), (ideal, n)],
+            BLACK.stroke_width(2),
+        )))?;
+        h.draw_series(rows.iter().enumerate().map(|(i, (_, m))| {
+            Text::new(
+                format!("{:.1}", m.fleet.hit_ratio * 100.0),
+                (m.fleet.hit_ratio * 100.0 + 1.0, at(i) + 0.62),
+                ("sans-serif", 13),
+            )
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::measure::FleetCounts;
+    use kvroute_tests::load::Summary;
+
+    fn report() -> Report {
+        let mut client = Summary::default();
+        client.ttft_ms.p50 = 12.34;
+        client.ttft_ms.p99 = 99.0;
+        client.errors = 2;
+        let fleet = FleetCounts {
+            hit_ratio: 0.25,
+            per_replica: [("r0".into(), 3), ("r1".into(), 1)].into(),
+            imbalance: 1.5,
+            evictions: 0,
+        };
+        Report {
+            generated: "now".into(),
+            git: "abc".into(),
+            machine: "2 cores".into(),
+            api: "/v1/completions",
+            command: "cargo xtask bench routing".into(),
+            sglang_router: None,
+            workloads: vec![WorkloadResult {
+                name: "trace",
+                description: "d".into(),
+                requests: 4,
+                target_rps: 1.0,
+                ideal_hit_ratio: 0.5,
+                working_set_blocks: 100,
+                sim: SimSpec {
+                    replicas: 2,
+                    kv_blocks: 25,
+                    block_tokens: 16,
+                    time_scale: 0.1,
+                    prefill_tps: 8000.0,
+                    decode_tps: 50.0,
+                    max_seqs: 256,
+                },
+                rows: vec![
+                    Row {
+                        router: "kvroute round-robin".into(),
+                        outcome: Outcome::Ok(Box::new(Measured { client, fleet })),
+                    },
+                    Row {
+                        router: "kvroute kv-aware".into(),
+                        outcome: Outcome::Skipped {
+                            reason: "not in this build".into(),
+                        },
+                    },
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn markdown_has_a_full_row_per_router_and_the_ideal() {
+        let md = markdown(&report());
+        assert!(
+            md.contains("| kvroute round-robin | 25.0 % | 12.3 | 0.0 | 99.0 | 0.0 | 1.50 | 2 | 0.0 | 75/25 % |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| kvroute kv-aware | skipped: not in this build |"),
+            "{md}"
+        );
+        assert!(md.contains("ideal hit ratio 50.0 %"), "{md}");
+        // 2 × 25 blocks of a 100-block working set.
+        assert!(md.contains("(50 % of the 100-block working set"), "{md}");
+        assert!(md.contains("Skipped rows"), "{md}");
+    }
+
+    #[test]
+    fn chart_renders_with_and_without_measured_rows() {
+        let dir = std::env::temp_dir().join(format!("xtask-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = report();
+        chart(&r, &dir.join("a.svg")).unwrap();
+        let svg = std::fs::read_to_string(dir.join("a.svg")).unwrap();
+        assert!(svg.contains("kvroute round-robin"));
+        r.workloads[0].rows.remove(0);
+        chart(&r, &dir.join("b.svg")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,8 +1,208 @@
-//! Not written yet.
+//! `cargo xtask demo`: four simulated replicas, kvroute in front, a short window of the
+//! Mooncake conversation trace replayed through round-robin and then kv-aware routing, and the
+//! two runs side by side. Meant to finish in under two minutes on a 2-core machine.
 
-#[derive(clap::Args)]
-pub struct Args {}
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+use anyhow::Context;
+use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute_tests::load::{ApiMode, Workload};
+
+use crate::fleet::measure::{load_args, measure, Measured};
+use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
+use crate::procs::root;
+
+/// The trace, relative to the workspace root.
+const DEFAULT_TRACE: &str = "../shared/traces/conversation_trace.jsonl";
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Mooncake-format trace (default: ../shared/traces/conversation_trace.jsonl from the
+    /// workspace root).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Trace requests to replay per policy.
+    #[arg(long, default_value_t = 500)]
+    pub n: usize,
+    /// Trace replay speed-up (timestamps divided by this).
+    #[arg(long, default_value_t = 8.0)]
+    pub speed: f64,
+    /// Real seconds per simulated second in the replicas.
+    #[arg(long, default_value_t = 0.25)]
+    pub time_scale: f64,
+    /// Simulated replicas.
+    #[arg(long, default_value_t = 4)]
+    pub replicas: usize,
+    /// kvroute worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub kvroute_workers: usize,
+    /// Use the binaries already in target/release.
+    #[arg(long)]
+    pub no_build: bool,
+}
+
+/// `--trace` if given, else the shared trace next to the workspace; a clear error if missing.
+pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(p) => p.to_path_buf(),
+        None => root().join(DEFAULT_TRACE),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "trace not found: {} (pass --trace FILE, a Mooncake-format JSONL trace such as \
+         conversation_trace.jsonl; by default it is looked up at {DEFAULT_TRACE} relative to the \
+         workspace root)",
+        path.display()
+    );
+    // Shown in reports: `/work/shared/x`, not `/work/kvroute/../shared/x`.
+    Ok(path.canonicalize().unwrap_or(path))
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    anyhow::ensure!(a.n >= 1, "--n must be at least 1");
+    anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");
+    let trace = resolve_trace(a.trace.as_deref())?;
+    fleet::child::install_signal_handler();
+    let bins = Bins::prepare(a.no_build)?;
+
+    let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
+    let second = if supported.iter().any(|p| p == "kv-aware") {
+        "kv-aware"
+    } else {
+        eprintln!(
+            "note: this kvroute build has no kv-aware policy yet (it accepts: {}); \
+             comparing round-robin with least-loaded instead",
+            supported.join(", ")
+        );
+        "least-loaded"
+    };
+    let policies = ["round-robin", second];
+
+    let workload = Workload::Trace {
+        path: trace.clone(),
+        skip: 0,
+        n: Some(a.n),
+        opts: LowerOptions {
+            block_bytes: DEFAULT_BLOCK_BYTES,
+            speed: a.speed,
+            max_tokens_scale: DEFAULT_MAX_TOKENS_SCALE,
+        },
+    };
+    let plan = workload.plan()?;
+    let mut sim = SimSpec {
+        replicas: a.replicas,
+        kv_blocks: 0,
+        block_tokens: 16,
+        time_scale: a.time_scale,
+        prefill_tps: 8000.0,
+        decode_tps: 50.0,
+        max_seqs: 256,
+    };
+    // Half the window's working set fits in the fleet: enough to reward routing that keeps a
+    // conversation on the replica holding its prefix, too little for any router to get it free.
+    sim.kv_blocks = fleet::size_kv_blocks(&plan, sim.block_bytes(), a.replicas, 0.5);
+    let stats = plan.stats();
+    let headline = format!(
+        "{} requests of {} replayed {}x faster ({:.1} req/s), {} simulated replicas x {} KV blocks",
+        stats.requests,
+        trace.display(),
+        a.speed,
+        stats.target_rps,
+        a.replicas,
+        sim.kv_blocks
+    );
+    eprintln!("demo: {headline}");
+
+    let log_dir = fleet::bench_dir().join("logs");
+    let largs = load_args(&workload, ApiMode::Completions, Duration::from_secs(60));
+    let mut results: Vec<(&str, Measured)> = Vec::new();
+    for policy in policies {
+        let spec = RouterSpec::Kvroute {
+            policy: policy.to_owned(),
+            workers: a.kvroute_workers,
+        };
+        let t = Instant::now();
+        eprintln!("demo: kvroute --policy {policy}: starting the fleet and replaying…");
+        let mut f = Fleet::start(&bins, &sim, &spec, &log_dir, "demo")
+            .with_context(|| format!("start the fleet for --policy {policy}"))?;
+        let logs = f.logs();
+        let m = measure(&bins, &mut f, &plan, &largs, &log_dir, "demo").with_context(|| {
+            let shown: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
+            format!(
+                "replay through --policy {policy}; logs: {}",
+                shown.join(" ")
+            )
+        })?;
+        drop(f);
+        eprintln!(
+            "demo: kvroute --policy {policy}: done in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+        results.push((policy, m));
+    }
+    println!(
+        "\n{}",
+        side_by_side(&headline, stats.ideal_hit_ratio, &results)
+    );
+    eprintln!(
+        "demo: finished in {:.0} s; process logs under {}",
+        started.elapsed().as_secs_f64(),
+        log_dir.display()
+    );
+    Ok(())
+}
+
+fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String {
+    const COL: usize = 16;
+    let pct = |x: f64| format!("{:.1} %", x * 100.0);
+    let mut o = String::new();
+    let _ = writeln!(o, "kvroute demo: {headline}\n");
+    let _ = write!(o, "  {:<24}", "policy");
+    for (p, _) in runs {
+        let _ = write!(o, "{p:>COL$}");
+    }
+    o.push('\n');
+    let mut row = |name: &str, f: &dyn Fn(&Measured) -> String, note: &str| {
+        let _ = write!(o, "  {name:<24}");
+        for (_, m) in runs {
+            let _ = write!(o, "{:>COL$}", f(m));
+        }
+        let _ = writeln!(o, "  {note}");
+    };
+    row(
+        "KV cache hit ratio",
+        &|m| pct(m.fleet.hit_ratio),
+        &format!("(ideal {}: one infinite cache)", pct(ideal)),
+    );
+    row(
+        "TTFT p50 ms",
+        &|m| format!("{:.1}", m.client.ttft_ms.p50),
+        "",
+    );
+    row(
+        "TTFT p99 ms",
+        &|m| format!("{:.1}", m.client.ttft_ms.p99),
+        "",
+    );
+    row("e2e p99 ms", &|m| format!("{:.1}", m.client.e2e_ms.p99), "");
+    row(
+        "imbalance (max/mean)",
+        &|m| format!("{:.2}", m.fleet.imbalance),
+        "(1.00 = even)",
+    );
+    row("errors", &|m| m.client.errors.to_string(), "");
+    row(
+        "share r0/r1/r2/...",
+        &|m| m.fleet.shares(),
+        "(requests per replica)",
+    );
+    row(
+        "achieved req/s",
+        &|m| format!("{:.1}", m.client.achieved_rps),
+        "",
+    );
+    o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
 }

@@ -8,6 +8,7 @@
 mod bench_proxy;
 mod bench_routing;
 mod demo;
+mod fleet;
 mod procs;
 mod test;
 

@@ -25,3 +25,18 @@ pub fn cargo() -> Command {
     c.current_dir(root());
     c
 }
+
+/// `git` in the workspace root.
+pub fn git() -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command and returns its trimmed stdout, failing with its name when it fails.
+pub fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    anyhow::ensure!(out.status.success(), "{shown} failed with {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}

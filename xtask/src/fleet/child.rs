@@ -1,0 +1,242 @@
+//! Child processes that never outlive xtask.
+//!
+//! Three layers, because each covers a way of dying the others miss:
+//! - [`Child`]'s `Drop` kills and reaps: normal return and `?` errors;
+//! - a SIGINT/SIGTERM handler kills every registered child, then exits: Ctrl-C, `kill PID`,
+//!   and panics are covered by `Drop` as long as the panic unwinds;
+//! - `setpriv --pdeathsig KILL` (util-linux) wraps each child when available, so the kernel
+//!   kills it even when xtask itself is SIGKILLed and no Rust code runs at all.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// PIDs of children alive right now, for the signal handler (which cannot reach the `Child`
+/// values owned by whatever stack frame is running).
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    // A panic while holding the lock leaves plain PIDs behind: still usable.
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Installs the SIGINT/SIGTERM handler once per process.
+pub fn install_signal_handler() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("xtask-signals".into())
+            .spawn(|| {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let sig = rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(mut int), Ok(mut term)) = (
+                        signal(SignalKind::interrupt()),
+                        signal(SignalKind::terminate()),
+                    ) else {
+                        return None;
+                    };
+                    tokio::select! {
+                        _ = int.recv() => Some("SIGINT"),
+                        _ = term.recv() => Some("SIGTERM"),
+                    }
+                });
+                if let Some(sig) = sig {
+                    // Holding the lock until exit: nothing can register a new child after the sweep.
+                    let pids = live();
+                    eprintln!(
+                        "xtask: {sig}: stopping {} child process(es) and exiting",
+                        pids.len()
+                    );
+                    for pid in pids.iter() {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                    std::process::exit(130);
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("xtask: warning: no signal handler ({e}); Ctrl-C may leave children behind");
+        }
+    });
+}
+
+/// `setpriv` from util-linux, when it supports `--pdeathsig`.
+fn setpriv() -> Option<&'static Path> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let ok = Command::new("setpriv")
+                .args(["--pdeathsig", "KILL", "--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| PathBuf::from("setpriv"))
+        })
+        .as_deref()
+}
+
+/// A started process, killed and reaped on drop; stdout and stderr go to `log`.
+pub struct Child {
+    inner: std::process::Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Child {
+    /// Spawns `program args…` with its output appended to `log`. Must be called from the main
+    /// thread: the kernel's parent-death signal fires when the *thread* that forked exits.
+    pub fn spawn(
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Child> {
+        Self::spawn_with_stdout(name, program, args, log, None)
+    }
+
+    /// Like [`Child::spawn`], with stdout kept apart in `stdout` when given (for a child whose
+    /// output is its result).
+    pub fn spawn_with_stdout(
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[String],
+        log: &Path,
+        stdout: Option<&Path>,
+    ) -> anyhow::Result<Child> {
+        install_signal_handler();
+        let program = program.as_ref();
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        let err = File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let out = match stdout {
+            Some(p) => File::create(p).with_context(|| format!("create {}", p.display()))?,
+            None => err.try_clone()?,
+        };
+        let mut cmd = match setpriv() {
+            Some(sp) => {
+                let mut c = Command::new(sp);
+                c.args(["--pdeathsig", "KILL", "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let mut registry = live();
+        let inner = cmd.spawn().with_context(|| {
+            format!(
+                "{name}: cannot start {} (log {})",
+                Path::new(program).display(),
+                log.display()
+            )
+        })?;
+        registry.push(inner.id());
+        Ok(Child {
+            inner,
+            name: name.to_owned(),
+            log: log.to_owned(),
+        })
+    }
+
+    /// The exit status if the process has already exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.inner.try_wait().ok().flatten()
+    }
+
+    /// Fails, naming the process and its log, when it is no longer running.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.exited() {
+            None => Ok(()),
+            Some(st) => anyhow::bail!(
+                "{} exited ({st}); log {}:\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(15)
+            ),
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; kills it and fails otherwise.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.exited() {
+                return Ok(st);
+            }
+            if Instant::now() >= end {
+                let _ = self.inner.kill();
+                anyhow::bail!(
+                    "{} still running after {:.0} s, killed; log {}:\n{}",
+                    self.name,
+                    limit.as_secs_f64(),
+                    self.log.display(),
+                    self.log_tail(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last `n` lines of the log, indented, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..]
+            .iter()
+            .map(|l| format!("    {l}\n"))
+            .collect()
+    }
+
+    /// Polls `ready` every 50 ms for up to `limit`, failing early (with the log) if the process
+    /// exits and with a timeout error naming it otherwise.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let end = Instant::now() + limit;
+        loop {
+            self.ensure_running()?;
+            if ready() {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                anyhow::bail!(
+                    "{}: {what} not ready after {:.0} s; log {}:\n{}",
+                    self.name,
+                    limit.as_secs_f64(),
+                    self.log.display(),
+                    self.log_tail(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let pid = self.inner.id();
+        let _ = self.inner.kill();
+        let _ = self.inner.wait();
+        live().retain(|p| *p != pid);
+    }
+}

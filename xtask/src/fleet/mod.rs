@@ -1,0 +1,570 @@
+//! A simulated fleet for demos and benchmarks: N `kvroute-sim` replicas behind one router
+//! (kvroute with a policy, or SGLang's router), on loopback, with every process's output in a
+//! log file and every process stopped when the [`Fleet`] is dropped or xtask is interrupted.
+
+pub mod child;
+pub mod measure;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use kvroute_tests::harness::{free_port, post, request};
+use kvroute_tests::load::plan::Plan;
+use serde::{Deserialize, Serialize};
+
+use self::child::Child;
+use crate::procs::{cargo, root, sh};
+
+/// Bytes of prompt per simulated token: kvroute-sim has no tokenizer and counts 4 bytes a token.
+pub const SIM_BYTES_PER_TOKEN: usize = 4;
+
+/// Every policy name kvroute has or is getting, in the order they are compared.
+pub const KNOWN_POLICIES: [&str; 4] =
+    ["round-robin", "least-loaded", "consistent-hash", "kv-aware"];
+
+/// Where benchmark output, logs and generated configs go.
+pub fn bench_dir() -> PathBuf {
+    target_dir().join("bench")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_relative() { root().join(p) } else { p })
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The release binaries a fleet is made of.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub kvroute: PathBuf,
+    pub sim: PathBuf,
+    pub load: PathBuf,
+}
+
+impl Bins {
+    /// Builds them unless `skip_build`, then checks they exist.
+    pub fn prepare(skip_build: bool) -> anyhow::Result<Bins> {
+        if !skip_build {
+            sh(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "kvroute",
+                "-p",
+                "kvroute-tests",
+                "--bins",
+            ]))?;
+        }
+        let dir = target_dir().join("release");
+        let bins = Bins {
+            kvroute: dir.join("kvroute"),
+            sim: dir.join("kvroute-sim"),
+            load: dir.join("kvroute-load"),
+        };
+        for p in [&bins.kvroute, &bins.sim, &bins.load] {
+            anyhow::ensure!(
+                p.exists(),
+                "{} not found: build it with `cargo build --release -p kvroute -p kvroute-tests --bins` \
+                 (or drop --no-build)",
+                p.display()
+            );
+        }
+        Ok(bins)
+    }
+
+    /// The `--policy` values this kvroute build accepts, read from its `-h` (clap lists them
+    /// as `[possible values: a, b]`), so callers work before and after a policy lands. If the
+    /// help has no such list, each of `known` is tried with `--check-config` instead (clap
+    /// rejects an unknown value with exit code 2 before anything else happens).
+    pub fn kvroute_policies(&self, known: &[&str]) -> anyhow::Result<Vec<String>> {
+        let out = Command::new(&self.kvroute)
+            .arg("-h")
+            .output()
+            .with_context(|| format!("run {} -h", self.kvroute.display()))?;
+        if let Some(found) = parse_policy_values(&String::from_utf8_lossy(&out.stdout)) {
+            return Ok(found);
+        }
+        let accepts = |p: &str| {
+            Command::new(&self.kvroute)
+                .args(["--policy", p, "--check-config", "--admin", "127.0.0.1:9"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        let found: Vec<String> = known
+            .iter()
+            .filter(|p| accepts(p))
+            .map(|p| p.to_string())
+            .collect();
+        anyhow::ensure!(
+            !found.is_empty(),
+            "{} accepts none of the policies {known:?} (neither `-h` nor `--check-config` tell)",
+            self.kvroute.display()
+        );
+        Ok(found)
+    }
+}
+
+/// The `[possible values: …]` list of the `--policy` flag in clap's short help (`-h`; the
+/// long help switches to a bulleted list once variants carry doc comments).
+fn parse_policy_values(help: &str) -> Option<Vec<String>> {
+    let mut lines = help
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("--policy"));
+    let first = lines.next()?;
+    // The flag's own text runs until the next line that starts another flag; wrapped lines of
+    // a long value list are part of it, another flag's values are not.
+    let mut section = first.to_owned();
+    for l in lines.take_while(|l| !l.trim_start().starts_with('-')) {
+        section.push(' ');
+        section.push_str(l.trim());
+    }
+    let open = section.find("possible values:")? + "possible values:".len();
+    let close = section[open..].find(']')? + open;
+    Some(
+        section[open..close]
+            .split(',')
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect(),
+    )
+}
+
+/// Whether SGLang's router can be started with `python`; the error is the reason to print.
+pub fn sglang_router_available(python: &str) -> Result<String, String> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import sglang_router, importlib.metadata as m; print(m.version('sglang-router'))",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run {python}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "sglang-router is not installed for {python} (`{python} -m pip install sglang-router`)"
+        ))
+    }
+}
+
+/// How every replica of the fleet is simulated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SimSpec {
+    pub replicas: usize,
+    pub kv_blocks: usize,
+    pub block_tokens: u32,
+    /// Real seconds per simulated second.
+    pub time_scale: f64,
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
+    pub max_seqs: usize,
+}
+
+impl SimSpec {
+    /// Prompt bytes per simulated KV block.
+    pub fn block_bytes(&self) -> usize {
+        self.block_tokens as usize * SIM_BYTES_PER_TOKEN
+    }
+}
+
+/// KV blocks of the distinct prompt content of `plan`: each distinct segment counted once at
+/// its full size, which is what a cache big enough for the whole run would end up holding.
+pub fn working_set_blocks(plan: &Plan, block_bytes: usize) -> u64 {
+    let mut seen = std::collections::HashMap::new();
+    for g in plan.requests_in_order().flat_map(|r| &r.segments) {
+        seen.entry(g.id).or_insert(g.full_bytes);
+    }
+    seen.values()
+        .map(|b| b.div_ceil(block_bytes.max(1)) as u64)
+        .sum()
+}
+
+/// KV blocks of the largest single prompt of `plan`.
+pub fn largest_request_blocks(plan: &Plan, block_bytes: usize) -> u64 {
+    plan.requests_in_order()
+        .map(|r| r.segments.iter().map(|g| g.bytes).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        .div_ceil(block_bytes.max(1)) as u64
+}
+
+/// Per-replica KV capacity so the fleet as a whole holds `fraction` of the working set, but
+/// never less than two of the largest prompts (a replica that cannot hold one prompt measures
+/// nothing but thrashing).
+pub fn size_kv_blocks(plan: &Plan, block_bytes: usize, replicas: usize, fraction: f64) -> usize {
+    let ws = working_set_blocks(plan, block_bytes) as f64;
+    let per = (ws * fraction / replicas.max(1) as f64).ceil() as u64;
+    per.max(2 * largest_request_blocks(plan, block_bytes))
+        .max(64) as usize
+}
+
+/// The router in front of the replicas.
+#[derive(Clone, Debug)]
+pub enum RouterSpec {
+    Kvroute { policy: String, workers: usize },
+    Sglang { policy: String, python: String },
+}
+
+impl RouterSpec {
+    pub fn label(&self) -> String {
+        match self {
+            RouterSpec::Kvroute { policy, .. } => format!("kvroute {policy}"),
+            RouterSpec::Sglang { policy, .. } => format!("sglang-router {policy}"),
+        }
+    }
+
+    fn slug(&self) -> String {
+        self.label().replace([' ', '_'], "-")
+    }
+}
+
+/// One replica.
+pub struct Sim {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub child: Child,
+}
+
+impl Sim {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// What a replica reports at `GET /sim/stats` (counters since start or the last reset).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SimStats {
+    #[serde(default)]
+    pub name: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub evictions: u64,
+}
+
+/// Replicas plus a router; dropping it stops all of them (router first, so it never sees its
+/// replicas vanish while it still serves).
+pub struct Fleet {
+    router: Child,
+    url: String,
+    pub sims: Vec<Sim>,
+    pub label: String,
+}
+
+const SIM_READY: Duration = Duration::from_secs(15);
+const KVROUTE_READY: Duration = Duration::from_secs(15);
+/// Python start-up plus the router's first worker health checks.
+const SGLANG_READY: Duration = Duration::from_secs(90);
+/// From "router listening" to "a request goes through": SGLang registers workers after start.
+const FIRST_REQUEST: Duration = Duration::from_secs(60);
+
+impl Fleet {
+    /// Starts `spec.replicas` simulators and `router` in front of them, waits until a request
+    /// goes through end to end, then resets the simulators so the run starts cold.
+    /// Logs go to `log_dir/<tag>-<process>.log`.
+    pub fn start(
+        bins: &Bins,
+        spec: &SimSpec,
+        router: &RouterSpec,
+        log_dir: &Path,
+        tag: &str,
+    ) -> anyhow::Result<Fleet> {
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("create {}", log_dir.display()))?;
+        let log = |what: &str| log_dir.join(format!("{tag}-{}-{what}.log", router.slug()));
+        let mut sims = Vec::with_capacity(spec.replicas);
+        for i in 0..spec.replicas {
+            sims.push(start_sim(
+                bins,
+                spec,
+                &format!("r{i}"),
+                &log(&format!("r{i}")),
+            )?);
+        }
+        let (router_child, url) = match router {
+            RouterSpec::Kvroute { policy, workers } => start_kvroute(
+                bins,
+                spec,
+                &sims,
+                policy,
+                *workers,
+                &log("kvroute"),
+                log_dir,
+                tag,
+            )?,
+            RouterSpec::Sglang { policy, python } => {
+                start_sglang(python, &sims, policy, &log("sglang-router"))?
+            }
+        };
+        let mut fleet = Fleet {
+            router: router_child,
+            url,
+            sims,
+            label: router.label(),
+        };
+        fleet.smoke()?;
+        fleet.reset_sims()?;
+        Ok(fleet)
+    }
+
+    /// Base URL clients send to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn router_addr(&self) -> SocketAddr {
+        self.url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("router URL is http://ip:port")
+    }
+
+    /// Sends one tiny completion through the router until it succeeds: proves the whole path
+    /// works before a benchmark is spent on it.
+    fn smoke(&mut self) -> anyhow::Result<()> {
+        let addr = self.router_addr();
+        let body = r#"{"model":"sim-model","prompt":"kvroute fleet smoke test","max_tokens":1}"#;
+        let mut last = String::from("no answer");
+        let label = self.label.clone();
+        let res = self
+            .router
+            .wait_ready("a first completion", FIRST_REQUEST, || {
+                match post(addr, "/v1/completions", body) {
+                    Ok(r) if r.status == 200 => true,
+                    Ok(r) => {
+                        last = format!("HTTP {}: {}", r.status, r.text().trim());
+                        std::thread::sleep(Duration::from_millis(200));
+                        false
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
+                }
+            });
+        res.with_context(|| {
+            format!("{label}: a completion through the router failed (last: {last})")
+        })
+    }
+
+    /// Clears every replica's cache and counters.
+    pub fn reset_sims(&self) -> anyhow::Result<()> {
+        for s in &self.sims {
+            let r = post(s.addr, "/sim/reset", "{}")
+                .with_context(|| format!("POST /sim/reset to {}", s.name))?;
+            anyhow::ensure!(
+                r.status == 200,
+                "POST /sim/reset to {}: HTTP {}",
+                s.name,
+                r.status
+            );
+        }
+        Ok(())
+    }
+
+    pub fn sim_stats(&self) -> anyhow::Result<Vec<SimStats>> {
+        self.sims
+            .iter()
+            .map(|s| {
+                let r = request(
+                    s.addr,
+                    "GET /sim/stats HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n",
+                )
+                .with_context(|| format!("GET /sim/stats from {}", s.name))?;
+                anyhow::ensure!(
+                    r.status == 200,
+                    "GET /sim/stats from {}: HTTP {}",
+                    s.name,
+                    r.status
+                );
+                let mut st: SimStats = serde_json::from_slice(&r.body)
+                    .with_context(|| format!("/sim/stats of {}", s.name))?;
+                st.name.clone_from(&s.name);
+                Ok(st)
+            })
+            .collect()
+    }
+
+    /// Fails naming the first process that died, with its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        self.router.ensure_running()?;
+        for s in &mut self.sims {
+            s.child.ensure_running()?;
+        }
+        Ok(())
+    }
+
+    /// Log files of every process, for "see …" hints after a failure.
+    pub fn logs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.router.log.clone())
+            .chain(self.sims.iter().map(|s| s.child.log.clone()))
+            .collect()
+    }
+}
+
+/// Starts one replica and waits for its health check. `free_port` only says a port *was*
+/// free, and a dozen fleets come and go in one benchmark: a replica that lost the race for
+/// its port is retried on another one instead of failing the row.
+fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Result<Sim> {
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let args: Vec<String> = [
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            name,
+            "--kv-blocks",
+            &spec.kv_blocks.to_string(),
+            "--block-tokens",
+            &spec.block_tokens.to_string(),
+            "--prefill-tps",
+            &spec.prefill_tps.to_string(),
+            "--decode-tps",
+            &spec.decode_tps.to_string(),
+            "--max-seqs",
+            &spec.max_seqs.to_string(),
+            "--time-scale",
+            &spec.time_scale.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut child = Child::spawn(&format!("kvroute-sim {name}"), &bins.sim, &args, log)?;
+        match child.wait_ready("GET /health", SIM_READY, || http_ok(addr, "/health")) {
+            Ok(()) => {
+                return Ok(Sim {
+                    name: name.to_owned(),
+                    addr,
+                    child,
+                })
+            }
+            Err(e) if attempt < ATTEMPTS && child.exited().is_some() => {
+                eprintln!("xtask: kvroute-sim {name} did not start on {addr}, retrying: {e:#}");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n"),
+    )
+    .is_ok_and(|r| r.status == 200)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_kvroute(
+    bins: &Bins,
+    spec: &SimSpec,
+    sims: &[Sim],
+    policy: &str,
+    workers: usize,
+    log: &Path,
+    log_dir: &Path,
+    tag: &str,
+) -> anyhow::Result<(Child, String)> {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    // A config file rather than `--replica` flags: only the file can tell the KV-aware policy
+    // each replica's real capacity, so its index budget mirrors the simulators'.
+    let mut toml = format!(
+        "listen = \"{listen}\"\nadmin = \"{admin}\"\nworkers = {workers}\n\
+         # Sharing two cores with the replicas and the load generator: let the scheduler place it.\n\
+         pin_workers = false\n"
+    );
+    for s in sims {
+        toml.push_str(&format!(
+            "\n[[replicas]]\nurl = \"{}\"\nmodels = [\"sim-model\"]\nkv_blocks = {}\nkv_block_tokens = {}\n",
+            s.url(),
+            spec.kv_blocks,
+            spec.block_tokens
+        ));
+    }
+    let config = log_dir.join(format!("{tag}-kvroute-{policy}.toml"));
+    std::fs::write(&config, toml).with_context(|| format!("write {}", config.display()))?;
+    let args = vec![
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--policy".to_owned(),
+        policy.to_owned(),
+    ];
+    let mut child = Child::spawn(
+        &format!("kvroute --policy {policy}"),
+        &bins.kvroute,
+        &args,
+        log,
+    )?;
+    child.wait_ready("GET /healthz on the admin API", KVROUTE_READY, || {
+        http_ok(admin, "/healthz")
+    })?;
+    Ok((child, format!("http://{listen}")))
+}
+
+fn start_sglang(
+    python: &str,
+    sims: &[Sim],
+    policy: &str,
+    log: &Path,
+) -> anyhow::Result<(Child, String)> {
+    let port = free_port();
+    let mut args: Vec<String> = vec!["-m".into(), "sglang_router.launch_router".into()];
+    args.push("--worker-urls".into());
+    args.extend(sims.iter().map(Sim::url));
+    for (k, v) in [
+        ("--policy", policy.to_owned()),
+        ("--host", "127.0.0.1".to_owned()),
+        ("--port", port.to_string()),
+        // Its metrics listener defaults to 0.0.0.0:29000: loopback only, and a fresh port so
+        // two rows (or two engineers) never collide.
+        ("--prometheus-host", "127.0.0.1".to_owned()),
+        ("--prometheus-port", free_port().to_string()),
+        // The replicas are already up; the default 30 s between start-up checks would only
+        // add dead time to every row.
+        ("--worker-startup-check-interval", "1".to_owned()),
+        ("--worker-startup-timeout-secs", "60".to_owned()),
+        ("--log-level", "warn".to_owned()),
+    ] {
+        args.push(k.into());
+        args.push(v);
+    }
+    let mut child = Child::spawn(&format!("sglang-router {policy}"), python, &args, log)?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    child.wait_ready("GET /health", SGLANG_READY, || http_ok(addr, "/health"))?;
+    Ok((child, format!("http://{addr}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_values_from_clap_help() {
+        let help = "Options:\n  -c, --config <CONFIG>      Path of kvroute.toml\n      \
+                    --io <IO>  [possible values: auto, epoll, io-uring]\n      \
+                    --policy <POLICY>  [possible values: round-robin, least-loaded,\n          \
+                    kv-aware]\n      --replica <REPLICAS>  A replica\n";
+        assert_eq!(
+            parse_policy_values(help).unwrap(),
+            vec!["round-robin", "least-loaded", "kv-aware"]
+        );
+        let short =
+            "  --policy <POLICY>  [possible values: round-robin, least-loaded]\n  --admin <A>\n";
+        assert_eq!(
+            parse_policy_values(short).unwrap(),
+            vec!["round-robin", "least-loaded"]
+        );
+        // A --policy without a value list must not borrow the next flag's values.
+        let none = "  --policy <POLICY>\n  --io <IO>  [possible values: epoll]\n";
+        assert_eq!(parse_policy_values(none), None);
+    }
+}
