@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::io::IoMode;
 use crate::replica::ReplicaSpec;
 use crate::route::PolicyKind;
+use crate::steer::{SteeringKind, SteeringPolicy};
 
 /// Where the admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +122,11 @@ pub struct Config {
     pub limits: Limits,
     pub upstream: UpstreamConfig,
     pub replicas: Vec<ReplicaSpec>,
+    /// Which worker takes a new connection: `ebpf` (default; the kernel's hash
+    /// with a warning when BPF is unavailable), `kernel`, or `ebpf-required`.
+    pub steering: SteeringKind,
+    /// The BPF program's choice: `p2c` (default), `hash` or `cpu`.
+    pub steering_mode: SteeringPolicy,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -140,6 +146,8 @@ impl Default for Config {
             limits: Limits::default(),
             upstream: UpstreamConfig::default(),
             replicas: Vec::new(),
+            steering: SteeringKind::default(),
+            steering_mode: SteeringPolicy::default(),
         }
     }
 }
@@ -172,6 +180,12 @@ pub struct Cli {
     /// Admin API: Unix socket path or loopback ip:port.
     #[arg(long)]
     pub admin: Option<String>,
+    /// Connection steering across workers: ebpf, kernel or ebpf-required.
+    #[arg(long, value_enum)]
+    pub steering: Option<SteeringKind>,
+    /// The eBPF program's choice: p2c, hash or cpu.
+    #[arg(long, value_enum)]
+    pub steering_mode: Option<SteeringPolicy>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -201,6 +215,12 @@ impl Config {
         }
         if let Some(p) = cli.policy {
             cfg.policy = p;
+        }
+        if let Some(s) = cli.steering {
+            cfg.steering = s;
+        }
+        if let Some(m) = cli.steering_mode {
+            cfg.steering_mode = m;
         }
         if let Some(a) = &cli.admin {
             cfg.admin = a.clone();

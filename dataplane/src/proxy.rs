@@ -59,6 +59,7 @@ impl Drop for Gauge<'_> {
 pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketAddr) {
     let stats = &ctx.shared.workers[ctx.id];
     let _open = Gauge::up(&stats.connections);
+    let _live = ctx.shared.steering.open(ctx.id);
     let mut client = Client {
         io,
         buf: Vec::with_capacity(READ_CHUNK),

@@ -34,6 +34,7 @@ pub struct Shared {
     pub io_name: OnceLock<&'static str>,
     pub draining: AtomicBool,
     pub shutdown: watch::Sender<bool>,
+    pub steering: Arc<crate::steer::Steering>,
     started: Instant,
 }
 
@@ -50,6 +51,7 @@ impl Shared {
             io_name: OnceLock::new(),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
             started: Instant::now(),
             cfg,
         }))
@@ -165,11 +167,13 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let local = listeners[0].local_addr()?;
     let shared = Shared::new(cfg)?;
     let _ = shared.io_name.set(io);
+    shared.steering.attach(local, &listeners)?;
     start_workers(&shared, listeners)?;
     tracing::info!(
         listen = %local,
         workers = shared.workers.len(),
         io,
+        steering = %shared.steering.state().mode,
         policy = shared.router.name(),
         replicas = shared.table.load().replicas.len(),
         "kvroute ready"
@@ -177,7 +181,9 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(control_loop(shared, config_path))
+    let code = rt.block_on(control_loop(shared.clone(), config_path));
+    shared.steering.cleanup();
+    code
 }
 
 /// The main thread: admin API, signals, and the drain that ends the process.
@@ -263,8 +269,12 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
         || fresh.workers != old.workers
         || fresh.io != old.io
         || fresh.policy != old.policy
+        || fresh.steering != old.steering
+        || fresh.steering_mode != old.steering_mode
     {
-        tracing::warn!("SIGHUP: listen, workers, io and policy changes take effect on restart");
+        tracing::warn!(
+            "SIGHUP: listen, workers, io, policy and steering changes take effect on restart"
+        );
     }
     if fresh.limits != old.limits || fresh.upstream != old.upstream {
         tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");

@@ -1,0 +1,31 @@
+//! The only unsafe code of the steering path: mounting bpffs. Everything else
+//! (loading, map updates, SO_ATTACH_REUSEPORT_EBPF) goes through aya.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::path::Path;
+
+/// `mount -t bpf bpf <at>`.
+pub fn mount_bpffs(at: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let target = CString::new(at.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in bpffs path"))?;
+    let fstype = c"bpf";
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call;
+    // `data` may be null for bpffs.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
