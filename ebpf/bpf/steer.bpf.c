@@ -39,7 +39,7 @@ struct kvr_slot {
 struct {
 	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
 	__uint(key_size, sizeof(__u32));
-	__uint(value_size, sizeof(__u64));
+	__uint(value_size, sizeof(__u32)); // an fd; aya's ReusePortSockArray wants 4 bytes
 	__uint(max_entries, MAX_WORKERS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kvr_sockets SEC(".maps");

@@ -7,7 +7,8 @@
 //! When BPF is impossible (no CAP_BPF, no bpffs, an old kernel) the data plane
 //! still starts on the kernel's hash and says why, unless `ebpf-required`.
 //!
-//! Maps are pinned under `/sys/fs/bpf/kvroute/<listen-addr>/` so that an
+//! Maps are pinned under `/sys/fs/bpf/kvroute/<listen-addr>/` (dots as `_`,
+//! see [`pin_name`]) so that an
 //! upgraded process opening listeners on the same address finds them and
 //! swaps its sockets into the same array.
 
@@ -236,6 +237,27 @@ impl Steering {
             ));
         }
         let pin_dir = ensure_pin_dir(listen)?;
+        let fresh = std::fs::read_dir(&pin_dir).is_ok_and(|mut d| d.next().is_none());
+        let res = self.load_and_attach(&pin_dir, listeners);
+        if res.is_err() && fresh {
+            // Half-made pins would be picked up by the next start as if a
+            // running kvroute owned them.
+            let _ = std::fs::remove_dir_all(&pin_dir);
+        }
+        let ebpf = res?;
+        Ok(Attached {
+            steered: ebpf.1,
+            pin_dir,
+            _ebpf: ebpf.0,
+        })
+    }
+
+    fn load_and_attach(
+        &self,
+        pin_dir: &Path,
+        listeners: &[TcpListener],
+    ) -> Result<(Ebpf, Array<MapData, u32>), String> {
+        let n = listeners.len();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .load(abi::object())
@@ -306,11 +328,7 @@ impl Steering {
             .map_err(|e| format!("{e}"))?;
         prog.attach(&listeners[0])
             .map_err(|e| format!("SO_ATTACH_REUSEPORT_EBPF: {}", chain(&e)))?;
-        Ok(Attached {
-            steered,
-            pin_dir,
-            _ebpf: ebpf,
-        })
+        Ok((ebpf, steered))
     }
 
     /// Counts a connection on `worker` until the guard drops.
@@ -467,9 +485,15 @@ fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
             .map_err(|e| format!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}"))?;
         tracing::info!("steering: mounted bpffs at {BPFFS}");
     }
-    let dir = root.join("kvroute").join(listen.to_string());
+    let dir = root.join("kvroute").join(pin_name(listen));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     Ok(dir)
+}
+
+/// The listen address as a bpffs directory name: bpffs refuses names with a
+/// dot (EPERM, reserved by the kernel), so `127.0.0.1:8080` is `127_0_0_1:8080`.
+pub fn pin_name(listen: SocketAddr) -> String {
+    listen.to_string().replace('.', "_")
 }
 
 fn bpffs_mounted(at: &Path) -> bool {
