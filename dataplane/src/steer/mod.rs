@@ -259,7 +259,7 @@ impl Steering {
     ) -> Result<(Ebpf, Array<MapData, u32>), String> {
         let n = listeners.len();
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
+            .default_map_pin_directory(pin_dir)
             .load(abi::object())
             .map_err(|e| format!("loading the BPF object: {}", chain(&e)))?;
         // The migrate flavour also rescues an old listener's queued connections
