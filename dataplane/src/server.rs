@@ -169,6 +169,7 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let _ = shared.io_name.set(io);
     shared.steering.attach(local, &listeners)?;
     start_workers(&shared, listeners)?;
+    crate::steer::upgrade::signal_ready();
     tracing::info!(
         listen = %local,
         workers = shared.workers.len(),
@@ -205,6 +206,10 @@ async fn control_loop(
             }
             // The default socket path needs /run/kvroute; a quick start as a normal
             // user should still proxy, so only an admin address the user chose is fatal.
+            // An upgrade's successor: the old process holds the address until it exits.
+            Err(_) if crate::steer::upgrade::is_successor() => {
+                tokio::spawn(crate::steer::upgrade::bind_admin_later(a, shared.clone()));
+            }
             Err(e) if i == 0 && !explicit_admin => {
                 tracing::warn!(admin = ?a, error = %e, "admin API disabled: cannot bind default socket")
             }
@@ -214,12 +219,17 @@ async fn control_loop(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     crate::notify::ready(&shared);
     crate::notify::spawn_watchdog(shared.clone());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                if crate::steer::upgrade::spawn_successor(&shared).await { break }
+            }
             _ = hup.recv() => {
                 crate::notify::reloading();
                 reload(&shared, config_path.as_deref());

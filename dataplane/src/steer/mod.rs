@@ -13,6 +13,7 @@
 //! swaps its sockets into the same array.
 
 mod sys;
+pub mod upgrade;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -87,6 +88,15 @@ pub struct SteeringState {
     /// Where the maps are pinned.
     pub pin_dir: Option<String>,
     pub workers: Vec<SteeringWorker>,
+    /// This process: tells the old from the new one across an upgrade.
+    #[serde(default)]
+    pub pid: u32,
+    /// Set once an upgrade handed the socket array to a newer process.
+    #[serde(default)]
+    pub released: bool,
+    /// The process an upgrade started (0: none).
+    #[serde(default)]
+    pub successor_pid: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -160,6 +170,8 @@ pub struct Steering {
     /// Set once another process owns the map slots (after an upgrade hand-off),
     /// so this one stops overwriting them.
     released: AtomicBool,
+    /// Pid of the process the last upgrade started.
+    successor: std::sync::atomic::AtomicU32,
 }
 
 impl Steering {
@@ -182,6 +194,7 @@ impl Steering {
             attached: OnceLock::new(),
             fallback: OnceLock::new(),
             released: AtomicBool::new(false),
+            successor: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -373,15 +386,19 @@ impl Steering {
             let Ok(s) = a.steered.get(&(i as u32), 0) else {
                 continue;
             };
-            if s == *seen {
-                self.publish(i, |w| {
-                    if w.accepted != s {
-                        w.accepted = s;
-                    }
-                });
-            }
+            // Republished every period even when nothing changed: heals a slot
+            // overwritten by a process that had not yet released it (upgrade).
+            self.publish(i, |w| {
+                if s == *seen {
+                    w.accepted = s;
+                }
+            });
             *seen = s;
         }
+    }
+
+    fn set_successor(&self, pid: u32) {
+        self.successor.store(pid, Ordering::Relaxed);
     }
 
     /// Stops writing the map slots: a newer process owns them now.
@@ -435,6 +452,9 @@ impl Steering {
                         .unwrap_or(0) as u64,
                 })
                 .collect(),
+            pid: std::process::id(),
+            released: self.released.load(Ordering::Relaxed),
+            successor_pid: self.successor.load(Ordering::Relaxed),
         }
     }
 }
