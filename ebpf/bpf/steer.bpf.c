@@ -72,6 +72,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kvr_config SEC(".maps");
 
+// Pid of the process whose listeners fill kvr_sockets; the program ignores it.
+// A later start removes pins whose owner is gone (a SIGKILLed kvroute cannot
+// clean up), so bpffs does not collect one set of maps per crash.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kvr_owner SEC(".maps");
+
 // Pending connections above this are a leak (a handshake that never reached
 // accept), not load; the data plane also reconciles them away when idle.
 #define MAX_PENDING 4096

@@ -38,8 +38,17 @@ pub const MAP_LIVE_STREAMS: &str = "kvr_live";
 pub const MAP_STEERED: &str = "kvr_steered";
 /// Name of the single-entry config `ARRAY` map ([`SteeringConfig`]).
 pub const MAP_CONFIG: &str = "kvr_config";
-/// Every map, in the order the data plane pins them.
-pub const MAPS: [&str; 4] = [MAP_SOCKETS, MAP_LIVE_STREAMS, MAP_STEERED, MAP_CONFIG];
+/// Name of the single-entry `ARRAY` map holding the pid (`u64`) of the process
+/// whose listeners are in [`MAP_SOCKETS`]; stale pins are those of a dead owner.
+pub const MAP_OWNER: &str = "kvr_owner";
+/// Every map the object pins.
+pub const MAPS: [&str; 5] = [
+    MAP_SOCKETS,
+    MAP_LIVE_STREAMS,
+    MAP_STEERED,
+    MAP_CONFIG,
+    MAP_OWNER,
+];
 /// Most workers a reuseport group can steer between (the maps' `max_entries`).
 pub const MAX_WORKERS: u32 = 256;
 

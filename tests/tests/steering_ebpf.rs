@@ -68,7 +68,13 @@ fn program_loads_attaches_and_pins_its_maps() {
     assert!(st["fallback_reason"].is_null(), "{st}");
     let pin_dir = st["pin_dir"].as_str().expect("pin_dir").to_string();
     assert!(pin_dir.starts_with("/sys/fs/bpf/kvroute/"), "{pin_dir}");
-    for m in ["kvr_sockets", "kvr_live", "kvr_steered", "kvr_config"] {
+    for m in [
+        "kvr_sockets",
+        "kvr_live",
+        "kvr_steered",
+        "kvr_config",
+        "kvr_owner",
+    ] {
         assert!(
             Path::new(&pin_dir).join(m).exists(),
             "{m} not pinned in {pin_dir}"
@@ -337,4 +343,49 @@ fn unprivileged_starts_on_kernel_steering_and_says_so() {
     assert_eq!(r.status, 200);
     drop(k);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A SIGKILLed kvroute cannot remove its pins; the next start does.
+#[test]
+fn pins_of_a_killed_process_are_swept_by_the_next_start() {
+    let Some(k) = start_bpf(&["--workers", "1"]) else {
+        return;
+    };
+    let dead_dir = steering(&k)["pin_dir"].as_str().unwrap().to_string();
+    drop(k); // SIGKILL
+    assert!(Path::new(&dead_dir).exists());
+    let Some(k2) = start_bpf(&["--workers", "1"]) else {
+        return;
+    };
+    assert!(!Path::new(&dead_dir).exists(), "{dead_dir} not swept");
+    stop(k2);
+}
+
+/// `hash` and `cpu` modes load and steer every connection (no spread asserted:
+/// `hash` is the kernel's behaviour and `cpu` follows where SYNs are processed).
+#[test]
+fn hash_and_cpu_modes_steer_every_connection() {
+    for mode in ["hash", "cpu"] {
+        let Some(k) = start_bpf(&["--workers", "2", "--steering-mode", mode]) else {
+            return;
+        };
+        assert_eq!(steering(&k)["mode"], mode);
+        let clients: Vec<Client> = (0..20).map(|_| Client::connect(k.addr).unwrap()).collect();
+        let counts = |k: &Kvroute, key: &str| -> u64 {
+            steering(k)["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w[key].as_u64().unwrap())
+                .sum()
+        };
+        assert!(
+            wait_until(Duration::from_secs(5), || counts(&k, "live_streams") == 20),
+            "{mode}: {}",
+            steering(&k)
+        );
+        assert_eq!(counts(&k, "steered"), 20, "{mode}: {}", steering(&k));
+        drop(clients);
+        stop(k);
+    }
 }

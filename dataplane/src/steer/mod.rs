@@ -341,6 +341,11 @@ impl Steering {
             .map_err(|e| format!("{e}"))?;
         prog.attach(&listeners[0])
             .map_err(|e| format!("SO_ATTACH_REUSEPORT_EBPF: {}", chain(&e)))?;
+        let mut owner: Array<MapData, u64> = Array::try_from(take(&mut ebpf, abi::MAP_OWNER)?)
+            .map_err(|e| format!("map {}: {e}", abi::MAP_OWNER))?;
+        owner
+            .set(0, u64::from(std::process::id()), 0)
+            .map_err(|e| format!("writing {}: {e}", abi::MAP_OWNER))?;
         Ok((ebpf, steered))
     }
 
@@ -505,9 +510,40 @@ fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
             .map_err(|e| format!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}"))?;
         tracing::info!("steering: mounted bpffs at {BPFFS}");
     }
+    sweep_stale(&root.join("kvroute"));
     let dir = root.join("kvroute").join(pin_name(listen));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     Ok(dir)
+}
+
+/// Removes pin dirs whose owner process is gone: a kvroute killed with SIGKILL
+/// cannot remove its own, and each holds a set of maps in kernel memory.
+/// An owner of 0 is a process killed between loading and attaching.
+fn sweep_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(data) = MapData::from_pin(path.join(abi::MAP_OWNER)) else {
+            // Not ours or mid-creation by another start: leave it.
+            continue;
+        };
+        let Ok(owner) = Array::<MapData, u64>::try_from(Map::Array(data)) else {
+            continue;
+        };
+        let pid = owner.get(&0, 0).unwrap_or(0);
+        if pid == 0 || !Path::new("/proc").join(pid.to_string()).exists() {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(pins = %path.display(), pid, "steering: removed stale pins")
+                }
+                Err(e) => {
+                    tracing::debug!(pins = %path.display(), error = %e, "steering: stale pins kept")
+                }
+            }
+        }
+    }
 }
 
 /// The listen address as a bpffs directory name: bpffs refuses names with a
