@@ -4,10 +4,12 @@
 //! one stop accepting and drain.
 //!
 //! Connections already queued on the old listeners are migrated by the kernel
-//! when those listeners close (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+),
-//! through the `sk_reuseport/migrate` flavour of the program, to a socket the
-//! program picks from the array, which by then holds only the new process's
-//! listeners. Chosen over "the old process accepts its backlog before closing"
+//! when those listeners close (Linux 5.14+): the program is loaded in its
+//! `sk_reuseport/migrate` flavour, and with that attached the kernel asks it
+//! where each queued connection goes, whatever `net.ipv4.tcp_migrate_req`
+//! says; it picks from the array, which by then holds only the new process's
+//! listeners. Without the program (kernel steering) the same needs
+//! `tcp_migrate_req = 1`, which the old process then sets if it can. Chosen over "the old process accepts its backlog before closing"
 //! because migration also covers handshakes still in SYN_RECV, which no
 //! accept loop can reach, and needs no timing guess of when the backlog is empty.
 //!
@@ -110,8 +112,8 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
     }
     if !shared.steering.is_attached() {
         tracing::warn!("upgrade: without eBPF steering the kernel's hash splits new connections between old and new until the old listeners close");
+        enable_migration();
     }
-    enable_migration();
     let ready = std::env::temp_dir().join(format!("kvroute-upgrade-{}.ready", std::process::id()));
     let _ = std::fs::remove_file(&ready);
     let bin = match binary() {
