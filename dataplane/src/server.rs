@@ -204,12 +204,12 @@ async fn control_loop(
                 tracing::info!(admin = ?a, "admin API listening");
                 tokio::spawn(crate::admin::server::serve(l, shared.clone()));
             }
-            // The default socket path needs /run/kvroute; a quick start as a normal
-            // user should still proxy, so only an admin address the user chose is fatal.
             // An upgrade's successor: the old process holds the address until it exits.
             Err(_) if crate::steer::upgrade::is_successor() => {
                 tokio::spawn(crate::steer::upgrade::bind_admin_later(a, shared.clone()));
             }
+            // The default socket path needs /run/kvroute; a quick start as a normal
+            // user should still proxy, so only an admin address the user chose is fatal.
             Err(e) if i == 0 && !explicit_admin => {
                 tracing::warn!(admin = ?a, error = %e, "admin API disabled: cannot bind default socket")
             }
