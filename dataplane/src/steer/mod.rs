@@ -598,6 +598,32 @@ mod tests {
     }
 
     #[test]
+    fn config_keys_parse_and_reject_typos() {
+        let c = crate::config::Config::from_toml(
+            "steering = \"ebpf-required\"\nsteering_mode = \"cpu\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.steering, SteeringKind::EbpfRequired);
+        assert_eq!(c.steering_mode, SteeringPolicy::Cpu);
+        let d = crate::config::Config::default();
+        assert_eq!(
+            (d.steering, d.steering_mode),
+            (SteeringKind::Ebpf, SteeringPolicy::P2c)
+        );
+        let e = crate::config::Config::from_toml("steering = \"bpf\"\n").unwrap_err();
+        assert!(e.to_string().contains("bpf"), "{e}");
+    }
+
+    #[test]
+    fn pin_names_have_no_dots() {
+        assert_eq!(
+            pin_name("127.0.0.1:8080".parse().unwrap()),
+            "127_0_0_1:8080"
+        );
+        assert_eq!(pin_name("[::1]:8080".parse().unwrap()), "[::1]:8080");
+    }
+
+    #[test]
     fn kernel_steering_counts_without_bpf() {
         let s = Steering::new(SteeringKind::Kernel, SteeringPolicy::P2c, 2);
         s.attach("127.0.0.1:0".parse().unwrap(), &[]).unwrap();
