@@ -426,3 +426,48 @@ fn p2c_vs_kernel_with_eight_workers() {
     }
     assert!(rows[1] <= 1.5, "p2c with 8 workers: max/min {:.3}", rows[1]);
 }
+
+/// Pins left with a layout this object cannot use (another kvroute version)
+/// are replaced instead of forcing kernel steering. Needs bpftool to forge them.
+#[test]
+fn unusable_pins_are_replaced() {
+    let port = free_port();
+    let dir = format!("/sys/fs/bpf/kvroute/127_0_0_1:{port}");
+    if std::fs::create_dir_all(&dir).is_err() {
+        eprintln!("skipped: cannot create {dir}");
+        return;
+    }
+    // kvr_live with 4-byte values; the object's has 8.
+    let made = Command::new("bpftool")
+        .args(["map", "create", &format!("{dir}/kvr_live")])
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "256", "name", "kvr_live",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !made {
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("skipped: bpftool missing or cannot create maps");
+        return;
+    }
+    let admin = free_port();
+    let args: Vec<String> = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--admin".to_string(),
+        format!("127.0.0.1:{admin}"),
+        "--workers".to_string(),
+        "2".to_string(),
+    ]
+    .to_vec();
+    let k = Kvroute {
+        proc: Proc::spawn("kvroute", &args),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+    };
+    let st = wait_state(&k);
+    assert_eq!(st["attached"], true, "{st}");
+    stop(k);
+    assert!(!Path::new(&dir).exists());
+}

@@ -251,8 +251,19 @@ impl Steering {
         }
         let pin_dir = ensure_pin_dir(listen)?;
         let fresh = std::fs::read_dir(&pin_dir).is_ok_and(|mut d| d.next().is_none());
-        let res = self.load_and_attach(&pin_dir, listeners);
-        if res.is_err() && fresh {
+        let mut res = self.load_and_attach(&pin_dir, listeners);
+        if let (Err(why), false) = (&res, fresh) {
+            // Pins this object cannot use (another kvroute version's layout, say,
+            // across an upgrade). A running owner keeps its own fds, so fresh
+            // pins cost it nothing, and our program then replaces its program
+            // in the group, steering to our listeners only.
+            tracing::warn!(reason = %why, pins = %pin_dir.display(), "steering: pinned maps unusable, replacing them");
+            let _ = std::fs::remove_dir_all(&pin_dir);
+            std::fs::create_dir_all(&pin_dir)
+                .map_err(|e| format!("creating {}: {e}", pin_dir.display()))?;
+            res = self.load_and_attach(&pin_dir, listeners);
+        }
+        if res.is_err() {
             // Half-made pins would be picked up by the next start as if a
             // running kvroute owned them.
             let _ = std::fs::remove_dir_all(&pin_dir);
