@@ -161,7 +161,7 @@ impl Default for Config {
 )]
 pub struct Cli {
     /// Path of kvroute.toml.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
     /// Address clients connect to.
     #[arg(long)]
@@ -178,7 +178,7 @@ pub struct Cli {
     #[arg(long = "replica")]
     pub replicas: Vec<String>,
     /// Admin API: Unix socket path or loopback ip:port.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub admin: Option<String>,
     /// Connection steering across workers: ebpf, kernel or ebpf-required.
     #[arg(long, value_enum)]
@@ -189,6 +189,16 @@ pub struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+}
+
+/// Commands for a running kvroute (found through its admin API).
+#[derive(clap::Subcommand, Debug)]
+pub enum CliCommand {
+    /// Zero-downtime upgrade: the running kvroute starts its binary again, hands
+    /// its listeners' socket array over, and drains (same as SIGUSR2).
+    Upgrade,
 }
 
 impl Config {

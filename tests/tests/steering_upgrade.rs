@@ -255,3 +255,43 @@ fn queued_connections_migrate_to_the_new_listener() {
         "without migration the queue should have been reset"
     );
 }
+
+/// `kvroute upgrade` finds the running process through the admin API, signals
+/// it and reports the hand-off; the new process then serves.
+#[test]
+fn upgrade_command_hands_over() {
+    let up = Upstream::start("a");
+    let mut k = Kvroute::start(&["--workers", "2", "--replica", &up.url()]);
+    let st = steering(&k).expect("state");
+    if st["attached"] != true {
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {st}");
+        }
+        eprintln!("skipped: eBPF steering unavailable here");
+        return;
+    }
+    let old_pid = st["pid"].as_u64().unwrap() as u32;
+    let successor = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _reap = KillOnDrop(successor.clone());
+    let out = Command::new(kvroute_tests::harness::workspace_bin("kvroute"))
+        .args(["upgrade", "--admin", &k.admin.to_string()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&old_pid.to_string()), "{text}");
+    assert_eq!(k.proc.wait_exit(Duration::from_secs(15)), Some(0));
+    let mut new_pid = 0;
+    assert!(wait_until(Duration::from_secs(10), || steering(&k)
+        .is_some_and(|s| {
+            new_pid = s["pid"].as_u64().unwrap_or(0) as u32;
+            new_pid != old_pid
+        })));
+    successor.store(new_pid, Ordering::Relaxed);
+    assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().status, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(10), || !alive(new_pid)));
+}

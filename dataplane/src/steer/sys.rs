@@ -1,5 +1,6 @@
-//! The only unsafe code of the steering path: mounting bpffs. Everything else
-//! (loading, map updates, SO_ATTACH_REUSEPORT_EBPF) goes through aya.
+//! The only unsafe code of the steering path: mounting bpffs and signalling
+//! the running process for `kvroute upgrade`. Everything else (loading, map
+//! updates, SO_ATTACH_REUSEPORT_EBPF) goes through aya.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -23,6 +24,26 @@ pub fn mount_bpffs(at: &Path) -> io::Result<()> {
             std::ptr::null(),
         )
     };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `kill(pid, SIGUSR2)`.
+pub fn sigusr2(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    if pid <= 0 {
+        // 0 and negatives address process groups, never one kvroute.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a process id",
+        ));
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, libc::SIGUSR2) };
     if rc == 0 {
         Ok(())
     } else {

@@ -1,4 +1,5 @@
-//! Zero-downtime upgrade: SIGUSR2 starts the binary again (the file on disk,
+//! Zero-downtime upgrade: SIGUSR2 (or `kvroute upgrade`, which finds the
+//! process through the admin API and sends it) starts the binary again (the file on disk,
 //! so a new version), the new process joins the listeners' reuseport group and
 //! swaps its sockets into the pinned socket array, and only then does the old
 //! one stop accepting and drain.
@@ -169,4 +170,77 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
     std::thread::spawn(move || child.wait());
     tracing::info!(pid, "upgrade: new process ready, draining this one");
     true
+}
+
+/// `kvroute upgrade`: asks the admin API of the configured kvroute for its
+/// pid, sends it SIGUSR2, and waits for the hand-off to the new process.
+pub fn request(cfg: &crate::config::Config) -> Result<String, String> {
+    let addr = AdminAddr::parse(&cfg.admin).map_err(|e| e.to_string())?;
+    let st = admin_state(&addr)?;
+    let pid = st["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or("the admin API does not report a pid (kvroute too old for `upgrade`)")?;
+    if st["released"] == true {
+        return Err(format!(
+            "pid {pid} already handed over to pid {}",
+            st["successor_pid"]
+        ));
+    }
+    super::sys::sigusr2(pid).map_err(|e| format!("signalling pid {pid}: {e}"))?;
+    let deadline = Instant::now() + READY_WITHIN + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        // The old process answers until it exits; then the new one takes the address.
+        let Ok(now) = admin_state(&addr) else {
+            continue;
+        };
+        if now["pid"] == pid && now["released"] == true {
+            return Ok(format!(
+                "upgrade: pid {pid} handed over to pid {} and is draining",
+                now["successor_pid"]
+            ));
+        }
+        if now["pid"].as_u64().is_some_and(|p| p != u64::from(pid)) {
+            return Ok(format!(
+                "upgrade: pid {} now serves (was {pid})",
+                now["pid"]
+            ));
+        }
+    }
+    Err(format!(
+        "pid {pid} did not hand over within {} s; see its log (it keeps serving)",
+        (READY_WITHIN + Duration::from_secs(5)).as_secs()
+    ))
+}
+
+/// `GET /state` on the admin API, `steering` part, over std blocking sockets:
+/// this runs in the CLI, outside any runtime.
+fn admin_state(addr: &AdminAddr) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    const REQ: &[u8] = b"GET /state HTTP/1.1\r\nHost: kvroute\r\nConnection: close\r\n\r\n";
+    let timeout = Some(Duration::from_secs(5));
+    let mut raw = Vec::new();
+    let res = match addr {
+        AdminAddr::Tcp(a) => std::net::TcpStream::connect_timeout(a, Duration::from_secs(5))
+            .and_then(|mut s| {
+                s.set_read_timeout(timeout)?;
+                s.write_all(REQ)?;
+                s.read_to_end(&mut raw)
+            }),
+        AdminAddr::Unix(p) => std::os::unix::net::UnixStream::connect(p).and_then(|mut s| {
+            s.set_read_timeout(timeout)?;
+            s.write_all(REQ)?;
+            s.read_to_end(&mut raw)
+        }),
+    };
+    res.map_err(|e| format!("admin API {addr:?}: {e}"))?;
+    let body = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| &raw[i + 4..])
+        .ok_or("admin API: malformed response")?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("admin API /state: {e}"))?;
+    Ok(v["steering"].clone())
 }
