@@ -577,15 +577,31 @@ fn bpffs_mounted(at: &Path) -> bool {
 
 /// An error with its sources, so "permission denied" is not hidden behind
 /// "the BPF_PROG_LOAD syscall failed".
+/// The verifier's log, which aya appends, is cut: the reason ends up on one
+/// log line and in `/state` (the full log is at debug level).
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    let full = {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        s
+    };
+    let short = full
+        .split(" Verifier output")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    if short.len() < full.len() {
+        tracing::debug!(error = %full, "steering: full error");
     }
-    s
+    short
 }
 
 #[cfg(test)]
