@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::io::IoMode;
 use crate::replica::ReplicaSpec;
 use crate::route::{PolicyKind, RoutingConfig};
+use crate::steer::{SteeringKind, SteeringPolicy};
 
 /// Where the admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +123,11 @@ pub struct Config {
     pub limits: Limits,
     pub upstream: UpstreamConfig,
     pub replicas: Vec<ReplicaSpec>,
+    /// Which worker takes a new connection: `ebpf` (default; the kernel's hash
+    /// with a warning when BPF is unavailable), `kernel`, or `ebpf-required`.
+    pub steering: SteeringKind,
+    /// The BPF program's choice: `p2c` (default), `hash` or `cpu`.
+    pub steering_mode: SteeringPolicy,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -141,6 +147,8 @@ impl Default for Config {
             limits: Limits::default(),
             upstream: UpstreamConfig::default(),
             replicas: Vec::new(),
+            steering: SteeringKind::default(),
+            steering_mode: SteeringPolicy::default(),
         }
     }
 }
@@ -154,7 +162,7 @@ impl Default for Config {
 )]
 pub struct Cli {
     /// Path of kvroute.toml.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
     /// Address clients connect to.
     #[arg(long)]
@@ -171,11 +179,27 @@ pub struct Cli {
     #[arg(long = "replica")]
     pub replicas: Vec<String>,
     /// Admin API: Unix socket path or loopback ip:port.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub admin: Option<String>,
+    /// Connection steering across workers: ebpf, kernel or ebpf-required.
+    #[arg(long, value_enum)]
+    pub steering: Option<SteeringKind>,
+    /// The eBPF program's choice: p2c, hash or cpu.
+    #[arg(long, value_enum)]
+    pub steering_mode: Option<SteeringPolicy>,
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check_config: bool,
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+}
+
+/// Commands for a running kvroute (found through its admin API).
+#[derive(clap::Subcommand, Debug)]
+pub enum CliCommand {
+    /// Zero-downtime upgrade: the running kvroute starts its binary again, hands
+    /// its listeners' socket array over, and drains (same as SIGUSR2).
+    Upgrade,
 }
 
 impl Config {
@@ -202,6 +226,12 @@ impl Config {
         }
         if let Some(p) = cli.policy {
             cfg.routing.policy = p;
+        }
+        if let Some(s) = cli.steering {
+            cfg.steering = s;
+        }
+        if let Some(m) = cli.steering_mode {
+            cfg.steering_mode = m;
         }
         if let Some(a) = &cli.admin {
             cfg.admin = a.clone();

@@ -18,6 +18,18 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(kvroute::config::CliCommand::Upgrade) = cli.command {
+        match kvroute::steer::upgrade::request(&cfg) {
+            Ok(msg) => {
+                println!("kvroute: {msg}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("kvroute upgrade: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if cli.check_config {
         println!(
             "kvroute: configuration ok ({} replicas, {} workers)",

@@ -27,6 +27,9 @@ use crate::worker::WorkerCtx;
 const READ_CHUNK: usize = 16 * 1024;
 /// Bodies up to this size are copied behind the head so the upstream gets one write.
 const COALESCE_BODY: usize = 16 * 1024;
+/// How long a draining process waits for a request on an idle connection:
+/// about the first request's flight time after the handshake on a slow path.
+const DRAIN_LINGER: Duration = Duration::from_millis(500);
 
 /// Whether the client connection lives on after a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,6 +62,7 @@ impl Drop for Gauge<'_> {
 pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketAddr) {
     let stats = &ctx.shared.workers[ctx.id];
     let _open = Gauge::up(&stats.connections);
+    let _live = ctx.shared.steering.open(ctx.id);
     let mut client = Client {
         io,
         buf: Vec::with_capacity(READ_CHUNK),
@@ -146,17 +150,22 @@ async fn read_head<R: Runtime>(
         }
         let read = client.io.read(&mut client.buf, READ_CHUNK);
         let n = match deadline {
-            // Between requests: idle keep-alive, ended early by a drain.
+            // Between requests: idle keep-alive, ended early by a drain. Draining
+            // still reads a request already on its way (a connection accepted just
+            // before an upgrade's hand-off): closing with unread bytes would reset it.
             None => {
-                if *shutdown.borrow_and_update() {
-                    return Ok(None);
-                }
+                let draining = *shutdown.borrow_and_update();
+                let idle = if draining {
+                    DRAIN_LINGER
+                } else {
+                    Duration::from_millis(lim.idle_timeout_ms)
+                };
                 tokio::select! {
-                    r = timeout(Duration::from_millis(lim.idle_timeout_ms), read) => match r {
+                    r = timeout(idle, read) => match r {
                         Ok(r) => r,
                         Err(_) => return Ok(None),
                     },
-                    _ = shutdown.changed() => return Ok(None),
+                    _ = shutdown.changed(), if !draining => continue,
                 }
             }
             Some(d) => match tokio::time::timeout_at(d, read).await {

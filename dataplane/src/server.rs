@@ -36,6 +36,7 @@ pub struct Shared {
     pub io_name: OnceLock<&'static str>,
     pub draining: AtomicBool,
     pub shutdown: watch::Sender<bool>,
+    pub steering: Arc<crate::steer::Steering>,
     started: Instant,
 }
 
@@ -53,6 +54,7 @@ impl Shared {
             io_name: OnceLock::new(),
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
             started: Instant::now(),
             cfg,
         }))
@@ -168,11 +170,14 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let local = listeners[0].local_addr()?;
     let shared = Shared::new(cfg)?;
     let _ = shared.io_name.set(io);
+    shared.steering.attach(local, &listeners)?;
     start_workers(&shared, listeners)?;
+    crate::steer::upgrade::signal_ready();
     tracing::info!(
         listen = %local,
         workers = shared.workers.len(),
         io,
+        steering = %shared.steering.state().mode,
         policy = shared.router.name(),
         replicas = shared.table.load().replicas.len(),
         "kvroute ready"
@@ -180,7 +185,9 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(control_loop(shared, config_path))
+    let code = rt.block_on(control_loop(shared.clone(), config_path));
+    shared.steering.cleanup();
+    code
 }
 
 /// The main thread: admin API, signals, and the drain that ends the process.
@@ -200,6 +207,10 @@ async fn control_loop(
                 tracing::info!(admin = ?a, "admin API listening");
                 tokio::spawn(crate::admin::server::serve(l, shared.clone()));
             }
+            // An upgrade's successor: the old process holds the address until it exits.
+            Err(_) if crate::steer::upgrade::is_successor() => {
+                tokio::spawn(crate::steer::upgrade::bind_admin_later(a, shared.clone()));
+            }
             // The default socket path needs /run/kvroute; a quick start as a normal
             // user should still proxy, so only an admin address the user chose is fatal.
             Err(e) if i == 0 && !explicit_admin => {
@@ -211,12 +222,17 @@ async fn control_loop(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     crate::notify::ready(&shared);
     crate::notify::spawn_watchdog(shared.clone());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                if crate::steer::upgrade::spawn_successor(&shared).await { break }
+            }
             _ = hup.recv() => {
                 crate::notify::reloading();
                 reload(&shared, config_path.as_deref());
@@ -266,8 +282,12 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
         || fresh.workers != old.workers
         || fresh.io != old.io
         || fresh.routing != old.routing
+        || fresh.steering != old.steering
+        || fresh.steering_mode != old.steering_mode
     {
-        tracing::warn!("SIGHUP: listen, workers, io and [routing] changes take effect on restart");
+        tracing::warn!(
+            "SIGHUP: listen, workers, io, [routing] and steering changes take effect on restart"
+        );
     }
     if fresh.limits != old.limits || fresh.upstream != old.upstream {
         tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's automation.
 //!
+//! - `build-ebpf [--check]`: the steering BPF object (committed) and its reproducibility check
 //! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
 //! - `bench proxy|routing`: the benchmarks whose figures the README quotes
@@ -7,6 +8,7 @@
 
 mod bench_proxy;
 mod bench_routing;
+mod build_ebpf;
 mod demo;
 mod fleet;
 mod procs;
@@ -23,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Compile the steering BPF program into ebpf/obj (or --check it matches).
+    BuildEbpf(build_ebpf::Args),
     /// Run the whole test suite (what CI runs).
     Test(test::Args),
     /// Start simulated replicas and kvroute, replay a trace window, print a report.
@@ -44,6 +48,7 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::BuildEbpf(a) => build_ebpf::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench {

@@ -29,6 +29,9 @@ pub struct State {
     pub draining: bool,
     pub workers: Vec<WorkerState>,
     pub replicas: Vec<ReplicaState>,
+    /// Connection steering: mode, whether the BPF program is attached, live streams per worker.
+    #[serde(default)]
+    pub steering: crate::steer::SteeringState,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -220,6 +220,7 @@ pub fn state(shared: &Shared) -> State {
                 external_load: r.external_load(),
             })
             .collect(),
+        steering: shared.steering.state(),
     }
 }
 

@@ -1,0 +1,297 @@
+//! Zero-downtime upgrade through the pinned socket array: SIGUSR2 under a
+//! continuous request loop and open SSE streams. No request may fail, no
+//! connection may be reset, every stream must finish, the old process must
+//! exit and the new one serve.
+//!
+//! Needs root (BPF, tcp_migrate_req); skips with the reason otherwise, unless
+//! `KVROUTE_REQUIRE_BPF=1` (CI).
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvroute_tests::harness::{post, wait_until, Client, Kvroute, Upstream};
+use serde_json::Value;
+
+const STREAMS: usize = 20;
+const LOADERS: usize = 4;
+
+fn steering(k: &Kvroute) -> Option<Value> {
+    kvroute_tests::harness::request(
+        k.admin,
+        "GET /state HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .ok()
+    .filter(|r| r.status == 200)
+    .map(|r| r.json()["steering"].clone())
+}
+
+struct KillOnDrop(Arc<std::sync::atomic::AtomicU32>);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = self.0.load(Ordering::Relaxed);
+        if pid != 0 && alive(pid) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn sigusr2_upgrade_under_load_drops_nothing() {
+    let up = Upstream::start("a");
+    let mut k = Kvroute::start(&["--workers", "2", "--replica", &up.url()]);
+    let st = steering(&k).expect("state");
+    if st["attached"] != true {
+        let why = st["fallback_reason"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string();
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {why}");
+        }
+        eprintln!("skipped: eBPF steering unavailable here ({why})");
+        return;
+    }
+    let old_pid = st["pid"].as_u64().unwrap() as u32;
+
+    // Streams opened on the old process: they must finish there during its drain.
+    let mut streams: Vec<Client> = (0..STREAMS)
+        .map(|_| {
+            let mut c = Client::connect(k.addr).unwrap();
+            c.send(b"POST /sse?n=5 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            assert_eq!(c.read_head().unwrap().0, 200);
+            c.read_chunk().unwrap().expect("first event");
+            c
+        })
+        .collect();
+
+    // A continuous loop of requests, each on a new connection, across the upgrade.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let loaders: Vec<_> = (0..LOADERS)
+        .map(|i| {
+            let (stop, ok, failures, addr) = (stop.clone(), ok.clone(), failures.clone(), k.addr);
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    match post(addr, "/v1/completions", &format!("{{\"i\":{i},\"n\":{n}}}")) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status)),
+                        Err(e) => failures.lock().unwrap().push(format!("{e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = ok.load(Ordering::Relaxed);
+
+    k.proc.signal("USR2");
+    // Whatever happens below, the successor (not our child) must not outlive the test.
+    let successor = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _reap = KillOnDrop(successor.clone());
+    // The old process reports the hand-off once the new one is ready.
+    assert!(
+        wait_until(Duration::from_secs(20), || steering(&k).is_some_and(|s| {
+            successor.store(
+                s["successor_pid"].as_u64().unwrap_or(0) as u32,
+                Ordering::Relaxed,
+            );
+            s["released"] == true
+        })),
+        "the old process never handed off"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // The old process keeps its streams; they finish during its drain.
+    up.release();
+    for c in streams.iter_mut() {
+        let mut rest = Vec::new();
+        while let Some(ch) = c.read_chunk().expect("stream cut during the upgrade") {
+            rest.extend_from_slice(&ch);
+        }
+        assert_eq!(String::from_utf8_lossy(&rest).matches("data: ").count(), 4);
+    }
+    drop(streams);
+    let code = k.proc.wait_exit(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "the old process did not exit cleanly");
+
+    // The successor took the admin address over and serves.
+    let mut new_pid = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            steering(&k).is_some_and(|s| {
+                new_pid = s["pid"].as_u64().unwrap_or(0) as u32;
+                new_pid != old_pid && s["attached"] == true
+            })
+        }),
+        "no new process on the admin address"
+    );
+    let at_handoff = ok.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for l in loaders {
+        l.join().unwrap();
+    }
+    let total = ok.load(Ordering::Relaxed);
+    let failures = failures.lock().unwrap().clone();
+    println!(
+        "upgrade: {total} requests ok ({before} before SIGUSR2, {} after the old exited), {} failed, {STREAMS} streams finished",
+        total - at_handoff,
+        failures.len()
+    );
+    // Stop the successor (not our child) before asserting, so no process leaks.
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    let gone = wait_until(Duration::from_secs(10), || !alive(new_pid));
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(total > at_handoff, "the new process served nothing");
+    assert!(gone, "the new process did not exit on SIGTERM");
+}
+
+/// The upgrade's choice for connections queued on the old listeners but not
+/// yet accepted: the kernel migrates them when the old listener closes, through
+/// the program's `sk_reuseport/migrate` flavour, into the socket the array
+/// holds by then (with that flavour attached the kernel migrates whatever
+/// `tcp_migrate_req` says; it is set to 0 here to show it). Checked at the
+/// socket level with the data plane's own loader, so the queue is certain to
+/// be non-empty; with kernel steering and no migration the same connections
+/// are reset, which is what the program saves.
+#[test]
+fn queued_connections_migrate_to_the_new_listener() {
+    use kvroute::steer::{Steering, SteeringKind, SteeringPolicy};
+    use std::io::{Read, Write};
+    const P: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    const QUEUED: usize = 10;
+
+    let run = |kind: SteeringKind| -> (usize, usize) {
+        let old = kvroute::server::bind_listeners("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = old[0].local_addr().unwrap();
+        let s_old = Steering::new(kind, SteeringPolicy::P2c, 1);
+        s_old.attach(addr, &old).unwrap();
+        if kind == SteeringKind::Ebpf && !s_old.is_attached() {
+            return (usize::MAX, 0);
+        }
+        std::fs::write(P, "0").expect("set tcp_migrate_req");
+        // Queued on the old listener: nobody accepts there.
+        let mut clients: Vec<std::net::TcpStream> = (0..QUEUED)
+            .map(|i| {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                c
+            })
+            .collect();
+        let new = kvroute::server::bind_listeners(addr, 1).unwrap();
+        let s_new = Steering::new(kind, SteeringPolicy::P2c, 1);
+        s_new.attach(addr, &new).unwrap();
+        s_old.release();
+        drop(old);
+        let mut served = 0;
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while served < QUEUED && std::time::Instant::now() < end {
+            match new[0].accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut b = [0u8; 64];
+                    let n = s.read(&mut b).unwrap();
+                    assert!(b[..n].starts_with(b"hello "), "data lost in migration");
+                    s.write_all(b"ok").unwrap();
+                    served += 1;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        let mut reset = 0;
+        for c in clients.iter_mut() {
+            let mut b = [0u8; 2];
+            if c.read_exact(&mut b).is_err() {
+                reset += 1;
+            }
+        }
+        s_new.cleanup();
+        (served, reset)
+    };
+
+    let Ok(before) = std::fs::read_to_string(P) else {
+        eprintln!("skipped: no {P} (kernel before 5.14)");
+        return;
+    };
+    let (served, reset) = run(SteeringKind::Ebpf);
+    if served == usize::MAX {
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable");
+        }
+        eprintln!("skipped: eBPF steering unavailable here");
+        return;
+    }
+    let (served_k, reset_k) = run(SteeringKind::Kernel);
+    let _ = std::fs::write(P, before.trim());
+    println!(
+        "queued connections when the old listener closes (tcp_migrate_req=0): eBPF migrate program: {served}/{QUEUED} served, {reset} reset; kernel steering: {served_k} served, {reset_k} reset"
+    );
+    assert_eq!((served, reset), (QUEUED, 0));
+    assert!(
+        reset_k > 0,
+        "without migration the queue should have been reset"
+    );
+}
+
+/// `kvroute upgrade` finds the running process through the admin API, signals
+/// it and reports the hand-off; the new process then serves.
+#[test]
+fn upgrade_command_hands_over() {
+    let up = Upstream::start("a");
+    let mut k = Kvroute::start(&["--workers", "2", "--replica", &up.url()]);
+    let st = steering(&k).expect("state");
+    if st["attached"] != true {
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {st}");
+        }
+        eprintln!("skipped: eBPF steering unavailable here");
+        return;
+    }
+    let old_pid = st["pid"].as_u64().unwrap() as u32;
+    let successor = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _reap = KillOnDrop(successor.clone());
+    let out = Command::new(kvroute_tests::harness::workspace_bin("kvroute"))
+        .args(["upgrade", "--admin", &k.admin.to_string()])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&old_pid.to_string()), "{text}");
+    assert_eq!(k.proc.wait_exit(Duration::from_secs(15)), Some(0));
+    let mut new_pid = 0;
+    assert!(wait_until(Duration::from_secs(10), || steering(&k)
+        .is_some_and(|s| {
+            new_pid = s["pid"].as_u64().unwrap_or(0) as u32;
+            new_pid != old_pid
+        })));
+    successor.store(new_pid, Ordering::Relaxed);
+    assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().status, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(10), || !alive(new_pid)));
+}
