@@ -39,6 +39,22 @@ pub struct Config {
     pub push: PushConfig,
     #[serde(default)]
     pub warm: WarmConfig,
+    #[serde(default)]
+    pub drain: DrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// A drained replica leaves once every data plane reports nothing in flight
+    /// on it, or after this long whatever they report.
+    pub timeout_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        DrainConfig { timeout_ms: 30_000 }
+    }
 }
 
 /// Which engine a replica runs: decides metric names and event formats.

@@ -134,10 +134,6 @@ pub struct Daemon {
     pub shared: Arc<Shared>,
 }
 
-/// Drained replicas leave once no data plane reports a request in flight, or
-/// after this long whatever they report.
-const DRAIN_LIMIT: Duration = Duration::from_secs(60);
-
 impl Daemon {
     pub fn new(cfg: Config, resolver: Arc<dyn Resolver>) -> Daemon {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -295,6 +291,16 @@ impl Daemon {
                 }
                 match result {
                     Ok(s) => {
+                        if r.scraped.is_some_and(|prev| s.restarted_since(&prev)) {
+                            // Faster than the health checks could see: the engine
+                            // restarted, so its cache is empty and its event stream new.
+                            tracing::info!(replica = %url, "engine restart seen in its counters");
+                            r.kv_reconnect.send_modify(|g| *g += 1);
+                            let _ = self.clears_tx.send(ClearNotice {
+                                url: url.clone(),
+                                reason: "restarted",
+                            });
+                        }
                         let cap_changed = r.scraped.is_none_or(|old| {
                             old.kv_blocks != s.kv_blocks || old.block_tokens != s.block_tokens
                         });
@@ -594,7 +600,7 @@ impl Daemon {
                     // The unhealthy mark must have reached the data planes before
                     // an idle report means anything.
                     (idle && t.elapsed() > ms(self.cfg.push.resync_ms) * 2)
-                        || t.elapsed() > DRAIN_LIMIT
+                        || t.elapsed() > ms(self.cfg.drain.timeout_ms)
                 })
             })
             .map(|(u, _)| u.clone())

@@ -21,6 +21,22 @@ pub struct Scraped {
     pub block_tokens: Option<u32>,
     /// Families the parser could not read.
     pub skipped: u32,
+    /// `process_start_time_seconds`, when the engine exports it.
+    pub start_time: Option<f64>,
+    /// A counter that only grows for the life of the engine process (prompt
+    /// tokens): when it goes down, the engine restarted and its cache is empty.
+    pub monotonic: Option<f64>,
+}
+
+impl Scraped {
+    /// True when `self`, scraped after `prev`, comes from a new engine process.
+    pub fn restarted_since(&self, prev: &Scraped) -> bool {
+        match (prev.start_time, self.start_time) {
+            (Some(a), Some(b)) if a != b => return true,
+            _ => {}
+        }
+        matches!((prev.monotonic, self.monotonic), (Some(a), Some(b)) if b < a)
+    }
 }
 
 /// One sample: name, labels, value.
@@ -148,7 +164,14 @@ pub fn extract(engine: Engine, text: &str, target: &str) -> Result<Scraped> {
         Engine::Sglang => sglang_capacity(&samples),
         Engine::Openai => (None, None),
     };
+    let monotonic = match engine {
+        Engine::Vllm => sum_first(&samples, &["vllm:prompt_tokens_total"]),
+        _ => sum_first(&samples, &["sglang:prompt_tokens_total"]),
+    }
+    .map(|x| x.0);
     Ok(Scraped {
+        start_time: sum_first(&samples, &["process_start_time_seconds"]).map(|x| x.0),
+        monotonic,
         running: running.map_or(0.0, |r| r.0),
         waiting: waiting.map_or(0.0, |w| w.0),
         kv_usage,
@@ -230,6 +253,37 @@ mod tests {
         assert!((s.kv_usage - 0.28).abs() < 1e-9);
         assert_eq!(s.kv_blocks, Some(442354));
         assert_eq!(s.block_tokens, Some(1));
+    }
+
+    #[test]
+    fn restarts_show_in_start_time_or_a_counter_going_down() {
+        let a = Scraped {
+            monotonic: Some(100.0),
+            ..Scraped::default()
+        };
+        let later = Scraped {
+            monotonic: Some(150.0),
+            ..Scraped::default()
+        };
+        assert!(!later.restarted_since(&a));
+        let reset = Scraped {
+            monotonic: Some(3.0),
+            ..Scraped::default()
+        };
+        assert!(reset.restarted_since(&a));
+        let t1 = Scraped {
+            start_time: Some(1.0),
+            monotonic: Some(500.0),
+            ..Scraped::default()
+        };
+        let t2 = Scraped {
+            start_time: Some(2.0),
+            monotonic: Some(900.0),
+            ..Scraped::default()
+        };
+        assert!(t2.restarted_since(&t1));
+        let s = extract(Engine::Sglang, SGLANG, "t").unwrap();
+        assert_eq!(s.monotonic, Some(8.128902e6));
     }
 
     #[test]

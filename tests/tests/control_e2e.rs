@@ -53,10 +53,14 @@ impl Sim {
         s
     }
 
-    /// Kills the process and starts the same command again (same ports).
-    fn restart(&mut self) {
+    fn kill(&mut self) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
+    }
+
+    /// Kills the process and starts the same command again (same ports).
+    fn restart(&mut self) {
+        self.kill();
         self.proc = Proc::spawn("kvroute-sim", &self.args);
         assert!(
             wait_until(Duration::from_secs(10), || get(self.addr(), "/health")
@@ -181,6 +185,8 @@ interval_ms = 100
 timeout_ms = 300
 [push]
 resync_ms = 100
+[drain]
+timeout_ms = 2000
 "#,
         dp.admin
     )
@@ -529,6 +535,11 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
         "removed replica still in rotation"
     );
     eprintln!("file removal out of rotation after {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(200));
+    eprintln!(
+        "removed replica as the data plane sees it while draining: {:?}",
+        dp.replica(&a.url())
+    );
     assert!(
         wait_until(Duration::from_secs(5), || dp.replica(&a.url()).is_none()),
         "drained replica never removed"
@@ -602,13 +613,23 @@ fn kv_events_clear_the_replica(format: &str) {
     );
     assert!(ctl.metric("kvroute_control_kv_cleared_total", &a.url()) >= 1.0);
 
-    // An engine restart starts its sequence over: noticed as a reset.
+    // An engine restart (down long enough for the health checks to see, as a
+    // real engine's reload is) starts its event sequence over: seen as a reset.
+    // The old stream must be ahead of what the new one sends before it is
+    // seen, or a restart looks like a gap: 40 batches, one per new prompt.
+    for i in 0..40 {
+        assert_eq!(dp.complete(&format!("{i} {}", "z".repeat(300))).status, 200);
+    }
+    let clears = dp.replica(&a.url()).unwrap().clears_total;
+    a.kill();
+    assert!(wait_until(Duration::from_secs(3), || !dp.healthy(&a.url())));
     a.restart();
     let reset = wait_until(Duration::from_secs(10), || {
         dp.complete(&"y".repeat(300)).status == 200
             && ctl.metric("kvroute_control_kv_sequence_resets_total", &a.url()) >= 1.0
     });
     assert!(reset, "sequence reset after restart not seen");
+    assert!(dp.replica(&a.url()).unwrap().clears_total > clears);
 }
 
 #[test]
