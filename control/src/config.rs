@@ -151,6 +151,9 @@ pub struct HealthConfig {
     /// Consecutive failures that take a replica out.
     pub fall: u32,
     pub path: String,
+    /// Also take a replica out when the data planes report failed attempts on
+    /// it in `fall` consecutive reads of their `/state` (back after `rise` quiet ones).
+    pub passive: bool,
 }
 
 impl Default for HealthConfig {
@@ -161,6 +164,7 @@ impl Default for HealthConfig {
             rise: 2,
             fall: 2,
             path: "/health".into(),
+            passive: true,
         }
     }
 }
@@ -349,8 +353,9 @@ pub fn load_replica_file(path: &Path) -> Result<Vec<ReplicaConfig>> {
             Ok(Json::List(l)) => l,
             Ok(Json::Wrapped(w)) => w.replicas,
             // Untagged errors say nothing useful; the list form's error does.
-            Err(_) => serde_json::from_str::<Vec<ReplicaConfig>>(&text)
-                .map_err(|e| err(e.to_string()))?,
+            Err(_) => {
+                serde_json::from_str::<Vec<ReplicaConfig>>(&text).map_err(|e| err(e.to_string()))?
+            }
         }
     } else {
         toml::from_str::<Wrapped>(&text)
@@ -406,8 +411,8 @@ mod tests {
         assert!(e.contains("interval"), "{e}");
         let e = parse("dataplanes=[]\n").unwrap_err();
         assert!(e.contains("dataplanes"), "{e}");
-        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"https://x:1\"\n")
-            .unwrap_err();
+        let e =
+            parse("dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"https://x:1\"\n").unwrap_err();
         assert!(e.contains("http://"), "{e}");
         let e = parse(
             "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:1\"\nengine=\"tgi\"\n",
@@ -442,8 +447,11 @@ mod tests {
         let e = load_replica_file(&j).unwrap_err().to_string();
         assert!(e.contains("colour"), "{e}");
         let t = dir.join("r.toml");
-        std::fs::write(&t, "[[replicas]]\nurl=\"http://127.0.0.1:3\"\nengine=\"sglang\"\n")
-            .unwrap();
+        std::fs::write(
+            &t,
+            "[[replicas]]\nurl=\"http://127.0.0.1:3\"\nengine=\"sglang\"\n",
+        )
+        .unwrap();
         assert_eq!(load_replica_file(&t).unwrap()[0].engine, Engine::Sglang);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -90,8 +90,10 @@ struct Rep {
     promoted: Option<Reason>,
     promoting: bool,
     draining: Option<Instant>,
-    /// Failure count last read from each data plane (passive health).
-    passive: HashMap<usize, u64>,
+    /// Failure count last read from each data plane.
+    failures_seen: HashMap<usize, u64>,
+    /// The data planes' view: failed attempts in consecutive reads.
+    passive: Health,
     in_flight: HashMap<usize, u32>,
     /// Bumped when the replica's tasks are replaced, so stale reports are ignored.
     gen: u64,
@@ -101,6 +103,12 @@ struct Rep {
     checks_failed: u64,
     scrapes_failed: u64,
     prewarm_requests: u64,
+}
+
+impl Rep {
+    fn up(&self) -> bool {
+        self.health.is_healthy() && !self.passive.is_down()
+    }
 }
 
 impl Drop for Rep {
@@ -199,7 +207,11 @@ impl Daemon {
             )));
             self.dataplanes.push(dp);
         }
-        *self.shared.dataplanes.lock().unwrap_or_else(|e| e.into_inner()) = stats_list;
+        *self
+            .shared
+            .dataplanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = stats_list;
     }
 
     fn start_discovery(&mut self) {
@@ -210,11 +222,12 @@ impl Daemon {
         self.sources
             .insert(Source::Static, self.cfg.replicas.clone());
         if let Some(path) = &self.cfg.replicas_file {
-            self.discovery_tasks.push(tokio::spawn(discovery::watch_file(
-                path.clone(),
-                Duration::from_millis(200),
-                self.tx.clone(),
-            )));
+            self.discovery_tasks
+                .push(tokio::spawn(discovery::watch_file(
+                    path.clone(),
+                    Duration::from_millis(200),
+                    self.tx.clone(),
+                )));
         }
         for (i, d) in self.cfg.dns.iter().enumerate() {
             self.discovery_tasks.push(tokio::spawn(discovery::watch_dns(
@@ -260,7 +273,9 @@ impl Daemon {
                 self.reconcile();
             }
             Msg::Probe { url, gen, result } => {
-                let Some(r) = self.reps.get_mut(&url) else { return };
+                let Some(r) = self.reps.get_mut(&url) else {
+                    return;
+                };
                 if r.gen != gen {
                     return;
                 }
@@ -285,7 +300,9 @@ impl Daemon {
                 }
             }
             Msg::Scrape { url, gen, result } => {
-                let Some(r) = self.reps.get_mut(&url) else { return };
+                let Some(r) = self.reps.get_mut(&url) else {
+                    return;
+                };
                 if r.gen != gen {
                     return;
                 }
@@ -316,7 +333,9 @@ impl Daemon {
                 }
             }
             Msg::Prewarmed { url, ok, requests } => {
-                let Some(r) = self.reps.get_mut(&url) else { return };
+                let Some(r) = self.reps.get_mut(&url) else {
+                    return;
+                };
                 r.promoting = false;
                 r.prewarm_requests += u64::from(requests);
                 if ok && r.health.is_healthy() && r.draining.is_none() {
@@ -354,8 +373,8 @@ impl Daemon {
         self.shared.reloads.fetch_add(1, Ordering::Relaxed);
         let dp_changed = cfg.dataplanes != self.cfg.dataplanes || cfg.push != self.cfg.push;
         let checks_changed = cfg.health != self.cfg.health || cfg.scrape != self.cfg.scrape;
-        let discovery_changed = cfg.replicas_file != self.cfg.replicas_file
-            || cfg.dns != self.cfg.dns;
+        let discovery_changed =
+            cfg.replicas_file != self.cfg.replicas_file || cfg.dns != self.cfg.dns;
         let static_list = cfg.replicas.clone();
         self.cfg = cfg;
         if dp_changed {
@@ -418,7 +437,13 @@ impl Daemon {
                             promoted: None,
                             promoting: false,
                             draining: None,
-                            passive: HashMap::new(),
+                            failures_seen: HashMap::new(),
+                            // Presumed fine: one failed attempt must not take it out.
+                            passive: {
+                                let mut h = Health::new(self.cfg.health.rise, self.cfg.health.fall);
+                                h.observe(true, Instant::now());
+                                h
+                            },
                             in_flight: HashMap::new(),
                             gen: 0,
                             tasks: Vec::new(),
@@ -440,12 +465,16 @@ impl Daemon {
     fn restart_tasks(&mut self, url: &str) {
         let gen = self.next_gen;
         self.next_gen += 1;
-        let Some(r) = self.reps.get_mut(url) else { return };
+        let Some(r) = self.reps.get_mut(url) else {
+            return;
+        };
         for t in r.tasks.drain(..) {
             t.abort();
         }
         r.gen = gen;
         r.health
+            .set_thresholds(self.cfg.health.rise, self.cfg.health.fall);
+        r.passive
             .set_thresholds(self.cfg.health.rise, self.cfg.health.fall);
         let hc = self.cfg.health.clone();
         let sc = self.cfg.scrape.clone();
@@ -458,7 +487,14 @@ impl Daemon {
                 loop {
                     tick.tick().await;
                     let result = health::probe(&target, &hc.path, ms(hc.timeout_ms)).await;
-                    if tx.send(Msg::Probe { url: u.clone(), gen, result }).is_err() {
+                    if tx
+                        .send(Msg::Probe {
+                            url: u.clone(),
+                            gen,
+                            result,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -469,20 +505,30 @@ impl Daemon {
             let tx = self.tx.clone();
             let u = url.to_string();
             r.tasks.push(tokio::spawn(async move {
-                let Ok((target, path)) = http::split_url(&murl) else { return };
+                let Ok((target, path)) = http::split_url(&murl) else {
+                    return;
+                };
                 let mut tick = tokio::time::interval(ms(sc.interval_ms));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    let result = match http::request(&target, "GET", &path, None, ms(sc.timeout_ms)).await {
-                        Ok(rep) if rep.status == 200 => {
-                            scrape::extract(engine, &String::from_utf8_lossy(&rep.body), &murl)
-                                .map_err(|e| e.to_string())
-                        }
-                        Ok(rep) => Err(format!("HTTP {}", rep.status)),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    if tx.send(Msg::Scrape { url: u.clone(), gen, result }).is_err() {
+                    let result =
+                        match http::request(&target, "GET", &path, None, ms(sc.timeout_ms)).await {
+                            Ok(rep) if rep.status == 200 => {
+                                scrape::extract(engine, &String::from_utf8_lossy(&rep.body), &murl)
+                                    .map_err(|e| e.to_string())
+                            }
+                            Ok(rep) => Err(format!("HTTP {}", rep.status)),
+                            Err(e) => Err(e.to_string()),
+                        };
+                    if tx
+                        .send(Msg::Scrape {
+                            url: u.clone(),
+                            gen,
+                            result,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -492,7 +538,9 @@ impl Daemon {
         if let Some(base) = r.cfg.kv_events.clone() {
             let stats = Arc::new(KvStats::default());
             for rank in 0..r.cfg.dp_ranks {
-                let Ok(ep) = kv_endpoint(&base, rank) else { continue };
+                let Ok(ep) = kv_endpoint(&base, rank) else {
+                    continue;
+                };
                 r.tasks.push(tokio::spawn(kv_events::subscribe(
                     url.to_string(),
                     ep,
@@ -521,19 +569,30 @@ impl Daemon {
         }
     }
 
-    /// The data plane's failure counts are a second opinion: a failed attempt
-    /// since the last read counts as a failed check.
+    /// The data planes' failure counts are a second opinion: `fall` reads in a
+    /// row with new failed attempts take the replica out even while `/health`
+    /// answers (an engine that accepts probes but resets requests), and `rise`
+    /// quiet reads bring it back, so it is retried as nginx's fail_timeout does.
     fn passive(&mut self, rep: DpReport) {
         let mut changed = false;
+        let now = Instant::now();
         for s in &rep.state.replicas {
-            let Some(r) = self.reps.get_mut(&s.url) else { continue };
+            let Some(r) = self.reps.get_mut(&s.url) else {
+                continue;
+            };
             r.in_flight.insert(rep.index, s.in_flight);
-            let prev = r.passive.insert(rep.index, s.failures_total);
-            if let Some(p) = prev {
-                if s.failures_total > p && r.health.known() {
-                    tracing::debug!(replica = %s.url, failures = s.failures_total - p, "passive failures");
-                    changed |= r.health.observe(false, Instant::now());
-                }
+            let prev = r.failures_seen.insert(rep.index, s.failures_total);
+            let Some(p) = prev else { continue };
+            if !self.cfg.health.passive {
+                continue;
+            }
+            let failed = s.failures_total > p;
+            if failed {
+                tracing::debug!(replica = %s.url, failures = s.failures_total - p, "passive failures");
+            }
+            if r.passive.observe(!failed, now) {
+                tracing::info!(replica = %s.url, failing = r.passive.is_down(), "passive health changed");
+                changed = true;
             }
         }
         if changed {
@@ -551,7 +610,7 @@ impl Daemon {
                 promoted: if r.promoting { None } else { r.promoted },
                 promoting: r.promoting,
                 known: r.health.known(),
-                healthy: r.health.is_healthy(),
+                healthy: r.up(),
                 healthy_since: r.health.since(),
                 waiting: r.scraped.map_or(0.0, |s| s.waiting),
                 draining: r.draining.is_some(),
@@ -573,7 +632,9 @@ impl Daemon {
     /// Replays the data plane's hottest prefixes to the standby (one token each)
     /// so it joins with the common system prompts cached.
     fn prewarm(&mut self, url: String, reason: Reason) {
-        let Some(r) = self.reps.get_mut(&url) else { return };
+        let Some(r) = self.reps.get_mut(&url) else {
+            return;
+        };
         r.promoting = true;
         r.promoted = Some(reason);
         tracing::info!(replica = %url, ?reason, "pre-warming standby before promotion");
@@ -636,7 +697,7 @@ impl Daemon {
                     } else {
                         r.cfg.pool
                     },
-                    healthy: r.health.is_healthy() && r.draining.is_none(),
+                    healthy: r.up() && r.draining.is_none(),
                     kv_blocks: r.scraped.and_then(|s| s.kv_blocks),
                     kv_block_tokens: r.scraped.and_then(|s| s.block_tokens),
                 })
@@ -695,7 +756,7 @@ impl Daemon {
                     r.cfg.pool
                 },
                 configured_pool: r.cfg.pool,
-                healthy: r.health.known().then(|| r.health.is_healthy()),
+                healthy: r.health.known().then(|| r.up()),
                 draining: r.draining.is_some(),
                 running: r.scraped.map_or(0.0, |s| s.running),
                 waiting: r.scraped.map_or(0.0, |s| s.waiting),
@@ -708,7 +769,11 @@ impl Daemon {
                 kv: r.kv_stats.clone(),
             })
             .collect();
-        *self.shared.replicas.lock().unwrap_or_else(|e| e.into_inner()) = views;
+        *self
+            .shared
+            .replicas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = views;
     }
 }
 
@@ -723,11 +788,15 @@ async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) 
                 hot = Some(h);
                 break;
             }
-            Err(e) => tracing::warn!(dataplane = %dp.target, error = %e, "hot prefixes unavailable"),
+            Err(e) => {
+                tracing::warn!(dataplane = %dp.target, error = %e, "hot prefixes unavailable")
+            }
         }
     }
     let Some(hot) = hot else { return (false, 0) };
-    let Ok((target, _)) = http::split_url(url) else { return (false, 0) };
+    let Ok((target, _)) = http::split_url(url) else {
+        return (false, 0);
+    };
     let mut sent = 0;
     for p in hot.prefixes.iter().take(limit) {
         let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&p.sample_body) else {
@@ -738,7 +807,15 @@ async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) 
             o.insert("stream".into(), false.into());
         }
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        match http::request(&target, "POST", &p.path, Some(bytes), Duration::from_secs(30)).await {
+        match http::request(
+            &target,
+            "POST",
+            &p.path,
+            Some(bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        {
             Ok(r) if (200..300).contains(&r.status) => sent += 1,
             Ok(r) => {
                 tracing::warn!(replica = %url, status = r.status, "pre-warm request refused");

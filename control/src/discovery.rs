@@ -62,7 +62,9 @@ pub async fn watch_file(
                     }
                 }
                 // Not remembered as seen: the next write (the rest of the file) retries.
-                Err(e) => tracing::warn!(error = %e, "replica file rejected, keeping the last good list"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "replica file rejected, keeping the last good list")
+                }
             }
         } else if key.is_none() && last.is_some() {
             tracing::warn!(file = %path.display(), "replica file missing, keeping the last good list");
@@ -91,12 +93,13 @@ pub struct SystemResolver;
 impl Resolver for SystemResolver {
     fn lookup_ip<'a>(&'a self, name: &'a str) -> Lookup<'a> {
         Box::pin(async move {
-            let addrs = tokio::net::lookup_host((name, 0))
-                .await
-                .map_err(|e| ControlError::Dns {
-                    name: name.to_string(),
-                    msg: e.to_string(),
-                })?;
+            let addrs =
+                tokio::net::lookup_host((name, 0))
+                    .await
+                    .map_err(|e| ControlError::Dns {
+                        name: name.to_string(),
+                        msg: e.to_string(),
+                    })?;
             let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
             ips.sort();
             ips.dedup();

@@ -43,6 +43,11 @@ impl Health {
         self.healthy == Some(true)
     }
 
+    /// Known to have failed (unknown is not down).
+    pub fn is_down(&self) -> bool {
+        self.healthy == Some(false)
+    }
+
     pub fn since(&self) -> Instant {
         self.since
     }

@@ -63,7 +63,10 @@ pub fn split_url(url: &str) -> Result<(Target, String)> {
     if auth.is_empty() {
         return Err(bad());
     }
-    let addr = if auth.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+    let addr = if auth
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
         auth.to_string()
     } else {
         format!("{auth}:80")

@@ -85,7 +85,8 @@ fn opt_hash(v: Option<&Value>) -> Result<Option<u64>> {
 }
 
 fn opt_u32(v: Option<&Value>) -> Option<u32> {
-    v.and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok())
+    v.and_then(Value::as_u64)
+        .and_then(|x| u32::try_from(x).ok())
 }
 
 pub fn decode_event(v: &Value) -> Result<KvEvent> {
@@ -366,7 +367,15 @@ mod tests {
             "GPU",
             "future",
         );
-        let payload = enc(&(1.5f64, (ev, ("BlockRemoved", vec![9u64], "GPU"), ("AllBlocksCleared",)), 0u32));
+        let payload = enc(&(
+            1.5f64,
+            (
+                ev,
+                ("BlockRemoved", vec![9u64], "GPU"),
+                ("AllBlocksCleared",),
+            ),
+            0u32,
+        ));
         let (b, bad) = decode_batch(&payload).unwrap();
         assert_eq!(bad, 0);
         assert_eq!(b.ts, 1.5);
@@ -417,7 +426,9 @@ mod tests {
         assert_eq!(bad, 0);
         assert_eq!(b.dp_rank, Some(3));
         assert_eq!(b.events.len(), 2);
-        assert!(matches!(&b.events[0], KvEvent::Stored { block_hashes, parent: None, block_size: Some(16) } if block_hashes == &vec![u64::MAX - 1]));
+        assert!(
+            matches!(&b.events[0], KvEvent::Stored { block_hashes, parent: None, block_size: Some(16) } if block_hashes == &vec![u64::MAX - 1])
+        );
         assert_eq!(b.events[1], KvEvent::AllCleared);
     }
 
@@ -431,7 +442,10 @@ mod tests {
                     V::from("BlockRemoved"),
                     V::Array(vec![V::Binary(vec![0, 0, 0, 0, 0, 0, 1, 2, 99])]),
                 ]),
-                V::Array(vec![V::from("BlockRemoved"), V::Array(vec![V::from(-1i64)])]),
+                V::Array(vec![
+                    V::from("BlockRemoved"),
+                    V::Array(vec![V::from(-1i64)]),
+                ]),
                 V::Array(vec![V::from("SomethingNew"), V::from(1u8)]),
             ]),
         ]);
@@ -457,7 +471,10 @@ mod tests {
 
     #[test]
     fn undecodable_events_are_counted_and_bad_batches_rejected() {
-        let payload = enc(&(0.0f64, (("BlockStored", "not a list"), 5u8, ("AllBlocksCleared",))));
+        let payload = enc(&(
+            0.0f64,
+            (("BlockStored", "not a list"), 5u8, ("AllBlocksCleared",)),
+        ));
         let (b, bad) = decode_batch(&payload).unwrap();
         assert_eq!(bad, 2);
         assert_eq!(b.events, vec![KvEvent::AllCleared]);
@@ -476,7 +493,10 @@ mod tests {
                 .collect::<std::collections::BTreeMap<_, _>>()],
             Some(0u32),
         ));
-        assert_eq!(decode_batch(&map).unwrap().0.events, vec![KvEvent::AllCleared]);
+        assert_eq!(
+            decode_batch(&map).unwrap().0.events,
+            vec![KvEvent::AllCleared]
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvroute::admin::{
-    ClearApplied, ClearRequest, HotPrefixes, LoadApplied, LoadUpdate, ReplicaLoad,
-    ReplicasUpdate, State,
+    ClearApplied, ClearRequest, HotPrefixes, LoadApplied, LoadUpdate, ReplicaLoad, ReplicasUpdate,
+    State,
 };
 use kvroute::replica::ReplicaSpec;
 use tokio::sync::{mpsc, watch};
@@ -64,7 +64,14 @@ impl Dataplane {
             reason: Some(reason.to_string()),
         })
         .expect("serialisable");
-        http::json(&self.target, "POST", "/replicas/clear", Some(body), self.timeout).await
+        http::json(
+            &self.target,
+            "POST",
+            "/replicas/clear",
+            Some(body),
+            self.timeout,
+        )
+        .await
     }
 
     pub async fn hot_prefixes(&self, limit: usize) -> Result<HotPrefixes> {

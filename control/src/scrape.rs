@@ -288,7 +288,9 @@ mod tests {
 
     #[test]
     fn wrong_engine_is_an_error_not_zero_load() {
-        let e = extract(Engine::Sglang, VLLM_V1, "r1").unwrap_err().to_string();
+        let e = extract(Engine::Sglang, VLLM_V1, "r1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sglang:num_running_reqs"), "{e}");
     }
 

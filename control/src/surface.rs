@@ -59,7 +59,11 @@ async fn handle(
         ("GET", "/healthz") => reply(200, "text/plain", "ok\n"),
         ("GET", "/metrics") => reply(200, "text/plain; version=0.0.4", render(shared)),
         ("GET", "/status") => {
-            let v = shared.replicas.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let v = shared
+                .replicas
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             reply(
                 200,
                 "application/json",
@@ -119,31 +123,85 @@ pub fn render(shared: &Shared) -> String {
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    let reps = shared.replicas.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    family(&mut o, "kvroute_control_replica_healthy", "gauge", "1 healthy, 0 failed, -1 not checked yet.");
+    let reps = shared
+        .replicas
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    family(
+        &mut o,
+        "kvroute_control_replica_healthy",
+        "gauge",
+        "1 healthy, 0 failed, -1 not checked yet.",
+    );
     for r in &reps {
         let v = match r.healthy {
             Some(true) => 1,
             Some(false) => 0,
             None => -1,
         };
-        let _ = writeln!(o, "kvroute_control_replica_healthy{{replica=\"{}\"}} {v}", esc(&r.url));
+        let _ = writeln!(
+            o,
+            "kvroute_control_replica_healthy{{replica=\"{}\"}} {v}",
+            esc(&r.url)
+        );
     }
-    family(&mut o, "kvroute_control_replica_active", "gauge", "1 when the replica is in the active pool (configured or promoted).");
+    family(
+        &mut o,
+        "kvroute_control_replica_active",
+        "gauge",
+        "1 when the replica is in the active pool (configured or promoted).",
+    );
     for r in &reps {
         let v = u8::from(r.pool == kvroute::replica::Pool::Active && !r.draining);
-        let _ = writeln!(o, "kvroute_control_replica_active{{replica=\"{}\"}} {v}", esc(&r.url));
+        let _ = writeln!(
+            o,
+            "kvroute_control_replica_active{{replica=\"{}\"}} {v}",
+            esc(&r.url)
+        );
     }
     for (name, help, f) in [
-        ("kvroute_control_replica_running", "Running requests the replica reports.", (|r: &crate::daemon::ReplicaView| r.running) as fn(&crate::daemon::ReplicaView) -> f64),
-        ("kvroute_control_replica_waiting", "Waiting requests the replica reports.", |r| r.waiting),
-        ("kvroute_control_replica_kv_usage", "KV cache usage the replica reports, 0..1.", |r| r.kv_usage),
-        ("kvroute_control_replica_kv_blocks", "KV capacity in blocks (0 when unknown).", |r| r.kv_blocks.unwrap_or(0) as f64),
-        ("kvroute_control_health_checks_failed_total", "Failed active health checks.", |r| r.checks_failed as f64),
-        ("kvroute_control_scrapes_failed_total", "Failed /metrics scrapes.", |r| r.scrapes_failed as f64),
-        ("kvroute_control_prewarm_requests_total", "Pre-warm requests replayed to the replica.", |r| r.prewarm_requests as f64),
+        (
+            "kvroute_control_replica_running",
+            "Running requests the replica reports.",
+            (|r: &crate::daemon::ReplicaView| r.running) as fn(&crate::daemon::ReplicaView) -> f64,
+        ),
+        (
+            "kvroute_control_replica_waiting",
+            "Waiting requests the replica reports.",
+            |r| r.waiting,
+        ),
+        (
+            "kvroute_control_replica_kv_usage",
+            "KV cache usage the replica reports, 0..1.",
+            |r| r.kv_usage,
+        ),
+        (
+            "kvroute_control_replica_kv_blocks",
+            "KV capacity in blocks (0 when unknown).",
+            |r| r.kv_blocks.unwrap_or(0) as f64,
+        ),
+        (
+            "kvroute_control_health_checks_failed_total",
+            "Failed active health checks.",
+            |r| r.checks_failed as f64,
+        ),
+        (
+            "kvroute_control_scrapes_failed_total",
+            "Failed /metrics scrapes.",
+            |r| r.scrapes_failed as f64,
+        ),
+        (
+            "kvroute_control_prewarm_requests_total",
+            "Pre-warm requests replayed to the replica.",
+            |r| r.prewarm_requests as f64,
+        ),
     ] {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
         family(&mut o, name, kind, help);
         for r in &reps {
             let _ = writeln!(o, "{name}{{replica=\"{}\"}} {}", esc(&r.url), f(r));
@@ -151,14 +209,46 @@ pub fn render(shared: &Shared) -> String {
     }
     type KvField = fn(&crate::kv_events::KvStats) -> u64;
     let kv_fields: [(&str, &str, KvField); 8] = [
-        ("kvroute_control_kv_batches_total", "KV event batches received.", |k| k.batches.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_blocks_stored_total", "Blocks reported stored.", |k| k.stored_blocks.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_blocks_removed_total", "Blocks reported removed (eviction pressure).", |k| k.removed_blocks.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_cleared_total", "AllBlocksCleared events.", |k| k.cleared.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_undecodable_total", "Batches or events that could not be decoded.", |k| k.undecodable.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_gap_messages_total", "Messages missed according to sequence numbers.", |k| k.gap_messages.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_sequence_resets_total", "Sequence restarts (publisher restarted).", |k| k.resets.load(Ordering::Relaxed)),
-        ("kvroute_control_kv_other_events_total", "Events of types this daemon does not use.", |k| k.other_events.load(Ordering::Relaxed)),
+        (
+            "kvroute_control_kv_batches_total",
+            "KV event batches received.",
+            |k| k.batches.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_blocks_stored_total",
+            "Blocks reported stored.",
+            |k| k.stored_blocks.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_blocks_removed_total",
+            "Blocks reported removed (eviction pressure).",
+            |k| k.removed_blocks.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_cleared_total",
+            "AllBlocksCleared events.",
+            |k| k.cleared.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_undecodable_total",
+            "Batches or events that could not be decoded.",
+            |k| k.undecodable.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_gap_messages_total",
+            "Messages missed according to sequence numbers.",
+            |k| k.gap_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_sequence_resets_total",
+            "Sequence restarts (publisher restarted).",
+            |k| k.resets.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_other_events_total",
+            "Events of types this daemon does not use.",
+            |k| k.other_events.load(Ordering::Relaxed),
+        ),
     ];
     for (name, help, f) in kv_fields {
         family(&mut o, name, "counter", help);
@@ -168,15 +258,49 @@ pub fn render(shared: &Shared) -> String {
             }
         }
     }
-    let dps = shared.dataplanes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let dps = shared
+        .dataplanes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     type DpField = fn(&crate::push::DataplaneStats) -> u64;
     let dp_fields: [(&str, &str, &str, DpField); 6] = [
-        ("kvroute_control_dataplane_up", "gauge", "1 when the data plane's admin API answered last time.", |d| d.up.load(Ordering::Relaxed)),
-        ("kvroute_control_pushes_total", "counter", "Full replica-set pushes that succeeded.", |d| d.pushes.load(Ordering::Relaxed)),
-        ("kvroute_control_push_errors_total", "counter", "Full replica-set pushes that failed.", |d| d.push_errors.load(Ordering::Relaxed)),
-        ("kvroute_control_load_pushes_total", "counter", "Load updates delivered.", |d| d.load_pushes.load(Ordering::Relaxed)),
-        ("kvroute_control_dataplane_restarts_total", "counter", "Data plane restarts noticed (state re-pushed).", |d| d.restarts_seen.load(Ordering::Relaxed)),
-        ("kvroute_control_foreign_pushes_total", "counter", "Resyncs that found another pusher's state.", |d| d.foreign_pushes_seen.load(Ordering::Relaxed)),
+        (
+            "kvroute_control_dataplane_up",
+            "gauge",
+            "1 when the data plane's admin API answered last time.",
+            |d| d.up.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_pushes_total",
+            "counter",
+            "Full replica-set pushes that succeeded.",
+            |d| d.pushes.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_push_errors_total",
+            "counter",
+            "Full replica-set pushes that failed.",
+            |d| d.push_errors.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_load_pushes_total",
+            "counter",
+            "Load updates delivered.",
+            |d| d.load_pushes.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_dataplane_restarts_total",
+            "counter",
+            "Data plane restarts noticed (state re-pushed).",
+            |d| d.restarts_seen.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_foreign_pushes_total",
+            "counter",
+            "Resyncs that found another pusher's state.",
+            |d| d.foreign_pushes_seen.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, f) in dp_fields {
         family(&mut o, name, kind, help);
@@ -185,13 +309,41 @@ pub fn render(shared: &Shared) -> String {
         }
     }
     for (name, help, v) in [
-        ("kvroute_control_promotions_total", "Standbys promoted.", &shared.promotions),
-        ("kvroute_control_demotions_total", "Promoted standbys sent back.", &shared.demotions),
-        ("kvroute_control_prewarm_failures_total", "Standbys that failed pre-warming.", &shared.prewarm_failures),
-        ("kvroute_control_clears_total", "Replica cache clears sent to the data planes.", &shared.clears_sent),
-        ("kvroute_control_reloads_total", "Configuration reloads (SIGHUP).", &shared.reloads),
-        ("kvroute_control_reload_errors_total", "Reloads rejected (the old configuration stays).", &shared.reload_errors),
-        ("kvroute_control_discovery_updates_total", "Replica lists received from the file and DNS.", &shared.discovery_updates),
+        (
+            "kvroute_control_promotions_total",
+            "Standbys promoted.",
+            &shared.promotions,
+        ),
+        (
+            "kvroute_control_demotions_total",
+            "Promoted standbys sent back.",
+            &shared.demotions,
+        ),
+        (
+            "kvroute_control_prewarm_failures_total",
+            "Standbys that failed pre-warming.",
+            &shared.prewarm_failures,
+        ),
+        (
+            "kvroute_control_clears_total",
+            "Replica cache clears sent to the data planes.",
+            &shared.clears_sent,
+        ),
+        (
+            "kvroute_control_reloads_total",
+            "Configuration reloads (SIGHUP).",
+            &shared.reloads,
+        ),
+        (
+            "kvroute_control_reload_errors_total",
+            "Reloads rejected (the old configuration stays).",
+            &shared.reload_errors,
+        ),
+        (
+            "kvroute_control_discovery_updates_total",
+            "Replica lists received from the file and DNS.",
+            &shared.discovery_updates,
+        ),
     ] {
         family(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
@@ -207,7 +359,9 @@ pub async fn drain(control: SocketAddr, url: &str) -> Result<String, crate::erro
     let enc: String = url
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect();
@@ -235,7 +389,10 @@ pub async fn drain(control: SocketAddr, url: &str) -> Result<String, crate::erro
 mod tests {
     #[test]
     fn percent_decoding() {
-        assert_eq!(super::percent_decode("http%3A%2F%2F127.0.0.1%3A80"), "http://127.0.0.1:80");
+        assert_eq!(
+            super::percent_decode("http%3A%2F%2F127.0.0.1%3A80"),
+            "http://127.0.0.1:80"
+        );
         assert_eq!(super::percent_decode("a%2"), "a%2");
     }
 }

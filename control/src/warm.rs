@@ -107,9 +107,7 @@ pub fn decide(
         return None;
     }
     st.overload_since = None;
-    let overload_promoted = cands
-        .iter()
-        .find(|c| c.promoted == Some(Reason::Overload));
+    let overload_promoted = cands.iter().find(|c| c.promoted == Some(Reason::Overload));
     match overload_promoted {
         Some(p) if mean < cfg.demote_waiting => {
             if held(&mut st.calm_since, now, ms(cfg.demote_window_ms)) {
@@ -190,9 +188,15 @@ mod tests {
         v[1].promoted = Some(Reason::Failure);
         assert_eq!(decide(&mut st, &v, &cfg(), t0), None);
         v[0].healthy = false;
-        assert_eq!(decide(&mut st, &v, &cfg(), t0 + Duration::from_secs(2)), None);
+        assert_eq!(
+            decide(&mut st, &v, &cfg(), t0 + Duration::from_secs(2)),
+            None
+        );
         v[0].healthy = true;
-        assert_eq!(decide(&mut st, &v, &cfg(), t0 + Duration::from_secs(4)), None);
+        assert_eq!(
+            decide(&mut st, &v, &cfg(), t0 + Duration::from_secs(4)),
+            None
+        );
         assert_eq!(
             decide(&mut st, &v, &cfg(), t0 + Duration::from_secs(7)),
             Some(Action::Demote("w".into()))

@@ -160,11 +160,7 @@ impl Drop for Control {
 }
 
 fn test_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kvrc-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let d = std::env::temp_dir().join(format!("kvrc-{tag}-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -240,7 +236,9 @@ impl Control {
     }
 
     fn metric(&self, name: &str, label: &str) -> f64 {
-        let text = get(self.listen, "/metrics").map(|r| r.text()).unwrap_or_default();
+        let text = get(self.listen, "/metrics")
+            .map(|r| r.text())
+            .unwrap_or_default();
         text.lines()
             .filter(|l| l.starts_with(name) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -297,7 +295,11 @@ fn control_repushes_when_a_dataplane_restarts_and_when_it_restarts_itself() {
     let mut dp = Dp::start();
     let (port, admin) = (dp.listen.port(), dp.admin.port());
     let ctl = Control::start("repush", |l| {
-        format!("{}{}", base_config(&dp, l, "ctl-repush"), replica_toml(&a.url(), ""))
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-repush"),
+            replica_toml(&a.url(), "")
+        )
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
 
@@ -356,7 +358,11 @@ fn control_takes_a_killed_replica_out_within_the_bound_and_back_after_rise() {
     for i in 0..20 {
         let r = dp.complete(&format!("after kill {i}"));
         assert_eq!(r.status, 200);
-        assert_eq!(replica_header(&r), "b", "request {i} went to the dead replica");
+        assert_eq!(
+            replica_header(&r),
+            "b",
+            "request {i} went to the dead replica"
+        );
     }
 
     a.restart();
@@ -377,16 +383,29 @@ fn control_pushes_scraped_load_and_kv_capacity() {
     // Real time so a request stays running long enough to be seen.
     let a = Sim::start(
         "a",
-        &["--kv-blocks", "1234", "--block-tokens", "16", "--time-scale", "1", "--decode-tps", "20"],
+        &[
+            "--kv-blocks",
+            "1234",
+            "--block-tokens",
+            "16",
+            "--time-scale",
+            "1",
+            "--decode-tps",
+            "20",
+        ],
     );
     let dp = Dp::start();
     let _ctl = Control::start("load", |l| {
-        format!("{}{}", base_config(&dp, l, "ctl-load"), replica_toml(&a.url(), ""))
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-load"),
+            replica_toml(&a.url(), "")
+        )
     });
     assert!(
-        wait_until(Duration::from_secs(5), || dp
-            .replica(&a.url())
-            .is_some_and(|r| r.kv_blocks == Some(1234) && r.kv_block_tokens == Some(16))),
+        wait_until(Duration::from_secs(5), || dp.replica(&a.url()).is_some_and(
+            |r| r.kv_blocks == Some(1234) && r.kv_block_tokens == Some(16)
+        )),
         "capacity not pushed: {:?}",
         dp.replica(&a.url())
     );
@@ -403,9 +422,9 @@ fn control_pushes_scraped_load_and_kv_capacity() {
         }));
     }
     assert!(
-        wait_until(Duration::from_secs(3), || dp
-            .replica(&a.url())
-            .is_some_and(|r| r.external_load.running == 2 && r.external_load.kv_usage > 0.0)),
+        wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
+            |r| r.external_load.running == 2 && r.external_load.kv_usage > 0.0
+        )),
         "load not pushed: {:?}",
         dp.replica(&a.url())
     );
@@ -432,7 +451,11 @@ fn fixture_server(text: &'static str) -> SocketAddr {
             let mut buf = [0u8; 4096];
             let n = s.read(&mut buf).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
-            let body = if req.starts_with("GET /metrics") { text } else { "ok" };
+            let body = if req.starts_with("GET /metrics") {
+                text
+            } else {
+                "ok"
+            };
             let _ = s.write_all(
                 format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -458,13 +481,15 @@ fn control_scrapes_sglang_metrics() {
         )
     });
     assert!(
-        wait_until(Duration::from_secs(5), || dp.replica(&url).is_some_and(|r| {
-            r.external_load.running == 162
-                && r.external_load.waiting == 2826
-                && (r.external_load.kv_usage - 0.28).abs() < 1e-6
-                && r.kv_blocks == Some(442354)
-                && r.kv_block_tokens == Some(1)
-        })),
+        wait_until(Duration::from_secs(5), || dp.replica(&url).is_some_and(
+            |r| {
+                r.external_load.running == 162
+                    && r.external_load.waiting == 2826
+                    && (r.external_load.kv_usage - 0.28).abs() < 1e-6
+                    && r.kv_blocks == Some(442354)
+                    && r.kv_block_tokens == Some(1)
+            }
+        )),
         "SGLang load not pushed: {:?}",
         dp.replica(&url)
     );
@@ -510,7 +535,10 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
     write(&[&a.url()]);
     let file_s = file.display().to_string();
     let ctl = Control::start("file", |l| {
-        format!("replicas_file = \"{file_s}\"\n{}", base_config(&dp, l, "ctl-file"))
+        format!(
+            "replicas_file = \"{file_s}\"\n{}",
+            base_config(&dp, l, "ctl-file")
+        )
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
 
@@ -525,7 +553,11 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
         "added replica not pushed"
     );
     eprintln!("file addition live after {:?}", t.elapsed());
-    assert!(t.elapsed() < Duration::from_millis(1500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
     std::thread::sleep(Duration::from_millis(300));
 
     write(&[&b.url()]);
@@ -548,7 +580,13 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.join().unwrap();
     assert!(ok > 20, "too little load to mean anything: {ok}");
-    assert!(failed.is_empty(), "{} of {} failed: {:?}", failed.len(), ok, &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)]
+    );
     // A broken file keeps the last good list.
     std::fs::write(&file, "[{\"url\": ").unwrap();
     std::thread::sleep(Duration::from_millis(600));
@@ -581,7 +619,10 @@ fn kv_config(dp: &Dp, l: SocketAddr, name: &str, sim: &Sim, kv_port: u16) -> Str
     format!(
         "{}{}",
         base_config(dp, l, name),
-        replica_toml(&sim.url(), &format!("kv_events = \"tcp://127.0.0.1:{kv_port}\""))
+        replica_toml(
+            &sim.url(),
+            &format!("kv_events = \"tcp://127.0.0.1:{kv_port}\"")
+        )
     )
 }
 
@@ -600,7 +641,10 @@ fn kv_events_clear_the_replica(format: &str) {
             && ctl.metric("kvroute_control_kv_blocks_stored_total", &a.url()) > 0.0
     });
     assert!(seen, "no KV events decoded");
-    assert_eq!(ctl.metric("kvroute_control_kv_undecodable_total", &a.url()), 0.0);
+    assert_eq!(
+        ctl.metric("kvroute_control_kv_undecodable_total", &a.url()),
+        0.0
+    );
     let before = dp.replica(&a.url()).unwrap().clears_total;
 
     let r = post(a.addr(), "/sim/fault", r#"{"drop_cache":true}"#).unwrap();
@@ -665,9 +709,9 @@ fn control_promotes_a_warm_standby_when_an_active_replica_dies() {
     drop(a);
     let t = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(5), || dp
-            .replica(&w.url())
-            .is_some_and(|r| r.pool == kvroute::replica::Pool::Active && r.healthy)),
+        wait_until(Duration::from_secs(5), || dp.replica(&w.url()).is_some_and(
+            |r| r.pool == kvroute::replica::Pool::Active && r.healthy
+        )),
         "standby not promoted"
     );
     eprintln!("standby promoted {:?} after the kill", t.elapsed());
@@ -698,13 +742,22 @@ fn control_drain_command_takes_a_replica_out() {
         .args(["drain", &a.url(), "--control", &ctl.listen.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(wait_until(Duration::from_secs(2), || !dp.healthy(&a.url())));
     for i in 0..10 {
         assert_eq!(replica_header(&dp.complete(&format!("drained {i}"))), "b");
     }
     let bad = std::process::Command::new(kvroute_tests::harness::workspace_bin("kvroute-control"))
-        .args(["drain", "http://127.0.0.1:1", "--control", &ctl.listen.to_string()])
+        .args([
+            "drain",
+            "http://127.0.0.1:1",
+            "--control",
+            &ctl.listen.to_string(),
+        ])
         .output()
         .unwrap();
     assert!(!bad.status.success());
@@ -716,7 +769,11 @@ fn control_reloads_on_sighup_and_rejects_a_bad_config() {
     let b = Sim::start("b", &[]);
     let dp = Dp::start();
     let ctl = Control::start("reload", |l| {
-        format!("{}{}", base_config(&dp, l, "ctl-reload"), replica_toml(&a.url(), ""))
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-reload"),
+            replica_toml(&a.url(), "")
+        )
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
     let good = std::fs::read_to_string(&ctl.config).unwrap();
@@ -726,7 +783,10 @@ fn control_reloads_on_sighup_and_rejects_a_bad_config() {
     assert!(wait_until(Duration::from_secs(3), || ctl
         .metric("kvroute_control_reload_errors_total", "")
         >= 1.0));
-    assert!(dp.healthy(&a.url()), "a bad reload must keep the running config");
+    assert!(
+        dp.healthy(&a.url()),
+        "a bad reload must keep the running config"
+    );
 
     std::fs::write(&ctl.config, format!("{good}{}", replica_toml(&b.url(), ""))).unwrap();
     ctl.proc.signal("HUP");
@@ -742,16 +802,24 @@ fn control_a_second_daemon_shows_in_the_dataplane_state() {
     let a = Sim::start("a", &[]);
     let dp = Dp::start();
     let _c1 = Control::start("two-1", |l| {
-        format!("{}{}", base_config(&dp, l, "ctl-one"), replica_toml(&a.url(), ""))
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-one"),
+            replica_toml(&a.url(), "")
+        )
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
     let c2 = Control::start("two-2", |l| {
-        format!("{}{}", base_config(&dp, l, "ctl-two"), replica_toml(&a.url(), ""))
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-two"),
+            replica_toml(&a.url(), "")
+        )
     });
     assert!(
-        wait_until(Duration::from_secs(5), || dp.state().is_some_and(|s| s
-            .last_push
-            .is_some_and(|p| p.sources.len() == 2))),
+        wait_until(Duration::from_secs(5), || dp
+            .state()
+            .is_some_and(|s| s.last_push.is_some_and(|p| p.sources.len() == 2))),
         "second pusher not visible: {:?}",
         dp.state().map(|s| s.last_push)
     );
@@ -762,4 +830,45 @@ fn control_a_second_daemon_shows_in_the_dataplane_state() {
     let p1 = pushes(&dp.state().unwrap());
     assert!(p1 - p0 <= 1, "daemons fight: {} pushes in 1 s", p1 - p0);
     assert!(c2.metric("kvroute_control_foreign_pushes_total", "") >= 0.0);
+}
+
+#[test]
+fn control_takes_out_a_replica_the_dataplane_sees_failing_though_health_answers() {
+    let a = Sim::start("a", &[]);
+    let b = Sim::start("b", &[]);
+    let dp = Dp::start();
+    let _ctl = Control::start("passive", |l| {
+        format!(
+            "{}{}{}",
+            base_config(&dp, l, "ctl-passive"),
+            replica_toml(&a.url(), ""),
+            replica_toml(&b.url(), "")
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
+        && dp.healthy(&b.url())));
+    // `a` answers /health but resets every inference request.
+    let r = post(
+        a.addr(),
+        "/sim/fault",
+        r#"{"error_rate":1.0,"mode":"reset"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = load_thread(dp.listen, stop.clone());
+    let out = wait_until(Duration::from_secs(5), || !dp.healthy(&a.url()));
+    let failures_at_out = dp.replica(&a.url()).map(|r| r.failures_total);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(out, "passive signal ignored: {:?}", dp.replica(&a.url()));
+    assert!(failures_at_out.unwrap_or(0) >= 2);
+    // The data plane retried the resets on `b`: clients saw no failure.
+    assert!(ok > 0 && failed.is_empty(), "{ok} ok, failed: {failed:?}");
+    // Once the replica stops failing it comes back after `rise` quiet reads.
+    post(a.addr(), "/sim/fault", r#"{"error_rate":0.0}"#).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
+        "passive failure never expired"
+    );
 }

@@ -190,10 +190,7 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
                             if !log.sources.contains(&source) {
                                 log.sources.push(source.clone());
                             }
-                            let fight = log
-                                .last_push
-                                .as_ref()
-                                .is_some_and(|p| p.source != source);
+                            let fight = log.last_push.as_ref().is_some_and(|p| p.source != source);
                             log.last_push = Some(PushRecord {
                                 source: source.clone(),
                                 at_unix_ms: unix_ms(),
@@ -288,9 +285,7 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
             )
         }
         (_, "/healthz" | "/metrics" | "/state" | "/replicas" | "/load" | "/replicas/clear")
-        | (_, "/hot-prefixes") => {
-            json_error(405, "method not allowed")
-        }
+        | (_, "/hot-prefixes") => json_error(405, "method not allowed"),
         _ => json_error(404, "no such admin endpoint"),
     }
 }
