@@ -840,3 +840,122 @@ pub fn describe(cfg: &Config) -> String {
         cfg.dns.len()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Mutex as StdMutex;
+
+    /// A one-request-per-connection HTTP server answering `status` with `body`
+    /// and recording each request's head and body.
+    fn server(status: u16, body: String) -> (SocketAddr, Arc<StdMutex<Vec<String>>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(StdMutex::new(Vec::new()));
+        let rec = seen.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                // Read the head, then Content-Length bytes of body.
+                loop {
+                    let n = s.read(&mut tmp).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(i) = text.find("\r\n\r\n") {
+                        let len = text[..i]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= i + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                rec.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).to_string());
+                let _ = s.write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        (addr, seen)
+    }
+
+    use std::net::SocketAddr;
+
+    fn hot(n: usize) -> String {
+        let prefixes: Vec<kvroute::admin::HotPrefix> = (0..n)
+            .map(|i| kvroute::admin::HotPrefix {
+                anchor: i as u64,
+                hits: 10,
+                model: Some("m".into()),
+                path: "/v1/chat/completions".into(),
+                sample_body: format!(
+                    r#"{{"model":"m","messages":[{{"role":"system","content":"sys {i}"}}],"max_tokens":500,"stream":true}}"#
+                ),
+            })
+            .collect();
+        serde_json::to_string(&kvroute::admin::HotPrefixes { prefixes }).unwrap()
+    }
+
+    fn dp(addr: SocketAddr) -> Dataplane {
+        Dataplane {
+            target: Target::Tcp {
+                addr: addr.to_string(),
+            },
+            timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn prewarm_replays_hot_prefixes_with_one_token() {
+        let (admin, asked) = server(200, hot(3));
+        let (replica, seen) = server(200, "{}".into());
+        let (ok, n) = prewarm_run(&format!("http://{replica}"), &[dp(admin)], 2).await;
+        assert!(ok);
+        assert_eq!(n, 2, "bounded by the limit");
+        assert!(asked.lock().unwrap()[0].starts_with("GET /hot-prefixes?limit=2 "));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        for (i, req) in seen.iter().enumerate() {
+            assert!(req.starts_with("POST /v1/chat/completions "), "{req}");
+            let body: serde_json::Value =
+                serde_json::from_str(req.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(body["max_tokens"], 1);
+            assert_eq!(body["stream"], false);
+            assert_eq!(body["messages"][0]["content"], format!("sys {i}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_standby_that_fails_prewarm_is_not_ready() {
+        let (admin, _) = server(200, hot(2));
+        let (replica, _) = server(500, "{}".into());
+        let (ok, n) = prewarm_run(&format!("http://{replica}"), &[dp(admin)], 8).await;
+        assert!(!ok);
+        assert_eq!(n, 0);
+        // No data plane answers: no promotion on a blind guess either.
+        let (ok, _) = prewarm_run(
+            &format!("http://{replica}"),
+            &[dp("127.0.0.1:1".parse().unwrap())],
+            8,
+        )
+        .await;
+        assert!(!ok);
+    }
+}
