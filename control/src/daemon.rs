@@ -103,11 +103,24 @@ struct Rep {
     checks_failed: u64,
     scrapes_failed: u64,
     prewarm_requests: u64,
+    /// Block budget calibrated from KV events, as last pushed.
+    budget: Option<u64>,
 }
 
 impl Rep {
     fn up(&self) -> bool {
         self.health.is_healthy() && !self.passive.is_down()
+    }
+
+    /// The budget the data planes' index gets: the engine's capacity, lowered
+    /// to what its eviction events show it really keeps.
+    fn kv_blocks(&self) -> Option<u64> {
+        let cap = self.scraped.and_then(|s| s.kv_blocks);
+        match (cap, self.budget) {
+            (Some(c), Some(b)) => Some(c.min(b)),
+            (None, Some(b)) => Some(b),
+            (c, None) => c,
+        }
     }
 }
 
@@ -452,6 +465,7 @@ impl Daemon {
                             checks_failed: 0,
                             scrapes_failed: 0,
                             prewarm_requests: 0,
+                            budget: None,
                         },
                     );
                     tracing::info!(replica = %url, "replica discovered");
@@ -698,7 +712,7 @@ impl Daemon {
                         r.cfg.pool
                     },
                     healthy: r.up() && r.draining.is_none(),
-                    kv_blocks: r.scraped.and_then(|s| s.kv_blocks),
+                    kv_blocks: r.kv_blocks(),
                     kv_block_tokens: r.scraped.and_then(|s| s.block_tokens),
                 })
                 .collect(),
@@ -720,6 +734,24 @@ impl Daemon {
     }
 
     fn publish_load(&mut self) {
+        // Budgets move with every eviction; a new snapshot is worth pushing only
+        // when one moved by more than a tenth.
+        let mut budget_moved = false;
+        for r in self.reps.values_mut() {
+            let Some(est) = r.kv_stats.as_ref().and_then(|k| k.effective_blocks()) else {
+                continue;
+            };
+            let moved = r
+                .budget
+                .is_none_or(|b| (est as f64 - b as f64).abs() > b as f64 * 0.1);
+            if moved {
+                r.budget = Some(est);
+                budget_moved = true;
+            }
+        }
+        if budget_moved {
+            self.publish();
+        }
         let loads: Vec<ReplicaLoad> = self
             .reps
             .values()
@@ -761,7 +793,7 @@ impl Daemon {
                 running: r.scraped.map_or(0.0, |s| s.running),
                 waiting: r.scraped.map_or(0.0, |s| s.waiting),
                 kv_usage: r.scraped.map_or(0.0, |s| s.kv_usage),
-                kv_blocks: r.scraped.and_then(|s| s.kv_blocks),
+                kv_blocks: r.kv_blocks(),
                 kv_block_tokens: r.scraped.and_then(|s| s.block_tokens),
                 checks_failed: r.checks_failed,
                 scrapes_failed: r.scrapes_failed,

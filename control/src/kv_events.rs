@@ -182,6 +182,60 @@ pub struct KvStats {
     /// The sequence went backwards: the publisher restarted.
     pub resets: AtomicU64,
     pub connected: AtomicU64,
+    pub budget: std::sync::Mutex<BudgetEstimator>,
+}
+
+impl KvStats {
+    /// The calibrated block budget, when evictions have shown it.
+    pub fn effective_blocks(&self) -> Option<u64> {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .estimate()
+    }
+}
+
+/// How many blocks the engine really keeps cached: blocks stored minus blocks
+/// removed is what it holds, and when it starts removing it is full, so the
+/// count at each removal is its effective capacity for cached prefixes. That is
+/// often well under `num_gpu_blocks`, since running sequences hold blocks too;
+/// a prefix index that assumed the whole capacity would credit the replica with
+/// prefixes it already evicted.
+#[derive(Debug, Default, Clone)]
+pub struct BudgetEstimator {
+    resident: u64,
+    estimate: Option<f64>,
+}
+
+impl BudgetEstimator {
+    pub fn stored(&mut self, n: u64) {
+        self.resident += n;
+    }
+
+    pub fn removed(&mut self, n: u64) {
+        // Blocks stored before we subscribed are removed without our having seen
+        // them stored: the count is a floor, never negative.
+        let at_full = self.resident;
+        self.resident = self.resident.saturating_sub(n);
+        if at_full == 0 {
+            return;
+        }
+        // Smoothed, so one burst of evictions under a long prompt does not
+        // swing the budget.
+        let x = at_full as f64;
+        self.estimate = Some(match self.estimate {
+            None => x,
+            Some(e) => 0.8 * e + 0.2 * x,
+        });
+    }
+
+    pub fn cleared(&mut self) {
+        self.resident = 0;
+    }
+
+    pub fn estimate(&self) -> Option<u64> {
+        self.estimate.map(|e| e.round() as u64).filter(|e| *e > 0)
+    }
 }
 
 /// Sequence tracking of one rank's stream.
@@ -281,6 +335,11 @@ pub async fn subscribe(
                     }
                     SeqCheck::Reset => {
                         stats.resets.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .budget
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .cleared();
                         let _ = clears.send(ClearNotice {
                             url: url.clone(),
                             reason: "sequence_reset",
@@ -306,19 +365,21 @@ fn apply(url: &str, payload: &[u8], stats: &KvStats, clears: &mpsc::UnboundedSen
     };
     stats.batches.fetch_add(1, Ordering::Relaxed);
     stats.undecodable.fetch_add(bad as u64, Ordering::Relaxed);
+    let mut budget = stats.budget.lock().unwrap_or_else(|e| e.into_inner());
     for e in batch.events {
         match e {
             KvEvent::Stored { block_hashes, .. } => {
-                stats
-                    .stored_blocks
-                    .fetch_add(block_hashes.len() as u64, Ordering::Relaxed);
+                let n = block_hashes.len() as u64;
+                stats.stored_blocks.fetch_add(n, Ordering::Relaxed);
+                budget.stored(n);
             }
             KvEvent::Removed { block_hashes } => {
-                stats
-                    .removed_blocks
-                    .fetch_add(block_hashes.len() as u64, Ordering::Relaxed);
+                let n = block_hashes.len() as u64;
+                stats.removed_blocks.fetch_add(n, Ordering::Relaxed);
+                budget.removed(n);
             }
             KvEvent::AllCleared => {
+                budget.cleared();
                 stats.cleared.fetch_add(1, Ordering::Relaxed);
                 let _ = clears.send(ClearNotice {
                     url: url.to_string(),
@@ -496,6 +557,30 @@ mod tests {
         assert_eq!(
             decode_batch(&map).unwrap().0.events,
             vec![KvEvent::AllCleared]
+        );
+    }
+
+    #[test]
+    fn the_budget_is_what_the_engine_holds_when_it_starts_evicting() {
+        let mut b = BudgetEstimator::default();
+        b.stored(50);
+        assert_eq!(b.estimate(), None, "no eviction yet: capacity unknown");
+        b.stored(50);
+        b.removed(10);
+        assert_eq!(b.estimate(), Some(100));
+        // Steady state at 90 resident: the estimate moves smoothly towards it.
+        b.stored(10);
+        b.removed(20);
+        assert_eq!(b.estimate(), Some(100));
+        b.stored(0);
+        b.removed(10);
+        assert_eq!(b.estimate(), Some(96)); // 0.8*100 + 0.2*80
+        b.cleared();
+        b.removed(5);
+        assert_eq!(
+            b.estimate(),
+            Some(96),
+            "removals of unseen blocks teach nothing"
         );
     }
 
