@@ -126,6 +126,10 @@ pub struct DnsConfig {
     /// KV events port of each resolved host (rank 0), when engines publish them.
     #[serde(default)]
     pub kv_events_port: Option<u16>,
+    /// DNS server for SRV lookups (e.g. Consul's `127.0.0.1:8600`); default the
+    /// system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameserver: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -134,6 +138,8 @@ pub enum DnsRecord {
     /// A and AAAA through the system resolver (`/etc/hosts` included).
     #[default]
     A,
+    /// SRV records (a Kubernetes headless Service's named port, Consul): each
+    /// target and port becomes a replica, targets resolved as A/AAAA.
     Srv,
 }
 
@@ -282,12 +288,6 @@ impl Config {
         for d in &self.dns {
             if d.name.is_empty() || d.interval_ms == 0 {
                 return bad("dns: name must be set and interval_ms > 0".into());
-            }
-            if d.record == DnsRecord::Srv {
-                return bad(format!(
-                    "dns {:?}: SRV records are not supported yet; use record = \"a\" with a port",
-                    d.name
-                ));
             }
             if d.record == DnsRecord::A && d.port.is_none() {
                 return bad(format!("dns {:?}: A/AAAA records need a port", d.name));

@@ -80,11 +80,18 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
-pub type Lookup<'a> = Pin<Box<dyn Future<Output = Result<Vec<IpAddr>>> + Send + 'a>>;
+pub type Lookup<'a, T = Vec<IpAddr>> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// Name resolution, behind a trait so tests can script answers.
 pub trait Resolver: Send + Sync + 'static {
     fn lookup_ip<'a>(&'a self, name: &'a str) -> Lookup<'a>;
+    /// SRV records as (target host, port), from `nameserver` when given (Consul
+    /// answers on its own port) or the system's resolvers.
+    fn lookup_srv<'a>(
+        &'a self,
+        name: &'a str,
+        nameserver: Option<SocketAddr>,
+    ) -> Lookup<'a, Vec<(String, u16)>>;
 }
 
 /// The system resolver (getaddrinfo: `/etc/hosts`, then DNS), A and AAAA.
@@ -106,14 +113,84 @@ impl Resolver for SystemResolver {
             Ok(ips)
         })
     }
+
+    fn lookup_srv<'a>(
+        &'a self,
+        name: &'a str,
+        nameserver: Option<SocketAddr>,
+    ) -> Lookup<'a, Vec<(String, u16)>> {
+        use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+        use hickory_resolver::name_server::TokioConnectionProvider;
+        use hickory_resolver::proto::xfer::Protocol;
+        Box::pin(async move {
+            let err = |msg: String| ControlError::Dns {
+                name: name.to_string(),
+                msg,
+            };
+            let provider = TokioConnectionProvider::default();
+            let mut builder = match nameserver {
+                Some(ns) => {
+                    let mut cfg = ResolverConfig::new();
+                    cfg.add_name_server(NameServerConfig::new(ns, Protocol::Udp));
+                    cfg.add_name_server(NameServerConfig::new(ns, Protocol::Tcp));
+                    hickory_resolver::Resolver::builder_with_config(cfg, provider)
+                }
+                None => hickory_resolver::Resolver::builder(provider)
+                    .map_err(|e| err(format!("system resolver config: {e}")))?,
+            };
+            // A fresh resolver per lookup: the answer's TTL is the interval's
+            // business, and a cached answer would hide a scale-down.
+            let opts = builder.options_mut();
+            opts.cache_size = 0;
+            opts.timeout = Duration::from_secs(2);
+            opts.attempts = 1;
+            let resolver = builder.build();
+            let answer = resolver
+                .srv_lookup(name)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let mut out: Vec<(String, u16)> = answer
+                .iter()
+                .map(|srv| {
+                    let t = srv.target().to_utf8();
+                    (t.trim_end_matches('.').to_string(), srv.port())
+                })
+                .collect();
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+    }
+}
+
+/// Resolves SRV targets to addresses: a target may be an address already.
+async fn srv_addresses(
+    resolver: &dyn Resolver,
+    name: &str,
+    nameserver: Option<SocketAddr>,
+) -> Result<Vec<(IpAddr, u16)>> {
+    let mut out = Vec::new();
+    for (target, port) in resolver.lookup_srv(name, nameserver).await? {
+        match target.parse::<IpAddr>() {
+            Ok(ip) => out.push((ip, port)),
+            Err(_) => {
+                for ip in resolver.lookup_ip(&target).await? {
+                    out.push((ip, port));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// The replicas one DNS answer stands for.
-pub fn replicas_for(d: &DnsConfig, ips: &[IpAddr]) -> Vec<ReplicaConfig> {
-    let port = d.port.unwrap_or(80);
-    ips.iter()
-        .map(|ip| {
-            let host = SocketAddr::new(*ip, port);
+pub fn replicas_for(d: &DnsConfig, addrs: &[(IpAddr, u16)]) -> Vec<ReplicaConfig> {
+    addrs
+        .iter()
+        .map(|(ip, port)| {
+            let host = SocketAddr::new(*ip, *port);
             ReplicaConfig {
                 url: format!("http://{host}"),
                 models: d.models.clone(),
@@ -136,21 +213,23 @@ pub async fn watch_dns(
     resolver: Arc<dyn Resolver>,
     out: mpsc::UnboundedSender<crate::daemon::Msg>,
 ) {
-    if d.record == DnsRecord::Srv {
-        // Rejected by config validation; kept as a guard for a reload path.
-        tracing::error!(name = %d.name, "SRV discovery is not supported");
-        return;
-    }
-    let mut last: Option<Vec<IpAddr>> = None;
+    let mut last: Option<Vec<(IpAddr, u16)>> = None;
     loop {
-        match resolver.lookup_ip(&d.name).await {
-            Ok(ips) if Some(&ips) != last.as_ref() => {
-                tracing::info!(name = %d.name, addresses = ?ips, "DNS answer changed");
+        let answer = match d.record {
+            DnsRecord::A => resolver.lookup_ip(&d.name).await.map(|ips| {
+                let port = d.port.unwrap_or(80);
+                ips.into_iter().map(|ip| (ip, port)).collect::<Vec<_>>()
+            }),
+            DnsRecord::Srv => srv_addresses(resolver.as_ref(), &d.name, d.nameserver).await,
+        };
+        match answer {
+            Ok(addrs) if Some(&addrs) != last.as_ref() => {
+                tracing::info!(name = %d.name, addresses = ?addrs, "DNS answer changed");
                 let msg = crate::daemon::Msg::Discovered(Discovered {
                     source: Source::Dns(index),
-                    replicas: replicas_for(&d, &ips),
+                    replicas: replicas_for(&d, &addrs),
                 });
-                last = Some(ips);
+                last = Some(addrs);
                 if out.send(msg).is_err() {
                     return;
                 }
@@ -170,6 +249,26 @@ mod tests {
     struct Scripted(Mutex<Vec<Result<Vec<IpAddr>>>>);
 
     impl Resolver for Scripted {
+        fn lookup_srv<'a>(
+            &'a self,
+            name: &'a str,
+            _ns: Option<SocketAddr>,
+        ) -> Lookup<'a, Vec<(String, u16)>> {
+            // SRV for "svc": two pods, one by name (resolved through lookup_ip), one by address.
+            let ans = if name == "svc" {
+                Ok(vec![
+                    ("pod-a".to_string(), 8001),
+                    ("10.9.9.9".to_string(), 8002),
+                ])
+            } else {
+                Err(ControlError::Dns {
+                    name: name.into(),
+                    msg: "NXDOMAIN".into(),
+                })
+            };
+            Box::pin(async move { ans })
+        }
+
         fn lookup_ip<'a>(&'a self, _name: &'a str) -> Lookup<'a> {
             let next = {
                 let mut q = self.0.lock().unwrap();
@@ -200,7 +299,10 @@ mod tests {
     fn answers_become_replicas_v4_and_v6() {
         let r = replicas_for(
             &dns(),
-            &["10.0.0.5".parse().unwrap(), "fd00::1".parse().unwrap()],
+            &[
+                ("10.0.0.5".parse().unwrap(), 8000),
+                ("fd00::1".parse().unwrap(), 8000),
+            ],
         );
         assert_eq!(r[0].url, "http://10.0.0.5:8000");
         assert_eq!(r[0].kv_events.as_deref(), Some("tcp://10.0.0.5:5557"));
@@ -243,6 +345,20 @@ mod tests {
             "no update without a change"
         );
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn srv_targets_are_resolved_to_addresses() {
+        let r = Scripted(Mutex::new(vec![Ok(vec!["10.0.0.7".parse().unwrap()])]));
+        let got = srv_addresses(&r, "svc", None).await.unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.0.7".parse().unwrap(), 8001),
+                ("10.9.9.9".parse().unwrap(), 8002)
+            ]
+        );
+        assert!(srv_addresses(&r, "nope", None).await.is_err());
     }
 
     #[tokio::test]

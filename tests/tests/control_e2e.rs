@@ -872,3 +872,64 @@ fn control_takes_out_a_replica_the_dataplane_sees_failing_though_health_answers(
         "passive failure never expired"
     );
 }
+
+/// A DNS server on loopback UDP answering every query with one SRV record
+/// (`target`, `port`), as a headless Service or Consul would. Returns its address.
+fn srv_server(target: &'static str, port: u16) -> SocketAddr {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = sock.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let q = &buf[..n];
+            if n < 12 {
+                continue;
+            }
+            // Question: the name's labels, then type and class.
+            let mut i = 12;
+            while i < n && q[i] != 0 {
+                i += 1 + q[i] as usize;
+            }
+            let qend = i + 1 + 4;
+            if qend > n {
+                continue;
+            }
+            let mut r = Vec::with_capacity(128);
+            r.extend_from_slice(&q[..2]); // id
+            r.extend_from_slice(&[0x81, 0x80]); // response, recursion available, no error
+            r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 0]); // 1 question, 1 answer
+            r.extend_from_slice(&q[12..qend]);
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 33, 0, 1, 0, 0, 0, 0]); // name ptr, SRV, IN, TTL 0
+            let mut rdata = vec![0, 0, 0, 0];
+            rdata.extend_from_slice(&port.to_be_bytes());
+            for label in target.split('.') {
+                rdata.push(label.len() as u8);
+                rdata.extend_from_slice(label.as_bytes());
+            }
+            rdata.push(0);
+            r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+            r.extend_from_slice(&rdata);
+            let _ = sock.send_to(&r, peer);
+        }
+    });
+    addr
+}
+
+#[test]
+fn control_discovers_replicas_from_srv_records() {
+    let a = Sim::start("a", &[]);
+    let ns = srv_server("localhost", a.port);
+    let dp = Dp::start();
+    let _ctl = Control::start("srv", |l| {
+        format!(
+            "{}[[dns]]\nname = \"_http._tcp.sim.service.consul\"\nrecord = \"srv\"\nnameserver = \"{ns}\"\ninterval_ms = 200\nmodels = [\"{MODEL}\"]\n",
+            base_config(&dp, l, "ctl-srv")
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
+        "SRV target not discovered: {:?}",
+        dp.state().map(|s| s.replicas)
+    );
+    assert_eq!(dp.complete("via srv").status, 200);
+}
