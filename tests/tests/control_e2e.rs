@@ -933,3 +933,126 @@ fn control_discovers_replicas_from_srv_records() {
     );
     assert_eq!(dp.complete("via srv").status, 200);
 }
+
+fn unix_get(path: &std::path::Path, what: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {what} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+#[test]
+fn control_pushes_to_several_dataplanes_over_tcp_and_unix_sockets() {
+    let a = Sim::start("a", &[]);
+    let tcp = Dp::start();
+    let dir = test_dir("unix-dp");
+    let sock = dir.join("admin.sock");
+    let port = free_port();
+    let _unix_dp = Proc::spawn(
+        "kvroute",
+        &[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--admin".into(),
+            sock.display().to_string(),
+            "--io".into(),
+            "epoll".into(),
+            "--workers".into(),
+            "1".into(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || unix_get(&sock, "/healthz")
+            .is_some_and(|b| b.starts_with("ok"))),
+        "kvroute on a Unix admin socket did not start"
+    );
+    let sock_s = sock.display().to_string();
+    let _ctl = Control::start("multi", |l| {
+        let cfg = base_config(&tcp, l, "ctl-multi").replace(
+            &format!("dataplanes = [\"{}\"]", tcp.admin),
+            &format!("dataplanes = [\"{}\", \"{sock_s}\"]", tcp.admin),
+        );
+        format!("{cfg}{}", replica_toml(&a.url(), ""))
+    });
+    let unix_state = || -> Option<State> { serde_json::from_str(&unix_get(&sock, "/state")?).ok() };
+    assert!(
+        wait_until(Duration::from_secs(5), || tcp.healthy(&a.url())
+            && unix_state().is_some_and(|s| s
+                .replicas
+                .iter()
+                .any(|r| r.url == a.url() && r.healthy))),
+        "not pushed to both: tcp {:?} unix {:?}",
+        tcp.state().map(|s| s.replicas),
+        unix_state().map(|s| s.replicas)
+    );
+    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let body = format!(r#"{{"model":"{MODEL}","prompt":"unix","max_tokens":1}}"#);
+    assert_eq!(post(listen, "/v1/completions", &body).unwrap().status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
+    // One sequence at a time and slow decoding: requests queue on `a`.
+    let a = Sim::start(
+        "a",
+        &["--max-seqs", "1", "--time-scale", "1", "--decode-tps", "50"],
+    );
+    let w = Sim::start("w", &[]);
+    let dp = Dp::start();
+    let ctl = Control::start("overload", |l| {
+        format!(
+            "{}[warm]\npromote_waiting = 2.0\npromote_window_ms = 300\ndemote_waiting = 0.5\ndemote_window_ms = 1500\n{}{}",
+            base_config(&dp, l, "ctl-overload"),
+            replica_toml(&a.url(), ""),
+            replica_toml(&w.url(), "pool = \"warm\"")
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
+        && dp.healthy(&w.url())));
+    let active = |dp: &Dp| {
+        dp.replica(&w.url())
+            .is_some_and(|r| r.pool == kvroute::replica::Pool::Active)
+    };
+    // Nothing queued yet: still a standby.
+    assert!(!active(&dp));
+    // Six requests of 50 tokens at 50 tokens/s, one at a time: ~5 s of queue.
+    let addr = a.addr();
+    let hs: Vec<_> = (0..6)
+        .map(|i| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/completions",
+                    &format!(r#"{{"model":"{MODEL}","prompt":"q {i}","max_tokens":50}}"#),
+                )
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(4), || active(&dp)),
+        "standby not promoted under a sustained queue"
+    );
+    let promoted_after = t.elapsed();
+    eprintln!("promoted {promoted_after:?} into the overload");
+    assert!(
+        promoted_after >= Duration::from_millis(300),
+        "promoted before the window"
+    );
+    for h in hs {
+        assert_eq!(h.join().unwrap().unwrap().status, 200);
+    }
+    // Queue gone: demoted only after the (longer) calm window.
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(6), || !active(&dp)),
+        "standby never demoted"
+    );
+    eprintln!("demoted {:?} after the queue drained", t.elapsed());
+    assert!(ctl.metric("kvroute_control_demotions_total", "") >= 1.0);
+}
