@@ -406,6 +406,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let c = parse(include_str!("../control.example.toml")).unwrap();
+        assert_eq!(c.dns[1].record, DnsRecord::Srv);
+        assert_eq!(c.replicas[1].pool, Pool::Warm);
+    }
+
+    #[test]
     fn typos_and_bad_values_are_rejected_with_the_key() {
         let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[health]\ninterval=5\n").unwrap_err();
         assert!(e.contains("interval"), "{e}");
