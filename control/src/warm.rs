@@ -62,6 +62,14 @@ pub fn decide(
     if cands.iter().any(|c| c.promoting) {
         return None;
     }
+    // A promoted standby that failed itself serves nobody: back to the warm pool
+    // at once, so another standby can take its place.
+    if let Some(c) = cands
+        .iter()
+        .find(|c| c.promoted.is_some() && c.known && !c.healthy)
+    {
+        return Some(Action::Demote(c.url.clone()));
+    }
     let standby = cands
         .iter()
         .filter(|c| c.warm && c.promoted.is_none() && c.known && c.healthy && !c.draining)
@@ -233,6 +241,27 @@ mod tests {
         assert_eq!(
             decide(&mut st, &v, &cfg(), s(12100)),
             Some(Action::Demote("w".into()))
+        );
+    }
+
+    #[test]
+    fn a_promoted_standby_that_fails_is_replaced() {
+        let t0 = Instant::now();
+        let mut st = WarmState::default();
+        let mut v = vec![
+            c("a", false, false, 0, t0),
+            c("w1", true, false, 0, t0),
+            c("w2", true, true, 1, t0),
+        ];
+        v[1].promoted = Some(Reason::Failure);
+        assert_eq!(
+            decide(&mut st, &v, &cfg(), t0),
+            Some(Action::Demote("w1".into()))
+        );
+        v[1].promoted = None;
+        assert_eq!(
+            decide(&mut st, &v, &cfg(), t0),
+            Some(Action::Promote("w2".into(), Reason::Failure))
         );
     }
 
