@@ -809,23 +809,35 @@ impl Daemon {
     }
 }
 
-/// Fetches hot prefixes from the first data plane that answers and replays each
-/// to `url` with `max_tokens: 1`. Every replay must succeed: a standby that
-/// cannot serve its warm-up would not serve users either.
+/// Gathers the hot prefixes of every data plane (each sees only its share of
+/// the traffic: the same anchor's hits add up) and replays the hottest to `url`
+/// with `max_tokens: 1`. Every replay must succeed: a standby that cannot serve
+/// its warm-up would not serve users either.
 async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) {
-    let mut hot = None;
+    let mut merged: Vec<kvroute::admin::HotPrefix> = Vec::new();
+    let mut answered = false;
     for dp in dps {
         match dp.hot_prefixes(limit).await {
             Ok(h) => {
-                hot = Some(h);
-                break;
+                answered = true;
+                for p in h.prefixes {
+                    match merged.iter_mut().find(|m| m.anchor == p.anchor) {
+                        Some(m) => m.hits += p.hits,
+                        None => merged.push(p),
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(dataplane = %dp.target, error = %e, "hot prefixes unavailable")
             }
         }
     }
-    let Some(hot) = hot else { return (false, 0) };
+    if !answered {
+        return (false, 0);
+    }
+    merged.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.anchor.cmp(&b.anchor)));
+    tracing::info!(replica = %url, prefixes = merged.len().min(limit), "replaying hot prefixes");
+    let hot = kvroute::admin::HotPrefixes { prefixes: merged };
     let Ok((target, _)) = http::split_url(url) else {
         return (false, 0);
     };
@@ -981,6 +993,13 @@ mod tests {
         let (ok, n) = prewarm_run(&format!("http://{replica}"), &[dp(admin)], 8).await;
         assert!(!ok);
         assert_eq!(n, 0);
+        // Hits from several data planes add up before the limit applies.
+        let (a1, _) = server(200, hot(3));
+        let (a2, _) = server(200, hot(1));
+        let (replica, seen) = server(200, "{}".into());
+        let (ok, n) = prewarm_run(&format!("http://{replica}"), &[dp(a1), dp(a2)], 1).await;
+        assert!(ok && n == 1);
+        assert!(seen.lock().unwrap()[0].contains("sys 0"));
         // No data plane answers: no promotion on a blind guess either.
         let (ok, _) = prewarm_run(
             &format!("http://{replica}"),

@@ -1056,3 +1056,112 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
     eprintln!("demoted {:?} after the queue drained", t.elapsed());
     assert!(ctl.metric("kvroute_control_demotions_total", "") >= 1.0);
 }
+
+/// A stand-in for the prefix router's hot-prefix report (`GET /hot-prefixes`),
+/// which the data plane on this branch answers with an empty list: an admin
+/// endpoint that only knows that one path, listed as a second data plane.
+fn hot_prefix_source(bodies: Vec<String>) -> SocketAddr {
+    use std::io::{Read, Write};
+    let prefixes: Vec<kvroute::admin::HotPrefix> = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| kvroute::admin::HotPrefix {
+            anchor: i as u64 + 1,
+            hits: 100 - i as u64,
+            model: Some(MODEL.into()),
+            path: "/v1/completions".into(),
+            sample_body: b,
+        })
+        .collect();
+    let json = serde_json::to_string(&kvroute::admin::HotPrefixes { prefixes }).unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let (status, body) = if buf[..n].starts_with(b"GET /hot-prefixes") {
+                ("200 OK", json.as_str())
+            } else {
+                ("404 Not Found", "{}")
+            };
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    addr
+}
+
+fn sim_stats(s: &Sim) -> serde_json::Value {
+    get(s.addr(), "/sim/stats").unwrap().json()
+}
+
+#[test]
+fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
+    let a = Sim::start("a", &[]);
+    let w = Sim::start("w", &[]);
+    let dp = Dp::start();
+    let system: Vec<String> = (0..2)
+        .map(|i| {
+            format!(
+                "You are assistant number {i}. {}",
+                "Answer politely and briefly. ".repeat(20)
+            )
+        })
+        .collect();
+    let bodies = system
+        .iter()
+        .map(|p| {
+            serde_json::json!({"model": MODEL, "prompt": p, "max_tokens": 64, "stream": true})
+                .to_string()
+        })
+        .collect();
+    let hot = hot_prefix_source(bodies);
+    let ctl = Control::start("prewarm", |l| {
+        let cfg = base_config(&dp, l, "ctl-prewarm").replace(
+            &format!("dataplanes = [\"{}\"]", dp.admin),
+            &format!("dataplanes = [\"{}\", \"{hot}\"]", dp.admin),
+        );
+        format!(
+            "{cfg}{}{}",
+            replica_toml(&a.url(), ""),
+            replica_toml(&w.url(), "pool = \"warm\"")
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
+        && dp.healthy(&w.url())));
+    assert_eq!(sim_stats(&w)["requests"], 0, "a standby gets no traffic");
+
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(5), || dp.replica(&w.url()).is_some_and(
+            |r| r.pool == kvroute::replica::Pool::Active && r.healthy
+        )),
+        "standby not promoted"
+    );
+    // Before any user request: exactly the two hot prefixes, one token each.
+    let st = sim_stats(&w);
+    assert_eq!(st["requests"], 2, "{st}");
+    assert_eq!(st["completion_tokens"], 2, "{st}");
+    assert!(ctl.metric("kvroute_control_prewarm_requests_total", &w.url()) >= 2.0);
+
+    // The next request with a hot prefix finds it cached on the new replica.
+    let body = serde_json::json!({"model": MODEL, "prompt": format!("{} What is 2+2?", system[0]), "max_tokens": 2}).to_string();
+    let r = post(dp.listen, "/v1/completions", &body).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(replica_header(&r), "w");
+    let cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        cached > 0,
+        "hot prefix not cached on the promoted standby: {}",
+        r.text()
+    );
+}
