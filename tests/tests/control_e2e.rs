@@ -636,8 +636,10 @@ fn kv_events_clear_the_replica(format: &str) {
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
     // ZMQ subscriptions take a moment: keep sending until the daemon has seen a batch.
+    let mut n = 0;
     let seen = wait_until(Duration::from_secs(10), || {
-        dp.complete(&"x".repeat(300)).status == 200
+        n += 1;
+        dp.complete(&format!("{n} {}", "x".repeat(300))).status == 200
             && ctl.metric("kvroute_control_kv_blocks_stored_total", &a.url()) > 0.0
     });
     assert!(seen, "no KV events decoded");
@@ -668,8 +670,12 @@ fn kv_events_clear_the_replica(format: &str) {
     a.kill();
     assert!(wait_until(Duration::from_secs(3), || !dp.healthy(&a.url())));
     a.restart();
+    // New prompts each time: a cached prompt publishes nothing, and the first
+    // events of the new process may go out before the subscription is back.
+    let mut n = 0;
     let reset = wait_until(Duration::from_secs(10), || {
-        dp.complete(&"y".repeat(300)).status == 200
+        n += 1;
+        dp.complete(&format!("{n} {}", "y".repeat(300))).status == 200
             && ctl.metric("kvroute_control_kv_sequence_resets_total", &a.url()) >= 1.0
     });
     assert!(reset, "sequence reset after restart not seen");
