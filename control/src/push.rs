@@ -3,6 +3,7 @@
 //! and reads `/state` to notice a restart (no push record: push everything again)
 //! and to pass the data plane's passive failure counts back to the daemon.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +106,8 @@ pub async fn run(
 ) {
     let mut need_push = true;
     let mut pushed_generation: Option<u64> = None;
+    // Load as this data plane last acknowledged it: only what changed goes out.
+    let mut sent: HashMap<String, ReplicaLoad> = HashMap::new();
     let mut warned_foreign = false;
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -126,8 +129,9 @@ pub async fn run(
                         // Load is per live replica object: send it again at once
                         // so new replicas do not start from zero.
                         let loads = load.borrow().clone();
-                        if !loads.is_empty() {
-                            let _ = dp.put_load(loads.as_ref().clone()).await;
+                        sent.clear();
+                        if !loads.is_empty() && dp.put_load(loads.as_ref().clone()).await.is_ok() {
+                            sent = loads.iter().map(|l| (l.url.clone(), l.clone())).collect();
                         }
                     }
                     Err(e) => {
@@ -148,9 +152,20 @@ pub async fn run(
                 if r.is_err() { return }
                 if need_push { continue }
                 let loads = load.borrow_and_update().clone();
-                match dp.put_load(loads.as_ref().clone()).await {
+                let delta: Vec<ReplicaLoad> = loads
+                    .iter()
+                    .filter(|l| sent.get(&l.url) != Some(*l))
+                    .cloned()
+                    .collect();
+                if delta.is_empty() {
+                    continue;
+                }
+                match dp.put_load(delta.clone()).await {
                     Ok(a) => {
                         stats.load_pushes.fetch_add(1, Ordering::Relaxed);
+                        for l in delta {
+                            sent.insert(l.url.clone(), l);
+                        }
                         if Some(a.generation) != pushed_generation {
                             // Someone replaced the set or the process restarted:
                             // the next resync decides which.

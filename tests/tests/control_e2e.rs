@@ -1171,3 +1171,140 @@ fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
         r.text()
     );
 }
+
+#[test]
+fn control_subscribes_to_every_data_parallel_rank() {
+    // The replica declares two ranks on base port P; this engine's rank 1 is on P + 1.
+    let base = loop {
+        let p = free_port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let ep = format!("tcp://127.0.0.1:{}", base + 1);
+    let a = Sim::start("a", &["--kv-events", &ep]);
+    let dp = Dp::start();
+    let ctl = Control::start("ranks", |l| {
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-ranks"),
+            replica_toml(
+                &a.url(),
+                &format!("kv_events = \"tcp://127.0.0.1:{base}\"\ndp_ranks = 2")
+            )
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    let mut n = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            n += 1;
+            dp.complete(&format!("{n} {}", "r".repeat(300))).status == 200
+                && ctl.metric("kvroute_control_kv_blocks_stored_total", &a.url()) > 0.0
+        }),
+        "rank 1's events not received"
+    );
+}
+
+fn admin_send(dp: &Dp, method: &str, path: &str, body: &str) -> Response {
+    request(
+        dp.admin,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .unwrap()
+}
+
+/// The admin additions the daemon relies on, driven directly.
+#[test]
+fn control_admin_api_load_clear_hot_prefixes_and_push_record() {
+    let dp = Dp::start();
+    let st = dp.state().unwrap();
+    assert!(
+        st.last_push.is_none(),
+        "a fresh data plane has no push record"
+    );
+    let url = "http://127.0.0.1:9";
+    let r = admin_send(
+        &dp,
+        "PUT",
+        "/replicas",
+        &format!(
+            r#"{{"replicas":[{{"url":"{url}","kv_blocks":100,"kv_block_tokens":16}}],"source":"tester"}}"#
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let st = dp.state().unwrap();
+    let push = st.last_push.unwrap();
+    assert_eq!(
+        (push.source.as_str(), push.generation, push.pushes_total),
+        ("tester", st.generation, 1)
+    );
+    assert_eq!(st.replicas[0].kv_blocks, Some(100));
+
+    let r = admin_send(
+        &dp,
+        "PUT",
+        "/load",
+        &format!(
+            r#"{{"loads":[{{"url":"{url}","running":3,"waiting":4,"kv_usage":1.5}},{{"url":"http://127.0.0.1:1","running":1,"waiting":0,"kv_usage":0.0}}]}}"#
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let a: kvroute::admin::LoadApplied = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!((a.applied, a.unknown, a.generation), (1, 1, st.generation));
+    let rep = dp.replica(url).unwrap();
+    assert_eq!(
+        (rep.external_load.running, rep.external_load.waiting),
+        (3, 4)
+    );
+    assert_eq!(rep.external_load.kv_usage, 1.0, "usage is clamped to 0..=1");
+    assert_eq!(
+        admin_send(&dp, "PUT", "/load", r#"{"loads":[{"url":"x"}]}"#).status,
+        400
+    );
+
+    let r = admin_send(
+        &dp,
+        "POST",
+        "/replicas/clear",
+        &format!(r#"{{"url":"{url}","reason":"test"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c: kvroute::admin::ClearApplied = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(c.clears_total, 1);
+    assert_eq!(dp.replica(url).unwrap().clears_total, 1);
+    assert_eq!(
+        admin_send(
+            &dp,
+            "POST",
+            "/replicas/clear",
+            r#"{"url":"http://127.0.0.1:2"}"#
+        )
+        .status,
+        404
+    );
+    assert_eq!(admin_send(&dp, "GET", "/replicas/clear", "").status, 405);
+
+    let r = admin_send(&dp, "GET", "/hot-prefixes?limit=5", "");
+    assert_eq!(r.status, 200);
+    let h: kvroute::admin::HotPrefixes = serde_json::from_slice(&r.body).unwrap();
+    assert!(h.prefixes.len() <= 5);
+
+    // Another pusher: both names are kept.
+    let r = admin_send(
+        &dp,
+        "PUT",
+        "/replicas",
+        &format!(r#"{{"replicas":[{{"url":"{url}"}}],"source":"other"}}"#),
+    );
+    assert_eq!(r.status, 200);
+    let push = dp.state().unwrap().last_push.unwrap();
+    assert_eq!(
+        push.sources,
+        vec!["tester".to_string(), "other".to_string()]
+    );
+    assert_eq!(push.pushes_total, 2);
+}
