@@ -132,11 +132,19 @@ impl Drop for Rep {
     }
 }
 
+/// How long the first push waits for a replica file or DNS name that has not
+/// answered: past it, what is known is pushed (a missing file must not keep the
+/// static replicas out forever).
+const DISCOVERY_GRACE: Duration = Duration::from_secs(5);
+
 pub struct Daemon {
     cfg: Config,
     me: String,
     reps: BTreeMap<String, Rep>,
     sources: BTreeMap<Source, Vec<ReplicaConfig>>,
+    /// Sources that have not reported yet: until they have (or a grace passed),
+    /// a restarted daemon would push a set missing their replicas.
+    awaiting: std::collections::BTreeSet<Source>,
     tx: mpsc::UnboundedSender<Msg>,
     rx: mpsc::UnboundedReceiver<Msg>,
     clears_rx: mpsc::UnboundedReceiver<ClearNotice>,
@@ -170,6 +178,7 @@ impl Daemon {
             me,
             reps: BTreeMap::new(),
             sources: BTreeMap::new(),
+            awaiting: std::collections::BTreeSet::new(),
             tx,
             rx,
             clears_rx,
@@ -231,10 +240,20 @@ impl Daemon {
         for t in self.discovery_tasks.drain(..) {
             t.abort();
         }
-        self.sources.clear();
+        // Lists of sources still configured stay until their watcher reports
+        // again: dropping them would drain those replicas for a moment.
+        let dns_count = self.cfg.dns.len();
+        let has_file = self.cfg.replicas_file.is_some();
+        self.sources.retain(|s, _| match s {
+            Source::Static => true,
+            Source::File => has_file,
+            Source::Dns(i) => *i < dns_count,
+        });
         self.sources
             .insert(Source::Static, self.cfg.replicas.clone());
+        self.awaiting.clear();
         if let Some(path) = &self.cfg.replicas_file {
+            self.awaiting.insert(Source::File);
             self.discovery_tasks
                 .push(tokio::spawn(discovery::watch_file(
                     path.clone(),
@@ -243,6 +262,7 @@ impl Daemon {
                 )));
         }
         for (i, d) in self.cfg.dns.iter().enumerate() {
+            self.awaiting.insert(Source::Dns(i));
             self.discovery_tasks.push(tokio::spawn(discovery::watch_dns(
                 i,
                 d.clone(),
@@ -282,6 +302,7 @@ impl Daemon {
                 self.shared
                     .discovery_updates
                     .fetch_add(1, Ordering::Relaxed);
+                self.awaiting.remove(&d.source);
                 self.sources.insert(d.source, d.replicas);
                 self.reconcile();
             }
@@ -697,6 +718,9 @@ impl Daemon {
     fn snapshot(&self) -> Option<Vec<ReplicaSpec>> {
         let grace = ms(self.cfg.health.interval_ms + self.cfg.health.timeout_ms) * 2;
         if self.started.elapsed() < grace && self.reps.values().any(|r| !r.health.known()) {
+            return None;
+        }
+        if !self.awaiting.is_empty() && self.started.elapsed() < DISCOVERY_GRACE {
             return None;
         }
         Some(

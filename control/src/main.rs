@@ -38,6 +38,9 @@ struct Args {
     /// Path of control.toml.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log one JSON object per line (for log shippers) instead of text.
+    #[arg(long, global = true, env = "KVROUTE_CONTROL_LOG_JSON")]
+    log_json: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -60,13 +63,16 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1308,3 +1308,53 @@ fn control_admin_api_load_clear_hot_prefixes_and_push_record() {
     );
     assert_eq!(push.pushes_total, 2);
 }
+
+#[test]
+fn control_restarted_with_a_replica_file_does_not_push_an_empty_set_first() {
+    let a = Sim::start("a", &[]);
+    let dp = Dp::start();
+    let dir = test_dir("file-restart");
+    let file = dir.join("replicas.toml");
+    std::fs::write(&file, replica_toml(&a.url(), "")).unwrap();
+    let file_s = file.display().to_string();
+    let mut ctl = Control::start("file-restart", |l| {
+        format!(
+            "replicas_file = \"{file_s}\"\n{}",
+            base_config(&dp, l, "ctl-file-restart")
+        )
+    });
+    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    // Watch the data plane while the daemon restarts: the replica must never
+    // leave the set or rotation.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, admin, url) = (stop.clone(), dp.admin, a.url());
+        std::thread::spawn(move || {
+            let mut bad = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(r) = get(admin, "/state") {
+                    if let Ok(s) = serde_json::from_slice::<State>(&r.body) {
+                        if !s.replicas.iter().any(|r| r.url == url && r.healthy) {
+                            bad.push(s.generation);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            bad
+        })
+    };
+    let gen = dp.state().unwrap().generation;
+    ctl.restart();
+    assert!(wait_until(Duration::from_secs(5), || dp
+        .state()
+        .is_some_and(|s| s.generation > gen)));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let bad = watcher.join().unwrap();
+    assert!(
+        bad.is_empty(),
+        "replica out of the set at generations {bad:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
