@@ -36,7 +36,8 @@ impl Target {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(Target::Unix(p.into()));
         }
-        if s.starts_with('/') {
+        // As kvroute's --admin reads it: a path when it starts with / or .
+        if s.starts_with('/') || s.starts_with('.') {
             return Ok(Target::Unix(s.into()));
         }
         let hostport = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
