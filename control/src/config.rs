@@ -21,7 +21,7 @@ pub struct Config {
     /// Where to serve the daemon's own `/metrics` and `/healthz`.
     #[serde(default)]
     pub listen: Option<SocketAddr>,
-    /// Name recorded by the data plane as the pusher; default `kvroute-control@HOST:PID`.
+    /// Name recorded by the data plane as the pusher; default `kvroute-control@HOST`.
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]

@@ -172,7 +172,9 @@ impl Daemon {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "localhost".into());
-            format!("kvroute-control@{host}:{}", std::process::id())
+            // Stable across restarts: a restarted daemon is the same pusher, not
+            // a second one (two daemons on one host need distinct `name`s).
+            format!("kvroute-control@{host}")
         });
         Daemon {
             me,

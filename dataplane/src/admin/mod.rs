@@ -24,7 +24,7 @@ use crate::replica::{ExternalLoad, Pool, ReplicaSpec};
 #[serde(deny_unknown_fields)]
 pub struct ReplicasUpdate {
     pub replicas: Vec<ReplicaSpec>,
-    /// Who sends this (e.g. `kvroute-control@host:pid`); recorded in [`State::last_push`].
+    /// Who sends this (e.g. `kvroute-control@host`); recorded in [`State::last_push`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }
@@ -40,8 +40,8 @@ pub struct PushRecord {
     pub generation: u64,
     /// Pushes in this process's life, from every source.
     pub pushes_total: u64,
-    /// Distinct sources seen pushing in this process's life: more than one means
-    /// two daemons are steering the same data plane.
+    /// Distinct sources seen pushing in this process's life (the last 16): more
+    /// than one means two daemons are steering the same data plane.
     pub sources: Vec<String>,
 }
 

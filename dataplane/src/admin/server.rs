@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{
     ClearApplied, ClearRequest, HotPrefixes, LoadApplied, LoadUpdate, PushRecord, ReplicaState,
@@ -25,6 +25,9 @@ pub enum AdminListener {
 }
 
 const MAX_ADMIN_BODY: usize = 4 << 20;
+
+/// Distinct pusher names remembered in `last_push.sources`.
+const MAX_SOURCES: usize = 16;
 
 /// Most hot prefixes one `GET /hot-prefixes` returns, whatever the caller asks.
 const MAX_HOT_PREFIXES: usize = 256;
@@ -188,6 +191,11 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
                         let fight = with_log(|log| {
                             log.pushes_total += 1;
                             if !log.sources.contains(&source) {
+                                // Bounded: a pusher that invents a name per push
+                                // must not grow the state without limit.
+                                if log.sources.len() >= MAX_SOURCES {
+                                    log.sources.remove(0);
+                                }
                                 log.sources.push(source.clone());
                             }
                             let fight = log.last_push.as_ref().is_some_and(|p| p.source != source);
