@@ -4,7 +4,6 @@
 //! tasks only report observations.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -900,13 +899,16 @@ async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) 
     (true, sent)
 }
 
-/// Paths the daemon reads its replica file from, for logs.
+/// One line on where replicas come from, for `check`.
 pub fn describe(cfg: &Config) -> String {
-    let file: Option<&PathBuf> = cfg.replicas_file.as_ref();
+    let file = cfg
+        .replicas_file
+        .as_ref()
+        .map_or_else(|| "no replica file".to_string(), |p| format!("file {}", p.display()));
     format!(
-        "{} static, file {:?}, {} DNS names",
+        "{} data planes, {} static replicas, {file}, {} DNS names",
+        cfg.dataplanes.len(),
         cfg.replicas.len(),
-        file,
         cfg.dns.len()
     )
 }
