@@ -89,6 +89,9 @@ pub struct ReplicaConfig {
     pub kv_events: Option<String>,
     #[serde(default = "one")]
     pub dp_ranks: u32,
+    /// Health check path for this replica, when it differs from `[health] path`.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 fn one() -> u32 {
@@ -305,6 +308,12 @@ pub fn validate_replica(r: &ReplicaConfig) -> Result<()> {
         .map_err(|e| ControlError::Invalid(format!("replica {}: {e}", r.url)))?;
     if let Some(ev) = &r.kv_events {
         kv_endpoint(ev, 0)?;
+    }
+    if r.health_path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+        return Err(ControlError::Invalid(format!(
+            "replica {}: health_path must start with /",
+            r.url
+        )));
     }
     if r.dp_ranks == 0 || r.dp_ranks > 256 {
         return Err(ControlError::Invalid(format!(

@@ -64,6 +64,8 @@ pub struct ReplicaView {
     pub checks_failed: u64,
     pub scrapes_failed: u64,
     pub prewarm_requests: u64,
+    /// Block budget calibrated from KV events.
+    pub kv_effective_blocks: Option<u64>,
     #[serde(skip)]
     pub kv: Option<Arc<KvStats>>,
 }
@@ -104,6 +106,8 @@ struct Rep {
     prewarm_requests: u64,
     /// Block budget calibrated from KV events, as last pushed.
     budget: Option<u64>,
+    /// Consecutive failed scrapes.
+    scrape_streak: u32,
 }
 
 impl Rep {
@@ -135,6 +139,9 @@ impl Drop for Rep {
 /// answered: past it, what is known is pushed (a missing file must not keep the
 /// static replicas out forever).
 const DISCOVERY_GRACE: Duration = Duration::from_secs(5);
+
+/// Failed scrapes in a row after which a replica's load figures are dropped.
+const STALE_SCRAPES: u32 = 3;
 
 pub struct Daemon {
     cfg: Config,
@@ -357,13 +364,26 @@ impl Daemon {
                             old.kv_blocks != s.kv_blocks || old.block_tokens != s.block_tokens
                         });
                         r.scraped = Some(s);
+                        r.scrape_streak = 0;
                         if cap_changed {
                             self.publish();
                         }
                     }
                     Err(e) => {
                         r.scrapes_failed += 1;
+                        r.scrape_streak += 1;
                         tracing::debug!(replica = %url, error = %e, "scrape failed");
+                        // A load figure nobody refreshes would steer traffic on
+                        // old news: after a few misses it is dropped (capacity,
+                        // which does not move, stays).
+                        if r.scrape_streak == STALE_SCRAPES {
+                            if let Some(s) = r.scraped.as_mut() {
+                                tracing::warn!(replica = %url, error = %e, "metrics unavailable: dropping its load figures");
+                                s.running = 0.0;
+                                s.waiting = 0.0;
+                                s.kv_usage = 0.0;
+                            }
+                        }
                     }
                 }
             }
@@ -488,6 +508,7 @@ impl Daemon {
                             scrapes_failed: 0,
                             prewarm_requests: 0,
                             budget: None,
+                            scrape_streak: 0,
                         },
                     );
                     tracing::info!(replica = %url, "replica discovered");
@@ -512,7 +533,10 @@ impl Daemon {
             .set_thresholds(self.cfg.health.rise, self.cfg.health.fall);
         r.passive
             .set_thresholds(self.cfg.health.rise, self.cfg.health.fall);
-        let hc = self.cfg.health.clone();
+        let mut hc = self.cfg.health.clone();
+        if let Some(p) = &r.cfg.health_path {
+            hc.path = p.clone();
+        }
         let sc = self.cfg.scrape.clone();
         let tx = self.tx.clone();
         let u = url.to_string();
@@ -823,6 +847,7 @@ impl Daemon {
                 checks_failed: r.checks_failed,
                 scrapes_failed: r.scrapes_failed,
                 prewarm_requests: r.prewarm_requests,
+                kv_effective_blocks: r.budget,
                 kv: r.kv_stats.clone(),
             })
             .collect();
@@ -901,10 +926,10 @@ async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) 
 
 /// One line on where replicas come from, for `check`.
 pub fn describe(cfg: &Config) -> String {
-    let file = cfg
-        .replicas_file
-        .as_ref()
-        .map_or_else(|| "no replica file".to_string(), |p| format!("file {}", p.display()));
+    let file = cfg.replicas_file.as_ref().map_or_else(
+        || "no replica file".to_string(),
+        |p| format!("file {}", p.display()),
+    );
     format!(
         "{} data planes, {} static replicas, {file}, {} DNS names",
         cfg.dataplanes.len(),

@@ -202,6 +202,7 @@ pub fn replicas_for(d: &DnsConfig, addrs: &[(IpAddr, u16)]) -> Vec<ReplicaConfig
                     .kv_events_port
                     .map(|p| format!("tcp://{}", SocketAddr::new(*ip, p))),
                 dp_ranks: 1,
+                health_path: None,
             }
         })
         .collect()

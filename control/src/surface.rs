@@ -182,6 +182,11 @@ pub fn render(shared: &Shared) -> String {
             |r| r.kv_blocks.unwrap_or(0) as f64,
         ),
         (
+            "kvroute_control_replica_kv_effective_blocks",
+            "Block budget calibrated from KV events (0 until evictions show it).",
+            |r| r.kv_effective_blocks.unwrap_or(0) as f64,
+        ),
+        (
             "kvroute_control_health_checks_failed_total",
             "Failed active health checks.",
             |r| r.checks_failed as f64,

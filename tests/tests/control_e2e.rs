@@ -439,9 +439,12 @@ fn control_pushes_scraped_load_and_kv_capacity() {
     );
 }
 
-/// Serves a fixed exposition on `/metrics` and `ok` on `/health`, as an SGLang
-/// server with `--enable-metrics` would.
-fn fixture_server(text: &'static str) -> SocketAddr {
+/// Serves a fixed exposition on `/metrics` (500 once `broken` is set) and `ok`
+/// on `/ready`, as an SGLang server with `--enable-metrics` would; 404 elsewhere.
+fn fixture_server(
+    text: &'static str,
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
     use std::io::{Read, Write};
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -451,14 +454,20 @@ fn fixture_server(text: &'static str) -> SocketAddr {
             let mut buf = [0u8; 4096];
             let n = s.read(&mut buf).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]);
-            let body = if req.starts_with("GET /metrics") {
-                text
+            let (status, body) = if req.starts_with("GET /metrics") {
+                if broken.load(std::sync::atomic::Ordering::Relaxed) {
+                    ("500 Internal Server Error", "down")
+                } else {
+                    ("200 OK", text)
+                }
+            } else if req.starts_with("GET /ready") {
+                ("200 OK", "ok")
             } else {
-                "ok"
+                ("404 Not Found", "")
             };
             let _ = s.write_all(
                 format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 )
                 .as_bytes(),
@@ -470,20 +479,25 @@ fn fixture_server(text: &'static str) -> SocketAddr {
 
 #[test]
 fn control_scrapes_sglang_metrics() {
-    let sg = fixture_server(include_str!("../fixtures/metrics/sglang.txt"));
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sg = fixture_server(
+        include_str!("../fixtures/metrics/sglang.txt"),
+        broken.clone(),
+    );
     let dp = Dp::start();
     let url = format!("http://{sg}");
     let _ctl = Control::start("sglang", |l| {
         format!(
             "{}{}",
             base_config(&dp, l, "ctl-sglang"),
-            replica_toml(&url, "engine = \"sglang\"")
+            replica_toml(&url, "engine = \"sglang\"\nhealth_path = \"/ready\"")
         )
     });
     assert!(
         wait_until(Duration::from_secs(5), || dp.replica(&url).is_some_and(
             |r| {
-                r.external_load.running == 162
+                r.healthy
+                    && r.external_load.running == 162
                     && r.external_load.waiting == 2826
                     && (r.external_load.kv_usage - 0.28).abs() < 1e-6
                     && r.kv_blocks == Some(442354)
@@ -491,6 +505,15 @@ fn control_scrapes_sglang_metrics() {
             }
         )),
         "SGLang load not pushed: {:?}",
+        dp.replica(&url)
+    );
+    // Metrics gone, engine still healthy: its old load figures are dropped, not kept.
+    broken.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(3), || dp.replica(&url).is_some_and(
+            |r| { r.healthy && r.external_load.running == 0 && r.external_load.waiting == 0 }
+        )),
+        "stale load kept: {:?}",
         dp.replica(&url)
     );
 }
