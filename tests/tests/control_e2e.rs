@@ -754,7 +754,8 @@ fn control_promotes_a_warm_standby_when_an_active_replica_dies() {
 
 #[test]
 fn control_drain_command_takes_a_replica_out() {
-    let a = Sim::start("a", &[]);
+    // Real time on `a` so a stream is still open when the drain starts.
+    let a = Sim::start("a", &["--time-scale", "1", "--decode-tps", "20"]);
     let b = Sim::start("b", &[]);
     let dp = Dp::start();
     let ctl = Control::start("drain", |l| {
@@ -767,6 +768,31 @@ fn control_drain_command_takes_a_replica_out() {
     });
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
         && dp.healthy(&b.url())));
+    // A stream on `a` (20 tokens at 20 tokens/s): round robin alternates, so
+    // one of the first two lands there.
+    let body = format!(r#"{{"model":"{MODEL}","prompt":"long","max_tokens":20,"stream":true}}"#);
+    let mut stream = None;
+    for _ in 0..4 {
+        let mut c = kvroute_tests::harness::Client::connect(dp.listen).unwrap();
+        c.send(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (status, headers) = c.read_head().unwrap();
+        assert_eq!(status, 200);
+        if headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("x-replica") && v == "a")
+        {
+            stream = Some(c);
+            break;
+        }
+    }
+    let mut stream = stream.expect("no stream landed on a");
     let out = std::process::Command::new(kvroute_tests::harness::workspace_bin("kvroute-control"))
         .args(["drain", &a.url(), "--control", &ctl.listen.to_string()])
         .output()
@@ -780,6 +806,16 @@ fn control_drain_command_takes_a_replica_out() {
     for i in 0..10 {
         assert_eq!(replica_header(&dp.complete(&format!("drained {i}"))), "b");
     }
+    // The stream that was open on `a` runs to its end.
+    let mut text = Vec::new();
+    while let Some(chunk) = stream.read_chunk().unwrap() {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(
+        text.contains("[DONE]"),
+        "in-flight stream cut by the drain: {text}"
+    );
     let bad = std::process::Command::new(kvroute_tests::harness::workspace_bin("kvroute-control"))
         .args([
             "drain",
