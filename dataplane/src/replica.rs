@@ -89,13 +89,15 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// `host:port` as written in the URL, for the upstream `Host` header.
     pub authority: String,
-    /// Requests this proxy has sent and not yet finished (all workers).
-    pub in_flight: AtomicU32,
+    /// Requests this proxy has sent and not yet finished (all workers). Shared
+    /// with the replica's previous `Replica` object after a spec change, since the
+    /// requests begun on that object end (and decrement) there.
+    pub in_flight: Arc<AtomicU32>,
     /// Passive health: consecutive failed attempts (reset on success).
-    pub consecutive_failures: AtomicU32,
+    pub consecutive_failures: Arc<AtomicU32>,
     pub healthy: AtomicBool,
-    pub requests: AtomicU64,
-    pub failures: AtomicU64,
+    pub requests: Arc<AtomicU64>,
+    pub failures: Arc<AtomicU64>,
     external: Mutex<ExternalLoad>,
 }
 
@@ -219,16 +221,13 @@ impl ReplicaTable {
                         slot: r.slot,
                         addr: r.addr,
                         authority: r.authority.clone(),
-                        in_flight: AtomicU32::new(0),
-                        consecutive_failures: AtomicU32::new(0),
+                        in_flight: r.in_flight.clone(),
+                        consecutive_failures: r.consecutive_failures.clone(),
                         healthy: AtomicBool::new(spec.healthy),
-                        requests: AtomicU64::new(r.requests.load(Ordering::Relaxed)),
-                        failures: AtomicU64::new(r.failures.load(Ordering::Relaxed)),
+                        requests: r.requests.clone(),
+                        failures: r.failures.clone(),
                         external: Mutex::new(r.external_load()),
                     };
-                    // In-flight guards hold the old Arc; the new one starts from
-                    // the old count so least-loaded stays honest during the swap.
-                    fresh.in_flight.store(r.in_flight(), Ordering::Relaxed);
                     next.push(Some(Arc::new(fresh)));
                 }
                 None => next.push(None),
@@ -249,10 +248,10 @@ impl ReplicaTable {
                 slot,
                 addr,
                 authority,
-                in_flight: AtomicU32::new(0),
-                consecutive_failures: AtomicU32::new(0),
-                requests: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
+                in_flight: Arc::default(),
+                consecutive_failures: Arc::default(),
+                requests: Arc::default(),
+                failures: Arc::default(),
                 external: Mutex::new(ExternalLoad::default()),
             }));
         }
@@ -313,6 +312,18 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&a.replicas[1], &b.replicas[0]));
         assert_eq!(b.replicas[0].in_flight(), 1);
+        // A spec change makes a new object; requests begun on the old one still
+        // end on the shared counter.
+        let g = b.replicas[1].begin();
+        let mut spec = ReplicaSpec::new("http://127.0.0.1:8003");
+        spec.healthy = false;
+        let c = t
+            .replace(vec![ReplicaSpec::new("http://127.0.0.1:8002"), spec])
+            .unwrap();
+        assert!(!Arc::ptr_eq(&b.replicas[1], &c.replicas[1]));
+        assert_eq!(c.replicas[1].in_flight(), 1);
+        drop(g);
+        assert_eq!(c.replicas[1].in_flight(), 0);
         // 8003 reuses no live slot.
         assert_ne!(b.replicas[1].slot, b.replicas[0].slot);
         assert_eq!(b.generation, a.generation + 1);

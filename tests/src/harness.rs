@@ -218,9 +218,17 @@ impl Client {
 
     fn fill(&mut self) -> std::io::Result<usize> {
         let mut tmp = [0u8; 16384];
-        let n = self.stream.read(&mut tmp)?;
-        self.buf.extend_from_slice(&tmp[..n]);
-        Ok(n)
+        loop {
+            // A signal sent by the test (SIGTERM to kvroute) can interrupt this read.
+            match self.stream.read(&mut tmp) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&tmp[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads a response head; returns status and headers.

@@ -6,9 +6,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{ReplicaState, ReplicasUpdate, State, WorkerState};
+use super::{
+    ClearApplied, ClearRequest, HotPrefixes, LoadApplied, LoadUpdate, PushRecord, ReplicaState,
+    ReplicasUpdate, State, WorkerState,
+};
 use crate::config::AdminAddr;
 use crate::metrics as m;
 use crate::server::Shared;
@@ -19,6 +25,37 @@ pub enum AdminListener {
 }
 
 const MAX_ADMIN_BODY: usize = 4 << 20;
+
+/// Distinct pusher names remembered in `last_push.sources`.
+const MAX_SOURCES: usize = 16;
+
+/// Most hot prefixes one `GET /hot-prefixes` returns, whatever the caller asks.
+const MAX_HOT_PREFIXES: usize = 256;
+
+/// What the admin API remembers about its callers: who pushed last, and clears
+/// per replica URL. Process-wide rather than in `Shared` so these additions stay
+/// inside the admin module; one process serves one admin API.
+#[derive(Default)]
+struct AdminLog {
+    last_push: Option<PushRecord>,
+    pushes_total: u64,
+    sources: Vec<String>,
+    clears: HashMap<String, u64>,
+}
+
+static ADMIN_LOG: Mutex<Option<AdminLog>> = Mutex::new(None);
+
+fn with_log<T>(f: impl FnOnce(&mut AdminLog) -> T) -> T {
+    let mut g = ADMIN_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    f(g.get_or_insert_with(AdminLog::default))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 pub async fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
     match addr {
@@ -150,9 +187,38 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
                 match shared.table.replace(u.replicas) {
                     Ok(set) => {
                         shared.router.on_replicas_changed(&set);
+                        let source = u.source.unwrap_or_else(|| "unknown".into());
+                        let fight = with_log(|log| {
+                            log.pushes_total += 1;
+                            if !log.sources.contains(&source) {
+                                // Bounded: a pusher that invents a name per push
+                                // must not grow the state without limit.
+                                if log.sources.len() >= MAX_SOURCES {
+                                    log.sources.remove(0);
+                                }
+                                log.sources.push(source.clone());
+                            }
+                            let fight = log.last_push.as_ref().is_some_and(|p| p.source != source);
+                            log.last_push = Some(PushRecord {
+                                source: source.clone(),
+                                at_unix_ms: unix_ms(),
+                                generation: set.generation,
+                                pushes_total: log.pushes_total,
+                                sources: log.sources.clone(),
+                            });
+                            fight
+                        });
+                        if fight {
+                            tracing::warn!(
+                                %source,
+                                "replica set pushed by a different source than last time: \
+                                 run one control daemon per data-plane set"
+                            );
+                        }
                         tracing::info!(
                             replicas = count,
                             generation = set.generation,
+                            %source,
                             "replica set replaced"
                         );
                         json(200, &state(shared))
@@ -162,11 +228,83 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
             }
             Err(e) => json_error(400, &format!("invalid replica update: {e}")),
         },
-        (_, "/healthz" | "/metrics" | "/state" | "/replicas") => {
-            json_error(405, "method not allowed")
+        ("PUT", "/load") => match serde_json::from_slice::<LoadUpdate>(body) {
+            Ok(u) => {
+                let set = shared.table.load();
+                let mut applied = LoadApplied {
+                    applied: 0,
+                    unknown: 0,
+                    generation: set.generation,
+                };
+                for l in &u.loads {
+                    match set.replicas.iter().find(|r| r.spec.url == l.url) {
+                        Some(r) => {
+                            r.set_external_load(l.external());
+                            applied.applied += 1;
+                        }
+                        None => applied.unknown += 1,
+                    }
+                }
+                json(200, &applied)
+            }
+            Err(e) => json_error(400, &format!("invalid load update: {e}")),
+        },
+        ("POST", "/replicas/clear") => match serde_json::from_slice::<ClearRequest>(body) {
+            Ok(c) => {
+                let set = shared.table.load();
+                match set.replicas.iter().find(|r| r.spec.url == c.url) {
+                    Some(r) => {
+                        shared.router.on_replica_cleared(r.slot);
+                        let clears_total = with_log(|log| {
+                            let n = log.clears.entry(c.url.clone()).or_insert(0);
+                            *n += 1;
+                            *n
+                        });
+                        tracing::info!(
+                            replica = %c.url,
+                            slot = r.slot,
+                            reason = c.reason.as_deref().unwrap_or("unspecified"),
+                            "replica KV cache cleared"
+                        );
+                        json(
+                            200,
+                            &ClearApplied {
+                                url: c.url,
+                                slot: r.slot,
+                                clears_total,
+                            },
+                        )
+                    }
+                    None => json_error(404, &format!("no replica with url {}", c.url)),
+                }
+            }
+            Err(e) => json_error(400, &format!("invalid clear request: {e}")),
+        },
+        ("GET", "/hot-prefixes") => {
+            let limit = query_param(path, "limit")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(32)
+                .min(MAX_HOT_PREFIXES);
+            json(
+                200,
+                &HotPrefixes {
+                    prefixes: shared.router.hot_prefixes(limit),
+                },
+            )
         }
+        (_, "/healthz" | "/metrics" | "/state" | "/replicas" | "/load" | "/replicas/clear")
+        | (_, "/hot-prefixes") => json_error(405, "method not allowed"),
         _ => json_error(404, "no such admin endpoint"),
     }
+}
+
+fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    path.split_once('?')?
+        .1
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 /// Gauges read from atomics at scrape time rather than updated per request.
@@ -218,9 +356,13 @@ pub fn state(shared: &Shared) -> State {
                 requests_total: r.requests.load(Ordering::Relaxed),
                 failures_total: r.failures.load(Ordering::Relaxed),
                 external_load: r.external_load(),
+                clears_total: with_log(|log| log.clears.get(&r.spec.url).copied().unwrap_or(0)),
+                kv_blocks: r.spec.kv_blocks,
+                kv_block_tokens: r.spec.kv_block_tokens,
             })
             .collect(),
         steering: shared.steering.state(),
+        last_push: with_log(|log| log.last_push.clone()),
     }
 }
 

@@ -112,6 +112,16 @@ pub trait Router: Send + Sync + 'static {
 
     /// Called after the replica set was replaced (drop state of removed replicas).
     fn on_replicas_changed(&self, _set: &ReplicaSet) {}
+
+    /// Called when the control daemon reports that the replica in `slot` lost its
+    /// whole KV cache (engine `AllBlocksCleared` or restart): forget its blocks.
+    fn on_replica_cleared(&self, _slot: u16) {}
+
+    /// The most used prefixes, hottest first, at most `limit`, for pre-warming a
+    /// standby (admin `GET /hot-prefixes`). Policies without an index have none.
+    fn hot_prefixes(&self, _limit: usize) -> Vec<crate::admin::HotPrefix> {
+        Vec::new()
+    }
 }
 
 /// The replicas a request may go to, in snapshot order.
