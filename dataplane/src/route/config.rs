@@ -26,6 +26,9 @@ pub struct RoutingConfig {
     pub w_load: f64,
     /// No replica takes more than `(1+epsilon)` times the mean load.
     pub epsilon: f64,
+    /// A replica with fewer in-flight requests than this is never over the load
+    /// bound: at low load the `(1+ε)` rule alone would scatter prefixes.
+    pub load_floor: u64,
     /// Header carrying the session key; the body's `user` is the fallback.
     pub session_header: String,
     pub session_ttl_ms: u64,
@@ -47,6 +50,7 @@ impl Default for RoutingConfig {
             w_cache: 1.0,
             w_load: 0.5,
             epsilon: 0.25,
+            load_floor: 4,
             session_header: "x-session-id".into(),
             session_ttl_ms: 10 * 60 * 1000,
             session_capacity: 100_000,
@@ -108,6 +112,7 @@ impl RoutingConfig {
             w_cache: self.w_cache,
             w_load: self.w_load,
             epsilon: self.epsilon,
+            load_floor: self.load_floor,
             session_ttl_ms: self.session_ttl_ms,
             session_capacity: self.session_capacity,
             index: IndexConfig {
@@ -130,7 +135,11 @@ impl RoutingConfig {
     }
 
     pub fn build_consistent_hash(&self) -> Arc<ConsistentHash> {
-        Arc::new(ConsistentHash::new(self.anchor_blocks(), self.epsilon))
+        Arc::new(ConsistentHash::new(
+            self.anchor_blocks(),
+            self.epsilon,
+            self.load_floor,
+        ))
     }
 }
 

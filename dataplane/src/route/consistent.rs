@@ -89,29 +89,39 @@ pub fn hrw_score(anchor: u64, url_key: u64, weight: u64) -> f64 {
     weight as f64 / -u.ln()
 }
 
-/// The `(1+ε)·mean` rule over one decision's candidates, this request included.
+/// The `(1+ε)·mean` rule over one decision's candidates, this request included,
+/// above an absolute floor.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadBound {
     total_load: u64,
     total_weight: u64,
     epsilon: f64,
+    floor: u64,
 }
 
 impl LoadBound {
-    pub fn new(cands: &[Candidate<'_>], epsilon: f64) -> Self {
+    /// `floor`: a replica with fewer requests than this is never over the bound.
+    /// At low load the pure rule is a hair trigger (with 3 idle replicas and one
+    /// request still finishing, a second request on the same replica already
+    /// "exceeds" it) and would scatter a prefix for no gain: an inference engine
+    /// batches dozens of sequences at the cost of one.
+    pub fn new(cands: &[Candidate<'_>], epsilon: f64, floor: u64) -> Self {
         LoadBound {
             total_load: cands.iter().map(|c| c.load).sum(),
             total_weight: cands.iter().map(|c| c.weight).sum::<u64>().max(1),
             epsilon: epsilon.max(0.0),
+            floor,
         }
     }
 
     /// Most load a replica of `weight` may carry after taking this request:
-    /// `⌈(1+ε)·(L+1)·w/W⌉`. The ceiling guarantees some candidate always fits,
-    /// since loads are whole numbers summing to L < Σ capacities.
+    /// `max(⌈(1+ε)·(L+1)·w/W⌉, floor)`. The ceiling guarantees some candidate
+    /// always fits, since loads are whole numbers summing to L < Σ capacities.
     pub fn capacity(&self, weight: u64) -> u64 {
         let share = (self.total_load + 1) as f64 * weight as f64 / self.total_weight as f64;
-        ((1.0 + self.epsilon) * share).ceil().max(1.0) as u64
+        (((1.0 + self.epsilon) * share).ceil() as u64)
+            .max(self.floor)
+            .max(1)
     }
 
     pub fn admits(&self, c: &Candidate<'_>) -> bool {
@@ -170,14 +180,16 @@ pub fn rotate(next: &AtomicUsize, cands: &[Candidate<'_>], bound: &LoadBound) ->
 pub struct ConsistentHash {
     anchor_blocks: usize,
     epsilon: f64,
+    load_floor: u64,
     next: AtomicUsize,
 }
 
 impl ConsistentHash {
-    pub fn new(anchor_blocks: usize, epsilon: f64) -> Self {
+    pub fn new(anchor_blocks: usize, epsilon: f64, load_floor: u64) -> Self {
         ConsistentHash {
             anchor_blocks,
             epsilon,
+            load_floor,
             next: AtomicUsize::new(0),
         }
     }
@@ -192,7 +204,7 @@ impl Router for ConsistentHash {
         let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
             .map(Candidate::new)
             .collect();
-        let bound = LoadBound::new(&cands, self.epsilon);
+        let bound = LoadBound::new(&cands, self.epsilon, self.load_floor);
         let (i, kind) = match anchor(req.block_hashes, self.anchor_blocks, req.model, req.session) {
             Some(a) => {
                 let (i, spilled) = place(a, &cands, &bound)?;
@@ -232,7 +244,7 @@ mod tests {
 
     fn owners(set: &ReplicaSet, anchors: &[u64]) -> Vec<String> {
         let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-        let bound = LoadBound::new(&cands, 0.25);
+        let bound = LoadBound::new(&cands, 0.25, 0);
         anchors
             .iter()
             .map(|&a| {
@@ -317,7 +329,7 @@ mod tests {
             for (arrive, anchor_id, pick) in events {
                 if arrive || guards.is_empty() {
                     let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-                    let bound = LoadBound::new(&cands, eps);
+                    let bound = LoadBound::new(&cands, eps, 0);
                     let (i, _) = place(anchor_id, &cands, &bound).unwrap();
                     let c = &cands[i];
                     prop_assert!(c.load < bound.capacity(c.weight));

@@ -32,6 +32,8 @@ pub struct KvAwareParams {
     pub w_cache: f64,
     pub w_load: f64,
     pub epsilon: f64,
+    /// Below this many in-flight requests a replica is never over the bound.
+    pub load_floor: u64,
     pub session_ttl_ms: u64,
     pub session_capacity: usize,
     pub index: IndexConfig,
@@ -170,7 +172,7 @@ impl Router for KvAware {
         if cands.is_empty() {
             return None;
         }
-        let bound = LoadBound::new(&cands, self.p.epsilon);
+        let bound = LoadBound::new(&cands, self.p.epsilon, self.p.load_floor);
         let mask = cands
             .iter()
             .fold(0u128, |m, c| m | (1u128 << c.replica.slot));

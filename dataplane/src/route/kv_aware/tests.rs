@@ -16,8 +16,15 @@ fn table(n: usize) -> ReplicaTable {
     .unwrap()
 }
 
+/// The pure `(1+ε)·mean` rule (no floor), so the tests check the bound itself.
 fn router() -> KvAware {
-    KvAware::new(RoutingConfig::default().kv_aware_params())
+    KvAware::new(
+        RoutingConfig {
+            load_floor: 0,
+            ..RoutingConfig::default()
+        }
+        .kv_aware_params(),
+    )
 }
 
 const SYSTEM: &str = "You are a meticulous assistant. Follow the house style guide. ";
@@ -84,7 +91,7 @@ fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
         let h = chat_hashes(60, &format!("q{i}"));
         let rq = req(&h, None, i);
         let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-        let bound = LoadBound::new(&cands, 0.25);
+        let bound = LoadBound::new(&cands, 0.25, 0);
         let d = route(&r, &set, &rq);
         let c = cands
             .iter()
@@ -235,7 +242,7 @@ proptest! {
             let s = [session];
             let rq = req(&families[usize::from(family)], (session > 0).then_some(&s[..]), i as u64);
             let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-            let bound = LoadBound::new(&cands, 0.25);
+            let bound = LoadBound::new(&cands, 0.25, 0);
             let d = route(&r, &set, &rq);
             let c = cands.iter().find(|c| c.replica.slot == d.replica.slot).unwrap();
             prop_assert!(c.load < bound.capacity(c.weight));
@@ -263,4 +270,34 @@ fn load_reported_by_the_replica_counts_toward_the_bound() {
     assert_eq!(d2.kind, DecisionKind::Spill);
     assert_eq!(d2.best_blocks, h.len() as u32);
     assert_eq!(d2.predicted_blocks, 0);
+}
+
+#[test]
+fn load_floor_keeps_a_prefix_together_at_low_load() {
+    let t = table(3);
+    let set = t.load();
+    let kv = KvAware::new(RoutingConfig::default().kv_aware_params());
+    let hashes: Vec<u64> = (0..16).collect();
+    let req = RouteRequest {
+        block_hashes: &hashes,
+        prompt_bytes: 16 * 128,
+        ..RouteRequest::default()
+    };
+    let first = kv.pick(&req, &set, &[]).unwrap();
+    kv.on_routed(&req, &first);
+    // Up to the floor (4) requests of one prefix share a replica even though the
+    // pure rule would already spill the second one.
+    let mut guards = vec![first.replica.begin()];
+    for _ in 1..4 {
+        let d = kv.pick(&req, &set, &[]).unwrap();
+        assert_eq!(d.replica.slot, first.replica.slot);
+        assert_eq!(d.kind, DecisionKind::Prefix);
+        guards.push(d.replica.begin());
+    }
+    let d = kv.pick(&req, &set, &[]).unwrap();
+    assert_ne!(
+        d.replica.slot, first.replica.slot,
+        "over the floor it spills"
+    );
+    assert_eq!(d.kind, DecisionKind::Spill);
 }
