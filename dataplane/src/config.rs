@@ -383,6 +383,18 @@ weight = 2
         );
     }
 
+    /// The shipped, commented config is the documentation of every key: it must
+    /// stay valid and equal to the defaults (but for its one example replica).
+    #[test]
+    fn shipped_default_config_is_valid_and_matches_defaults() {
+        let c = Config::from_toml(include_str!("../../deploy/kvroute.toml")).unwrap();
+        c.validate().unwrap();
+        let mut expected = Config::default();
+        expected.replicas = c.replicas.clone();
+        assert_eq!(c.replicas.len(), 1);
+        assert_eq!(c, expected);
+    }
+
     #[test]
     fn cli_replica_with_models() {
         let r = parse_replica_arg("http://127.0.0.1:1=a,b");
