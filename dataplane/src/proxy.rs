@@ -552,7 +552,10 @@ async fn forward<R: Runtime>(
             None => match shared.router.pick(req, &set, &exclude) {
                 Some(d) => d,
                 None if exclude.is_empty() => {
-                    let kind = if set.replicas.is_empty() || set.any_serves(req.model) || req.model.is_none() {
+                    let kind = if set.replicas.is_empty()
+                        || set.any_serves(req.model)
+                        || req.model.is_none()
+                    {
                         ErrorKind::NoReplica
                     } else {
                         ErrorKind::ModelNotFound

@@ -123,6 +123,23 @@ fn shared_system_prompt_lands_on_one_replica() {
         m.contains("kvroute_routing_decisions_total{kind=\"prefix\"}"),
         "{m}"
     );
+    // The index's accuracy is visible: predicted hits the replicas confirmed.
+    let hit_hit = m
+        .lines()
+        .find(|l| l.starts_with("kvroute_prefix_prediction_total{outcome=\"hit_hit\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(hit_hit >= 14.0, "confirmed predictions {hit_hit}: {m}");
+    for name in [
+        "kvroute_index_blocks ",
+        "kvroute_index_bytes ",
+        "kvroute_index_replica_blocks{",
+        "kvroute_prefix_cached_ratio_bucket{",
+        "kvroute_routing_regret_ratio_bucket{",
+        "kvroute_prefix_predicted_ratio_bucket{",
+    ] {
+        assert!(m.contains(name), "{name} missing");
+    }
 }
 
 #[test]

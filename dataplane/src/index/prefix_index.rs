@@ -73,6 +73,8 @@ pub struct IndexStats {
     pub pairs: u64,
     /// Heap bytes owned by the index tables.
     pub heap_bytes: u64,
+    /// (block, replica) pairs dropped for a budget or the entry cap, since start.
+    pub evictions: u64,
 }
 
 /// Block hash → replicas holding it, shared by all workers.
@@ -82,6 +84,8 @@ pub struct PrefixIndex {
     max_entries_per_shard: usize,
     /// Pairs tracked per slot, against `budget`.
     live: [AtomicU64; MAX_REPLICAS],
+    /// Pairs evicted (budget or cap), for the metric.
+    evictions: AtomicU64,
     budget: [AtomicU64; MAX_REPLICAS],
 }
 
@@ -93,6 +97,7 @@ impl PrefixIndex {
             shard_mask: shards - 1,
             max_entries_per_shard: cfg.max_entries.div_ceil(shards).max(1),
             live: std::array::from_fn(|_| AtomicU64::new(0)),
+            evictions: AtomicU64::new(0),
             budget: std::array::from_fn(|_| AtomicU64::new(cfg.default_budget)),
         }
     }
@@ -174,9 +179,11 @@ impl PrefixIndex {
             }
             if evicted > 0 {
                 n = live.fetch_sub(evicted, Ordering::Relaxed) - evicted;
+                self.evictions.fetch_add(evicted, Ordering::Relaxed);
             }
             while n > budget.load(Ordering::Relaxed) && sh.evict_one(slot, true) {
                 n = live.fetch_sub(1, Ordering::Relaxed) - 1;
+                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         };
         if hashes.len() < GROUP_THRESHOLD {
@@ -282,7 +289,10 @@ impl PrefixIndex {
     }
 
     pub fn stats(&self) -> IndexStats {
-        let mut st = IndexStats::default();
+        let mut st = IndexStats {
+            evictions: self.evictions.load(Ordering::Relaxed),
+            ..IndexStats::default()
+        };
         for shard in self.shards.iter() {
             let sh = shard.lock();
             st.entries += sh.map.len() as u64;

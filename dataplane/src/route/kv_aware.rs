@@ -249,9 +249,21 @@ impl Router for KvAware {
                 .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
         }
         self.count(decision.kind);
+        if !req.block_hashes.is_empty() {
+            let total = req.block_hashes.len() as f64;
+            metrics::histogram!("kvroute_prefix_predicted_ratio")
+                .record(f64::from(decision.predicted_blocks) / total);
+            // What the decision gave up against the best overlap any eligible
+            // replica had: nonzero on spills, so their cost is visible.
+            metrics::histogram!("kvroute_routing_regret_ratio").record(
+                f64::from(
+                    decision.best_blocks - decision.predicted_blocks.min(decision.best_blocks),
+                ) / total,
+            );
+        }
     }
 
-    fn on_usage_predicted(&self, decision: &Decision, _prompt_tokens: u64, cached_tokens: u64) {
+    fn on_usage_predicted(&self, decision: &Decision, prompt_tokens: u64, cached_tokens: u64) {
         let c = &self.counters;
         let predicted_tokens =
             u64::from(decision.predicted_blocks) * self.p.block_bytes as u64 / BYTES_PER_TOKEN;
@@ -269,8 +281,30 @@ impl Router for KvAware {
             counter.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("kvroute_prefix_prediction_total", "outcome" => label).increment(1);
         }
-        metrics::histogram!("kvroute_prefix_predicted_tokens").record(predicted_tokens as f64);
-        metrics::histogram!("kvroute_prefix_cached_tokens").record(cached_tokens as f64);
+        let replica = decision.replica.spec.url.clone();
+        metrics::histogram!("kvroute_prefix_predicted_tokens", "replica" => replica.clone())
+            .record(predicted_tokens as f64);
+        metrics::histogram!("kvroute_prefix_cached_tokens", "replica" => replica.clone())
+            .record(cached_tokens as f64);
+        if prompt_tokens > 0 {
+            metrics::histogram!("kvroute_prefix_cached_ratio", "replica" => replica)
+                .record(cached_tokens as f64 / prompt_tokens as f64);
+        }
+    }
+
+    fn export_gauges(&self, set: &ReplicaSet) {
+        let st = self.index.stats();
+        metrics::gauge!("kvroute_index_blocks").set(st.entries as f64);
+        metrics::gauge!("kvroute_index_pairs").set(st.pairs as f64);
+        metrics::gauge!("kvroute_index_bytes").set(st.heap_bytes as f64);
+        metrics::gauge!("kvroute_index_evictions").set(st.evictions as f64);
+        for r in &set.replicas {
+            let url = r.spec.url.clone();
+            metrics::gauge!("kvroute_index_replica_blocks", "replica" => url.clone())
+                .set(self.index.tracked(r.slot) as f64);
+            metrics::gauge!("kvroute_index_replica_budget_blocks", "replica" => url)
+                .set(self.index.budget(r.slot) as f64);
+        }
     }
 
     fn on_replicas_changed(&self, set: &ReplicaSet) {

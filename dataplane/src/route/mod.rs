@@ -113,6 +113,10 @@ pub trait Router: Send + Sync + 'static {
     /// Called after the replica set was replaced (drop state of removed replicas).
     fn on_replicas_changed(&self, _set: &ReplicaSet) {}
 
+    /// Called when `/metrics` is scraped: set gauges of the policy's own state
+    /// (index size, budgets), read once per scrape instead of kept per request.
+    fn export_gauges(&self, _set: &ReplicaSet) {}
+
     /// Called when the control daemon reports that the replica in `slot` lost its
     /// whole KV cache (engine `AllBlocksCleared` or restart): forget its blocks.
     fn on_replica_cleared(&self, _slot: u16) {}
