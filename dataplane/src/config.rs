@@ -389,8 +389,10 @@ weight = 2
     fn shipped_default_config_is_valid_and_matches_defaults() {
         let c = Config::from_toml(include_str!("../../deploy/kvroute.toml")).unwrap();
         c.validate().unwrap();
-        let mut expected = Config::default();
-        expected.replicas = c.replicas.clone();
+        let expected = Config {
+            replicas: c.replicas.clone(),
+            ..Config::default()
+        };
         assert_eq!(c.replicas.len(), 1);
         assert_eq!(c, expected);
     }
