@@ -1,8 +1,471 @@
-//! Not written yet.
+//! `cargo xtask bench proxy`: what a proxy hop costs. One fixed upstream (nginx
+//! answering `return 200` with a ~300-byte JSON body) is driven directly and
+//! through kvroute (io_uring and epoll), nginx, HAProxy and SGLang's router,
+//! side by side in one run so a busy host skews every row alike.
+//!
+//! CPU layout (2-core host): every proxy runs alone on `--proxy-cpus` (one
+//! worker/thread each); the load generators and the upstream share
+//! `--load-cpus`. The direct row therefore has the upstream and the generator
+//! on one core, which is why ratios, not absolute numbers, are the result.
+
+mod closed;
+mod openloop;
+mod report;
+mod targets;
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::procs::{cargo, root, sh};
+use report::{ClosedRow, OpenRow};
+use targets::{Env, Target};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Seconds of measurement per target and phase.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Seconds of unmeasured load before each closed-loop measurement (fills pools, warms caches).
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// wrk connections for the closed-loop (peak throughput) phase.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Open-loop arrival rates, requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    rates: Vec<u64>,
+    /// Keep-alive connections the open-loop generator spreads requests over.
+    #[arg(long, default_value_t = 32)]
+    open_connections: usize,
+    /// Targets or phases to leave out: sglang, haproxy, nginx, epoll, closed, open.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// CPUs (taskset list) for the proxy under test.
+    #[arg(long, default_value = "0")]
+    proxy_cpus: String,
+    /// CPUs for wrk, the open-loop generator and the upstream.
+    #[arg(long, default_value = "1")]
+    load_cpus: String,
+    /// Python with sglang-router installed.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Use the existing target/release/kvroute instead of building it.
+    #[arg(long)]
+    no_build: bool,
+    /// Also record `perf` call graphs of kvroute (io_uring) under wrk load.
+    #[arg(long)]
+    perf: bool,
+    /// Seconds of perf recording.
+    #[arg(long, default_value_t = 8)]
+    perf_seconds: u64,
+    /// Copy the report to docs/bench/proxy.md.
+    #[arg(long)]
+    publish: bool,
+}
 
-pub fn run(_a: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+impl Args {
+    fn skips(&self, what: &str) -> bool {
+        self.skip.iter().any(|s| s.eq_ignore_ascii_case(what))
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    ensure_tools(a.perf)?;
+    if !a.no_build {
+        sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
+    }
+    let bin = root().join("target/release/kvroute");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing (build it or drop --no-build)",
+        bin.display()
+    );
+    let dir = root().join("target/bench/proxy");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+
+    // The in-process open-loop generator must not share the proxy's core; threads
+    // created later (tokio, the pacer) inherit this mask.
+    sh(Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &a.load_cpus,
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null()))?;
+
+    let env = Env {
+        dir: dir.clone(),
+        proxy_cpus: a.proxy_cpus.clone(),
+        upstream_cpus: a.load_cpus.clone(),
+    };
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let direct = targets::upstream(&env)?;
+    let up = direct.port;
+    let mut list: Vec<Target> = Vec::new();
+    let mut try_start = |name: &str, key: &str, f: &dyn Fn() -> anyhow::Result<Target>| {
+        if a.skips(key) {
+            skipped.push((name.into(), "--skip".into()));
+            return;
+        }
+        match f() {
+            Ok(t) => list.push(t),
+            Err(e) => {
+                eprintln!("xtask: skipping {name}: {e:#}");
+                skipped.push((
+                    name.into(),
+                    format!("{e:#}").lines().next().unwrap_or("").into(),
+                ));
+            }
+        }
+    };
+    try_start(report::KV, "uring", &|| {
+        targets::kvroute(&env, &bin, "uring", up)
+    });
+    try_start("kvroute (epoll)", "epoll", &|| {
+        targets::kvroute(&env, &bin, "epoll", up)
+    });
+    try_start("nginx", "nginx", &|| targets::nginx_proxy(&env, up));
+    try_start("haproxy", "haproxy", &|| targets::haproxy(&env, up));
+    try_start("sglang-router", "sglang", &|| {
+        targets::sglang(&env, &a.python, up)
+    });
+    let mut all = vec![direct];
+    all.extend(list);
+
+    let script = dir.join("post.lua");
+    closed::write_script(&script)?;
+    let dur = Duration::from_secs(a.duration);
+
+    let mut closed_rows = Vec::new();
+    if !a.skips("closed") {
+        for t in &all {
+            eprintln!(
+                "xtask: closed loop, {} (wrk -c{} {}s)",
+                t.name, a.concurrency, a.duration
+            );
+            if a.warmup > 0 {
+                closed::run(
+                    &a.load_cpus,
+                    &script,
+                    t.port,
+                    a.concurrency,
+                    Duration::from_secs(a.warmup),
+                )?;
+            }
+            let r = closed::run(&a.load_cpus, &script, t.port, a.concurrency, dur)
+                .with_context(|| format!("wrk against {}", t.name))?;
+            eprintln!("xtask:   {:.0} req/s, p99 {:.0} µs", r.rps, r.p99_us);
+            closed_rows.push(ClosedRow {
+                name: t.name.clone(),
+                rps: r.rps,
+                p50_us: r.p50_us,
+                p99_us: r.p99_us,
+                p999_us: r.p999_us,
+                errors: r.errors,
+            });
+        }
+    }
+
+    let mut open_rows = Vec::new();
+    if !a.skips("open") {
+        let request = Arc::new(
+            format!(
+                "POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+                closed::REQUEST_BODY.len(),
+                closed::REQUEST_BODY
+            )
+            .into_bytes(),
+        );
+        for &rate in &a.rates {
+            for t in &all {
+                eprintln!(
+                    "xtask: open loop, {} at {rate}/s for {}s",
+                    t.name, a.duration
+                );
+                let p = openloop::Params {
+                    addr: ([127, 0, 0, 1], t.port).into(),
+                    rate,
+                    duration: dur,
+                    connections: a.open_connections,
+                    request: request.clone(),
+                };
+                let o =
+                    openloop::run(&p).with_context(|| format!("open loop against {}", t.name))?;
+                let us = |v: &[u64], q: f64| openloop::pct(v, q) as f64 / 1e3;
+                let row = OpenRow {
+                    name: t.name.clone(),
+                    rate,
+                    achieved: o.achieved_rate,
+                    p50_us: us(&o.latencies_ns, 50.0),
+                    p99_us: us(&o.latencies_ns, 99.0),
+                    p999_us: us(&o.latencies_ns, 99.9),
+                    lag_p99_us: us(&o.send_lag_ns, 99.0),
+                    errors: o.errors,
+                    scheduled: o.scheduled,
+                    completed: o.latencies_ns.len() as u64,
+                };
+                eprintln!(
+                    "xtask:   achieved {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
+                    row.achieved, row.p50_us, row.p99_us
+                );
+                open_rows.push(row);
+            }
+        }
+    }
+
+    let mut perf_summary = None;
+    if a.perf {
+        match all.iter().find(|t| t.name == report::KV) {
+            Some(t) => perf_summary = Some(profile(&a, &dir, &script, t)?),
+            None => eprintln!("xtask: --perf: kvroute (uring) not running, nothing to profile"),
+        }
+    }
+
+    let md = render(
+        &a,
+        &closed_rows,
+        &open_rows,
+        &skipped,
+        perf_summary.as_deref(),
+    );
+    drop(all);
+    println!("{md}");
+    let out = root().join("target/bench/proxy.md");
+    std::fs::write(&out, &md)?;
+    eprintln!("xtask: wrote {}", out.display());
+    if a.publish {
+        let docs = root().join("docs/bench/proxy.md");
+        std::fs::create_dir_all(docs.parent().expect("has a parent"))?;
+        std::fs::write(&docs, &md)?;
+        eprintln!("xtask: wrote {}", docs.display());
+    }
+    Ok(())
+}
+
+/// Installs what is missing when root (Debian), else says what to install.
+fn ensure_tools(perf: bool) -> anyhow::Result<()> {
+    let mut need: Vec<(&str, &str)> = vec![
+        ("nginx", "nginx"),
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+        ("taskset", "util-linux"),
+    ];
+    if perf {
+        need.push(("perf", "linux-perf"));
+    }
+    let missing: Vec<&str> = need
+        .iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root {
+        bail!(
+            "missing tools; install with: sudo apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    sh(Command::new("apt-get").arg("update"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y"])
+        .args(&missing))
+}
+
+fn on_path(bin: &str) -> bool {
+    let sbin = ["/usr/sbin", "/sbin", "/usr/local/sbin"];
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+        || sbin.iter().any(|d| Path::new(d).join(bin).is_file())
+}
+
+/// Records kvroute under closed-loop load; returns the report's top lines.
+fn profile(a: &Args, dir: &Path, script: &Path, t: &Target) -> anyhow::Result<String> {
+    let pid = t.proc.as_ref().expect("kvroute runs as a process").pid();
+    let data = dir.join("perf-kvroute-uring.data");
+    // cpu-clock: this host (a VM) exposes no hardware counters; DWARF unwinding
+    // because the release build has no frame pointers but does have line tables.
+    let mut rec = Command::new("perf")
+        .args([
+            "record",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "1999",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+        ])
+        .arg(&data)
+        .args([
+            "-p",
+            &pid.to_string(),
+            "--",
+            "sleep",
+            &a.perf_seconds.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting perf record")?;
+    let load = closed::run(
+        &a.load_cpus,
+        script,
+        t.port,
+        a.concurrency,
+        Duration::from_secs(a.perf_seconds + 1),
+    );
+    let st = rec.wait()?;
+    anyhow::ensure!(st.success(), "perf record failed with {st}");
+    load?;
+    let mut out = String::new();
+    for (file, args) in [
+        (
+            "perf-self.txt",
+            vec!["--no-children", "--sort", "dso,symbol"],
+        ),
+        ("perf-children.txt", vec!["--children", "--sort", "symbol"]),
+    ] {
+        let rep = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--percent-limit",
+                "0.5",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&data)
+            .args(&args)
+            .output()
+            .context("perf report")?;
+        let text = String::from_utf8_lossy(&rep.stdout).to_string();
+        std::fs::write(dir.join(file), &text)?;
+        if file == "perf-self.txt" {
+            let top: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .take(30)
+                .collect();
+            let _ = writeln!(out, "```\n{}\n```", top.join("\n"));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "Full reports: `{}` and `perf-children.txt` (call graphs: `perf report -i {}`).",
+        dir.join("perf-self.txt").display(),
+        data.display()
+    );
+    Ok(out)
+}
+
+fn tool_version(argv: &[&str]) -> String {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map(|o| {
+            let s = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn render(
+    a: &Args,
+    closed: &[ClosedRow],
+    open: &[OpenRow],
+    skipped: &[(String, String)],
+    perf: Option<&str>,
+) -> String {
+    let mut s = String::new();
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    let _ = writeln!(s, "# Proxy overhead benchmark\n");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo xtask {}` on {} (`{}`, {} CPUs).\n",
+        cmdline.join(" "),
+        tool_version(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        tool_version(&["uname", "-sr"]),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let _ = writeln!(
+        s,
+        "Setup: one upstream (nginx, 1 worker, `return 200` with a {}-byte JSON body) reached directly \
+         and through each proxy, all on 127.0.0.1. Each proxy runs one worker/thread pinned to CPU {} \
+         (`taskset`); wrk, the open-loop generator and the upstream share CPU {}. Versions: {}; {}; {}; \
+         sglang-router {}.\n",
+        targets::UPSTREAM_BODY.len(),
+        a.proxy_cpus,
+        a.load_cpus,
+        tool_version(&["nginx", "-v"]),
+        tool_version(&["haproxy", "-v"]),
+        tool_version(&["wrk", "--version"]),
+        tool_version(&[&a.python, "-c", "import importlib.metadata as m; print(m.version('sglang-router'))"]),
+    );
+    for (n, why) in skipped {
+        let _ = writeln!(s, "- **{n} skipped**: {why}");
+    }
+    if !skipped.is_empty() {
+        s.push('\n');
+    }
+    if !closed.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Peak throughput (closed loop)\n\n`wrk -t1 -c{} -d{}s` POSTing a {}-byte JSON body to `/v1/completions`, \
+             after {} s of warm-up. Latency is wrk's (closed loop: it hides queueing; see the open-loop table).\n",
+            a.concurrency,
+            a.duration,
+            closed::REQUEST_BODY.len(),
+            a.warmup
+        );
+        s.push_str(&report::closed_table(closed));
+        s.push('\n');
+    }
+    if !open.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Added latency (open loop)\n\nConstant arrival rate for {} s over {} keep-alive connections; \
+             latency runs from each request's *scheduled* send time to its last response byte, so stalls are \
+             not hidden by coordinated omission. \"gen. send lag\" is how late the generator itself sent \
+             (its own noise floor). Rows whose achieved rate is more than {:.0}% below target are flagged.\n",
+            a.duration,
+            a.open_connections,
+            report::RATE_TOLERANCE * 100.0
+        );
+        s.push_str(&report::open_table(open));
+        s.push('\n');
+    }
+    let goals = report::goals(closed, open);
+    if !goals.is_empty() {
+        let _ = writeln!(s, "## Goals\n\n{goals}");
+    }
+    if let Some(p) = perf {
+        let _ = writeln!(
+            s,
+            "## Profile: kvroute (io_uring) under wrk load, self time\n\n{p}"
+        );
+    }
+    s
 }

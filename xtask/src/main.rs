@@ -45,7 +45,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Test(a) => test::run(a),
         Cmd::Demo(a) => demo::run(a),
-        Cmd::Bench { which: Bench::Proxy(a) } => bench_proxy::run(a),
-        Cmd::Bench { which: Bench::Routing(a) } => bench_routing::run(a),
+        Cmd::Bench {
+            which: Bench::Proxy(a),
+        } => bench_proxy::run(a),
+        Cmd::Bench {
+            which: Bench::Routing(a),
+        } => bench_routing::run(a),
     }
 }

@@ -18,7 +18,14 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     if a.lint {
         sh(cargo().args(["fmt", "--all", "--check"]))?;
-        sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        sh(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut t = cargo();

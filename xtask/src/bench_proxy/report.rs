@@ -1,0 +1,155 @@
+//! Tables: printed and written as Markdown.
+
+use std::fmt::Write as _;
+
+pub struct ClosedRow {
+    pub name: String,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub errors: u64,
+}
+
+pub struct OpenRow {
+    pub name: String,
+    pub rate: u64,
+    pub achieved: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub lag_p99_us: f64,
+    pub errors: u64,
+    pub scheduled: u64,
+    pub completed: u64,
+}
+
+/// Rows missing the achieved rate by more than this are flagged: their latency
+/// describes a saturated target, not the one asked for.
+pub const RATE_TOLERANCE: f64 = 0.02;
+
+pub const KV: &str = "kvroute (uring)";
+pub const DIRECT: &str = "direct";
+
+fn ratio(x: f64, base: Option<f64>) -> String {
+    match base {
+        Some(b) if b > 0.0 => format!("{:.2}", x / b),
+        _ => "–".into(),
+    }
+}
+
+pub fn closed_table(rows: &[ClosedRow]) -> String {
+    let kv = rows.iter().find(|r| r.name == KV);
+    let mut s = String::new();
+    let _ = writeln!(s, "| target | req/s | req/s ÷ kvroute's | p50 µs | p99 µs | p99.9 µs | p99 ÷ kvroute's | errors |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            r.name,
+            r.rps,
+            ratio(r.rps, kv.map(|k| k.rps)),
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            ratio(r.p99_us, kv.map(|k| k.p99_us)),
+            r.errors
+        );
+    }
+    s
+}
+
+pub fn open_table(rows: &[OpenRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| rate/s | target | achieved/s | p50 µs | p99 µs | p99.9 µs | added p99 over direct µs | p99 ÷ kvroute's | gen. send lag p99 µs | errors | note |"
+    );
+    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let direct = rows.iter().find(|d| d.rate == r.rate && d.name == DIRECT);
+        let kv = rows.iter().find(|d| d.rate == r.rate && d.name == KV);
+        let added = match direct {
+            Some(d) if r.name != DIRECT => format!("{:+.0}", r.p99_us - d.p99_us),
+            _ => "–".into(),
+        };
+        let mut note = Vec::new();
+        if r.achieved < r.rate as f64 * (1.0 - RATE_TOLERANCE) {
+            note.push(format!(
+                "**rate missed ({:.0}%)**",
+                100.0 * r.achieved / r.rate as f64
+            ));
+        }
+        if r.completed < r.scheduled {
+            note.push(format!(
+                "{} of {} unanswered",
+                r.scheduled - r.completed,
+                r.scheduled
+            ));
+        }
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} |",
+            r.rate,
+            r.name,
+            r.achieved,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            added,
+            ratio(r.p99_us, kv.map(|k| k.p99_us)),
+            r.lag_p99_us,
+            r.errors,
+            note.join("; ")
+        );
+    }
+    s
+}
+
+/// The team's targets, stated against what was measured.
+pub fn goals(closed: &[ClosedRow], open: &[OpenRow]) -> String {
+    let mut s = String::new();
+    let get = |n: &str| closed.iter().find(|r| r.name == n).map(|r| r.rps);
+    if let Some(kv) = get(KV) {
+        for (who, want) in [("nginx", 1.2), ("sglang-router", 3.0)] {
+            match get(who) {
+                Some(o) => {
+                    let x = kv / o;
+                    let _ = writeln!(
+                        s,
+                        "- throughput ≥ {want}× {who}: {:.2}× — {}",
+                        x,
+                        if x >= want {
+                            "reached"
+                        } else {
+                            "**not reached**"
+                        }
+                    );
+                }
+                None => {
+                    let _ = writeln!(s, "- throughput ≥ {want}× {who}: not measured");
+                }
+            }
+        }
+    }
+    let mut rates: Vec<u64> = open.iter().map(|r| r.rate).collect();
+    rates.dedup();
+    for rate in rates {
+        let d = open.iter().find(|r| r.rate == rate && r.name == DIRECT);
+        let k = open.iter().find(|r| r.rate == rate && r.name == KV);
+        if let (Some(d), Some(k)) = (d, k) {
+            let added = k.p99_us - d.p99_us;
+            let _ = writeln!(
+                s,
+                "- added p99 ≤ 100 µs at {rate}/s: {added:+.0} µs — {}",
+                if added <= 100.0 {
+                    "reached"
+                } else {
+                    "**not reached**"
+                }
+            );
+        }
+    }
+    s
+}
