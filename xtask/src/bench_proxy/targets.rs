@@ -303,6 +303,9 @@ pub fn sglang(env: &Env, python: &str, upstream: u16) -> anyhow::Result<Target> 
         "127.0.0.1".into(),
         "--port".into(),
         port.to_string(),
+        // Its default `info` writes two log lines per request; the other proxies log nothing per request.
+        "--log-level".into(),
+        "warn".into(),
     ];
     let log = env.log("sglang-router");
     let mut p = spawn("sglang-router", &env.proxy_cpus, &argv, &log)?;
