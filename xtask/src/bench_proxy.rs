@@ -226,6 +226,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     p50_us: us(&o.latencies_ns, 50.0),
                     p99_us: us(&o.latencies_ns, 99.0),
                     p999_us: us(&o.latencies_ns, 99.9),
+                    svc_p50_us: us(&o.service_ns, 50.0),
+                    svc_p99_us: us(&o.service_ns, 99.0),
                     lag_p99_us: us(&o.send_lag_ns, 99.0),
                     errors: o.errors,
                     scheduled: o.scheduled,
@@ -425,9 +427,7 @@ fn render(
         cmdline.join(" "),
         tool_version(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
         tool_version(&["uname", "-sr"]),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        tool_version(&["nproc", "--all"])
     );
     let _ = writeln!(
         s,
@@ -471,7 +471,8 @@ fn render(
             "## Added latency (open loop)\n\nConstant arrival rate for {} s over {} keep-alive connections; \
              latency runs from each request's *scheduled* send time to its last response byte, so stalls are \
              not hidden by coordinated omission. \"gen. send lag\" is how late the generator itself sent \
-             (its own noise floor). Rows whose achieved rate is more than {:.0}% below target are flagged.\n",
+             (its own noise floor); \"from-send\" latency starts at the actual send instead, excluding that \
+             lateness (a lower bound, not coordinated-omission safe). Rows whose achieved rate is more than {:.0}% below target are flagged.\n",
             a.duration,
             a.open_connections,
             report::RATE_TOLERANCE * 100.0

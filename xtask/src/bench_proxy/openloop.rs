@@ -30,6 +30,9 @@ pub struct Params {
 pub struct Outcome {
     /// Latency from scheduled send to the response's last byte, in ns (sorted).
     pub latencies_ns: Vec<u64>,
+    /// Latency from the actual send (excludes the generator's own lateness; not
+    /// coordinated-omission safe, so it is a lower bound), in ns (sorted).
+    pub service_ns: Vec<u64>,
     /// How late the request left the generator relative to its schedule, in ns (sorted).
     pub send_lag_ns: Vec<u64>,
     pub scheduled: u64,
@@ -91,8 +94,9 @@ async fn run_async(p: &Params) -> anyhow::Result<Outcome> {
         ..Default::default()
     };
     for t in tasks {
-        let (lat, lag, errs) = t.await?;
+        let (lat, svc, lag, errs) = t.await?;
         out.latencies_ns.extend(lat);
+        out.service_ns.extend(svc);
         out.send_lag_ns.extend(lag);
         out.errors += errs;
     }
@@ -100,6 +104,7 @@ async fn run_async(p: &Params) -> anyhow::Result<Outcome> {
     let elapsed = start.elapsed().as_secs_f64();
     out.latencies_ns.sort_unstable();
     out.send_lag_ns.sort_unstable();
+    out.service_ns.sort_unstable();
     out.achieved_rate = out.latencies_ns.len() as f64 / elapsed.max(1e-9);
     if out.latencies_ns.is_empty() {
         bail!("no request completed against {}", p.addr);
@@ -114,8 +119,9 @@ async fn conn_loop(
     mut s: TcpStream,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
     req: Arc<Vec<u8>>,
-) -> (Vec<u64>, Vec<u64>, u64) {
+) -> (Vec<u64>, Vec<u64>, Vec<u64>, u64) {
     let mut lat = Vec::new();
+    let mut svc = Vec::new();
     let mut lag = Vec::new();
     let mut errors = 0;
     let mut buf = Vec::with_capacity(4096);
@@ -127,16 +133,21 @@ async fn conn_loop(
                 None => break,
             }
         };
-        lag.push(Instant::now().saturating_duration_since(due).as_nanos() as u64);
+        let sent = Instant::now();
+        lag.push(sent.saturating_duration_since(due).as_nanos() as u64);
         match exchange(&mut s, &req, &mut buf).await {
-            Ok(()) => lat.push(due.elapsed().as_nanos() as u64),
+            Ok(()) => {
+                let end = Instant::now();
+                lat.push(end.saturating_duration_since(due).as_nanos() as u64);
+                svc.push(end.saturating_duration_since(sent).as_nanos() as u64);
+            }
             Err(_) => {
                 errors += 1;
                 break;
             }
         }
     }
-    (lat, lag, errors)
+    (lat, svc, lag, errors)
 }
 
 async fn exchange(s: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> anyhow::Result<()> {

@@ -18,6 +18,8 @@ pub struct OpenRow {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    pub svc_p50_us: f64,
+    pub svc_p99_us: f64,
     pub lag_p99_us: f64,
     pub errors: u64,
     pub scheduled: u64,
@@ -64,14 +66,21 @@ pub fn open_table(rows: &[OpenRow]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| rate/s | target | achieved/s | p50 µs | p99 µs | p99.9 µs | added p99 over direct µs | p99 ÷ kvroute's | gen. send lag p99 µs | errors | note |"
+        "| rate/s | target | achieved/s | p50 µs | p99 µs | p99.9 µs | added p99 µs | p99 ÷ kvroute's | from-send p50 µs | from-send p99 µs | added from-send p99 µs | gen. send lag p99 µs | errors | note |"
     );
-    let _ = writeln!(s, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(
+        s,
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    );
     for r in rows {
         let direct = rows.iter().find(|d| d.rate == r.rate && d.name == DIRECT);
         let kv = rows.iter().find(|d| d.rate == r.rate && d.name == KV);
         let added = match direct {
             Some(d) if r.name != DIRECT => format!("{:+.0}", r.p99_us - d.p99_us),
+            _ => "–".into(),
+        };
+        let added_svc = match direct {
+            Some(d) if r.name != DIRECT => format!("{:+.0}", r.svc_p99_us - d.svc_p99_us),
             _ => "–".into(),
         };
         let mut note = Vec::new();
@@ -90,7 +99,7 @@ pub fn open_table(rows: &[OpenRow]) -> String {
         }
         let _ = writeln!(
             s,
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {} |",
             r.rate,
             r.name,
             r.achieved,
@@ -99,6 +108,9 @@ pub fn open_table(rows: &[OpenRow]) -> String {
             r.p999_us,
             added,
             ratio(r.p99_us, kv.map(|k| k.p99_us)),
+            r.svc_p50_us,
+            r.svc_p99_us,
+            added_svc,
             r.lag_p99_us,
             r.errors,
             note.join("; ")
