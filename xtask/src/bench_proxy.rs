@@ -27,9 +27,13 @@ use targets::{Env, Target};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Seconds of measurement per target and phase.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of measurement per target, phase and round.
+    #[arg(long, default_value_t = 5)]
     duration: u64,
+    /// Rounds over all targets; throughput is the median round, open-loop
+    /// latencies pool every round's samples.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Seconds of unmeasured load before each closed-loop measurement (fills pools, warms caches).
     #[arg(long, default_value_t = 2)]
     warmup: u64,
@@ -54,6 +58,10 @@ pub struct Args {
     /// Python with sglang-router installed.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Another kvroute binary to measure side by side (an extra `kvroute-alt (uring)` row),
+    /// for A/B-testing a data-plane change.
+    #[arg(long)]
+    compare_bin: Option<std::path::PathBuf>,
     /// Use the existing target/release/kvroute instead of building it.
     #[arg(long)]
     no_build: bool,
@@ -151,6 +159,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     try_start("kvroute (epoll)", "epoll", &|| {
         targets::kvroute(&env, &bin, "epoll", up)
     });
+    if let Some(alt) = &a.compare_bin {
+        try_start("kvroute-alt (uring)", "alt", &|| {
+            let mut t = targets::kvroute(&env, alt, "uring", up)?;
+            t.name = "kvroute-alt (uring)".into();
+            Ok(t)
+        });
+    }
     try_start("nginx", "nginx", &|| targets::nginx_proxy(&env, up));
     try_start("haproxy", "haproxy", &|| targets::haproxy(&env, up));
     try_start("sglang-router", "sglang", &|| {
@@ -163,35 +178,58 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     closed::write_script(&script)?;
     let dur = Duration::from_secs(a.duration);
 
-    let mut closed_rows = Vec::new();
+    let n = all.len();
+    // Round r visits the targets in an order rotated by r, so a burst of foreign
+    // load on this shared host lands on different targets in different rounds.
+    let order = |r: usize| (0..n).map(move |i| (i + r) % n);
+
+    let mut closed_runs: Vec<Vec<closed::WrkResult>> = (0..n).map(|_| Vec::new()).collect();
     if !a.skips("closed") {
-        for t in &all {
-            eprintln!(
-                "xtask: closed loop, {} (wrk -c{} {}s)",
-                t.name, a.concurrency, a.duration
-            );
-            if a.warmup > 0 {
-                closed::run(
-                    &a.load_cpus,
-                    &script,
-                    t.port,
+        for r in 0..a.rounds {
+            for i in order(r) {
+                let t = &all[i];
+                eprintln!(
+                    "xtask: closed loop round {}/{}, {} (wrk -c{} {}s)",
+                    r + 1,
+                    a.rounds,
+                    t.name,
                     a.concurrency,
-                    Duration::from_secs(a.warmup),
-                )?;
+                    a.duration
+                );
+                if a.warmup > 0 {
+                    closed::run(
+                        &a.load_cpus,
+                        &script,
+                        t.port,
+                        a.concurrency,
+                        Duration::from_secs(a.warmup),
+                    )?;
+                }
+                let res = closed::run(&a.load_cpus, &script, t.port, a.concurrency, dur)
+                    .with_context(|| format!("wrk against {}", t.name))?;
+                eprintln!("xtask:   {:.0} req/s, p99 {:.0} µs", res.rps, res.p99_us);
+                closed_runs[i].push(res);
             }
-            let r = closed::run(&a.load_cpus, &script, t.port, a.concurrency, dur)
-                .with_context(|| format!("wrk against {}", t.name))?;
-            eprintln!("xtask:   {:.0} req/s, p99 {:.0} µs", r.rps, r.p99_us);
-            closed_rows.push(ClosedRow {
-                name: t.name.clone(),
-                rps: r.rps,
-                p50_us: r.p50_us,
-                p99_us: r.p99_us,
-                p999_us: r.p999_us,
-                errors: r.errors,
-            });
         }
     }
+    let closed_rows: Vec<ClosedRow> = all
+        .iter()
+        .zip(&closed_runs)
+        .filter(|(_, runs)| !runs.is_empty())
+        .map(|(t, runs)| {
+            let med = |f: fn(&closed::WrkResult) -> f64| median(runs.iter().map(f).collect());
+            ClosedRow {
+                name: t.name.clone(),
+                rps: med(|w| w.rps),
+                rps_min: runs.iter().map(|w| w.rps).fold(f64::MAX, f64::min),
+                rps_max: runs.iter().map(|w| w.rps).fold(0.0, f64::max),
+                p50_us: med(|w| w.p50_us),
+                p99_us: med(|w| w.p99_us),
+                p999_us: med(|w| w.p999_us),
+                errors: runs.iter().map(|w| w.errors).sum(),
+            }
+        })
+        .collect();
 
     let mut open_rows = Vec::new();
     if !a.skips("open") {
@@ -204,25 +242,52 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .into_bytes(),
         );
         for &rate in &a.rates {
-            for t in &all {
-                eprintln!(
-                    "xtask: open loop, {} at {rate}/s for {}s",
-                    t.name, a.duration
-                );
-                let p = openloop::Params {
-                    addr: ([127, 0, 0, 1], t.port).into(),
-                    rate,
-                    duration: dur,
-                    connections: a.open_connections,
-                    request: request.clone(),
-                };
-                let o =
-                    openloop::run(&p).with_context(|| format!("open loop against {}", t.name))?;
+            let mut merged: Vec<openloop::Outcome> =
+                (0..n).map(|_| openloop::Outcome::default()).collect();
+            let mut worst_rate = vec![f64::MAX; n];
+            for r in 0..a.rounds {
+                for i in order(r) {
+                    let t = &all[i];
+                    eprintln!(
+                        "xtask: open loop round {}/{}, {} at {rate}/s for {}s",
+                        r + 1,
+                        a.rounds,
+                        t.name,
+                        a.duration
+                    );
+                    let p = openloop::Params {
+                        addr: ([127, 0, 0, 1], t.port).into(),
+                        rate,
+                        duration: dur,
+                        connections: a.open_connections,
+                        request: request.clone(),
+                    };
+                    let o = openloop::run(&p)
+                        .with_context(|| format!("open loop against {}", t.name))?;
+                    eprintln!(
+                        "xtask:   achieved {:.0}/s, p99 {:.0} µs",
+                        o.achieved_rate,
+                        openloop::pct(&o.latencies_ns, 99.0) as f64 / 1e3
+                    );
+                    worst_rate[i] = worst_rate[i].min(o.achieved_rate);
+                    let m = &mut merged[i];
+                    m.latencies_ns.extend(o.latencies_ns);
+                    m.service_ns.extend(o.service_ns);
+                    m.send_lag_ns.extend(o.send_lag_ns);
+                    m.scheduled += o.scheduled;
+                    m.errors += o.errors;
+                }
+            }
+            for (i, o) in merged.iter_mut().enumerate() {
+                o.latencies_ns.sort_unstable();
+                o.service_ns.sort_unstable();
+                o.send_lag_ns.sort_unstable();
                 let us = |v: &[u64], q: f64| openloop::pct(v, q) as f64 / 1e3;
-                let row = OpenRow {
-                    name: t.name.clone(),
+                open_rows.push(OpenRow {
+                    name: all[i].name.clone(),
                     rate,
-                    achieved: o.achieved_rate,
+                    // The worst round: a row is only as good as its worst measurement.
+                    achieved: worst_rate[i],
                     p50_us: us(&o.latencies_ns, 50.0),
                     p99_us: us(&o.latencies_ns, 99.0),
                     p999_us: us(&o.latencies_ns, 99.9),
@@ -232,12 +297,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     errors: o.errors,
                     scheduled: o.scheduled,
                     completed: o.latencies_ns.len() as u64,
-                };
-                eprintln!(
-                    "xtask:   achieved {:.0}/s, p50 {:.0} µs, p99 {:.0} µs",
-                    row.achieved, row.p50_us, row.p99_us
-                );
-                open_rows.push(row);
+                });
             }
         }
     }
@@ -269,6 +329,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("xtask: wrote {}", docs.display());
     }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Installs what is missing when root (Debian), else says what to install.
@@ -456,11 +528,13 @@ fn render(
         let _ = writeln!(
             s,
             "## Peak throughput (closed loop)\n\n`wrk -t1 -c{} -d{}s` POSTing a {}-byte JSON body to `/v1/completions`, \
-             after {} s of warm-up. Latency is wrk's (closed loop: it hides queueing; see the open-loop table).\n",
+             after {} s of warm-up, {} rounds; figures are the median round (range: slowest–fastest round). \
+             Latency is wrk's (closed loop: it hides queueing; see the open-loop table).\n",
             a.concurrency,
             a.duration,
             closed::REQUEST_BODY.len(),
-            a.warmup
+            a.warmup,
+            a.rounds
         );
         s.push_str(&report::closed_table(closed));
         s.push('\n');
@@ -468,12 +542,13 @@ fn render(
     if !open.is_empty() {
         let _ = writeln!(
             s,
-            "## Added latency (open loop)\n\nConstant arrival rate for {} s over {} keep-alive connections; \
+            "## Added latency (open loop)\n\nConstant arrival rate for {} s × {} rounds (samples pooled) over {} keep-alive connections; \
              latency runs from each request's *scheduled* send time to its last response byte, so stalls are \
              not hidden by coordinated omission. \"gen. send lag\" is how late the generator itself sent \
              (its own noise floor); \"from-send\" latency starts at the actual send instead, excluding that \
              lateness (a lower bound, not coordinated-omission safe). Rows whose achieved rate is more than {:.0}% below target are flagged.\n",
             a.duration,
+            a.rounds,
             a.open_connections,
             report::RATE_TOLERANCE * 100.0
         );

@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 pub const REQUEST_BODY: &str =
     r#"{"model":"bench-model","prompt":"Say something short.","max_tokens":16,"temperature":0}"#;
 
+#[derive(Clone)]
 pub struct WrkResult {
     pub rps: f64,
     pub p50_us: f64,

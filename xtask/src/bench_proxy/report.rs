@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 pub struct ClosedRow {
     pub name: String,
     pub rps: f64,
+    pub rps_min: f64,
+    pub rps_max: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -43,14 +45,16 @@ fn ratio(x: f64, base: Option<f64>) -> String {
 pub fn closed_table(rows: &[ClosedRow]) -> String {
     let kv = rows.iter().find(|r| r.name == KV);
     let mut s = String::new();
-    let _ = writeln!(s, "| target | req/s | req/s ÷ kvroute's | p50 µs | p99 µs | p99.9 µs | p99 ÷ kvroute's | errors |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| target | req/s | range | req/s ÷ kvroute's | p50 µs | p99 µs | p99.9 µs | p99 ÷ kvroute's | errors |");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {:.0}–{:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
             r.name,
             r.rps,
+            r.rps_min,
+            r.rps_max,
             ratio(r.rps, kv.map(|k| k.rps)),
             r.p50_us,
             r.p99_us,
