@@ -89,6 +89,7 @@ impl Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     ensure_tools(a.perf)?;
+    targets::cleanup_on_signal()?;
     if !a.no_build {
         sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
     }
@@ -184,6 +185,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let order = |r: usize| (0..n).map(move |i| (i + r) % n);
 
     let mut closed_runs: Vec<Vec<closed::WrkResult>> = (0..n).map(|_| Vec::new()).collect();
+    // Per target and round: CPU seconds the target's processes used during the measurement.
+    let mut cpu_runs: Vec<Vec<f64>> = (0..n).map(|_| Vec::new()).collect();
+    let tck = targets::clock_ticks();
     if !a.skips("closed") {
         for r in 0..a.rounds {
             for i in order(r) {
@@ -205,8 +209,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         Duration::from_secs(a.warmup),
                     )?;
                 }
+                let pgid = t.proc.as_ref().map(|p| p.pid());
+                let before = pgid.map(targets::group_cpu_ticks);
                 let res = closed::run(&a.load_cpus, &script, t.port, a.concurrency, dur)
                     .with_context(|| format!("wrk against {}", t.name))?;
+                if let (Some(g), Some(b)) = (pgid, before) {
+                    cpu_runs[i].push(targets::group_cpu_ticks(g).saturating_sub(b) as f64 / tck);
+                }
                 eprintln!("xtask:   {:.0} req/s, p99 {:.0} µs", res.rps, res.p99_us);
                 closed_runs[i].push(res);
             }
@@ -214,11 +223,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let closed_rows: Vec<ClosedRow> = all
         .iter()
-        .zip(&closed_runs)
-        .filter(|(_, runs)| !runs.is_empty())
-        .map(|(t, runs)| {
+        .zip(closed_runs.iter().zip(&cpu_runs))
+        .filter(|(_, (runs, _))| !runs.is_empty())
+        .map(|(t, (runs, cpu))| {
             let med = |f: fn(&closed::WrkResult) -> f64| median(runs.iter().map(f).collect());
+            // CPU per request pairs each round's CPU time with that round's request count.
+            let per_req: Vec<f64> = runs
+                .iter()
+                .zip(cpu)
+                .map(|(w, c)| c * 1e6 / (w.rps * dur.as_secs_f64()).max(1.0))
+                .collect();
             ClosedRow {
+                cpu_us_per_req: (!per_req.is_empty()).then(|| median(per_req)),
+                cpu_util: (!cpu.is_empty()).then(|| median(cpu.clone()) / dur.as_secs_f64()),
                 name: t.name.clone(),
                 rps: med(|w| w.rps),
                 rps_min: runs.iter().map(|w| w.rps).fold(f64::MAX, f64::min),
@@ -529,7 +546,11 @@ fn render(
             s,
             "## Peak throughput (closed loop)\n\n`wrk -t1 -c{} -d{}s` POSTing a {}-byte JSON body to `/v1/completions`, \
              after {} s of warm-up, {} rounds; figures are the median round (range: slowest–fastest round). \
-             Latency is wrk's (closed loop: it hides queueing; see the open-loop table).\n",
+             Latency is wrk's (closed loop: it hides queueing; see the open-loop table). \
+             \"CPU µs/req\" is the CPU time (user + system, all processes and threads of the target) \
+             per request during the measurement, and \"cores busy\" the same time over the wall time: on a \
+             shared host these are steadier than req/s, and 10⁶ ÷ CPU µs/req is the req/s one fully \
+             available core would sustain. For the direct row they describe the upstream.\n",
             a.concurrency,
             a.duration,
             closed::REQUEST_BODY.len(),

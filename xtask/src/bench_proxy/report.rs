@@ -7,6 +7,8 @@ pub struct ClosedRow {
     pub rps: f64,
     pub rps_min: f64,
     pub rps_max: f64,
+    pub cpu_us_per_req: Option<f64>,
+    pub cpu_util: Option<f64>,
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -45,17 +47,28 @@ fn ratio(x: f64, base: Option<f64>) -> String {
 pub fn closed_table(rows: &[ClosedRow]) -> String {
     let kv = rows.iter().find(|r| r.name == KV);
     let mut s = String::new();
-    let _ = writeln!(s, "| target | req/s | range | req/s ÷ kvroute's | p50 µs | p99 µs | p99.9 µs | p99 ÷ kvroute's | errors |");
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "| target | req/s | range | req/s ÷ kvroute's | CPU µs/req | cores busy | req/s per core | per-core ÷ kvroute's | p50 µs | p99 µs | p99.9 µs | p99 ÷ kvroute's | errors |");
+    let _ = writeln!(
+        s,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for r in rows {
         let _ = writeln!(
             s,
-            "| {} | {:.0} | {:.0}–{:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} |",
             r.name,
             r.rps,
             r.rps_min,
             r.rps_max,
             ratio(r.rps, kv.map(|k| k.rps)),
+            r.cpu_us_per_req.map_or("–".into(), |c| format!("{c:.1}")),
+            r.cpu_util.map_or("–".into(), |u| format!("{u:.2}")),
+            r.cpu_us_per_req.map_or("–".into(), |c| format!("{:.0}", 1e6 / c)),
+            match (r.cpu_us_per_req, kv.and_then(|k| k.cpu_us_per_req)) {
+                // Per-core throughput ratio is the inverse ratio of CPU per request.
+                (Some(c), Some(k)) => ratio(k, Some(c)),
+                _ => "–".into(),
+            },
             r.p50_us,
             r.p99_us,
             r.p999_us,

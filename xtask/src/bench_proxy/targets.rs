@@ -9,6 +9,57 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+/// Process groups started and not yet stopped, for the signal handler: a Ctrl-C
+/// or SIGTERM skips destructors, and the servers run in their own sessions, so
+/// nothing else would stop them.
+static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn kill_group(pgid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// On SIGINT/SIGTERM/SIGHUP: stop every live server, then exit.
+pub fn cleanup_on_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered here, before returning, so no signal can arrive unhandled in between.
+    let (mut int, mut term, mut hup) = rt.block_on(async {
+        anyhow::Ok((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+        });
+        let groups = LIVE.lock().map(|g| g.clone()).unwrap_or_default();
+        eprintln!(
+            "xtask: signal: stopping {} benchmark processes",
+            groups.len()
+        );
+        for &g in &groups {
+            kill_group(g, "-TERM");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for &g in &groups {
+            kill_group(g, "-KILL");
+        }
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
 /// The upstream's response body: about the size of a short non-streamed completion.
 pub const UPSTREAM_BODY: &str = r#"{"id":"cmpl-bench-0001","object":"text_completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"text":" The quick brown fox jumps over the lazy dog, and then it rests under the old oak tree.","logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":20,"total_tokens":32}}"#;
 
@@ -41,11 +92,8 @@ impl Drop for Proc {
         if let Ok(None) = self.child.try_wait() {
             // The whole group: the processes were started as group leaders (setsid via `setsid`),
             // and nginx's master leaves its worker running if only it dies.
-            let pgid = format!("-{}", self.child.id());
-            let _ = Command::new("kill")
-                .args(["-TERM", "--", &pgid])
-                .stderr(Stdio::null())
-                .status();
+            let pgid = self.child.id();
+            kill_group(pgid, "-TERM");
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -53,11 +101,11 @@ impl Drop for Proc {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &pgid])
-                .stderr(Stdio::null())
-                .status();
+            kill_group(pgid, "-KILL");
             let _ = self.child.wait();
+        }
+        if let Ok(mut g) = LIVE.lock() {
+            g.retain(|&p| p != self.child.id());
         }
     }
 }
@@ -80,6 +128,9 @@ pub fn spawn(name: &str, cpus: &str, argv: &[String], log: &Path) -> anyhow::Res
         .stderr(out);
     eprintln!("xtask: start {name}: taskset -c {cpus} {}", argv.join(" "));
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    if let Ok(mut g) = LIVE.lock() {
+        g.push(child.id());
+    }
     Ok(Proc {
         name: name.to_string(),
         child,
@@ -318,4 +369,48 @@ pub fn sglang(env: &Env, python: &str, upstream: u16) -> anyhow::Result<Target> 
         port,
         proc: Some(p),
     })
+}
+
+/// CPU time (user + system, in clock ticks) used so far by every process in
+/// process group `pgid` (each server was started as a group leader, so this
+/// covers nginx's worker and all threads of a multi-threaded router).
+/// On a host shared with other work this is steadier than req/s: waiting for a
+/// CPU costs the proxy latency and throughput but not CPU time.
+pub fn group_cpu_ticks(pgid: u32) -> u64 {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses; fields resume after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After ')': state ppid pgrp ... utime is the 12th, stime the 13th (stat fields 14 and 15).
+        if f.len() > 12 && f[2].parse::<u32>().ok() == Some(pgid) {
+            total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// Clock ticks per second for /proc/*/stat times.
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
