@@ -342,11 +342,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.publish {
         let docs = root().join("docs/bench/proxy.md");
         std::fs::create_dir_all(docs.parent().expect("has a parent"))?;
-        std::fs::write(&docs, &md)?;
+        // Hand-written analysis below the marker survives a re-publish.
+        let notes = std::fs::read_to_string(&docs)
+            .ok()
+            .and_then(|old| old.find(NOTES_MARKER).map(|i| old[i..].to_string()));
+        let published = match notes {
+            Some(n) => format!("{md}\n{n}"),
+            None => md.clone(),
+        };
+        std::fs::write(&docs, published)?;
         eprintln!("xtask: wrote {}", docs.display());
     }
     Ok(())
 }
+
+const NOTES_MARKER: &str = "<!-- notes: kept by --publish -->";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
