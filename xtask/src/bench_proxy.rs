@@ -29,14 +29,14 @@ use targets::{Env, Target};
 pub struct Args {
     /// Seconds of measurement per target, phase and round.
     #[arg(long, default_value_t = 5)]
-    duration: u64,
+    duration: u32,
     /// Rounds over all targets; throughput is the median round, open-loop
     /// latencies pool every round's samples.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Seconds of unmeasured load before each closed-loop measurement (fills pools, warms caches).
     #[arg(long, default_value_t = 2)]
-    warmup: u64,
+    warmup: u32,
     /// wrk connections for the closed-loop (peak throughput) phase.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -55,6 +55,10 @@ pub struct Args {
     /// CPUs for wrk, the open-loop generator and the upstream.
     #[arg(long, default_value = "1")]
     load_cpus: String,
+    /// Idle upstream connections kvroute (`upstream.pool_max_idle`) and nginx (`keepalive`)
+    /// may keep; HAProxy's is unbounded. Below `--concurrency`, a proxy churns upstream connections.
+    #[arg(long, default_value_t = 1024)]
+    upstream_pool: u32,
     /// Python with sglang-router installed.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -70,7 +74,7 @@ pub struct Args {
     perf: bool,
     /// Seconds of perf recording.
     #[arg(long, default_value_t = 8)]
-    perf_seconds: u64,
+    perf_seconds: u32,
     /// Nice value for every benchmark process (needs root; 0 leaves priorities alone).
     /// The host is shared with builds, and at default priority their time slices
     /// land in the latency tail of whatever is being measured.
@@ -131,6 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let env = Env {
         dir: dir.clone(),
+        upstream_pool: a.upstream_pool as usize,
         proxy_cpus: a.proxy_cpus.clone(),
         upstream_cpus: a.load_cpus.clone(),
     };
@@ -177,7 +182,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     let script = dir.join("post.lua");
     closed::write_script(&script)?;
-    let dur = Duration::from_secs(a.duration);
+    let dur = Duration::from_secs(a.duration.into());
 
     let n = all.len();
     // Round r visits the targets in an order rotated by r, so a burst of foreign
@@ -206,7 +211,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         &script,
                         t.port,
                         a.concurrency,
-                        Duration::from_secs(a.warmup),
+                        Duration::from_secs(a.warmup.into()),
                     )?;
                 }
                 let pgid = t.proc.as_ref().map(|p| p.pid());
@@ -448,7 +453,7 @@ fn profile(a: &Args, dir: &Path, script: &Path, t: &Target) -> anyhow::Result<St
         script,
         t.port,
         a.concurrency,
-        Duration::from_secs(a.perf_seconds + 1),
+        Duration::from_secs(u64::from(a.perf_seconds) + 1),
     );
     let st = rec.wait()?;
     anyhow::ensure!(st.success(), "perf record failed with {st}");
@@ -534,12 +539,16 @@ fn render(
          and through each proxy, all on 127.0.0.1. Each proxy runs one worker/thread pinned to CPU {} \
          (`taskset`); wrk, the open-loop generator and the upstream share CPU {}; every benchmark process runs at \
          nice {}. Logging is off in every proxy (nginx `access_log off`, HAProxy no `log`, SGLang \
-         `--log-level warn`, kvroute's default `info` logs nothing per request). Versions: {}; {}; {}; \
+         `--log-level warn`, kvroute's default `info` logs nothing per request). Upstream keep-alive pools: \
+         kvroute `upstream.pool_max_idle = {}`, nginx `keepalive {}`, HAProxy `http-reuse always` (unbounded), \
+         SGLang's router its default client pool. Versions: {}; {}; {}; \
          sglang-router {}.\n",
         targets::UPSTREAM_BODY.len(),
         a.proxy_cpus,
         a.load_cpus,
         a.nice,
+        a.upstream_pool,
+        a.upstream_pool,
         tool_version(&["nginx", "-v"]),
         tool_version(&["haproxy", "-v"]),
         tool_version(&["wrk", "--version"]),

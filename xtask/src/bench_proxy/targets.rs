@@ -186,6 +186,9 @@ pub struct Target {
 
 pub struct Env {
     pub dir: PathBuf,
+    /// Idle upstream connections each proxy may keep: at least the load's
+    /// concurrency, so no proxy closes and reopens upstream connections under load.
+    pub upstream_pool: usize,
     pub proxy_cpus: String,
     pub upstream_cpus: String,
 }
@@ -255,8 +258,9 @@ pub fn upstream(env: &Env) -> anyhow::Result<Target> {
 
 pub fn nginx_proxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
     let port = free_port()?;
+    let pool = env.upstream_pool;
     let server = format!(
-        "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 100000000; }}\n\
+        "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
          server {{\n listen 127.0.0.1:{port} reuseport backlog=4096;\n\
          location / {{ proxy_pass http://replicas; proxy_http_version 1.1;\n\
          proxy_set_header Connection \"\"; proxy_set_header Host $host; }}\n}}\n"
@@ -302,8 +306,17 @@ pub fn haproxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
 pub fn kvroute(env: &Env, bin: &Path, io: &str, upstream: u16) -> anyhow::Result<Target> {
     let port = free_port()?;
     let admin = free_port()?;
+    // kvroute's default pool (64 idle per replica per worker) is smaller than the
+    // benchmark's concurrency can be; see docs/bench/proxy.md for what that costs.
+    let conf = env.dir.join("kvroute.toml");
+    fs::write(
+        &conf,
+        format!("[upstream]\npool_max_idle = {}\n", env.upstream_pool),
+    )?;
     let argv = vec![
         bin.display().to_string(),
+        "--config".into(),
+        conf.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
         "--admin".into(),
