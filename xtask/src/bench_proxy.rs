@@ -486,6 +486,8 @@ fn profile(a: &Args, dir: &Path, script: &Path, t: &Target) -> anyhow::Result<St
             let top: Vec<&str> = text
                 .lines()
                 .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                // perf pads unused sort columns with "-"; they carry nothing here.
+                .map(|l| l.trim_end_matches(['-', ' ']))
                 .take(30)
                 .collect();
             let _ = writeln!(out, "```\n{}\n```", top.join("\n"));
@@ -493,11 +495,15 @@ fn profile(a: &Args, dir: &Path, script: &Path, t: &Target) -> anyhow::Result<St
     }
     let _ = writeln!(
         out,
-        "Full reports: `{}` and `perf-children.txt` (call graphs: `perf report -i {}`).",
-        dir.join("perf-self.txt").display(),
-        data.display()
+        "Full reports (relative to the workspace): `{}` and `perf-children.txt` (call graphs: `perf report -i {}`).",
+        rel(&dir.join("perf-self.txt")),
+        rel(&data)
     );
     Ok(out)
+}
+
+fn rel(p: &Path) -> String {
+    p.strip_prefix(root()).unwrap_or(p).display().to_string()
 }
 
 fn tool_version(argv: &[&str]) -> String {
