@@ -79,7 +79,10 @@ pub struct UpstreamConfig {
     pub first_byte_timeout_ms: u64,
     /// Longest gap between two response reads once streaming.
     pub read_timeout_ms: u64,
-    /// Idle connections kept per replica per worker.
+    /// Idle connections kept per replica per worker. Sized above the client
+    /// concurrency a worker sees: a pool smaller than that opens a new upstream
+    /// connection for a third of requests at 256 clients (measured), while idle
+    /// ones cost only a socket until `pool_idle_timeout_ms` closes them.
     pub pool_max_idle: usize,
     /// Below uvicorn's 5 s keep-alive (vLLM, SGLang) so kvroute closes an idle
     /// connection before the replica does, instead of racing it.
@@ -94,7 +97,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 2_000,
             first_byte_timeout_ms: 300_000,
             read_timeout_ms: 300_000,
-            pool_max_idle: 64,
+            pool_max_idle: 1024,
             pool_idle_timeout_ms: 4_000,
             retries: 1,
         }

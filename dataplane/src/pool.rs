@@ -1,12 +1,12 @@
 //! Per-worker upstream connection pools: keep-alive connections to each replica,
 //! owned by one worker thread so checkout and return take no lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub struct UpstreamPool<C> {
-    idle: HashMap<SocketAddr, Vec<(C, Instant)>>,
+    idle: HashMap<SocketAddr, VecDeque<(C, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -24,7 +24,7 @@ impl<C> UpstreamPool<C> {
     /// Most recent first: it is the least likely to have been closed by the replica.
     pub fn take(&mut self, addr: SocketAddr, now: Instant) -> Option<C> {
         let list = self.idle.get_mut(&addr)?;
-        while let Some((c, since)) = list.pop() {
+        while let Some((c, since)) = list.pop_back() {
             if now.duration_since(since) < self.idle_timeout {
                 return Some(c);
             }
@@ -39,9 +39,9 @@ impl<C> UpstreamPool<C> {
         let list = self.idle.entry(addr).or_default();
         if list.len() >= self.max_idle {
             // Oldest out: it is the closest to the replica's own idle timeout.
-            list.remove(0);
+            list.pop_front();
         }
-        list.push((conn, now));
+        list.push_back((conn, now));
     }
 
     /// Drops connections to replicas no longer in the set, and expired ones.
@@ -54,7 +54,7 @@ impl<C> UpstreamPool<C> {
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.values().map(Vec::len).sum()
+        self.idle.values().map(VecDeque::len).sum()
     }
 }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
@@ -43,6 +44,8 @@ struct Client<C> {
     /// Bytes read from the client and not yet consumed (pipelined requests stay here).
     buf: Vec<u8>,
     peer: SocketAddr,
+    /// The drain signal, subscribed once per connection rather than per request.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Decrements a counter when dropped, so every exit path keeps gauges right.
@@ -67,6 +70,7 @@ pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketA
         io,
         buf: Vec::with_capacity(READ_CHUNK),
         peer,
+        shutdown: ctx.shared.shutdown.subscribe(),
     };
     while handle_one(&ctx, &mut client).await == Next::KeepAlive {}
     client.io.shutdown_write();
@@ -137,7 +141,6 @@ async fn read_head<R: Runtime>(
     client: &mut Client<R::Conn>,
 ) -> Result<Option<RequestHead>, Reject> {
     let lim = &ctx.shared.cfg.limits;
-    let mut shutdown = ctx.shared.shutdown.subscribe();
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         if !client.buf.is_empty() {
@@ -154,7 +157,7 @@ async fn read_head<R: Runtime>(
             // still reads a request already on its way (a connection accepted just
             // before an upgrade's hand-off): closing with unread bytes would reset it.
             None => {
-                let draining = *shutdown.borrow_and_update();
+                let draining = *client.shutdown.borrow_and_update();
                 let idle = if draining {
                     DRAIN_LINGER
                 } else {
@@ -165,7 +168,7 @@ async fn read_head<R: Runtime>(
                         Ok(r) => r,
                         Err(_) => return Ok(None),
                     },
-                    _ = shutdown.changed(), if !draining => continue,
+                    _ = client.shutdown.changed(), if !draining => continue,
                 }
             }
             Some(d) => match tokio::time::timeout_at(d, read).await {
@@ -314,7 +317,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         Ok(b) => b,
         Err(rej) => {
             send_error(client, rej.kind, &rej.message, true, write_limit).await;
-            metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(rej.kind.status()), "replica" => "none").increment(1);
+            ctx.metrics.request(route, rej.kind.status(), None);
             return Next::Close;
         }
     };
@@ -322,7 +325,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         Body::InBuf(r) => r.len(),
         Body::Decoded(v) => v.len(),
     };
-    metrics::counter!(m::BYTES, "direction" => "client_in").increment((consumed) as u64);
+    ctx.metrics.bytes_in.increment(consumed as u64);
 
     let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
     let path = head.path(&client.buf).to_string();
@@ -334,36 +337,33 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         Body::InBuf(r) => &client.buf[r.clone()],
         Body::Decoded(v) => v,
     };
-    let (model, hashes, prompt_bytes, user) = match crate::prefix::analyze(
-        &path,
-        body_bytes,
-        &shared.prefix,
-    ) {
-        Ok(a) => (
-            a.fields.model.map(str::to_owned),
-            a.hashes,
-            a.prompt_bytes,
-            a.fields.user.map(|u| u.as_bytes().to_vec()),
-        ),
-        Err(e) => {
-            let kind = ErrorKind::BadRequest;
-            send_error(
-                client,
-                kind,
-                &format!("invalid request body: {e}"),
-                !keep_alive,
-                write_limit,
-            )
-            .await;
-            client.buf.drain(..consumed.min(client.buf.len()));
-            metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(400), "replica" => "none").increment(1);
-            return if keep_alive {
-                Next::KeepAlive
-            } else {
-                Next::Close
-            };
-        }
-    };
+    let (model, hashes, prompt_bytes, user) =
+        match crate::prefix::analyze(&path, body_bytes, &shared.prefix) {
+            Ok(a) => (
+                a.fields.model.map(str::to_owned),
+                a.hashes,
+                a.prompt_bytes,
+                a.fields.user.map(|u| u.as_bytes().to_vec()),
+            ),
+            Err(e) => {
+                let kind = ErrorKind::BadRequest;
+                send_error(
+                    client,
+                    kind,
+                    &format!("invalid request body: {e}"),
+                    !keep_alive,
+                    write_limit,
+                )
+                .await;
+                client.buf.drain(..consumed.min(client.buf.len()));
+                ctx.metrics.request(route, 400, None);
+                return if keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
+            }
+        };
     let session = head
         .header(&client.buf, &shared.cfg.routing.session_header)
         .map(<[u8]>::to_vec)
@@ -435,9 +435,14 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         }
         Outcome::ClientGone { status, replica } => (status, replica, Next::Close),
     };
-    metrics::counter!(m::REQUESTS, "route" => route, "status" => m::status_label(status), "replica" => replica_label.clone()).increment(1);
-    metrics::histogram!(m::REQUEST_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    ctx.metrics.request(
+        route,
+        status,
+        replica_label
+            .as_deref()
+            .map(|r| (r.slot, r.spec.url.as_str())),
+    );
+    ctx.metrics.duration(route, started.elapsed().as_secs_f64());
     next
 }
 
@@ -445,17 +450,20 @@ enum Outcome {
     /// A response was relayed in full.
     Done {
         status: u16,
-        replica: String,
+        replica: Option<Arc<Replica>>,
         client_keep_alive: bool,
     },
     /// Nothing reached the client yet; answer with this error.
     Failed {
         kind: ErrorKind,
         message: String,
-        replica: String,
+        replica: Option<Arc<Replica>>,
     },
     /// The response started but the client or the replica broke the stream.
-    ClientGone { status: u16, replica: String },
+    ClientGone {
+        status: u16,
+        replica: Option<Arc<Replica>>,
+    },
 }
 
 /// Request line and end-to-end headers for the replica, without `host` (added per
@@ -542,7 +550,7 @@ async fn forward<R: Runtime>(
     }
     let mut exclude: Vec<u16> = Vec::new();
     let mut attempts = 1 + up_cfg.retries;
-    let mut last_replica = String::from("none");
+    let mut last_replica: Option<Arc<Replica>> = None;
     let mut fresh_only = false;
     let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -581,7 +589,7 @@ async fn forward<R: Runtime>(
             },
         };
         let replica = d.replica.clone();
-        last_replica = replica.spec.url.clone();
+        last_replica = Some(replica.clone());
         let in_flight = replica.begin();
         let started = Instant::now();
         match attempt::<R>(
@@ -598,7 +606,7 @@ async fn forward<R: Runtime>(
         {
             Ok((conn, rhead)) => {
                 replica.consecutive_failures.store(0, Ordering::Relaxed);
-                metrics::counter!(m::DECISIONS, "kind" => d.kind.as_str()).increment(1);
+                ctx.metrics.decision(d.kind.as_str());
                 shared.router.on_routed(req, &d);
                 break (conn, rhead, d, in_flight, started);
             }
@@ -651,7 +659,9 @@ async fn forward<R: Runtime>(
             }
         }
     };
-    metrics::histogram!(m::UPSTREAM_TTFB).record(connect_started.elapsed().as_secs_f64());
+    ctx.metrics
+        .ttfb
+        .record(connect_started.elapsed().as_secs_f64());
     let (outcome, reusable) = relay::<R>(
         ctx,
         client,
@@ -692,11 +702,11 @@ async fn attempt<R: Runtime>(
     let reused = pooled.is_some();
     let mut conn = match pooled {
         Some(c) => {
-            metrics::counter!(m::POOL, "result" => "reuse").increment(1);
+            ctx.metrics.pool_reuse.increment(1);
             c
         }
         None => {
-            metrics::counter!(m::POOL, "result" => "new").increment(1);
+            ctx.metrics.pool_new.increment(1);
             let t = Instant::now();
             match timeout(
                 Duration::from_millis(up_cfg.connect_timeout_ms),
@@ -705,7 +715,7 @@ async fn attempt<R: Runtime>(
             .await
             {
                 Ok(Ok(c)) => {
-                    metrics::histogram!(m::UPSTREAM_CONNECT).record(t.elapsed().as_secs_f64());
+                    ctx.metrics.connect.record(t.elapsed().as_secs_f64());
                     c
                 }
                 Ok(Err(_)) => return Err((AttemptError::Retryable("connect refused"), false)),
@@ -792,7 +802,7 @@ async fn relay<R: Runtime>(
     let write_limit = Duration::from_millis(cfg.limits.write_timeout_ms);
     let read_limit = Duration::from_millis(cfg.upstream.read_timeout_ms);
     let status = rhead.status;
-    let replica_label = replica.spec.url.clone();
+    let replica_label = Some(decision.replica.clone());
     let keep_alive = client_keep_alive && rhead.framing != ResponseFraming::UntilClose;
 
     let mut out = Vec::with_capacity(rhead.len + 64);
@@ -855,7 +865,7 @@ async fn relay<R: Runtime>(
     out.extend_from_slice(&leftover[..take]);
     let n = out.len();
     let (r, _) = write_client(&mut client.io, out, 0..n, write_limit).await;
-    metrics::counter!(m::BYTES, "direction" => "client_out").increment(n as u64);
+    ctx.metrics.bytes_out.increment(n as u64);
     if r.is_err() {
         return (
             Outcome::ClientGone {
@@ -910,7 +920,7 @@ async fn relay<R: Runtime>(
         }
         let (r, b) = write_client(&mut client.io, ubuf, 0..take, write_limit).await;
         ubuf = b;
-        metrics::counter!(m::BYTES, "direction" => "client_out").increment(take as u64);
+        ctx.metrics.bytes_out.increment(take as u64);
         if r.is_err() {
             // Closing the upstream connection tells the engine to abort the request.
             return (

@@ -19,6 +19,7 @@ pub struct WorkerCtx<R: Runtime> {
     pub pool: RefCell<UpstreamPool<R::Conn>>,
     /// Replica-set generation the pool was last pruned for.
     pub pool_generation: std::cell::Cell<u64>,
+    pub metrics: crate::metrics::WorkerMetrics,
 }
 
 pub fn run<R: Runtime>(
@@ -36,6 +37,7 @@ pub fn run<R: Runtime>(
                 Duration::from_millis(up.pool_idle_timeout_ms),
             )),
             pool_generation: std::cell::Cell::new(0),
+            metrics: crate::metrics::WorkerMetrics::default(),
             shared: shared.clone(),
             id,
         });

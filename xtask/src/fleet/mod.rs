@@ -490,6 +490,11 @@ fn start_kvroute(
             spec.block_tokens
         ));
     }
+    // Tuning hook: extra `[routing]` keys (e.g. "w_load = 0.2") for weight sweeps,
+    // so candidate defaults are measured on this same harness before they change.
+    if let Ok(extra) = std::env::var("KVROUTE_BENCH_ROUTING") {
+        toml.push_str(&format!("\n[routing]\n{}\n", extra.replace(';', "\n")));
+    }
     let config = log_dir.join(format!("{tag}-kvroute-{policy}.toml"));
     std::fs::write(&config, toml).with_context(|| format!("write {}", config.display()))?;
     let args = vec![
