@@ -104,12 +104,13 @@ pub struct WorkerMetrics {
     pub ttfb: metrics::Histogram,
     pub connect: metrics::Histogram,
     decisions: std::cell::RefCell<std::collections::HashMap<&'static str, metrics::Counter>>,
-    /// (route, status, replica slot) → (replica URL the handle was made for, handle).
-    requests: std::cell::RefCell<
-        std::collections::HashMap<(&'static str, &'static str, u16), (String, metrics::Counter)>,
-    >,
+    requests: std::cell::RefCell<RequestCounters>,
     durations: std::cell::RefCell<std::collections::HashMap<&'static str, metrics::Histogram>>,
 }
+
+/// (route, status, replica slot) → (replica URL the handle was made for, handle).
+type RequestCounters =
+    std::collections::HashMap<(&'static str, &'static str, u16), (String, metrics::Counter)>;
 
 /// Slot value for requests that reached no replica.
 const NO_REPLICA: u16 = u16::MAX;
