@@ -91,7 +91,7 @@ fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
         let h = chat_hashes(60, &format!("q{i}"));
         let rq = req(&h, None, i);
         let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-        let bound = LoadBound::new(&cands, 0.25, 0);
+        let bound = LoadBound::new(&cands, RoutingConfig::default().epsilon, 0);
         let d = route(&r, &set, &rq);
         let c = cands
             .iter()
@@ -106,8 +106,9 @@ fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
     }
     assert!(spills > 0);
     let loads: Vec<u32> = set.replicas.iter().map(|r| r.in_flight()).collect();
-    // 40 requests, mean 10, bound ⌈1.25·10⌉ = 13.
-    assert!(loads.iter().all(|&l| l <= 13), "{loads:?}");
+    // 40 requests, mean 10, bound ⌈(1+ε)·10⌉.
+    let cap = ((1.0 + RoutingConfig::default().epsilon) * 10.0_f64).ceil() as u32;
+    assert!(loads.iter().all(|&l| l <= cap), "{loads:?} over {cap}");
     // Spilled replicas learned the prefix: more than one now predicts it.
     let h = chat_hashes(60, "another");
     let m = r.index().longest_match(&h, u128::MAX);
@@ -242,7 +243,7 @@ proptest! {
             let s = [session];
             let rq = req(&families[usize::from(family)], (session > 0).then_some(&s[..]), i as u64);
             let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
-            let bound = LoadBound::new(&cands, 0.25, 0);
+            let bound = LoadBound::new(&cands, RoutingConfig::default().epsilon, 0);
             let d = route(&r, &set, &rq);
             let c = cands.iter().find(|c| c.replica.slot == d.replica.slot).unwrap();
             prop_assert!(c.load < bound.capacity(c.weight));
@@ -285,10 +286,11 @@ fn load_floor_keeps_a_prefix_together_at_low_load() {
     };
     let first = kv.pick(&req, &set, &[]).unwrap();
     kv.on_routed(&req, &first);
-    // Up to the floor (4) requests of one prefix share a replica even though the
+    // Up to the floor, requests of one prefix share a replica even though the
     // pure rule would already spill the second one.
+    let floor = RoutingConfig::default().load_floor;
     let mut guards = vec![first.replica.begin()];
-    for _ in 1..4 {
+    for _ in 1..floor {
         let d = kv.pick(&req, &set, &[]).unwrap();
         assert_eq!(d.replica.slot, first.replica.slot);
         assert_eq!(d.kind, DecisionKind::Prefix);
