@@ -378,8 +378,14 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     // A hit answers here, before routing, with no upstream contact. A miss may
     // lead a single flight, held until the response is stored.
     let mut _flight = None;
-    if let (Some(cache), crate::cache::Plan::Use { key, stream, lookup: true }) =
-        (&shared.cache, cache_plan)
+    if let (
+        Some(cache),
+        crate::cache::Plan::Use {
+            key,
+            stream,
+            lookup: true,
+        },
+    ) = (&shared.cache, cache_plan)
     {
         match cache.lookup(key, stream).await {
             crate::cache::Lookup::Hit(entry) => {
@@ -835,6 +841,7 @@ async fn attempt<R: Runtime>(
 }
 
 /// Streams the response to the client as it arrives.
+#[allow(clippy::too_many_arguments)]
 async fn relay<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<R::Conn>,

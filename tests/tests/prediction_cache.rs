@@ -32,8 +32,11 @@ impl Sim {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         assert!(
             wait_until(Duration::from_secs(10), || {
-                request(addr, "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
-                    .is_ok_and(|r| r.status == 200)
+                request(
+                    addr,
+                    "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
+                )
+                .is_ok_and(|r| r.status == 200)
             }),
             "sim did not start"
         );
@@ -57,8 +60,11 @@ fn kvroute(upstream: &str, cache_toml: &str) -> Kvroute {
         std::process::id(),
         free_port()
     ));
-    std::fs::write(&path, format!("[prediction_cache]\nenabled = true\n{cache_toml}\n"))
-        .expect("config");
+    std::fs::write(
+        &path,
+        format!("[prediction_cache]\nenabled = true\n{cache_toml}\n"),
+    )
+    .expect("config");
     Kvroute::start(&[
         "--config",
         path.to_str().unwrap(),
@@ -97,7 +103,8 @@ fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
 fn deterministic_requests_are_answered_from_memory() {
     let sim = Sim::start("0.01");
     let k = kvroute(&format!("http://{}", sim.addr), "");
-    let body = r#"{"model":"sim-model","prompt":"What is a KV cache?","temperature":0,"max_tokens":8}"#;
+    let body =
+        r#"{"model":"sim-model","prompt":"What is a KV cache?","temperature":0,"max_tokens":8}"#;
 
     let a = send(k.addr, body, "");
     assert_eq!((a.status, cache_header(&a)), (200, "miss"), "{}", a.text());
@@ -153,12 +160,22 @@ fn deterministic_requests_are_answered_from_memory() {
     let before = sim.requests();
     let s1 = send(k.addr, sbody, "");
     assert_eq!((s1.status, cache_header(&s1)), (200, "miss"));
-    assert!(s1.header("content-type").unwrap_or("").contains("text/event-stream"));
+    assert!(s1
+        .header("content-type")
+        .unwrap_or("")
+        .contains("text/event-stream"));
     let s2 = send(k.addr, sbody, "");
     assert_eq!(cache_header(&s2), "hit");
-    assert!(s2.header("content-type").unwrap_or("").contains("text/event-stream"));
+    assert!(s2
+        .header("content-type")
+        .unwrap_or("")
+        .contains("text/event-stream"));
     let events = |r: &Response| -> Vec<String> {
-        r.text().split("\n\n").filter(|e| !e.is_empty()).map(String::from).collect()
+        r.text()
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect()
     };
     assert!(events(&s1).len() > 2, "{}", s1.text());
     assert_eq!(events(&s1), events(&s2));
@@ -169,8 +186,21 @@ fn deterministic_requests_are_answered_from_memory() {
     assert_eq!(sim.requests(), before + 2);
 
     let m = scrape(&k);
-    assert!(metric(&m, "kvroute_prediction_cache_requests_total", &["result=\"hit\""]) == 6.0, "{m}");
-    assert!(metric(&m, "kvroute_prediction_cache_requests_total", &["result=\"bypass\""]) >= 5.0);
+    assert!(
+        metric(
+            &m,
+            "kvroute_prediction_cache_requests_total",
+            &["result=\"hit\""]
+        ) == 6.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "kvroute_prediction_cache_requests_total",
+            &["result=\"bypass\""]
+        ) >= 5.0
+    );
     assert!(metric(&m, "kvroute_prediction_cache_bytes", &[]) > 0.0);
 
     // Hit latency from a small keep-alive client loop (reported, not asserted).
@@ -205,13 +235,19 @@ fn ttl_expiry_and_byte_budget_eviction() {
     assert_eq!(cache_header(&send(k.addr, body, "")), "miss");
     assert_eq!(cache_header(&send(k.addr, body, "")), "hit");
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(cache_header(&send(k.addr, body, "")), "miss", "expired after the TTL");
+    assert_eq!(
+        cache_header(&send(k.addr, body, "")),
+        "miss",
+        "expired after the TTL"
+    );
 
     // Far more distinct answers than the budget holds.
     let n = 40;
     let bodies: Vec<String> = (0..n)
         .map(|i| {
-            format!(r#"{{"model":"sim-model","prompt":"budget {i}","temperature":0,"max_tokens":4}}"#)
+            format!(
+                r#"{{"model":"sim-model","prompt":"budget {i}","temperature":0,"max_tokens":4}}"#
+            )
         })
         .collect();
     for b in &bodies {
@@ -226,7 +262,14 @@ fn ttl_expiry_and_byte_budget_eviction() {
     let m = scrape(&k);
     let bytes = metric(&m, "kvroute_prediction_cache_bytes", &[]);
     assert!(bytes > 0.0 && bytes <= 6000.0, "stored bytes {bytes}\n{m}");
-    assert!(metric(&m, "kvroute_prediction_cache_evictions_total", &["cause=\"size\""]) > 0.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "kvroute_prediction_cache_evictions_total",
+            &["cause=\"size\""]
+        ) > 0.0,
+        "{m}"
+    );
 }
 
 /// Answers `/v1/completions` with a chunked SSE stream that is cut after one
@@ -301,7 +344,11 @@ fn a_truncated_stream_is_not_stored() {
         assert_eq!(count.load(Ordering::SeqCst), i, "request {i} went upstream");
     }
     let m = scrape(&k);
-    assert_eq!(metric(&m, "kvroute_prediction_cache_stores_total", &[]), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "kvroute_prediction_cache_stores_total", &[]),
+        0.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -324,11 +371,21 @@ fn concurrent_identical_requests_make_one_upstream_request() {
         .collect();
     let rs: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     assert!(rs.iter().all(|r| r.status == 200));
-    assert!(rs.iter().all(|r| r.body == rs[0].body), "every waiter got the leader's answer");
+    assert!(
+        rs.iter().all(|r| r.body == rs[0].body),
+        "every waiter got the leader's answer"
+    );
     assert_eq!(rs.iter().filter(|r| cache_header(r) == "miss").count(), 1);
     assert_eq!(sim.requests(), 1, "exactly one upstream request");
     let m = scrape(&k);
-    assert!(metric(&m, "kvroute_prediction_cache_single_flight_waits_total", &["result=\"hit\""]) >= 1.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "kvroute_prediction_cache_single_flight_waits_total",
+            &["result=\"hit\""]
+        ) >= 1.0,
+        "{m}"
+    );
 }
 
 /// A private redis-server; `None` (test skipped) when it is not installed,
@@ -342,14 +399,26 @@ impl Redis {
     fn start() -> Option<Redis> {
         let port = free_port();
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn();
         let child = match child {
             Ok(c) => c,
             Err(e) => {
-                assert!(std::env::var_os("CI").is_none(), "redis-server is required under CI: {e}");
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "redis-server is required under CI: {e}"
+                );
                 println!("skipped: redis-server not available ({e})");
                 return None;
             }
@@ -395,7 +464,10 @@ fn redis_backend_is_shared_and_a_dead_redis_is_a_miss() {
     let sim = Sim::start("0.01");
     let url = format!("http://{}", sim.addr);
     // Generous read budget: two engineers' builds share this machine's two cores.
-    let cfg = format!("backend = \"redis://127.0.0.1:{}/0\"\nbackend_timeout_ms = 50", redis.port);
+    let cfg = format!(
+        "backend = \"redis://127.0.0.1:{}/0\"\nbackend_timeout_ms = 50",
+        redis.port
+    );
     let a = kvroute(&url, &cfg);
     let b = kvroute(&url, &cfg);
     let body = r#"{"model":"sim-model","prompt":"Shared answer","temperature":0,"max_tokens":6}"#;
@@ -407,7 +479,11 @@ fn redis_backend_is_shared_and_a_dead_redis_is_a_miss() {
         "a's answer reached redis"
     );
     let rb = send(b.addr, body, "");
-    assert_eq!(cache_header(&rb), "hit", "instance b found a's answer in redis");
+    assert_eq!(
+        cache_header(&rb),
+        "hit",
+        "instance b found a's answer in redis"
+    );
     assert_eq!(ra.body, rb.body);
     assert_eq!(sim.requests(), 1);
 
@@ -420,10 +496,16 @@ fn redis_backend_is_shared_and_a_dead_redis_is_a_miss() {
         let r = send(b.addr, &body, "");
         let took = t.elapsed();
         assert_eq!((r.status, cache_header(&r)), (200, "miss"), "{}", r.text());
-        assert!(took < Duration::from_secs(2), "a dead redis delayed a request {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "a dead redis delayed a request {took:?}"
+        );
     }
     // Local memory still answers.
     assert_eq!(cache_header(&send(a.addr, body, "")), "hit");
     let m = scrape(&b);
-    assert!(metric(&m, "kvroute_prediction_cache_backend_errors_total", &[]) >= 1.0, "{m}");
+    assert!(
+        metric(&m, "kvroute_prediction_cache_backend_errors_total", &[]) >= 1.0,
+        "{m}"
+    );
 }

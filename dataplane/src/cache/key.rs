@@ -43,7 +43,11 @@ pub fn cache_key(
     Ok((xxh3_128(&out), facts))
 }
 
-fn canon_top(s: &mut Scanner<'_>, out: &mut Vec<u8>, facts: &mut BodyFacts) -> Result<(), ExtractError> {
+fn canon_top(
+    s: &mut Scanner<'_>,
+    out: &mut Vec<u8>,
+    facts: &mut BodyFacts,
+) -> Result<(), ExtractError> {
     if s.peek() != Some(b'{') {
         return Err(ExtractError::NotAnObject);
     }
@@ -157,9 +161,14 @@ mod tests {
         let body = r#"{"model":"m","temperature":0,"prompt":"a"}"#;
         let base = k(body);
         assert_ne!(base, k(r#"{"model":"m","temperature":0,"prompt":"b"}"#));
-        assert_ne!(base, k(r#"{"model":"m","temperature":0,"prompt":"a","max_tokens":3}"#));
+        assert_ne!(
+            base,
+            k(r#"{"model":"m","temperature":0,"prompt":"a","max_tokens":3}"#)
+        );
         assert_ne!(base, k(r#"{"model":"m","temperature":0,"prompt":["a"]}"#));
-        let other = cache_key("/v1/completions", None, body.as_bytes()).unwrap().0;
+        let other = cache_key("/v1/completions", None, body.as_bytes())
+            .unwrap()
+            .0;
         assert_ne!(base, other);
         let t1 = cache_key(P, Some(b"Bearer a"), body.as_bytes()).unwrap().0;
         let t2 = cache_key(P, Some(b"Bearer b"), body.as_bytes()).unwrap().0;

@@ -105,7 +105,8 @@ impl PredictionCacheConfig {
             return bad("max_entry_bytes", "at most 4 GiB");
         }
         if let Some(b) = &self.backend {
-            redis::parse_url(b).map_err(|e| Error::Config(format!("prediction_cache.backend: {e}")))?;
+            redis::parse_url(b)
+                .map_err(|e| Error::Config(format!("prediction_cache.backend: {e}")))?;
         }
         Ok(())
     }
@@ -119,7 +120,11 @@ pub enum Plan {
     /// Not cacheable, or the client said `no-store`.
     Bypass(&'static str),
     /// Cacheable: look up unless `lookup` is false (`no-cache`), record on a miss.
-    Use { key: u128, stream: bool, lookup: bool },
+    Use {
+        key: u128,
+        stream: bool,
+        lookup: bool,
+    },
 }
 
 impl Plan {
@@ -160,7 +165,11 @@ impl Tap {
     }
 
     /// A recorder for a response with this status and framing, if it may be stored.
-    pub fn recorder(&self, status: u16, framing: crate::http::ResponseFraming) -> Option<record::Recorder> {
+    pub fn recorder(
+        &self,
+        status: u16,
+        framing: crate::http::ResponseFraming,
+    ) -> Option<record::Recorder> {
         let (c, _, stream) = self.record.as_ref()?;
         if status != 200 {
             return None;
@@ -262,7 +271,10 @@ impl PredictionCache {
         body: &[u8],
     ) -> Plan {
         if head.method(buf) != "POST"
-            || !matches!(a.endpoint, Endpoint::Completions | Endpoint::ChatCompletions)
+            || !matches!(
+                a.endpoint,
+                Endpoint::Completions | Endpoint::ChatCompletions
+            )
         {
             return Plan::Bypass("endpoint");
         }
@@ -276,8 +288,8 @@ impl PredictionCache {
             .and_then(|m| self.cfg.models.get(m))
             .copied()
             .unwrap_or(self.cfg.mode);
-        let deterministic = f.is_deterministic()
-            || (self.cfg.greedy_by_default && f.temperature.is_none());
+        let deterministic =
+            f.is_deterministic() || (self.cfg.greedy_by_default && f.temperature.is_none());
         match mode {
             CacheMode::Off => return Plan::Bypass("model"),
             CacheMode::Deterministic if !deterministic => return Plan::Bypass("sampled"),
@@ -347,7 +359,8 @@ impl PredictionCache {
     /// flight: the caller goes upstream and identical requests wait until it drops.
     pub async fn lookup(&self, key: u128, stream: bool) -> Lookup<'_> {
         let hit = |source: &'static str| {
-            metrics::counter!(m::CACHE_REQUESTS, "result" => "hit", "source" => source).increment(1);
+            metrics::counter!(m::CACHE_REQUESTS, "result" => "hit", "source" => source)
+                .increment(1);
         };
         let miss = || metrics::counter!(m::CACHE_REQUESTS, "result" => "miss").increment(1);
         if let Some(e) = self.get_local(key, stream) {

@@ -9,9 +9,17 @@ use super::store::Entry;
 
 /// Response headers that describe this transfer or this moment, not the answer.
 fn skip_header(name: &str) -> bool {
-    ["content-length", "transfer-encoding", "connection", "keep-alive", "date", "set-cookie", "x-kvroute-cache"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+    [
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "date",
+        "set-cookie",
+        "x-kvroute-cache",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 pub struct Recorder {

@@ -51,7 +51,11 @@ pub fn parse_url(s: &str) -> Result<RedisUrl, String> {
     });
     let (hostport, db) = match rest.split_once('/') {
         Some((h, "")) => (h, 0),
-        Some((h, d)) => (h, d.parse().map_err(|_| format!("bad database number {d:?}"))?),
+        Some((h, d)) => (
+            h,
+            d.parse()
+                .map_err(|_| format!("bad database number {d:?}"))?,
+        ),
         None => (rest, 0),
     };
     let (host, port) = match hostport.rsplit_once(':') {
@@ -115,8 +119,10 @@ impl Backend {
 
     fn failed(&self, op: &'static str) {
         metrics::counter!(m::CACHE_BACKEND_ERRORS, "op" => op).increment(1);
-        self.down_until
-            .store(self.now_ms() + BACKOFF.as_millis() as u64, Ordering::Relaxed);
+        self.down_until.store(
+            self.now_ms() + BACKOFF.as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     fn redis_key(key: u128) -> Vec<u8> {
@@ -252,9 +258,15 @@ mod tests {
     #[test]
     fn urls() {
         let u = parse_url("redis://127.0.0.1:6380/2").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.db, u.password), ("127.0.0.1", 6380, 2, None));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.db, u.password),
+            ("127.0.0.1", 6380, 2, None)
+        );
         let u = parse_url("redis://:pw@cache").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.password.as_deref()), ("cache", 6379, Some("pw")));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.password.as_deref()),
+            ("cache", 6379, Some("pw"))
+        );
         let u = parse_url("valkey://user:pw@[::1]:7000").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 7000));
         assert!(parse_url("http://x").is_err());
