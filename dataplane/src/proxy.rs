@@ -888,7 +888,8 @@ async fn relay<R: Runtime>(
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("x-kvroute-cache") {
+        // Ours replaces one from a kvroute behind this one.
+        if tap.header.is_some() && name.eq_ignore_ascii_case("x-kvroute-cache") {
             continue;
         }
         if let Some(r) = rec.as_mut() {

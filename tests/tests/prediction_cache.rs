@@ -141,14 +141,16 @@ fn deterministic_requests_are_answered_from_memory() {
     assert_eq!(cache_header(&t1), "hit");
     let t2 = send(k.addr, body, "Authorization: Bearer tenant-2\r\n");
     assert_eq!(cache_header(&t2), "miss");
-    assert_eq!(sim.requests(), 6);
+    let t3 = send(k.addr, body, "x-api-key: tenant-3\r\n");
+    assert_eq!(cache_header(&t3), "miss");
+    assert_eq!(sim.requests(), 7);
 
     // no-cache skips the lookup and refreshes; no-store neither reads nor writes.
     let r = send(k.addr, body, "Cache-Control: no-cache\r\n");
     assert_eq!(cache_header(&r), "bypass");
     let r = send(k.addr, body, "Cache-Control: no-store\r\n");
     assert_eq!(cache_header(&r), "bypass");
-    assert_eq!(sim.requests(), 8);
+    assert_eq!(sim.requests(), 9);
     assert_eq!(cache_header(&send(k.addr, body, "")), "hit");
 
     // Logprobs are off by default: bypass.

@@ -51,7 +51,8 @@ pub struct PredictionCacheConfig {
     pub greedy_by_default: bool,
     /// Cache requests asking for logprobs too.
     pub allow_logprobs: bool,
-    /// Share entries across Authorization values (one tenant, or public answers).
+    /// Share entries across Authorization (and x-api-key, api-key) values: one
+    /// tenant, or public answers.
     pub shared: bool,
     pub ttl_ms: u64,
     /// Memory budget of the local store, entry bookkeeping included.
@@ -111,6 +112,9 @@ impl PredictionCacheConfig {
         Ok(())
     }
 }
+
+/// Headers that identify a tenant: entries are scoped by all of them unless `shared`.
+const TENANT_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
 /// What the cache does for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,12 +302,18 @@ impl PredictionCache {
         if f.n.is_some_and(|n| n > 1) {
             return Plan::Bypass("n");
         }
-        let scope = if self.cfg.shared {
-            None
-        } else {
-            // Requests without credentials share the anonymous scope.
-            Some(head.header(buf, "authorization").unwrap_or(b""))
-        };
+        // Every credential header a replica or a gateway in front of it may read
+        // (OpenAI's Authorization, Anthropic/Azure-style api keys); requests
+        // without any share the anonymous scope.
+        let mut scope_buf = Vec::new();
+        if !self.cfg.shared {
+            for name in TENANT_HEADERS {
+                let v = head.header(buf, name).unwrap_or(b"");
+                scope_buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                scope_buf.extend_from_slice(v);
+            }
+        }
+        let scope = (!self.cfg.shared).then_some(&scope_buf[..]);
         let Ok((key, facts)) = key::cache_key(path, scope, body) else {
             return Plan::Bypass("body");
         };
