@@ -382,12 +382,12 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         Some(cache),
         crate::cache::Plan::Use {
             key,
-            stream,
+            delivery,
             lookup: true,
         },
     ) = (&shared.cache, cache_plan)
     {
-        match cache.lookup(key, stream).await {
+        match cache.lookup(key, delivery).await {
             crate::cache::Lookup::Hit(entry) => {
                 let (sent, next) = answer_from_cache(client, &entry, keep_alive, write_limit).await;
                 client.buf.drain(..consumed.min(client.buf.len()));

@@ -185,7 +185,13 @@ fn deterministic_requests_are_answered_from_memory() {
     // The other mode of the same request is a miss, not a conversion.
     let plain = sbody.replace(r#","stream":true"#, "");
     assert_eq!(cache_header(&send(k.addr, &plain, "")), "miss");
-    assert_eq!(sim.requests(), before + 2);
+    // So is a stream asking for a final usage event the stored one lacks.
+    let usage = sbody.replace(
+        r#","stream":true"#,
+        r#","stream":true,"stream_options":{"include_usage":true}"#,
+    );
+    assert_eq!(cache_header(&send(k.addr, &usage, "")), "miss");
+    assert_eq!(sim.requests(), before + 3);
 
     let m = scrape(&k);
     assert!(

@@ -25,7 +25,7 @@ use crate::metrics as m;
 use crate::prefix::Analyzed;
 use crate::prompt::Endpoint;
 
-pub use store::Entry;
+pub use store::{Delivery, Entry};
 
 /// Which requests of a model may be cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -126,7 +126,7 @@ pub enum Plan {
     /// Cacheable: look up unless `lookup` is false (`no-cache`), record on a miss.
     Use {
         key: u128,
-        stream: bool,
+        delivery: Delivery,
         lookup: bool,
     },
 }
@@ -153,13 +153,13 @@ pub struct Tap {
     /// `x-kvroute-cache` value for the response.
     pub header: Option<&'static str>,
     /// Record the response and store it under this key if it completes as a 200.
-    pub record: Option<(Arc<PredictionCache>, u128, bool)>,
+    pub record: Option<(Arc<PredictionCache>, u128, Delivery)>,
 }
 
 impl Tap {
     pub fn new(cache: Option<&Arc<PredictionCache>>, plan: Plan) -> Tap {
         let record = match (cache, plan) {
-            (Some(c), Plan::Use { key, stream, .. }) => Some((c.clone(), key, stream)),
+            (Some(c), Plan::Use { key, delivery, .. }) => Some((c.clone(), key, delivery)),
             _ => None,
         };
         Tap {
@@ -174,11 +174,11 @@ impl Tap {
         status: u16,
         framing: crate::http::ResponseFraming,
     ) -> Option<record::Recorder> {
-        let (c, _, stream) = self.record.as_ref()?;
+        let (c, _, delivery) = self.record.as_ref()?;
         if status != 200 {
             return None;
         }
-        record::Recorder::new(framing, c.cfg.max_entry_bytes as usize, *stream)
+        record::Recorder::new(framing, c.cfg.max_entry_bytes as usize, *delivery)
     }
 
     /// Called once the response passed through whole.
@@ -322,18 +322,18 @@ impl PredictionCache {
         }
         Plan::Use {
             key,
-            stream: f.stream,
+            delivery: Delivery::of(f.stream, f.include_usage),
             lookup: !no_cache,
         }
     }
 
     /// A local entry answering this mode of request.
-    pub fn get_local(&self, key: u128, stream: bool) -> Option<Arc<Entry>> {
-        self.store.get(key).filter(|e| e.streamed == stream)
+    pub fn get_local(&self, key: u128, delivery: Delivery) -> Option<Arc<Entry>> {
+        self.store.get(key).filter(|e| e.delivery == delivery)
     }
 
     /// The backend's entry, copied into memory when found.
-    pub async fn get_backend(&self, key: u128, stream: bool) -> Option<Arc<Entry>> {
+    pub async fn get_backend(&self, key: u128, delivery: Delivery) -> Option<Arc<Entry>> {
         let raw = self.backend.as_ref()?.get(key).await?;
         let Some(e) = Entry::decode(&raw) else {
             metrics::counter!(m::CACHE_BACKEND_ERRORS, "op" => "decode").increment(1);
@@ -344,7 +344,7 @@ impl PredictionCache {
         }
         let e = Arc::new(e);
         self.store.insert(key, e.clone());
-        (e.streamed == stream).then_some(e)
+        (e.delivery == delivery).then_some(e)
     }
 
     /// Stores a complete answer locally (and, through `spawn`, in the backend).
@@ -367,24 +367,24 @@ impl PredictionCache {
 
     /// Memory, then the backend, then the single flight. A miss may carry the
     /// flight: the caller goes upstream and identical requests wait until it drops.
-    pub async fn lookup(&self, key: u128, stream: bool) -> Lookup<'_> {
+    pub async fn lookup(&self, key: u128, delivery: Delivery) -> Lookup<'_> {
         let hit = |source: &'static str| {
             metrics::counter!(m::CACHE_REQUESTS, "result" => "hit", "source" => source)
                 .increment(1);
         };
         let miss = || metrics::counter!(m::CACHE_REQUESTS, "result" => "miss").increment(1);
-        if let Some(e) = self.get_local(key, stream) {
+        if let Some(e) = self.get_local(key, delivery) {
             hit("memory");
             return Lookup::Hit(e);
         }
-        if let Some(e) = self.get_backend(key, stream).await {
+        if let Some(e) = self.get_backend(key, delivery).await {
             hit("backend");
             return Lookup::Hit(e);
         }
         match self.flight.join(key) {
             single_flight::Role::Leader(f) => {
                 // The previous leader may have stored between the lookup and the join.
-                if let Some(e) = self.get_local(key, stream) {
+                if let Some(e) = self.get_local(key, delivery) {
                     hit("memory");
                     return Lookup::Hit(e);
                 }
@@ -393,7 +393,7 @@ impl PredictionCache {
             }
             single_flight::Role::Wait(rx) => {
                 let done = single_flight::wait(rx, self.single_flight_wait()).await;
-                if let Some(e) = self.get_local(key, stream) {
+                if let Some(e) = self.get_local(key, delivery) {
                     metrics::counter!(m::CACHE_SF_WAITS, "result" => "hit").increment(1);
                     hit("single_flight");
                     return Lookup::Hit(e);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::http::{ChunkedDecoder, ResponseFraming};
 
-use super::store::Entry;
+use super::store::{Delivery, Entry};
 
 /// Response headers that describe this transfer or this moment, not the answer.
 fn skip_header(name: &str) -> bool {
@@ -30,12 +30,12 @@ pub struct Recorder {
     limit: usize,
     /// Past the per-entry limit or badly framed: finish yields nothing.
     spoiled: bool,
-    streamed: bool,
+    delivery: Delivery,
 }
 
 impl Recorder {
     /// `None` for framings whose end cannot be told from a cut-off (read until close).
-    pub fn new(framing: ResponseFraming, limit: usize, streamed: bool) -> Option<Recorder> {
+    pub fn new(framing: ResponseFraming, limit: usize, delivery: Delivery) -> Option<Recorder> {
         let chunked = match framing {
             ResponseFraming::Chunked => Some(ChunkedDecoder::new()),
             ResponseFraming::Length(n) if n as usize <= limit => None,
@@ -47,7 +47,7 @@ impl Recorder {
             body: Vec::new(),
             limit,
             spoiled: false,
-            streamed,
+            delivery,
         })
     }
 
@@ -88,7 +88,7 @@ impl Recorder {
             return None;
         }
         Some(Arc::new(Entry {
-            streamed: self.streamed,
+            delivery: self.delivery,
             head: self.head.into(),
             body: self.body.into(),
         }))
@@ -101,7 +101,7 @@ mod tests {
 
     #[test]
     fn chunked_sse_is_stored_decoded_and_cut_streams_are_not() {
-        let mut r = Recorder::new(ResponseFraming::Chunked, 1 << 20, true).unwrap();
+        let mut r = Recorder::new(ResponseFraming::Chunked, 1 << 20, Delivery::Stream).unwrap();
         r.header("Content-Type", b"text/event-stream");
         r.header("Transfer-Encoding", b"chunked");
         r.header("Date", b"now");
@@ -110,18 +110,18 @@ mod tests {
         let e = r.finish().unwrap();
         assert_eq!(&e.body[..], b"data: a\ndata: b\n");
         assert_eq!(&e.head[..], b"Content-Type: text/event-stream\r\n");
-        assert!(e.streamed);
+        assert_eq!(e.delivery, Delivery::Stream);
 
-        let mut r = Recorder::new(ResponseFraming::Chunked, 1 << 20, true).unwrap();
+        let mut r = Recorder::new(ResponseFraming::Chunked, 1 << 20, Delivery::Stream).unwrap();
         r.push(b"8\r\ndata: a\n\r\n");
         assert!(r.finish().is_none());
     }
 
     #[test]
     fn limits_and_unframed_bodies_are_not_stored() {
-        assert!(Recorder::new(ResponseFraming::UntilClose, 100, false).is_none());
-        assert!(Recorder::new(ResponseFraming::Length(101), 100, false).is_none());
-        let mut r = Recorder::new(ResponseFraming::Chunked, 10, false).unwrap();
+        assert!(Recorder::new(ResponseFraming::UntilClose, 100, Delivery::Plain).is_none());
+        assert!(Recorder::new(ResponseFraming::Length(101), 100, Delivery::Plain).is_none());
+        let mut r = Recorder::new(ResponseFraming::Chunked, 10, Delivery::Plain).unwrap();
         r.push(b"b\r\nhello world\r\n0\r\n\r\n");
         assert!(r.finish().is_none());
     }

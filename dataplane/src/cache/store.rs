@@ -13,11 +13,31 @@ use crate::metrics as m;
 /// of many tiny entries still bounds real memory.
 const ENTRY_OVERHEAD: usize = 128;
 
+/// How an answer was delivered: a stored answer replays only to a request
+/// asking for the same, since each form's bytes differ (SSE events, and with
+/// `include_usage` a final usage event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Plain = 0,
+    Stream = 1,
+    StreamWithUsage = 2,
+}
+
+impl Delivery {
+    pub fn of(stream: bool, include_usage: bool) -> Delivery {
+        match (stream, include_usage) {
+            (false, _) => Delivery::Plain,
+            (true, false) => Delivery::Stream,
+            (true, true) => Delivery::StreamWithUsage,
+        }
+    }
+}
+
 /// One stored answer.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// Answered a `stream: true` request: the body is its SSE events.
-    pub streamed: bool,
+    /// For `Stream*`, the body is the SSE events.
+    pub delivery: Delivery,
     /// End-to-end response headers, each `name: value\r\n`.
     pub head: Bytes,
     /// The decoded body.
@@ -35,7 +55,7 @@ impl Entry {
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.head.len() + self.body.len() + 16);
         v.extend_from_slice(MAGIC);
-        v.push(u8::from(self.streamed));
+        v.push(self.delivery as u8);
         v.extend_from_slice(&(self.head.len() as u32).to_le_bytes());
         v.extend_from_slice(&self.head);
         v.extend_from_slice(&self.body);
@@ -45,14 +65,20 @@ impl Entry {
     /// Anything malformed (another writer, another version) is no entry at all.
     pub fn decode(b: &[u8]) -> Option<Entry> {
         let rest = b.strip_prefix(MAGIC)?;
-        let (&streamed, rest) = rest.split_first()?;
+        let (&delivery, rest) = rest.split_first()?;
+        let delivery = match delivery {
+            0 => Delivery::Plain,
+            1 => Delivery::Stream,
+            2 => Delivery::StreamWithUsage,
+            _ => return None,
+        };
         let (len, rest) = rest.split_first_chunk::<4>()?;
         let len = u32::from_le_bytes(*len) as usize;
-        if streamed > 1 || rest.len() < len {
+        if rest.len() < len {
             return None;
         }
         Some(Entry {
-            streamed: streamed == 1,
+            delivery,
             head: Bytes::copy_from_slice(&rest[..len]),
             body: Bytes::copy_from_slice(&rest[len..]),
         })
@@ -103,7 +129,7 @@ mod tests {
 
     fn entry(n: usize) -> Arc<Entry> {
         Arc::new(Entry {
-            streamed: false,
+            delivery: Delivery::Plain,
             head: Bytes::from_static(b"content-type: application/json\r\n"),
             body: Bytes::from(vec![b'x'; n]),
         })
@@ -115,6 +141,7 @@ mod tests {
         assert_eq!(Entry::decode(&e.encode()).as_ref(), Some(&*e));
         assert!(Entry::decode(b"nope").is_none());
         assert!(Entry::decode(b"kvp1\x01\xff\xff\x00\x00").is_none());
+        assert!(Entry::decode(b"kvp1\x03\x00\x00\x00\x00").is_none());
     }
 
     #[test]
