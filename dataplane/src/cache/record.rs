@@ -53,6 +53,15 @@ impl Recorder {
 
     /// An end-to-end header as relayed to the client.
     pub fn header(&mut self, name: &str, value: &[u8]) {
+        // A replica (or a gateway behind us) that marks an answer no-store knows
+        // something about it we do not.
+        if name.eq_ignore_ascii_case("cache-control")
+            && value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"no-store"))
+        {
+            self.spoiled = true;
+        }
         if skip_header(name) {
             return;
         }
@@ -114,6 +123,14 @@ mod tests {
 
         let mut r = Recorder::new(ResponseFraming::Chunked, 1 << 20, Delivery::Stream).unwrap();
         r.push(b"8\r\ndata: a\n\r\n");
+        assert!(r.finish().is_none());
+    }
+
+    #[test]
+    fn a_replica_no_store_is_honoured() {
+        let mut r = Recorder::new(ResponseFraming::Length(2), 100, Delivery::Plain).unwrap();
+        r.header("Cache-Control", b"private, no-store");
+        r.push(b"{}");
         assert!(r.finish().is_none());
     }
 
