@@ -119,7 +119,7 @@ const TENANT_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 /// What the cache does for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plan {
-    /// Caching is disabled: no header, no work.
+    /// Caching is disabled, or the route is not a completion: no header, no work.
     Off,
     /// Not cacheable, or the client said `no-store`.
     Bypass(&'static str),
@@ -280,7 +280,9 @@ impl PredictionCache {
                 Endpoint::Completions | Endpoint::ChatCompletions
             )
         {
-            return Plan::Bypass("endpoint");
+            // Not an answer the cache could hold (models list, health, embeddings
+            // for now): no header and no count, like with the cache off.
+            return Plan::Off;
         }
         let (no_cache, no_store) = cache_control(head, buf);
         if no_store {
