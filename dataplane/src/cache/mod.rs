@@ -416,3 +416,140 @@ impl PredictionCache {
         metrics::gauge!(m::CACHE_IN_FLIGHT).set(self.flight.len() as f64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::parse_request_head;
+    use crate::prefix::{analyze, PrefixConfig};
+
+    fn plan_of(cfg: &PredictionCacheConfig, headers: &str, body: &str) -> Plan {
+        let c = PredictionCache::new(&PredictionCacheConfig {
+            enabled: true,
+            ..cfg.clone()
+        })
+        .unwrap()
+        .unwrap();
+        let raw = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: k\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let buf = raw.into_bytes();
+        let head = parse_request_head(&buf, 1 << 16, 100).unwrap().unwrap();
+        let body = &buf[head.len..];
+        let a = analyze("/v1/chat/completions", body, &PrefixConfig::default()).unwrap();
+        c.plan(&head, &buf, "/v1/chat/completions", &a, body)
+    }
+
+    fn used(p: Plan) -> bool {
+        matches!(p, Plan::Use { lookup: true, .. })
+    }
+
+    #[test]
+    fn cacheability_rules() {
+        let d = PredictionCacheConfig::default();
+        let m = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+        assert!(used(plan_of(&d, "", &format!("{{{m},\"temperature\":0}}"))));
+        assert!(used(plan_of(
+            &d,
+            "",
+            &format!("{{{m},\"temperature\":1,\"seed\":3}}")
+        )));
+        assert_eq!(
+            plan_of(&d, "", &format!("{{{m},\"temperature\":1}}")),
+            Plan::Bypass("sampled")
+        );
+        // Absent temperature: sampled unless the engine is known to default to greedy.
+        assert_eq!(
+            plan_of(&d, "", &format!("{{{m}}}")),
+            Plan::Bypass("sampled")
+        );
+        let greedy = PredictionCacheConfig {
+            greedy_by_default: true,
+            ..d.clone()
+        };
+        assert!(used(plan_of(&greedy, "", &format!("{{{m}}}"))));
+        assert_eq!(
+            plan_of(&d, "", &format!("{{{m},\"temperature\":0,\"n\":2}}")),
+            Plan::Bypass("n")
+        );
+        let lp = format!("{{{m},\"temperature\":0,\"logprobs\":true}}");
+        assert_eq!(plan_of(&d, "", &lp), Plan::Bypass("logprobs"));
+        let allow = PredictionCacheConfig {
+            allow_logprobs: true,
+            ..d.clone()
+        };
+        assert!(used(plan_of(&allow, "", &lp)));
+
+        let per_model = PredictionCacheConfig {
+            models: [
+                ("m".to_string(), CacheMode::Always),
+                ("off".to_string(), CacheMode::Off),
+            ]
+            .into_iter()
+            .collect(),
+            ..d.clone()
+        };
+        assert!(used(plan_of(
+            &per_model,
+            "",
+            &format!("{{{m},\"temperature\":1}}")
+        )));
+        let off = r#"{"model":"off","temperature":0,"messages":[]}"#;
+        assert_eq!(plan_of(&per_model, "", off), Plan::Bypass("model"));
+
+        let det = format!("{{{m},\"temperature\":0}}");
+        assert!(matches!(
+            plan_of(&d, "Cache-Control: max-age=0, No-Cache\r\n", &det),
+            Plan::Use { lookup: false, .. }
+        ));
+        assert_eq!(
+            plan_of(&d, "cache-control: no-store\r\n", &det),
+            Plan::Bypass("no_store")
+        );
+    }
+
+    #[test]
+    fn tenants_split_unless_shared() {
+        let d = PredictionCacheConfig::default();
+        let body = r#"{"model":"m","temperature":0,"messages":[]}"#;
+        let key = |cfg: &PredictionCacheConfig, h: &str| match plan_of(cfg, h, body) {
+            Plan::Use { key, .. } => key,
+            p => panic!("{p:?}"),
+        };
+        let anon = key(&d, "");
+        let a = key(&d, "Authorization: Bearer a\r\n");
+        let b = key(&d, "Authorization: Bearer b\r\n");
+        let x = key(&d, "x-api-key: a\r\n");
+        assert!(anon != a && a != b && a != x && anon != x);
+        let shared = PredictionCacheConfig { shared: true, ..d };
+        assert_eq!(
+            key(&shared, "Authorization: Bearer a\r\n"),
+            key(&shared, "Authorization: Bearer b\r\n")
+        );
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let ok = PredictionCacheConfig::default();
+        ok.validate().unwrap();
+        let e = PredictionCacheConfig {
+            max_entry_bytes: ok.max_bytes + 1,
+            ..ok.clone()
+        };
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_entry_bytes"));
+        let e = PredictionCacheConfig {
+            backend: Some("http://x".into()),
+            ..ok
+        };
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("prediction_cache.backend"));
+    }
+}
