@@ -528,3 +528,55 @@ fn redis_backend_is_shared_and_a_dead_redis_is_a_miss() {
         "{m}"
     );
 }
+
+/// Hits per second at one worker, from 4 keep-alive client threads. A
+/// measurement, not a check: run with `--ignored --nocapture`, ideally with
+/// `KVROUTE_BIN_KVROUTE` pointing at a release build.
+#[test]
+#[ignore]
+fn hit_throughput_at_one_worker() {
+    let sim = Sim::start("0.01");
+    let path =
+        std::env::temp_dir().join(format!("kvroute-pcache-tput-{}.toml", std::process::id()));
+    std::fs::write(&path, "[prediction_cache]\nenabled = true\n").unwrap();
+    let url = format!("http://{}", sim.addr);
+    let k = Kvroute::start(&[
+        "--config",
+        path.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--replica",
+        &url,
+    ]);
+    let body = r#"{"model":"sim-model","prompt":"throughput","temperature":0,"max_tokens":8}"#;
+    assert_eq!(cache_header(&send(k.addr, body, "")), "miss");
+    let raw = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let run = Duration::from_secs(3);
+    let addr = k.addr;
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let raw = raw.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr).unwrap();
+                let t = Instant::now();
+                let mut n = 0u64;
+                while t.elapsed() < run {
+                    c.send(raw.as_bytes()).unwrap();
+                    let r = c.read_response(false).unwrap();
+                    assert_eq!(r.status, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    println!(
+        "hits/s at 1 worker, 4 client threads: {:.0}",
+        total as f64 / run.as_secs_f64()
+    );
+    assert_eq!(sim.requests(), 1);
+}
