@@ -55,6 +55,10 @@ impl Sim {
 
 /// kvroute with `[prediction_cache]` set from `cache_toml` (enabled is implied).
 fn kvroute(upstream: &str, cache_toml: &str) -> Kvroute {
+    kvroute_with(upstream, cache_toml, &[])
+}
+
+fn kvroute_with(upstream: &str, cache_toml: &str, extra: &[&str]) -> Kvroute {
     let path = std::env::temp_dir().join(format!(
         "kvroute-pcache-{}-{}.toml",
         std::process::id(),
@@ -65,14 +69,16 @@ fn kvroute(upstream: &str, cache_toml: &str) -> Kvroute {
         format!("[prediction_cache]\nenabled = true\n{cache_toml}\n"),
     )
     .expect("config");
-    Kvroute::start(&[
+    let mut args = vec![
         "--config",
         path.to_str().unwrap(),
         "--workers",
         "2",
         "--replica",
         upstream,
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Kvroute::start(&args)
 }
 
 fn send(addr: SocketAddr, body: &str, extra_headers: &str) -> Response {
@@ -485,7 +491,8 @@ fn redis_backend_is_shared_and_a_dead_redis_is_a_miss() {
         redis.port
     );
     let a = kvroute(&url, &cfg);
-    let b = kvroute(&url, &cfg);
+    // The other runtime flavour: backend calls run on tokio's reactor in both.
+    let b = kvroute_with(&url, &cfg, &["--io", "epoll"]);
     let body = r#"{"model":"sim-model","prompt":"Shared answer","temperature":0,"max_tokens":6}"#;
     let ra = send(a.addr, body, "");
     assert_eq!(cache_header(&ra), "miss");
