@@ -131,6 +131,8 @@ pub struct Config {
     pub steering: SteeringKind,
     /// The BPF program's choice: `p2c` (default), `hash` or `cpu`.
     pub steering_mode: SteeringPolicy,
+    /// Exact-match answers for deterministic requests (`[prediction_cache]`).
+    pub prediction_cache: crate::cache::PredictionCacheConfig,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -152,6 +154,7 @@ impl Default for Config {
             replicas: Vec::new(),
             steering: SteeringKind::default(),
             steering_mode: SteeringPolicy::default(),
+            prediction_cache: Default::default(),
         }
     }
 }
@@ -287,6 +290,7 @@ impl Config {
             }
         }
         self.routing.validate()?;
+        self.prediction_cache.validate()?;
         AdminAddr::parse(&self.admin)?;
         if let Some(a) = self.admin_tcp {
             if !a.ip().is_loopback() {

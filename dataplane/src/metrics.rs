@@ -18,6 +18,17 @@ pub const POOL: &str = "kvroute_upstream_pool_total";
 pub const RETRIES: &str = "kvroute_upstream_retries_total";
 pub const DECISIONS: &str = "kvroute_routing_decisions_total";
 pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
+// Prediction cache.
+/// `result`: hit, miss or bypass; `source` of a hit: memory, backend or single_flight.
+pub const CACHE_REQUESTS: &str = "kvroute_prediction_cache_requests_total";
+pub const CACHE_STORES: &str = "kvroute_prediction_cache_stores_total";
+pub const CACHE_BYTES: &str = "kvroute_prediction_cache_bytes";
+pub const CACHE_ENTRIES: &str = "kvroute_prediction_cache_entries";
+pub const CACHE_IN_FLIGHT: &str = "kvroute_prediction_cache_single_flight_leaders";
+pub const CACHE_EVICTIONS: &str = "kvroute_prediction_cache_evictions_total";
+/// `result`: hit (the leader's answer), timeout or fallthrough (the leader stored nothing).
+pub const CACHE_SF_WAITS: &str = "kvroute_prediction_cache_single_flight_waits_total";
+pub const CACHE_BACKEND_ERRORS: &str = "kvroute_prediction_cache_backend_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -337,14 +337,21 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         Body::InBuf(r) => &client.buf[r.clone()],
         Body::Decoded(v) => v,
     };
-    let (model, hashes, prompt_bytes, user) =
+    let (model, hashes, prompt_bytes, user, cache_plan) =
         match crate::prefix::analyze(&path, body_bytes, &shared.prefix) {
-            Ok(a) => (
-                a.fields.model.map(str::to_owned),
-                a.hashes,
-                a.prompt_bytes,
-                a.fields.user.map(|u| u.as_bytes().to_vec()),
-            ),
+            Ok(a) => {
+                let plan = match &shared.cache {
+                    Some(c) => c.plan(&head, &client.buf, &path, &a, body_bytes),
+                    None => crate::cache::Plan::Off,
+                };
+                (
+                    a.fields.model.map(str::to_owned),
+                    a.hashes,
+                    a.prompt_bytes,
+                    a.fields.user.map(|u| u.as_bytes().to_vec()),
+                    plan,
+                )
+            }
             Err(e) => {
                 let kind = ErrorKind::BadRequest;
                 send_error(
@@ -368,6 +375,34 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         .header(&client.buf, &shared.cfg.routing.session_header)
         .map(<[u8]>::to_vec)
         .or(user);
+    // A hit answers here, before routing, with no upstream contact. A miss may
+    // lead a single flight, held until the response is stored.
+    let mut _flight = None;
+    if let (
+        Some(cache),
+        crate::cache::Plan::Use {
+            key,
+            delivery,
+            lookup: true,
+        },
+    ) = (&shared.cache, cache_plan)
+    {
+        match cache.lookup(key, delivery).await {
+            crate::cache::Lookup::Hit(entry) => {
+                let (sent, next) = answer_from_cache(client, &entry, keep_alive, write_limit).await;
+                client.buf.drain(..consumed.min(client.buf.len()));
+                ctx.metrics.bytes_out.increment(sent as u64);
+                // Answered from the prediction cache: its own "replica" label.
+                ctx.metrics
+                    .request(route, 200, Some((u16::MAX - 1, "cache")));
+                metrics::histogram!(m::REQUEST_DURATION, "route" => route)
+                    .record(started.elapsed().as_secs_f64());
+                return next;
+            }
+            crate::cache::Lookup::Miss(f) => _flight = f,
+        }
+    }
+    let tap = crate::cache::Tap::new(shared.cache.as_ref(), cache_plan);
     let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
 
     // The body moves out of the client buffer only for the duration of forwarding.
@@ -395,6 +430,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
         body_range,
         is_head,
         keep_alive,
+        &tap,
     )
     .await;
     if in_client_buf {
@@ -444,6 +480,36 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     );
     ctx.metrics.duration(route, started.elapsed().as_secs_f64());
     next
+}
+
+/// Writes a stored answer; returns the bytes sent and what the connection does next.
+async fn answer_from_cache<C: Conn>(
+    client: &mut Client<C>,
+    e: &crate::cache::Entry,
+    keep_alive: bool,
+    limit: Duration,
+) -> (usize, Next) {
+    let mut out = Vec::with_capacity(e.head.len() + e.body.len() + 128);
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    out.extend_from_slice(&e.head);
+    let _ = write!(
+        out,
+        "x-kvroute-cache: hit\r\ncontent-length: {}\r\n",
+        e.body.len()
+    );
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&e.body);
+    let n = out.len();
+    let (r, _) = write_client(&mut client.io, out, 0..n, limit).await;
+    let next = if r.is_ok() && keep_alive {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    };
+    (n, next)
 }
 
 enum Outcome {
@@ -537,6 +603,7 @@ async fn forward<R: Runtime>(
     body_range: Range<usize>,
     is_head: bool,
     client_keep_alive: bool,
+    tap: &crate::cache::Tap,
 ) -> Outcome {
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
@@ -670,6 +737,7 @@ async fn forward<R: Runtime>(
         ubuf,
         &chosen,
         client_keep_alive,
+        tap,
     )
     .await;
     if reusable {
@@ -785,6 +853,7 @@ async fn attempt<R: Runtime>(
 }
 
 /// Streams the response to the client as it arrives.
+#[allow(clippy::too_many_arguments)]
 async fn relay<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<R::Conn>,
@@ -793,6 +862,7 @@ async fn relay<R: Runtime>(
     mut ubuf: Vec<u8>,
     decision: &Decision,
     client_keep_alive: bool,
+    tap: &crate::cache::Tap,
 ) -> (Outcome, bool) {
     let replica = &*decision.replica;
     // Only successful completions report usage; the tail costs a small copy per read.
@@ -812,6 +882,7 @@ async fn relay<R: Runtime>(
         status,
         http::reason_phrase(status)
     );
+    let mut rec = tap.recorder(status, rhead.framing);
     let mut conn_tokens: Vec<&str> = Vec::new();
     for (n, v) in &rhead.headers {
         if ubuf[n.clone()].eq_ignore_ascii_case(b"connection") {
@@ -829,10 +900,20 @@ async fn relay<R: Runtime>(
         {
             continue;
         }
+        // Ours replaces one from a kvroute behind this one.
+        if tap.header.is_some() && name.eq_ignore_ascii_case("x-kvroute-cache") {
+            continue;
+        }
+        if let Some(r) = rec.as_mut() {
+            r.header(name, &ubuf[v.clone()]);
+        }
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(&ubuf[v.clone()]);
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(h) = tap.header {
+        let _ = write!(out, "x-kvroute-cache: {h}\r\n");
     }
     if rhead.framing == ResponseFraming::Chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -861,6 +942,9 @@ async fn relay<R: Runtime>(
     let mut clean_upstream = take == leftover.len();
     if let Some(t) = tail.as_mut() {
         t.push(&leftover[..take]);
+    }
+    if let Some(r) = rec.as_mut() {
+        r.push(&leftover[..take]);
     }
     out.extend_from_slice(&leftover[..take]);
     let n = out.len();
@@ -918,6 +1002,9 @@ async fn relay<R: Runtime>(
         if let Some(t) = tail.as_mut() {
             t.push(&ubuf[..take]);
         }
+        if let Some(r) = rec.as_mut() {
+            r.push(&ubuf[..take]);
+        }
         let (r, b) = write_client(&mut client.io, ubuf, 0..take, write_limit).await;
         ubuf = b;
         ctx.metrics.bytes_out.increment(take as u64);
@@ -932,6 +1019,9 @@ async fn relay<R: Runtime>(
             );
         }
     }
+    // Reached only with the body whole (a cut-off returned above); an until-close
+    // body never got a recorder.
+    tap.complete(rec);
     if let Some((prompt, cached)) = tail.as_ref().and_then(|t| t.usage()) {
         ctx.shared
             .router

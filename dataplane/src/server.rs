@@ -37,6 +37,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     pub shutdown: watch::Sender<bool>,
     pub steering: Arc<crate::steer::Steering>,
+    /// `None` unless `[prediction_cache] enabled`.
+    pub cache: Option<Arc<crate::cache::PredictionCache>>,
     started: Instant,
 }
 
@@ -55,6 +57,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
+            cache: crate::cache::PredictionCache::new(&cfg.prediction_cache)?,
             started: Instant::now(),
             cfg,
         }))

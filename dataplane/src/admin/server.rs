@@ -310,6 +310,9 @@ fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
 /// Gauges read from atomics at scrape time rather than updated per request.
 fn refresh_gauges(shared: &Shared) {
     shared.router.export_gauges(&shared.table.load());
+    if let Some(c) = &shared.cache {
+        c.export_gauges();
+    }
     for r in &shared.table.load().replicas {
         let url = r.spec.url.clone();
         metrics::gauge!(m::IN_FLIGHT, "replica" => url.clone()).set(r.in_flight() as f64);

@@ -29,7 +29,8 @@
 #![forbid(unsafe_code)]
 
 mod extract;
-mod scanner;
+// Crate-visible: the prediction cache walks bodies with it for its canonical key.
+pub(crate) mod scanner;
 #[cfg(test)]
 mod tests;
 
