@@ -89,6 +89,11 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_ms: u64,
     /// Attempts on another replica when one fails before any response byte.
     pub retries: u32,
+    /// When a model's replicas all are unavailable for a moment (a rolling
+    /// restart), requests wait up to this long for one instead of a 503 at once.
+    pub queue_timeout_ms: u64,
+    /// Most requests one worker holds that way; more get 503 at once.
+    pub queue_max: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -100,6 +105,8 @@ impl Default for UpstreamConfig {
             pool_max_idle: 1024,
             pool_idle_timeout_ms: 4_000,
             retries: 1,
+            queue_timeout_ms: 5_000,
+            queue_max: 1024,
         }
     }
 }

@@ -583,6 +583,43 @@ fn build_upstream_head(
     out
 }
 
+/// A place in the worker's bounded queue of requests waiting for a replica.
+struct WaitSlot<'a>(&'a std::cell::Cell<usize>);
+
+impl Drop for WaitSlot<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// How often a held request looks for an available replica again.
+const HOLD_POLL: Duration = Duration::from_millis(20);
+
+/// Waits one poll interval for a replica to come back. False once the request
+/// has waited `queue_timeout_ms`, or when the worker's queue is full (then it
+/// fails at once: a bounded queue must not turn an outage into a memory leak).
+async fn hold<'c, R: Runtime>(
+    ctx: &'c WorkerCtx<R>,
+    held: &mut Option<(tokio::time::Instant, WaitSlot<'c>)>,
+) -> bool {
+    let up = &ctx.shared.cfg.upstream;
+    if held.is_none() {
+        if up.queue_timeout_ms == 0 || ctx.waiting.get() >= up.queue_max {
+            return false;
+        }
+        ctx.waiting.set(ctx.waiting.get() + 1);
+        let until = tokio::time::Instant::now() + Duration::from_millis(up.queue_timeout_ms);
+        *held = Some((until, WaitSlot(&ctx.waiting)));
+        metrics::counter!(m::ERRORS, "kind" => "queued_no_replica").increment(1);
+    }
+    let until = held.as_ref().map(|h| h.0).expect("set above");
+    if tokio::time::Instant::now() >= until {
+        return false;
+    }
+    tokio::time::sleep(HOLD_POLL.min(until - tokio::time::Instant::now())).await;
+    true
+}
+
 /// Why an attempt at one replica failed before any response byte.
 enum AttemptError {
     /// Safe to retry (nothing was processed as far as we can tell).
@@ -607,7 +644,7 @@ async fn forward<R: Runtime>(
 ) -> Outcome {
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
-    let set = shared.table.load();
+    let mut set = shared.table.load();
     if set.generation != ctx.pool_generation.get() {
         let addrs: Vec<SocketAddr> = set.replicas.iter().map(|r| r.addr).collect();
         ctx.pool
@@ -621,11 +658,23 @@ async fn forward<R: Runtime>(
     let mut fresh_only = false;
     let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut held: Option<(tokio::time::Instant, WaitSlot<'_>)> = None;
     let (mut up, rhead, chosen, _in_flight, connect_started) = loop {
         let d = match decision.take() {
             Some(d) => d,
             None => match shared.router.pick(req, &set, &exclude) {
                 Some(d) => d,
+                // Replicas of this model exist but none is available (a rolling
+                // restart, a health flap): hold the request briefly in a bounded
+                // queue instead of failing it at once.
+                None if exclude.is_empty()
+                    && set.any_serves(req.model)
+                    && !set.replicas.is_empty()
+                    && hold(ctx, &mut held).await =>
+                {
+                    set = shared.table.load();
+                    continue;
+                }
                 None if exclude.is_empty() => {
                     let kind = if set.replicas.is_empty()
                         || set.any_serves(req.model)

@@ -20,6 +20,8 @@ pub struct WorkerCtx<R: Runtime> {
     /// Replica-set generation the pool was last pruned for.
     pub pool_generation: std::cell::Cell<u64>,
     pub metrics: crate::metrics::WorkerMetrics,
+    /// Requests held waiting for an available replica (bounded by `upstream.queue_max`).
+    pub waiting: std::cell::Cell<usize>,
 }
 
 pub fn run<R: Runtime>(
@@ -38,6 +40,7 @@ pub fn run<R: Runtime>(
             )),
             pool_generation: std::cell::Cell::new(0),
             metrics: crate::metrics::WorkerMetrics::default(),
+            waiting: std::cell::Cell::new(0),
             shared: shared.clone(),
             id,
         });

@@ -33,6 +33,7 @@ both_io!(
     drains_open_stream_on_sigterm,
     handles_expect_continue_and_head,
     rejects_bad_json_and_routes_by_model,
+    holds_requests_while_replicas_restart,
 );
 
 /// io_uring can be missing (old kernel, Docker's seccomp profile,
@@ -539,4 +540,46 @@ fn rejects_bad_json_and_routes_by_model(io: &str) {
         .iter()
         .chain(b.seen().iter())
         .all(|s| !String::from_utf8_lossy(&s.body).contains("unterminated")));
+}
+
+fn holds_requests_while_replicas_restart(io: &str) {
+    let up = Upstream::start("a");
+    let dir = tempdir();
+    let cfg = dir.join("kvroute.toml");
+    std::fs::write(&cfg, "[upstream]\nqueue_timeout_ms = 3000\n").unwrap();
+    let k = Arc::new(start(
+        io,
+        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+    ));
+    let down = format!(
+        r#"{{"replicas":[{{"url":"{}","healthy":false}}]}}"#,
+        up.url()
+    );
+    let back = format!(r#"{{"replicas":[{{"url":"{}"}}]}}"#, up.url());
+    assert_eq!(k.admin_put("/replicas", &down).status, 200);
+    // A request arriving while the only replica is out is held, not failed ...
+    let k2 = k.clone();
+    let waiter = std::thread::spawn(move || post(k2.addr, "/v1/completions", "{}").unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiter.is_finished(),
+        "answered while no replica was available"
+    );
+    // ... and served once the replica returns.
+    assert_eq!(k.admin_put("/replicas", &back).status, 200);
+    let r = waiter.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Past the queue timeout it is a 503.
+    assert_eq!(k.admin_put("/replicas", &down).status, 200);
+    let t = std::time::Instant::now();
+    expect_error(
+        &post(k.addr, "/v1/completions", "{}").unwrap(),
+        503,
+        "no_healthy_replica",
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(2500),
+        "not held: {:?}",
+        t.elapsed()
+    );
 }
