@@ -4,6 +4,7 @@
 //! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
 //! - `bench proxy|routing`: the benchmarks whose figures the README quotes
+//! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
 mod bench_proxy;
@@ -11,6 +12,7 @@ mod bench_routing;
 mod build_ebpf;
 mod demo;
 mod fleet;
+mod package;
 mod procs;
 mod test;
 
@@ -31,6 +33,8 @@ enum Cmd {
     Test(test::Args),
     /// Start simulated replicas and kvroute, replay a trace window, print a report.
     Demo(demo::Args),
+    /// Build the .deb (binaries, systemd units, /etc/kvroute configs) and check it.
+    Package(package::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -51,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf(a) => build_ebpf::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Package(a) => package::run(a),
         Cmd::Bench {
             which: Bench::Proxy(a),
         } => bench_proxy::run(a),
