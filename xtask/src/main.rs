@@ -3,10 +3,11 @@
 //! - `build-ebpf [--check]`: the steering BPF object (committed) and its reproducibility check
 //! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
-//! - `bench proxy|routing`: the benchmarks whose figures the README quotes
+//! - `bench proxy|routing|footprint`: the benchmarks whose figures the README quotes
 //! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
+mod bench_footprint;
 mod bench_proxy;
 mod bench_routing;
 mod build_ebpf;
@@ -48,6 +49,8 @@ enum Bench {
     Proxy(bench_proxy::Args),
     /// Routing quality on the shared trace: kvroute policies vs SGLang's router.
     Routing(bench_routing::Args),
+    /// Edge footprint: binary size, start-to-ready, memory idle, at the index cap and under load, vs nginx and HAProxy.
+    Footprint(bench_footprint::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,5 +65,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             which: Bench::Routing(a),
         } => bench_routing::run(a),
+        Cmd::Bench {
+            which: Bench::Footprint(a),
+        } => bench_footprint::run(a),
     }
 }
