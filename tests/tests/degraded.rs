@@ -85,7 +85,10 @@ fn refused(wrapper: &[String], replica: &str, extra: &[&str]) -> String {
     }
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(exited, "kvroute {extra:?} under {wrapper:?} started; it must refuse");
+    assert!(
+        exited,
+        "kvroute {extra:?} under {wrapper:?} started; it must refuse"
+    );
     assert!(
         !out.status.success(),
         "kvroute {extra:?} exited 0; it must refuse: {stderr}"

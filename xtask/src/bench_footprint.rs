@@ -251,30 +251,39 @@ fn drive(
                         "POST /v1/completions HTTP/1.1\r\nHost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
                     );
-                    let s = match conn.take() {
-                        Some(s) => s,
-                        None => match TcpStream::connect(addr) {
-                            Ok(s) => {
-                                let _ = s.set_nodelay(true);
-                                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                                buf.clear();
-                                s
-                            }
-                            Err(_) => {
-                                failed += 1;
-                                continue;
-                            }
-                        },
-                    };
-                    let mut s = s;
-                    let good = s.write_all(req.as_bytes()).is_ok()
-                        && matches!(read_message(&mut s, &mut buf, false), Ok(true));
+                    // A kept-alive connection the proxy closed in the meantime is
+                    // not a failure: retry once on a fresh one, as HTTP clients do.
+                    let mut good = false;
+                    for _ in 0..2 {
+                        let reused = conn.is_some();
+                        let mut s = match conn.take() {
+                            Some(s) => s,
+                            None => match TcpStream::connect(addr) {
+                                Ok(s) => {
+                                    let _ = s.set_nodelay(true);
+                                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                                    buf.clear();
+                                    s
+                                }
+                                Err(_) => break,
+                            },
+                        };
+                        if s.write_all(req.as_bytes()).is_ok()
+                            && matches!(read_message(&mut s, &mut buf, false), Ok(true))
+                        {
+                            good = true;
+                            conn = Some(s);
+                            break;
+                        }
+                        buf.clear();
+                        if !reused {
+                            break;
+                        }
+                    }
                     if good {
                         ok += 1;
-                        conn = Some(s);
                     } else {
                         failed += 1;
-                        buf.clear();
                     }
                 }
                 (ok, failed)
@@ -381,7 +390,7 @@ fn nginx_proxy(dir: &Path, up: SocketAddr) -> anyhow::Result<Proxy> {
         format!(
             "worker_processes {WORKERS};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
                client_body_temp_path {d}/nginx-tmp/body;\n  proxy_temp_path {d}/nginx-tmp/proxy;\n\
                fastcgi_temp_path {d}/nginx-tmp/fastcgi;\n  uwsgi_temp_path {d}/nginx-tmp/uwsgi;\n\
                scgi_temp_path {d}/nginx-tmp/scgi;\n\
@@ -416,15 +425,28 @@ fn haproxy_proxy(dir: &Path, up: SocketAddr) -> anyhow::Result<Proxy> {
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
-        format!(
-            "global\n  nbthread {WORKERS}\n  maxconn 20000\n\
-             defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n\
-               option http-keep-alive\n\
-             frontend fe\n  bind {listen}\n\
-               http-request return status 200 content-type text/plain string ok if {{ path /healthz }}\n\
-               default_backend be\n\
-             backend be\n  http-reuse always\n  server s1 {up}\n"
-        ),
+        [
+            "global".to_string(),
+            format!("  nbthread {WORKERS}"),
+            // The FD limit must cover 2 x maxconn; 4096 connections is plenty here.
+            "  maxconn 4096".into(),
+            "defaults".into(),
+            "  mode http".into(),
+            "  timeout connect 2s".into(),
+            "  timeout client 60s".into(),
+            "  timeout server 60s".into(),
+            "  option http-keep-alive".into(),
+            "frontend fe".into(),
+            format!("  bind {listen}"),
+            "  http-request return status 200 content-type text/plain string ok if { path /healthz }"
+                .into(),
+            "  default_backend be".into(),
+            "backend be".into(),
+            "  http-reuse always".into(),
+            format!("  server s1 {up}"),
+            String::new(),
+        ]
+        .join("\n"),
     )?;
     let version = capture(Command::new("haproxy").arg("-v"))?
         .lines()
@@ -665,8 +687,7 @@ fn render(rows: &[Row], a: &Args) -> String {
         let max = r.ready_ms.last().copied().unwrap_or(0.0);
         let after = r.fill.last().map(|f| f.1.show()).unwrap_or_default();
         s.push_str(&format!(
-            "| {} ({}) | {} | {med:.1} ms / {max:.1} ms | {} | {after} | {} | {:.0} req/s{} |\n",
-            r.name,
+            "| {} | {} | {med:.1} ms / {max:.1} ms | {} | {after} | {} | {:.0} req/s{} |\n",
             r.version,
             r.size,
             r.idle.show(),

@@ -243,13 +243,11 @@ pub fn build(
              Depends: libc6, systemd\n\
              Section: net\n\
              Priority: optional\n\
-             Homepage: {}\n\
              Description: KV-cache-aware reverse proxy for LLM inference replicas\n \
              A thread-per-core io_uring proxy that routes each request to the replica\n \
              most likely to hold its prompt prefix in KV cache, plus kvroute-control,\n \
              the daemon that keeps its replica set, health and load up to date.\n",
             size.div_ceil(1024),
-            env!("CARGO_PKG_REPOSITORY"),
         ),
     )?;
     let conffiles: Vec<String> = all
@@ -338,12 +336,53 @@ pub fn verify(deb: &Path, scratch: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    install_into_scratch_root(deb, &scratch.with_extension("dpkg-root"))?;
     eprintln!(
         "xtask: {} unpacked into {}: {} required files, conffiles and unit paths ok",
         deb.display(),
         scratch.display(),
         REQUIRED.len()
     );
+    Ok(())
+}
+
+/// A real `dpkg --install` into an empty root with its own dpkg database: the
+/// maintainer scripts run (on the host, `--force-script-chrootless`; they see
+/// `DPKG_ROOT` and leave systemd alone) and dpkg records the conffiles. The
+/// scratch root has no libc6/systemd packages, hence `--force-depends`.
+fn install_into_scratch_root(deb: &Path, root: &Path) -> anyhow::Result<()> {
+    if root.exists() {
+        std::fs::remove_dir_all(root)?;
+    }
+    std::fs::create_dir_all(root.join("var/lib/dpkg/info"))?;
+    std::fs::create_dir_all(root.join("var/lib/dpkg/updates"))?;
+    std::fs::write(root.join("var/lib/dpkg/status"), "")?;
+    let mut dpkg = Command::new("dpkg");
+    dpkg.arg(format!("--root={}", root.display())).args([
+        "--force-script-chrootless",
+        "--force-not-root",
+        "--force-depends",
+        "--log=/dev/null",
+    ]);
+    sh(dpkg.arg("--install").arg(deb))?;
+    let status = capture(
+        Command::new("dpkg-query")
+            .arg(format!("--root={}", root.display()))
+            .args(["-W", "-f=${Status}|${Conffiles}", PACKAGE]),
+    )?;
+    anyhow::ensure!(
+        status.starts_with("install ok installed"),
+        "dpkg --root: {status}"
+    );
+    for c in CONFFILES {
+        anyhow::ensure!(
+            status.contains(c),
+            "dpkg did not record {c} as a conffile: {status}"
+        );
+    }
+    for f in REQUIRED {
+        anyhow::ensure!(root.join(f).is_file(), "dpkg --root: {f} not installed");
+    }
     Ok(())
 }
 

@@ -41,7 +41,10 @@ fn main() {
     // filter is inherited across exec.
     seccompiler::apply_filter(&prog).expect("install seccomp filter");
     let err = std::process::Command::new(&cmd).args(args).exec();
-    eprintln!("kvroute-seccomp-exec: exec {}: {err}", cmd.to_string_lossy());
+    eprintln!(
+        "kvroute-seccomp-exec: exec {}: {err}",
+        cmd.to_string_lossy()
+    );
     std::process::exit(127);
 }
 
