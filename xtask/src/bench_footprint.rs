@@ -614,7 +614,16 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.no_build {
-        sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
+        // The same package set as `cargo xtask package`, so both share one feature
+        // resolution and one set of compiled dependencies.
+        sh(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "kvroute",
+            "-p",
+            "kvroute-control",
+        ]))?;
     }
     let bins = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
