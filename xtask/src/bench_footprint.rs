@@ -715,6 +715,7 @@ fn render(rows: &[Row], a: &Args) -> String {
             }
         ));
     }
+    s.push_str("\nThe load phase sends new distinct prompts, so kvroute's index stays at its cap while it runs; nothing scrapes `/metrics` meanwhile (kvroute drains its histogram samples itself).\n");
     s.push_str("\nReady: process start until `GET /healthz` answers 200 (kvroute: its admin API, after every worker listens; nginx and HAProxy: a `/healthz` they answer themselves on the proxy port).\n\n");
     s.push_str("## Memory while distinct prompts accumulate\n\n| prompts sent |");
     for r in rows {
