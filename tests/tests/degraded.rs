@@ -16,12 +16,21 @@ struct Started {
     child: std::process::Child,
     addr: SocketAddr,
     admin: SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Started {
+    /// What kvroute logged so far (stderr).
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -45,15 +54,21 @@ fn kvroute_args(replica: &str, extra: &[&str]) -> (Vec<String>, SocketAddr, Sock
 
 fn start(wrapper: &[String], replica: &str, extra: &[&str]) -> Started {
     let (args, addr, admin) = kvroute_args(replica, extra);
+    let log = std::env::temp_dir().join(format!("kvroute-degraded-{}.log", addr.port()));
     let child = Command::new(&wrapper[0])
         .args(&wrapper[1..])
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn wrapped kvroute");
-    let s = Started { child, addr, admin };
+    let s = Started {
+        child,
+        addr,
+        admin,
+        log,
+    };
     let up = wait_until(Duration::from_secs(10), || {
         request(
             s.admin,
@@ -121,6 +136,11 @@ fn io_auto_falls_back_to_epoll_when_seccomp_forbids_io_uring() {
     serves(&s);
     let st = state(&s);
     assert_eq!(st["io"], "epoll", "{st}");
+    let log = s.log();
+    assert!(
+        log.contains("io_uring unavailable, falling back to epoll"),
+        "the log must say which fallback is in effect: {log}"
+    );
 }
 
 #[test]
@@ -172,6 +192,11 @@ fn without_bpf_privilege_ebpf_steering_falls_back_to_kernel_and_says_why() {
     assert_eq!(steering["attached"], false, "{st}");
     let why = steering["fallback_reason"].as_str().unwrap_or("");
     assert!(!why.is_empty(), "no fallback reason in /state: {st}");
+    let log = s.log();
+    assert!(
+        log.contains("eBPF unavailable") && log.contains(why),
+        "the log must say which fallback is in effect and why: {log}"
+    );
 }
 
 #[test]
