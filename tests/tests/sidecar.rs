@@ -126,3 +126,49 @@ fn three_instances_with_one_config_send_each_new_prefix_to_the_same_replica() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Multi-turn conversations, each turn entering through a different instance;
+/// returns the replicas' cached share of all prompt tokens (from `usage`).
+fn conversations_hit_ratio(instances: usize) -> f64 {
+    let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"))).collect();
+    let replicas: Vec<String> = sims.iter().map(|s| format!("http://{}", s.addr)).collect();
+    let mut args = vec!["--workers", "1", "--steering", "kernel"];
+    for r in &replicas {
+        args.push("--replica");
+        args.push(r);
+    }
+    let routers: Vec<Kvroute> = (0..instances).map(|_| Kvroute::start(&args)).collect();
+    let (mut cached, mut prompt) = (0u64, 0u64);
+    for c in 0..8u64 {
+        let mut history = text(5000 + c, 2000);
+        for t in 0..4usize {
+            history.push_str(&format!(
+                "\n\nUser: question {t} of conversation {c}\nAssistant:"
+            ));
+            let k = &routers[(c as usize + t) % instances];
+            let r = post(k.addr, "/v1/completions", &completion(&history, "")).unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            let u = &r.json()["usage"];
+            cached += u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0);
+            prompt += u["prompt_tokens"].as_u64().unwrap_or(0);
+            history.push_str(&format!(" answer {t} {}", text(c * 10 + t as u64, 200)));
+        }
+    }
+    cached as f64 / prompt.max(1) as f64
+}
+
+/// The fleet-level point of sidecar mode: spreading one conversation's turns over
+/// three independent instances loses (almost) no KV-cache hits against one instance.
+#[test]
+fn three_instances_keep_the_hit_ratio_of_one() {
+    let one = conversations_hit_ratio(1);
+    let three = conversations_hit_ratio(3);
+    eprintln!("cached share of prompt tokens: one instance {one:.3}, three instances {three:.3}");
+    assert!(one > 0.5, "the workload must be cache-friendly: {one:.3}");
+    assert!(
+        three >= one * 0.95,
+        "three instances {three:.3} vs one {one:.3}: instances do not agree"
+    );
+}
