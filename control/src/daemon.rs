@@ -82,6 +82,8 @@ pub struct Shared {
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
     pub discovery_updates: AtomicU64,
+    /// Advanced by every turn of the daemon loop; the watchdog pings only while it moves.
+    pub heartbeat: AtomicU64,
 }
 
 struct Rep {
@@ -296,6 +298,7 @@ impl Daemon {
                 Some(r) = self.reports_rx.recv() => self.passive(r),
                 _ = load_tick.tick() => self.publish_load(),
                 _ = decide_tick.tick() => {
+                    self.shared.heartbeat.fetch_add(1, Ordering::Relaxed);
                     self.warm_pools();
                     self.finish_drains();
                     self.publish();

@@ -17,6 +17,7 @@ mod error;
 mod health;
 mod http;
 mod kv_events;
+mod notify;
 mod push;
 mod scrape;
 mod surface;
@@ -128,6 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let reload_shared = shared.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            notify::reloading();
             match config::Config::load(&path) {
                 Ok(c) => {
                     if c.listen != listen {
@@ -140,13 +142,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "reload rejected, keeping the running configuration");
                 }
             }
+            // Either way the daemon runs on (new or old configuration): back to ready.
+            notify::reloaded();
         }
     });
+    tokio::spawn(notify::run(shared.clone()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = d.run() => {}
         _ = term.recv() => tracing::info!("SIGTERM: stopping (data planes keep their last state)"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
     }
+    notify::stopping();
     Ok(())
 }

@@ -3,14 +3,17 @@
 //! - `build-ebpf [--check]`: the steering BPF object (committed) and its reproducibility check
 //! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
-//! - `bench proxy|routing`: the benchmarks whose figures the README quotes
+//! - `bench proxy|routing|footprint`: the benchmarks whose figures the README quotes
+//! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
+mod bench_footprint;
 mod bench_proxy;
 mod bench_routing;
 mod build_ebpf;
 mod demo;
 mod fleet;
+mod package;
 mod procs;
 mod test;
 
@@ -31,6 +34,8 @@ enum Cmd {
     Test(test::Args),
     /// Start simulated replicas and kvroute, replay a trace window, print a report.
     Demo(demo::Args),
+    /// Build the .deb (binaries, systemd units, /etc/kvroute configs) and check it.
+    Package(package::Args),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -44,6 +49,8 @@ enum Bench {
     Proxy(bench_proxy::Args),
     /// Routing quality on the shared trace: kvroute policies vs SGLang's router.
     Routing(bench_routing::Args),
+    /// Edge footprint: binary size, start-to-ready, memory idle, at the index cap and under load, vs nginx and HAProxy.
+    Footprint(bench_footprint::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,11 +58,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf(a) => build_ebpf::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Package(a) => package::run(a),
         Cmd::Bench {
             which: Bench::Proxy(a),
         } => bench_proxy::run(a),
         Cmd::Bench {
             which: Bench::Routing(a),
         } => bench_routing::run(a),
+        Cmd::Bench {
+            which: Bench::Footprint(a),
+        } => bench_footprint::run(a),
     }
 }

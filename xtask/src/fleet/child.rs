@@ -155,6 +155,11 @@ impl Child {
         })
     }
 
+    /// The process id (setpriv execs the program, so it is the program's own).
+    pub fn id(&self) -> u32 {
+        self.inner.id()
+    }
+
     /// The exit status if the process has already exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.inner.try_wait().ok().flatten()
