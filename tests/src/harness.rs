@@ -582,3 +582,48 @@ fn upstream_conn(
         }
     }
 }
+
+/// A running `kvroute-sim` replica, killed when dropped.
+pub struct Sim {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub name: String,
+}
+
+impl Sim {
+    /// Starts a sim named `name` at a 0.01 time scale (override with `extra`,
+    /// where a repeated flag's last value wins) and waits for `/health`.
+    pub fn start(name: &str, extra: &[&str]) -> Sim {
+        let port = free_port();
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--name".into(),
+            name.into(),
+            "--time-scale".into(),
+            "0.01".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn("kvroute-sim", &args);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                request(
+                    addr,
+                    "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
+                )
+                .is_ok_and(|r| r.status == 200)
+            }),
+            "sim {name} did not start"
+        );
+        Sim {
+            proc,
+            addr,
+            name: name.into(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

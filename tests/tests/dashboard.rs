@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kvroute_tests::harness::{free_port, post, request, wait_until, Client, Kvroute, Proc};
+use kvroute_tests::harness::{free_port, post, request, wait_until, Client, Kvroute, Proc, Sim};
 
 fn get(addr: SocketAddr, path: &str) -> String {
     request(
@@ -18,33 +18,6 @@ fn get(addr: SocketAddr, path: &str) -> String {
     )
     .map(|r| r.text())
     .unwrap_or_default()
-}
-
-fn start_sim() -> (Proc, SocketAddr) {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--name",
-        "r0",
-        "--time-scale",
-        "0.01",
-    ]
-    .map(String::from)
-    .to_vec();
-    let p = Proc::spawn("kvroute-sim", &args);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            request(
-                addr,
-                "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
-            )
-            .is_ok_and(|r| r.status == 200)
-        }),
-        "sim did not start"
-    );
-    (p, addr)
 }
 
 /// Every `expr`/`query` string anywhere in the dashboard (panels, rows, variables).
@@ -115,7 +88,8 @@ fn every_metric_the_dashboard_queries_is_exported() {
         "too few metrics found in the dashboard: {wanted:?}"
     );
 
-    let (_sim, sim) = start_sim();
+    let sim_proc = Sim::start("r0", &[]);
+    let sim = sim_proc.addr;
     let k = Kvroute::start(&["--workers", "2", "--replica", &format!("http://{sim}")]);
     let dir = std::env::temp_dir().join(format!("kvroute-dash-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();

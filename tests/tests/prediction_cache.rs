@@ -7,40 +7,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Proc, Response};
+use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Response};
 
-struct Sim {
-    _proc: Proc,
-    addr: SocketAddr,
+/// The shared harness sim plus the stats this file reads.
+struct Sim(kvroute_tests::harness::Sim);
+
+impl std::ops::Deref for Sim {
+    type Target = kvroute_tests::harness::Sim;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Sim {
     fn start(time_scale: &str) -> Sim {
-        let port = free_port();
-        let args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
+        Sim(kvroute_tests::harness::Sim::start(
             "s0",
-            "--time-scale",
-            time_scale,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let proc = Proc::spawn("kvroute-sim", &args);
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                request(
-                    addr,
-                    "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
-                )
-                .is_ok_and(|r| r.status == 200)
-            }),
-            "sim did not start"
-        );
-        Sim { _proc: proc, addr }
+            &["--time-scale", time_scale],
+        ))
     }
 
     fn requests(&self) -> u64 {

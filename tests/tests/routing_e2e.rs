@@ -1,53 +1,9 @@
 //! KV-aware routing end to end: real `kvroute`, real `kvroute-sim` replicas,
 //! real `kvroute-load`, checked from the client's side.
 
-use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
 
-use kvroute_tests::harness::{free_port, post, wait_until, workspace_bin, Client, Kvroute, Proc};
-
-struct Sim {
-    proc: Proc,
-    addr: SocketAddr,
-    name: String,
-}
-
-impl Sim {
-    fn start(name: &str, extra: &[&str]) -> Sim {
-        let port = free_port();
-        let mut args = vec![
-            "--listen".to_string(),
-            format!("127.0.0.1:{port}"),
-            "--name".into(),
-            name.into(),
-            "--time-scale".into(),
-            "0.01".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn("kvroute-sim", &args);
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                kvroute_tests::harness::request(
-                    addr,
-                    "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
-                )
-                .is_ok_and(|r| r.status == 200)
-            }),
-            "sim {name} did not start"
-        );
-        Sim {
-            proc,
-            addr,
-            name: name.into(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
+use kvroute_tests::harness::{post, workspace_bin, Client, Kvroute, Sim};
 
 fn kvroute(policy: &str, sims: &[&Sim]) -> Kvroute {
     let mut args = vec![

@@ -3,44 +3,7 @@
 //! over the replica URLs, so independent instances agree without talking: the
 //! same new prefix entering through any of them lands on the same replica.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use kvroute_tests::harness::{free_port, post, request, wait_until, Kvroute, Proc};
-
-struct Sim {
-    _proc: Proc,
-    addr: SocketAddr,
-}
-
-impl Sim {
-    fn start(name: &str) -> Sim {
-        let port = free_port();
-        let args: Vec<String> = [
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
-            name,
-            "--time-scale",
-            "0.01",
-        ]
-        .map(String::from)
-        .to_vec();
-        let proc = Proc::spawn("kvroute-sim", &args);
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                request(
-                    addr,
-                    "GET /health HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
-                )
-                .is_ok_and(|r| r.status == 200)
-            }),
-            "sim {name} did not start"
-        );
-        Sim { _proc: proc, addr }
-    }
-}
+use kvroute_tests::harness::{free_port, post, Kvroute, Sim};
 
 /// Deterministic filler text, distinct per seed (longer than the 1 KiB anchor).
 fn text(seed: u64, bytes: usize) -> String {
@@ -79,7 +42,7 @@ fn served_by(k: &Kvroute, body: &str) -> String {
 
 #[test]
 fn three_instances_with_one_config_send_each_new_prefix_to_the_same_replica() {
-    let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"))).collect();
+    let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"), &[])).collect();
     // One config file shared by the three instances, as config management would ship it.
     let dir = std::env::temp_dir().join(format!("kvroute-sidecar-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -130,7 +93,7 @@ fn three_instances_with_one_config_send_each_new_prefix_to_the_same_replica() {
 /// Multi-turn conversations, each turn entering through a different instance;
 /// returns the replicas' cached share of all prompt tokens (from `usage`).
 fn conversations_hit_ratio(instances: usize) -> f64 {
-    let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"))).collect();
+    let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"), &[])).collect();
     let replicas: Vec<String> = sims.iter().map(|s| format!("http://{}", s.addr)).collect();
     let mut args = vec!["--workers", "1", "--steering", "kernel"];
     for r in &replicas {
