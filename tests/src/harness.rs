@@ -627,3 +627,54 @@ impl Sim {
         format!("http://{}", self.addr)
     }
 }
+
+/// A test-owned `NOTIFY_SOCKET`: stands in for systemd to receive sd_notify messages.
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+}
+
+impl Default for NotifySocket {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NotifySocket {
+    pub fn new() -> NotifySocket {
+        let path = std::env::temp_dir().join(format!(
+            "kvroute-notify-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        NotifySocket { sock, path }
+    }
+
+    /// Messages received within `limit`, stopping early once `until` matches one.
+    pub fn collect(&self, limit: Duration, until: impl Fn(&str) -> bool) -> Vec<String> {
+        let end = Instant::now() + limit;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < end {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let stop = until(&m);
+                out.push(m);
+                if stop {
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

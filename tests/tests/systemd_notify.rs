@@ -1,54 +1,11 @@
 //! sd_notify and SIGHUP against the real binary: a test-owned NOTIFY_SOCKET
 //! stands in for systemd.
 
-use std::os::unix::net::UnixDatagram;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvroute_tests::harness::{free_port, post, wait_until, Client, Proc, Upstream};
-
-struct Notify {
-    sock: UnixDatagram,
-    path: std::path::PathBuf,
-}
-
-impl Notify {
-    fn new() -> Notify {
-        let path = std::env::temp_dir().join(format!(
-            "kvroute-notify-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_file(&path);
-        let sock = UnixDatagram::bind(&path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        Notify { sock, path }
-    }
-
-    /// Messages received within `limit`, stopping early once `until` matches one.
-    fn collect(&self, limit: Duration, until: impl Fn(&str) -> bool) -> Vec<String> {
-        let end = Instant::now() + limit;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < end {
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let stop = until(&m);
-                out.push(m);
-                if stop {
-                    break;
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Notify {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
+use kvroute_tests::harness::{
+    free_port, post, wait_until, Client, NotifySocket as Notify, Proc, Upstream,
+};
 
 fn start(n: &Notify, extra: &[String], env: &[(&str, &str)]) -> (Proc, std::net::SocketAddr) {
     let port = free_port();
