@@ -165,6 +165,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     try_start("kvroute (epoll)", "epoll", &|| {
         targets::kvroute(&env, &bin, "epoll", up)
     });
+    try_start("kvroute cache hits (uring)", "cache", &|| {
+        targets::kvroute_cache_hits(&env, &bin, up)
+    });
     if let Some(alt) = &a.compare_bin {
         try_start("kvroute-alt (uring)", "alt", &|| {
             let mut t = targets::kvroute(&env, alt, "uring", up)?;

@@ -304,14 +304,44 @@ pub fn haproxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
 }
 
 pub fn kvroute(env: &Env, bin: &Path, io: &str, upstream: u16) -> anyhow::Result<Target> {
+    kvroute_with(env, bin, io, upstream, "", "")
+}
+
+/// kvroute with its prediction cache on: the request is deterministic
+/// (`temperature: 0`), so after the first one every request is a hit, and the row
+/// measures a hit against the direct call and against the plain kvroute row (the
+/// miss path).
+pub fn kvroute_cache_hits(env: &Env, bin: &Path, upstream: u16) -> anyhow::Result<Target> {
+    let mut t = kvroute_with(
+        env,
+        bin,
+        "uring",
+        upstream,
+        "\n[prediction_cache]\nenabled = true\n",
+        "-cache",
+    )?;
+    t.name = "kvroute cache hits (uring)".into();
+    Ok(t)
+}
+
+fn kvroute_with(
+    env: &Env,
+    bin: &Path,
+    io: &str,
+    upstream: u16,
+    extra_toml: &str,
+    tag: &str,
+) -> anyhow::Result<Target> {
     let port = free_port()?;
     let admin = free_port()?;
-    // kvroute's default pool (64 idle per replica per worker) is smaller than the
-    // benchmark's concurrency can be; see docs/bench/proxy.md for what that costs.
-    let conf = env.dir.join("kvroute.toml");
+    // Upstream pools are sized equally for every proxy (`--upstream-pool`).
+    let conf = env.dir.join(format!("kvroute{tag}.toml"));
     fs::write(
         &conf,
-        format!("[upstream]\npool_max_idle = {}\n", env.upstream_pool),
+        format!(
+            "[upstream]\npool_max_idle = {}\n{extra_toml}",
+            env.upstream_pool
+        ),
     )?;
     let argv = vec![
         bin.display().to_string(),
@@ -330,7 +360,7 @@ pub fn kvroute(env: &Env, bin: &Path, io: &str, upstream: u16) -> anyhow::Result
         "--replica".into(),
         format!("http://127.0.0.1:{upstream}"),
     ];
-    let name = format!("kvroute-{io}");
+    let name = format!("kvroute-{io}{tag}");
     let log = env.log(&name);
     let mut p = spawn(&name, &env.proxy_cpus, &argv, &log)?;
     wait_ready(&mut p, port, "/health", &log, Duration::from_secs(15))?;
