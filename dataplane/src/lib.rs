@@ -12,6 +12,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod hot;
 pub mod http;
 pub mod index;
 pub mod io;

@@ -371,6 +371,18 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
                 };
             }
         };
+    // Sampled for pre-warming standbys: the anchor (the system prompt's blocks)
+    // and one request body that starts with it.
+    if !hashes.is_empty() && matches!(route, "completions" | "chat_completions") {
+        let n = ctx.sampled.get().wrapping_add(1);
+        ctx.sampled.set(n);
+        if n % crate::hot::SAMPLE_EVERY == 1 {
+            let k = shared.cfg.routing.anchor_blocks().min(hashes.len());
+            shared
+                .hot
+                .record(hashes[k - 1], model.as_deref(), &path, body_bytes);
+        }
+    }
     let session = head
         .header(&client.buf, &shared.cfg.routing.session_header)
         .map(<[u8]>::to_vec)

@@ -30,6 +30,8 @@ pub struct Shared {
     pub cfg: Config,
     pub table: Arc<ReplicaTable>,
     pub router: Arc<dyn Router>,
+    /// Most used prefixes with a sample request each, for pre-warming standbys.
+    pub hot: crate::hot::HotPrefixes,
     /// Block size etc. for prompt hashing, fixed at start like the policy.
     pub prefix: crate::prefix::PrefixConfig,
     pub workers: Vec<WorkerStats>,
@@ -51,6 +53,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             table,
             router,
+            hot: Default::default(),
             prefix: cfg.routing.prefix(),
             workers: (0..n).map(|_| WorkerStats::default()).collect(),
             io_name: OnceLock::new(),

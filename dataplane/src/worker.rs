@@ -22,6 +22,8 @@ pub struct WorkerCtx<R: Runtime> {
     pub metrics: crate::metrics::WorkerMetrics,
     /// Requests held waiting for an available replica (bounded by `upstream.queue_max`).
     pub waiting: std::cell::Cell<usize>,
+    /// Requests seen for hot-prefix sampling.
+    pub sampled: std::cell::Cell<u64>,
 }
 
 pub fn run<R: Runtime>(
@@ -41,6 +43,7 @@ pub fn run<R: Runtime>(
             pool_generation: std::cell::Cell::new(0),
             metrics: crate::metrics::WorkerMetrics::default(),
             waiting: std::cell::Cell::new(0),
+            sampled: std::cell::Cell::new(0),
             shared: shared.clone(),
             id,
         });

@@ -86,6 +86,19 @@ fn shared_system_prompt_lands_on_one_replica() {
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(hit_hit >= 14.0, "confirmed predictions {hit_hit}: {m}");
+    // The admin API lists the hot prefixes with a replayable sample request, which
+    // the control daemon uses to pre-warm a standby.
+    let hot = k.admin_get("/hot-prefixes?limit=4").json();
+    let top = &hot["prefixes"][0];
+    assert!(top["hits"].as_u64().unwrap() >= 8, "{hot}");
+    assert_eq!(top["path"], "/v1/completions");
+    let sample: serde_json::Value =
+        serde_json::from_str(top["sample_body"].as_str().unwrap()).unwrap();
+    let prompt = sample["prompt"].as_str().unwrap();
+    assert!(
+        prompt.starts_with(&text(1, 3000)) || prompt.starts_with(&text(2, 3000)),
+        "sample is not one of the shared prompts"
+    );
     for name in [
         "kvroute_index_blocks ",
         "kvroute_index_bytes ",

@@ -288,7 +288,16 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
             json(
                 200,
                 &HotPrefixes {
-                    prefixes: shared.router.hot_prefixes(limit),
+                    prefixes: {
+                        // The router's own list first (a policy may know better);
+                        // else what the proxy sampled from request bodies.
+                        let from_router = shared.router.hot_prefixes(limit);
+                        if from_router.is_empty() {
+                            shared.hot.top(limit)
+                        } else {
+                            from_router
+                        }
+                    },
                 },
             )
         }
