@@ -1122,47 +1122,6 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
     assert!(ctl.metric("kvroute_control_demotions_total", "") >= 1.0);
 }
 
-/// A stand-in for the prefix router's hot-prefix report (`GET /hot-prefixes`),
-/// which the data plane on this branch answers with an empty list: an admin
-/// endpoint that only knows that one path, listed as a second data plane.
-fn hot_prefix_source(bodies: Vec<String>) -> SocketAddr {
-    use std::io::{Read, Write};
-    let prefixes: Vec<kvroute::admin::HotPrefix> = bodies
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| kvroute::admin::HotPrefix {
-            anchor: i as u64 + 1,
-            hits: 100 - i as u64,
-            model: Some(MODEL.into()),
-            path: "/v1/completions".into(),
-            sample_body: b,
-        })
-        .collect();
-    let json = serde_json::to_string(&kvroute::admin::HotPrefixes { prefixes }).unwrap();
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 8192];
-            let n = s.read(&mut buf).unwrap_or(0);
-            let (status, body) = if buf[..n].starts_with(b"GET /hot-prefixes") {
-                ("200 OK", json.as_str())
-            } else {
-                ("404 Not Found", "{}")
-            };
-            let _ = s.write_all(
-                format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
-        }
-    });
-    addr
-}
-
 fn sim_stats(s: &Sim) -> serde_json::Value {
     get(s.addr(), "/sim/stats").unwrap().json()
 }
@@ -1172,29 +1131,20 @@ fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
     let a = Sim::start("a", &[]);
     let w = Sim::start("w", &[]);
     let dp = Dp::start();
+    // Longer than the 1 KiB routing anchor, so every request with one of them
+    // shares that prompt's anchor whatever question follows.
     let system: Vec<String> = (0..2)
         .map(|i| {
             format!(
                 "You are assistant number {i}. {}",
-                "Answer politely and briefly. ".repeat(20)
+                "Answer politely and briefly. ".repeat(40)
             )
         })
         .collect();
-    let bodies = system
-        .iter()
-        .map(|p| {
-            serde_json::json!({"model": MODEL, "prompt": p, "max_tokens": 64, "stream": true})
-                .to_string()
-        })
-        .collect();
-    let hot = hot_prefix_source(bodies);
     let ctl = Control::start("prewarm", |l| {
-        let cfg = base_config(&dp, l, "ctl-prewarm").replace(
-            &format!("dataplanes = [\"{}\"]", dp.admin),
-            &format!("dataplanes = [\"{}\", \"{hot}\"]", dp.admin),
-        );
         format!(
-            "{cfg}{}{}",
+            "{}{}{}",
+            base_config(&dp, l, "ctl-prewarm"),
             replica_toml(&a.url(), ""),
             replica_toml(&w.url(), "pool = \"warm\"")
         )
@@ -1202,6 +1152,19 @@ fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
     assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
         && dp.healthy(&w.url())));
     assert_eq!(sim_stats(&w)["requests"], 0, "a standby gets no traffic");
+    // Real traffic teaches the data plane its hot prefixes (it samples one request
+    // in 8 per worker, the first included; this data plane has one worker).
+    for (i, p) in system.iter().enumerate() {
+        for q in 0..8 {
+            let body = serde_json::json!({"model": MODEL, "prompt": format!("{p} Question {i}.{q}?"), "max_tokens": 2}).to_string();
+            assert_eq!(
+                post(dp.listen, "/v1/completions", &body).unwrap().status,
+                200
+            );
+        }
+    }
+    let hot = admin_send(&dp, "GET", "/hot-prefixes?limit=8", "").json();
+    assert_eq!(hot["prefixes"].as_array().unwrap().len(), 2, "{hot}");
 
     drop(a);
     assert!(
