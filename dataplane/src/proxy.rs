@@ -225,22 +225,7 @@ async fn read_body<R: Runtime>(
             while client.buf.len() < end {
                 // Reserve what is announced, capped, so a lying Content-Length costs little.
                 let want = (end - client.buf.len()).clamp(READ_CHUNK, 1 << 20);
-                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) => {
-                        return Err(Reject::new(
-                            ErrorKind::BadRequest,
-                            "connection closed inside the body",
-                        ))
-                    }
-                    Ok(Ok(_)) => {}
-                    Err(_) => {
-                        return Err(Reject::new(
-                            ErrorKind::Timeout,
-                            "request body not received in time",
-                        ))
-                    }
-                }
+                read_body_bytes(client, deadline, want).await?;
             }
             Ok((Body::InBuf(start..end), end))
         }
@@ -263,25 +248,29 @@ async fn read_body<R: Runtime>(
                 // ranges are still in use), so the buffer holds one read at most.
                 client.buf.drain(start..pos);
                 pos = start;
-                match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, READ_CHUNK))
-                    .await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) => {
-                        return Err(Reject::new(
-                            ErrorKind::BadRequest,
-                            "connection closed inside the body",
-                        ))
-                    }
-                    Ok(Ok(_)) => {}
-                    Err(_) => {
-                        return Err(Reject::new(
-                            ErrorKind::Timeout,
-                            "request body not received in time",
-                        ))
-                    }
-                }
+                read_body_bytes(client, deadline, READ_CHUNK).await?;
             }
         }
+    }
+}
+
+/// One read of body bytes before `deadline`: EOF inside a body is a 400, a slow
+/// client a 408.
+async fn read_body_bytes<C: Conn>(
+    client: &mut Client<C>,
+    deadline: tokio::time::Instant,
+    want: usize,
+) -> Result<(), Reject> {
+    match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Reject::new(
+            ErrorKind::BadRequest,
+            "connection closed inside the body",
+        )),
+        Ok(Ok(_)) => Ok(()),
+        Err(_) => Err(Reject::new(
+            ErrorKind::Timeout,
+            "request body not received in time",
+        )),
     }
 }
 
