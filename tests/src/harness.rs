@@ -240,16 +240,7 @@ impl Client {
                 r.parse(&self.buf[..end + 4])
                     .map_err(|e| std::io::Error::other(format!("bad response head: {e}")))?;
                 let status = r.code.unwrap_or(0);
-                let headers = r
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = header_pairs(r.headers);
                 self.buf.drain(..end + 4);
                 return Ok((status, headers));
             }
@@ -492,16 +483,7 @@ fn upstream_conn(
         }
         let method = r.method.unwrap_or("").to_string();
         let path = r.path.unwrap_or("").to_string();
-        let headers: Vec<(String, String)> = r
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_string(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
+        let headers = header_pairs(r.headers);
         let len: usize = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
@@ -677,4 +659,35 @@ impl Drop for NotifySocket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Deterministic word-like filler text of exactly `bytes` bytes, distinct per seed.
+pub fn filler_text(seed: u64, bytes: usize) -> String {
+    let words = [
+        "kv", "cache", "prefix", "token", "route", "replica", "block", "prompt",
+    ];
+    let mut s = String::with_capacity(bytes + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while s.len() < bytes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(words[(x % 8) as usize]);
+        s.push(' ');
+    }
+    s.truncate(bytes);
+    s
+}
+
+/// httparse headers as owned (name, value) pairs.
+fn header_pairs(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
 }

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use kvroute_tests::harness::{post, workspace_bin, Client, Kvroute, Sim};
+use kvroute_tests::harness::{filler_text, post, workspace_bin, Client, Kvroute, Sim};
 
 fn kvroute(policy: &str, sims: &[&Sim]) -> Kvroute {
     let mut args = vec![
@@ -31,20 +31,7 @@ fn completion(system: &str, question: &str) -> String {
 
 /// Deterministic filler text, distinct per seed.
 fn text(seed: u64, bytes: usize) -> String {
-    let words = [
-        "kv", "cache", "prefix", "token", "route", "replica", "block", "prompt",
-    ];
-    let mut s = String::new();
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while s.len() < bytes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.push_str(words[(x % 8) as usize]);
-        s.push(' ');
-    }
-    s.truncate(bytes);
-    s
+    filler_text(seed, bytes)
 }
 
 #[test]

@@ -3,22 +3,12 @@
 //! over the replica URLs, so independent instances agree without talking: the
 //! same new prefix entering through any of them lands on the same replica.
 
-use kvroute_tests::harness::{free_port, post, Kvroute, Sim};
+use kvroute_tests::harness::{filler_text, free_port, post, Kvroute, Sim};
 
 /// Deterministic filler text, distinct per seed (longer than the 1 KiB anchor).
 fn text(seed: u64, bytes: usize) -> String {
-    let words = [
-        "kv", "cache", "prefix", "token", "route", "replica", "block", "prompt",
-    ];
     let mut s = format!("system prompt {seed}: ");
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while s.len() < bytes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.push_str(words[(x % 8) as usize]);
-        s.push(' ');
-    }
+    s.push_str(&filler_text(seed, bytes));
     s.truncate(bytes);
     s
 }
