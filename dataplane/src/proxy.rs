@@ -660,7 +660,7 @@ async fn forward<R: Runtime>(
     let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut held: Option<(tokio::time::Instant, WaitSlot<'_>)> = None;
-    let (mut up, rhead, chosen, _in_flight, connect_started) = loop {
+    let (mut up, rhead, chosen, mut in_flight, connect_started) = loop {
         let d = match decision.take() {
             Some(d) => d,
             None => match shared.router.pick(req, &set, &exclude) {
@@ -707,7 +707,7 @@ async fn forward<R: Runtime>(
         };
         let replica = d.replica.clone();
         last_replica = Some(replica.clone());
-        let in_flight = replica.begin();
+        let in_flight = replica.begin(d.prefill_bytes);
         let started = Instant::now();
         match attempt::<R>(
             ctx,
@@ -786,10 +786,12 @@ async fn forward<R: Runtime>(
         rhead,
         ubuf,
         &chosen,
+        &mut in_flight,
         client_keep_alive,
         tap,
     )
     .await;
+    drop(in_flight);
     if reusable {
         ctx.pool
             .borrow_mut()
@@ -911,6 +913,7 @@ async fn relay<R: Runtime>(
     rhead: ResponseHead,
     mut ubuf: Vec<u8>,
     decision: &Decision,
+    in_flight: &mut crate::replica::InFlight,
     client_keep_alive: bool,
     tap: &crate::cache::Tap,
 ) -> (Outcome, bool) {
@@ -976,6 +979,11 @@ async fn relay<R: Runtime>(
     // Body bytes that arrived with the head go out with it.
     let mut tracker = BodyTracker::new(rhead.framing);
     let leftover = &ubuf[rhead.len..];
+    // The first body byte is the replica's first output: its prefill is done (the
+    // head alone is not: engines send it before they have scheduled the prompt).
+    if !leftover.is_empty() {
+        in_flight.prefill_done();
+    }
     let take = match tracker.advance(leftover) {
         Ok(t) => t,
         Err(_) => {
@@ -1016,6 +1024,9 @@ async fn relay<R: Runtime>(
             Ok(Ok(n)) => n,
             Ok(Err(_)) | Err(_) => 0,
         };
+        if read > 0 {
+            in_flight.prefill_done();
+        }
         if read == 0 {
             if tracker.framing == ResponseFraming::UntilClose {
                 break;

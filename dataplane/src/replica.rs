@@ -93,6 +93,11 @@ pub struct Replica {
     /// with the replica's previous `Replica` object after a spec change, since the
     /// requests begun on that object end (and decrement) there.
     pub in_flight: Arc<AtomicU32>,
+    /// Prompt bytes of this proxy's in-flight requests that the router predicted the
+    /// replica does not hold: prefill work queued there, the part of its load that
+    /// decides a newcomer's time to first token. Shared across spec changes like
+    /// `in_flight`.
+    pub pending_prefill: Arc<AtomicU64>,
     /// Passive health: consecutive failed attempts (reset on success).
     pub consecutive_failures: Arc<AtomicU32>,
     pub healthy: AtomicBool,
@@ -125,20 +130,46 @@ impl Replica {
         *self.external.lock().unwrap_or_else(|e| e.into_inner()) = load;
     }
 
-    /// Marks the start of a request; the guard ends it.
-    pub fn begin(self: &Arc<Self>) -> InFlight {
+    pub fn pending_prefill(&self) -> u64 {
+        self.pending_prefill.load(Ordering::Relaxed)
+    }
+
+    /// Marks the start of a request that brings `prefill_bytes` of uncached prompt;
+    /// the guard ends it.
+    pub fn begin(self: &Arc<Self>, prefill_bytes: u64) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.pending_prefill
+            .fetch_add(prefill_bytes, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight {
+            replica: self.clone(),
+            prefill_bytes,
+        }
     }
 }
 
-/// Decrements the replica's in-flight count when dropped, whatever path the request took.
-pub struct InFlight(Arc<Replica>);
+/// Takes the request back off the replica's in-flight count and pending prefill when
+/// dropped, whatever path the request took.
+pub struct InFlight {
+    replica: Arc<Replica>,
+    prefill_bytes: u64,
+}
+
+impl InFlight {
+    /// The replica has started answering (first body byte): its prefill of this
+    /// prompt is done, though the request stays in flight while it decodes.
+    pub fn prefill_done(&mut self) {
+        let b = std::mem::take(&mut self.prefill_bytes);
+        if b > 0 {
+            self.replica.pending_prefill.fetch_sub(b, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.prefill_done();
+        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -222,6 +253,7 @@ impl ReplicaTable {
                         addr: r.addr,
                         authority: r.authority.clone(),
                         in_flight: r.in_flight.clone(),
+                        pending_prefill: r.pending_prefill.clone(),
                         consecutive_failures: r.consecutive_failures.clone(),
                         healthy: AtomicBool::new(spec.healthy),
                         requests: r.requests.clone(),
@@ -249,6 +281,7 @@ impl ReplicaTable {
                 addr,
                 authority,
                 in_flight: Arc::default(),
+                pending_prefill: Arc::default(),
                 consecutive_failures: Arc::default(),
                 requests: Arc::default(),
                 failures: Arc::default(),
@@ -303,7 +336,7 @@ mod tests {
         ])
         .unwrap();
         let a = t.load();
-        let _g = a.replicas[1].begin();
+        let _g = a.replicas[1].begin(0);
         let b = t
             .replace(vec![
                 ReplicaSpec::new("http://127.0.0.1:8002"),
@@ -314,7 +347,7 @@ mod tests {
         assert_eq!(b.replicas[0].in_flight(), 1);
         // A spec change makes a new object; requests begun on the old one still
         // end on the shared counter.
-        let g = b.replicas[1].begin();
+        let g = b.replicas[1].begin(0);
         let mut spec = ReplicaSpec::new("http://127.0.0.1:8003");
         spec.healthy = false;
         let c = t

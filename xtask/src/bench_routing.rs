@@ -102,6 +102,11 @@ pub struct Opts {
     /// Python that has `sglang-router` installed.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Also run the cache-aware policies (kvroute kv-aware, SGLang cache_aware) as this many
+    /// independent router instances over one fleet, each request sent to one of them at
+    /// random (comma-separated counts; empty for none).
+    #[arg(long, default_value = "2", value_delimiter = ',')]
+    pub instances: Vec<usize>,
     /// kvroute worker threads.
     #[arg(long, default_value_t = 1)]
     pub kvroute_workers: usize,
@@ -388,21 +393,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// and the sglang-router version found (if any).
 fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<String>)> {
     let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
+    let multi: Vec<usize> = a.instances.iter().copied().filter(|&n| n > 1).collect();
+    // The policies whose quality depends on what each instance has learned: the question the
+    // multi-instance rows answer is how much of it survives when the learning is split.
+    let is_cache_aware = |p: &str| p == "kv-aware" || p == "cache_aware";
     let mut out = Vec::new();
+    let mut later = Vec::new();
     for p in a.policies.iter().filter(|p| !p.is_empty()) {
-        let label = format!("kvroute {p}");
-        let spec = if supported.iter().any(|s| s == p) {
-            Ok(RouterSpec::Kvroute {
+        let counts = std::iter::once(1).chain(multi.iter().copied().filter(|_| is_cache_aware(p)));
+        for instances in counts {
+            let spec = RouterSpec::Kvroute {
                 policy: p.clone(),
                 workers: a.kvroute_workers,
-            })
-        } else {
-            Err(format!(
-                "this kvroute build does not accept --policy {p} (it accepts: {})",
-                supported.join(", ")
-            ))
-        };
-        out.push((label, spec));
+                instances,
+            };
+            let label = spec.label();
+            let spec = if supported.iter().any(|s| s == p) {
+                Ok(spec)
+            } else {
+                Err(format!(
+                    "this kvroute build does not accept --policy {p} (it accepts: {})",
+                    supported.join(", ")
+                ))
+            };
+            if instances == 1 {
+                out.push((label, spec));
+            } else {
+                later.push((label, spec));
+            }
+        }
     }
     let sglang: Vec<&String> = a.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
     let mut version = None;
@@ -413,14 +432,54 @@ fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<S
             version = Some(v.clone());
         }
         for p in sglang {
-            let spec = available.clone().map(|_| RouterSpec::Sglang {
-                policy: p.clone(),
-                python: a.python.clone(),
-            });
-            out.push((format!("sglang-router {p}"), spec));
+            let counts =
+                std::iter::once(1).chain(multi.iter().copied().filter(|_| is_cache_aware(p)));
+            for instances in counts {
+                let spec = RouterSpec::Sglang {
+                    policy: p.clone(),
+                    python: a.python.clone(),
+                    instances,
+                };
+                let label = spec.label();
+                let spec = available.clone().map(|_| spec);
+                if instances == 1 {
+                    out.push((label, spec));
+                } else {
+                    later.push((label, spec));
+                }
+            }
         }
     }
+    // Single-instance rows first (the comparison the table has always had), then the
+    // multi-instance ones.
+    out.extend(later);
     Ok((out, version))
+}
+
+/// For each router run as several instances, its combined hit ratio against the same
+/// router as one instance, e.g. `kvroute kv-aware x2: 27.0 % vs 27.3 % (0.99x)`.
+fn instance_ratios(w: &WorkloadResult) -> Vec<String> {
+    let hit = |label: &str| {
+        w.rows.iter().find_map(|r| match &r.outcome {
+            Outcome::Ok(m) if r.router == label => Some(m.fleet.hit_ratio),
+            _ => None,
+        })
+    };
+    w.rows
+        .iter()
+        .filter_map(|r| {
+            let (base, n) = r.router.rsplit_once(" x")?;
+            n.parse::<usize>().ok()?;
+            let (multi, single) = (hit(&r.router)?, hit(base)?);
+            Some(format!(
+                "{}: {} vs {} as one instance ({:.2}x)",
+                r.router,
+                pct(multi),
+                pct(single),
+                if single > 0.0 { multi / single } else { 0.0 }
+            ))
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -528,6 +587,9 @@ fn terminal_tables(r: &Report) -> String {
         for row in &rows {
             line(&mut o, row);
         }
+        for r in instance_ratios(w) {
+            let _ = writeln!(o, "  {r}");
+        }
         o.push('\n');
     }
     o
@@ -567,6 +629,18 @@ fn markdown(r: &Report) -> String {
             let _ = writeln!(o, "| {} |", c.join(" | "));
         }
         o.push('\n');
+        let ratios = instance_ratios(w);
+        if !ratios.is_empty() {
+            let _ = writeln!(
+                o,
+                "Several router instances over this fleet (each request to one of them, picked \
+                 at random), combined hit ratio against one instance:\n"
+            );
+            for line in ratios {
+                let _ = writeln!(o, "- {line}");
+            }
+            o.push('\n');
+        }
     }
     let _ = writeln!(o, "## Notes\n");
     let _ = writeln!(o, "- Reproduce: `{}`", r.command);

@@ -123,6 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let spec = RouterSpec::Kvroute {
             policy: policy.to_owned(),
             workers: a.kvroute_workers,
+            instances: 1,
         };
         let t = Instant::now();
         eprintln!("demo: kvroute --policy {policy}: starting the fleet and replaying…");

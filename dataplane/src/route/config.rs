@@ -24,6 +24,11 @@ pub struct RoutingConfig {
     pub w_cache: f64,
     /// Weight of the normalised load in the kv-aware score.
     pub w_load: f64,
+    /// Weight of the replica's queued prefill (uncached prompt bytes of requests in
+    /// flight there that have not produced output yet), in units of this request's
+    /// prompt, in the kv-aware score. At 1.0 with `w_cache` 1.0 the two terms add up
+    /// to the prefill work ahead of this request's first token.
+    pub w_prefill: f64,
     /// No replica takes more than `(1+epsilon)` times the mean load.
     pub epsilon: f64,
     /// A replica with fewer in-flight requests than this is never over the load
@@ -49,6 +54,7 @@ impl Default for RoutingConfig {
             anchor_bytes: 1024,
             w_cache: 1.0,
             w_load: 0.2,
+            w_prefill: 0.0,
             epsilon: 0.5,
             load_floor: 8,
             session_header: "x-session-id".into(),
@@ -80,6 +86,7 @@ impl RoutingConfig {
         for (key, v) in [
             ("w_cache", self.w_cache),
             ("w_load", self.w_load),
+            ("w_prefill", self.w_prefill),
             ("epsilon", self.epsilon),
         ] {
             if !v.is_finite() || v < 0.0 {
@@ -111,6 +118,7 @@ impl RoutingConfig {
             anchor_blocks: self.anchor_blocks(),
             w_cache: self.w_cache,
             w_load: self.w_load,
+            w_prefill: self.w_prefill,
             epsilon: self.epsilon,
             load_floor: self.load_floor,
             session_ttl_ms: self.session_ttl_ms,

@@ -29,6 +29,8 @@ pub struct Candidate<'s> {
     pub url_key: u64,
     /// The replica's reported KV cache usage, 0..=1.
     pub kv_usage: f32,
+    /// See [`Replica::pending_prefill`].
+    pub pending_prefill: u64,
 }
 
 impl<'s> Candidate<'s> {
@@ -42,6 +44,7 @@ impl<'s> Candidate<'s> {
             weight: u64::from(replica.spec.weight.max(1)),
             url_key: url_key(&replica.spec.url),
             kv_usage: ext.kv_usage,
+            pending_prefill: replica.pending_prefill(),
         }
     }
 }
@@ -336,7 +339,7 @@ mod tests {
                     let total: u64 = cands.iter().map(|c| c.load).sum::<u64>() + 1;
                     let mean = total as f64 / n as f64;
                     prop_assert!((c.load + 1) as f64 <= ((1.0 + eps) * mean).ceil());
-                    guards.push(c.replica.begin());
+                    guards.push(c.replica.begin(0));
                 } else {
                     let k = usize::from(pick) % guards.len();
                     guards.swap_remove(k);

@@ -31,6 +31,7 @@ pub struct KvAwareParams {
     pub anchor_blocks: usize,
     pub w_cache: f64,
     pub w_load: f64,
+    pub w_prefill: f64,
     pub epsilon: f64,
     /// Below this many in-flight requests a replica is never over the bound.
     pub load_floor: u64,
@@ -137,14 +138,31 @@ impl KvAware {
         }
     }
 
-    /// `w_cache·matched/total − w_load·load_norm`, `load_norm` being the load as a
-    /// fraction of what the bound allows, blended with the replica's KV usage.
-    fn score(&self, c: &Candidate<'_>, matched: u32, total: usize, bound: &LoadBound) -> f64 {
+    /// `w_cache·matched/total − w_load·load_norm − w_prefill·queued/prompt`,
+    /// `load_norm` being the load as a fraction of what the bound allows, blended
+    /// with the replica's KV usage, and `queued` the prefill bytes waiting there.
+    /// Request counts alone treat a replica prefilling one 100 KiB prompt as idle
+    /// next to one decoding two short answers; the queued prefill is what delays a
+    /// newcomer's first token.
+    fn score(
+        &self,
+        c: &Candidate<'_>,
+        matched: u32,
+        total: usize,
+        prompt_bytes: usize,
+        bound: &LoadBound,
+    ) -> f64 {
         let cache = f64::from(matched) / total.max(1) as f64;
         let relative = c.load as f64 / bound.capacity(c.weight) as f64;
         let kv = f64::from(c.kv_usage).clamp(0.0, 1.0);
         let load_norm = (1.0 - KV_USAGE_SHARE) * relative + KV_USAGE_SHARE * kv;
-        self.p.w_cache * cache - self.p.w_load * load_norm
+        let queued = c.pending_prefill as f64 / prompt_bytes.max(self.p.block_bytes) as f64;
+        self.p.w_cache * cache - self.p.w_load * load_norm - self.p.w_prefill * queued
+    }
+
+    /// Prompt bytes a replica holding `matched` blocks still has to prefill.
+    fn prefill_bytes(&self, prompt_bytes: usize, matched: u32) -> u64 {
+        (prompt_bytes as u64).saturating_sub(u64::from(matched) * self.p.block_bytes as u64)
     }
 
     fn count(&self, kind: DecisionKind) {
@@ -178,11 +196,15 @@ impl Router for KvAware {
             .fold(0u128, |m, c| m | (1u128 << c.replica.slot));
         let matches = self.index.longest_match(req.block_hashes, mask);
         let best_blocks = matches.best();
-        let decide = |i: usize, kind: DecisionKind| Decision {
-            replica: cands[i].replica.clone(),
-            kind,
-            predicted_blocks: matches.get(cands[i].replica.slot),
-            best_blocks,
+        let decide = |i: usize, kind: DecisionKind| {
+            let predicted_blocks = matches.get(cands[i].replica.slot);
+            Decision {
+                replica: cands[i].replica.clone(),
+                kind,
+                predicted_blocks,
+                best_blocks,
+                prefill_bytes: self.prefill_bytes(req.prompt_bytes, predicted_blocks),
+            }
         };
 
         if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
@@ -226,7 +248,13 @@ impl Router for KvAware {
         let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
         let (preferred, chosen) = best_admitted(&cands, &bound, |c| {
             (
-                self.score(c, matches.get(c.replica.slot), total, &bound),
+                self.score(
+                    c,
+                    matches.get(c.replica.slot),
+                    total,
+                    req.prompt_bytes,
+                    &bound,
+                ),
                 tie(c),
             )
         })?;

@@ -32,9 +32,9 @@ mod tests {
     fn picks_fewest_in_flight() {
         let t = table(3);
         let set = t.load();
-        let _a = set.replicas[0].begin();
-        let _b = set.replicas[0].begin();
-        let _c = set.replicas[2].begin();
+        let _a = set.replicas[0].begin(0);
+        let _b = set.replicas[0].begin(0);
+        let _c = set.replicas[2].begin(0);
         let d = LeastLoaded
             .pick(&RouteRequest::default(), &set, &[])
             .unwrap();

@@ -76,6 +76,9 @@ pub struct Decision {
     pub predicted_blocks: u32,
     /// Most blocks any eligible replica was predicted to hold (regret = best − predicted).
     pub best_blocks: u32,
+    /// Prompt bytes the chosen replica is predicted to prefill (not hold); 0 from
+    /// policies that do not predict.
+    pub prefill_bytes: u64,
 }
 
 impl Decision {
@@ -85,6 +88,7 @@ impl Decision {
             kind,
             predicted_blocks: 0,
             best_blocks: 0,
+            prefill_bytes: 0,
         }
     }
 }

@@ -32,9 +32,10 @@ struct Args {
     /// Generate a synthetic workload instead of replaying a trace.
     #[arg(long, value_enum)]
     synthetic: Option<Synthetic>,
-    /// Base URL of the proxy or replica.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    target: String,
+    /// Base URL of the proxy or replica. Several (comma-separated or repeated) put one
+    /// request at a time on a pseudo-random one of them: router instances sharing a fleet.
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_delimiter = ',')]
+    target: Vec<String>,
     /// Number of trace lines to replay (default: all after --skip).
     #[arg(long)]
     n: Option<usize>,
@@ -146,7 +147,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
     }
-    let mut cfg = LoadConfig::new(args.target.clone(), workload);
+    let mut cfg = LoadConfig::new(args.target[0].clone(), workload);
+    cfg.targets.clone_from(&args.target);
     cfg.mode = if args.chat {
         ApiMode::Chat
     } else {

@@ -21,7 +21,9 @@ use super::sse::{Chunk, Event, SseParser};
 #[derive(Clone)]
 pub struct Client {
     inner: HyperClient<HttpConnector, Full<Bytes>>,
-    base: String,
+    /// Base URLs; each request names the one it goes to (several router instances in front
+    /// of one fleet).
+    bases: Vec<String>,
     timeout: Duration,
 }
 
@@ -30,17 +32,24 @@ pub struct Outgoing {
     pub path: &'static str,
     pub body: Vec<u8>,
     pub session: Option<String>,
+    /// Index into the client's targets.
+    pub target: usize,
 }
 
 impl Client {
-    /// `target` is the base URL, e.g. `http://127.0.0.1:8080`.
-    pub fn new(target: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let base = target.trim_end_matches('/').to_owned();
-        let probe: Uri = format!("{base}/v1/completions").parse()?;
-        anyhow::ensure!(
-            probe.scheme_str() == Some("http"),
-            "only http:// targets are supported: {target}"
-        );
+    /// `targets` are base URLs, e.g. `http://127.0.0.1:8080`.
+    pub fn new(targets: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(!targets.is_empty(), "at least one target is needed");
+        let mut bases = Vec::with_capacity(targets.len());
+        for target in targets {
+            let base = target.trim_end_matches('/').to_owned();
+            let probe: Uri = format!("{base}/v1/completions").parse()?;
+            anyhow::ensure!(
+                probe.scheme_str() == Some("http"),
+                "only http:// targets are supported: {target}"
+            );
+            bases.push(base);
+        }
         let mut conn = HttpConnector::new();
         // Small requests and SSE chunks: Nagle would add up to 40 ms to TTFT.
         conn.set_nodelay(true);
@@ -51,9 +60,13 @@ impl Client {
             .build(conn);
         Ok(Self {
             inner,
-            base,
+            bases,
             timeout,
         })
+    }
+
+    pub fn targets(&self) -> usize {
+        self.bases.len()
     }
 
     /// Sends `req` now; times are measured from `scheduled`, so open-loop lag counts against
@@ -61,6 +74,7 @@ impl Client {
     pub async fn send(&self, req: Outgoing, scheduled: Instant) -> Record {
         let mut rec = Record {
             lag: Instant::now().saturating_duration_since(scheduled),
+            target: req.target,
             ..Default::default()
         };
         let outcome =
@@ -80,7 +94,8 @@ impl Client {
         scheduled: Instant,
         rec: &mut Record,
     ) -> Result<(), ErrorKind> {
-        let uri = format!("{}{}", self.base, req.path);
+        let base = &self.bases[req.target % self.bases.len()];
+        let uri = format!("{base}{}", req.path);
         let mut builder = Request::builder()
             .method(Method::POST)
             .uri(uri)

@@ -53,8 +53,10 @@ impl Workload {
 
 #[derive(Clone, Debug)]
 pub struct LoadConfig {
-    /// Base URL of the proxy or replica, e.g. `http://127.0.0.1:8080`.
-    pub target: String,
+    /// Base URLs of the proxy or replica, e.g. `http://127.0.0.1:8080`. With several (router
+    /// instances in front of one fleet), each request goes to one picked by
+    /// [`super::runner::pick_target`].
+    pub targets: Vec<String>,
     pub workload: Workload,
     pub mode: ApiMode,
     pub model: String,
@@ -68,7 +70,7 @@ pub struct LoadConfig {
 impl LoadConfig {
     pub fn new(target: impl Into<String>, workload: Workload) -> Self {
         Self {
-            target: target.into(),
+            targets: vec![target.into()],
             workload,
             mode: ApiMode::Completions,
             // kvroute-sim's default `--model`: the simulator rejects any other name with 404.

@@ -48,5 +48,7 @@ pub struct Record {
     pub cached_tokens: Option<u64>,
     /// `x-replica` response header: which replica the router picked.
     pub replica: Option<String>,
+    /// Which of the client's targets (router instances) it was sent to.
+    pub target: usize,
     pub error: Option<ErrorKind>,
 }

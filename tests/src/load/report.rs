@@ -72,6 +72,10 @@ pub fn table(s: &Summary) -> String {
             format!("{n} ({})", pct(super::stats::ratio(*n, total))),
         );
     }
+    if s.per_target.len() > 1 {
+        let parts: Vec<String> = s.per_target.iter().map(u64::to_string).collect();
+        row(&mut o, "requests per target", parts.join(" / "));
+    }
     row(
         &mut o,
         "imbalance (max/mean)",

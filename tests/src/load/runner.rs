@@ -40,7 +40,7 @@ pub async fn run_plan_until(
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<Summary> {
     let ideal = ideal_hit_ratio(plan.requests_in_order());
-    let client = Client::new(&cfg.target, cfg.request_timeout)?;
+    let client = Client::new(&cfg.targets, cfg.request_timeout)?;
     let limit = cfg
         .concurrency_limit
         .map(|c| Arc::new(Semaphore::new(c.max(1))));
@@ -118,7 +118,7 @@ async fn run_session(
 ) -> Vec<Record> {
     let mut out = Vec::with_capacity(session.requests.len());
     let mut scheduled = due;
-    for req in &session.requests {
+    for (turn, req) in session.requests.iter().enumerate() {
         if stopping.load(Ordering::Relaxed) {
             break;
         }
@@ -135,6 +135,7 @@ async fn run_session(
             path: body::path(mode),
             body: body::render(req, mode, &model),
             session: (mode == ApiMode::Chat).then(|| session.id.clone()),
+            target: pick_target(&session.id, turn, client.targets()),
         };
         let mut rec = client.send(outgoing, scheduled).await;
         rec.sent = scheduled.saturating_duration_since(run_start) + rec.lag;
@@ -149,4 +150,54 @@ async fn run_session(
         scheduled = Instant::now();
     }
     out
+}
+
+/// Which of `n` targets turn `turn` of session `id` goes to: uniform and independent per
+/// request (a client behind a load balancer in front of several router instances sees no
+/// affinity, which is the hard case for their caches), yet the same in every run, so every
+/// router compared gets the same split.
+pub fn pick_target(id: &str, turn: usize, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if n <= 1 {
+        return 0;
+    }
+    // SipHash with fixed keys: deterministic, and well mixed even for ids that differ in one
+    // digit.
+    let mut h = std::hash::DefaultHasher::new();
+    (id, turn).hash(&mut h);
+    (h.finish() % n as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_target;
+
+    #[test]
+    fn targets_are_split_evenly_per_request_and_deterministically() {
+        let n = 3;
+        let mut counts = [0usize; 3];
+        let mut sessions_split = 0;
+        for s in 0..2000 {
+            let id = format!("s{s}");
+            let picks: Vec<usize> = (0..4).map(|t| pick_target(&id, t, n)).collect();
+            assert_eq!(
+                picks,
+                (0..4).map(|t| pick_target(&id, t, n)).collect::<Vec<_>>()
+            );
+            if picks.iter().any(|&p| p != picks[0]) {
+                sessions_split += 1;
+            }
+            for p in picks {
+                counts[p] += 1;
+            }
+        }
+        // 8000 picks: each target within 10 % of a third.
+        for c in counts {
+            assert!((2400..=2933).contains(&c), "{counts:?}");
+        }
+        // Turns of one conversation land on different instances (1 - 3^-3 of sessions).
+        assert!(sessions_split > 1800, "{sessions_split}");
+        assert_eq!(pick_target("s1", 0, 1), 0);
+        assert_eq!(pick_target("s1", 0, 0), 0);
+    }
 }

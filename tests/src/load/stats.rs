@@ -28,6 +28,9 @@ pub struct Summary {
     pub e2e_ms: E2eMs,
     /// Responses per `x-replica` header value.
     pub per_replica: BTreeMap<String, u64>,
+    /// Requests sent to each target (router instance), in `--target` order.
+    #[serde(default)]
+    pub per_target: Vec<u64>,
     /// max / mean of `per_replica` (1.0 is perfectly even; 0 when no replica was reported).
     pub imbalance: f64,
     /// Send rate: (requests − 1) / (last send − first send), comparable to `target_rps`.
@@ -165,6 +168,14 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
         },
         imbalance: imbalance(&per_replica),
         per_replica,
+        per_target: {
+            let n = records.iter().map(|r| r.target + 1).max().unwrap_or(0);
+            let mut v = vec![0; n];
+            for r in records {
+                v[r.target] += 1;
+            }
+            v
+        },
         achieved_rps: send_rate(records, info.elapsed),
         target_rps: info.target_rps,
         max_lag_ms: records.iter().map(|r| ms(r.lag)).fold(0.0, f64::max),

@@ -124,7 +124,7 @@ pub fn measure(
     tag: &str,
 ) -> anyhow::Result<Measured> {
     let mut args = load_args.to_vec();
-    args.extend(["--target".into(), fleet.url().to_owned(), "--json".into()]);
+    args.extend(["--target".into(), fleet.urls().join(","), "--json".into()]);
     let slug = fleet.label.replace([' ', '_'], "-");
     let log = log_dir.join(format!("{tag}-{slug}-kvroute-load.log"));
     let out = log_dir.join(format!("{tag}-{slug}-kvroute-load.json"));

@@ -202,18 +202,44 @@ pub fn size_kv_blocks(plan: &Plan, block_bytes: usize, replicas: usize, fraction
         .max(64) as usize
 }
 
-/// The router in front of the replicas.
+/// The router in front of the replicas: `instances` copies of it with the same configuration,
+/// each knowing only what passed through it (clients pick one per request).
 #[derive(Clone, Debug)]
 pub enum RouterSpec {
-    Kvroute { policy: String, workers: usize },
-    Sglang { policy: String, python: String },
+    Kvroute {
+        policy: String,
+        workers: usize,
+        instances: usize,
+    },
+    Sglang {
+        policy: String,
+        python: String,
+        instances: usize,
+    },
 }
 
 impl RouterSpec {
     pub fn label(&self) -> String {
+        let (name, n) = match self {
+            RouterSpec::Kvroute {
+                policy, instances, ..
+            } => (format!("kvroute {policy}"), *instances),
+            RouterSpec::Sglang {
+                policy, instances, ..
+            } => (format!("sglang-router {policy}"), *instances),
+        };
+        if n > 1 {
+            format!("{name} x{n}")
+        } else {
+            name
+        }
+    }
+
+    pub fn instances(&self) -> usize {
         match self {
-            RouterSpec::Kvroute { policy, .. } => format!("kvroute {policy}"),
-            RouterSpec::Sglang { policy, .. } => format!("sglang-router {policy}"),
+            RouterSpec::Kvroute { instances, .. } | RouterSpec::Sglang { instances, .. } => {
+                (*instances).max(1)
+            }
         }
     }
 
@@ -250,8 +276,8 @@ pub struct SimStats {
 /// Replicas plus a router; dropping it stops all of them (router first, so it never sees its
 /// replicas vanish while it still serves).
 pub struct Fleet {
-    router: Child,
-    url: String,
+    routers: Vec<Child>,
+    urls: Vec<String>,
     pub sims: Vec<Sim>,
     pub label: String,
 }
@@ -286,24 +312,41 @@ impl Fleet {
                 &log(&format!("r{i}")),
             )?);
         }
-        let (router_child, url) = match router {
-            RouterSpec::Kvroute { policy, workers } => start_kvroute(
-                bins,
-                spec,
-                &sims,
-                policy,
-                *workers,
-                &log("kvroute"),
-                log_dir,
-                tag,
-            )?,
-            RouterSpec::Sglang { policy, python } => {
-                start_sglang(python, &sims, policy, &log("sglang-router"))?
-            }
-        };
+        let mut routers = Vec::new();
+        let mut urls = Vec::new();
+        for i in 0..router.instances() {
+            // One instance keeps the historical file names; more get an index each.
+            let suffix = if router.instances() > 1 {
+                format!("-{i}")
+            } else {
+                String::new()
+            };
+            let (child, url) = match router {
+                RouterSpec::Kvroute {
+                    policy, workers, ..
+                } => start_kvroute(
+                    bins,
+                    spec,
+                    &sims,
+                    policy,
+                    *workers,
+                    &log(&format!("kvroute{suffix}")),
+                    log_dir,
+                    &format!("{tag}{suffix}"),
+                )?,
+                RouterSpec::Sglang { policy, python, .. } => start_sglang(
+                    python,
+                    &sims,
+                    policy,
+                    &log(&format!("sglang-router{suffix}")),
+                )?,
+            };
+            routers.push(child);
+            urls.push(url);
+        }
         let mut fleet = Fleet {
-            router: router_child,
-            url,
+            routers,
+            urls,
             sims,
             label: router.label(),
         };
@@ -312,28 +355,23 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Base URL clients send to.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Base URLs clients send to, one per router instance.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
     }
 
-    fn router_addr(&self) -> SocketAddr {
-        self.url
-            .trim_start_matches("http://")
-            .parse()
-            .expect("router URL is http://ip:port")
-    }
-
-    /// Sends one tiny completion through the router until it succeeds: proves the whole path
-    /// works before a benchmark is spent on it.
+    /// Sends one tiny completion through every router instance until it succeeds: proves the
+    /// whole path works before a benchmark is spent on it.
     fn smoke(&mut self) -> anyhow::Result<()> {
-        let addr = self.router_addr();
         let body = r#"{"model":"sim-model","prompt":"kvroute fleet smoke test","max_tokens":1}"#;
-        let mut last = String::from("no answer");
         let label = self.label.clone();
-        let res = self
-            .router
-            .wait_ready("a first completion", FIRST_REQUEST, || {
+        for (router, url) in self.routers.iter_mut().zip(&self.urls) {
+            let addr: SocketAddr = url
+                .trim_start_matches("http://")
+                .parse()
+                .expect("router URL is http://ip:port");
+            let mut last = String::from("no answer");
+            let res = router.wait_ready("a first completion", FIRST_REQUEST, || {
                 match post(addr, "/v1/completions", body) {
                     Ok(r) if r.status == 200 => true,
                     Ok(r) => {
@@ -347,9 +385,11 @@ impl Fleet {
                     }
                 }
             });
-        res.with_context(|| {
-            format!("{label}: a completion through the router failed (last: {last})")
-        })
+            res.with_context(|| {
+                format!("{label}: a completion through the router at {url} failed (last: {last})")
+            })?;
+        }
+        Ok(())
     }
 
     /// Clears every replica's cache and counters.
@@ -392,7 +432,9 @@ impl Fleet {
 
     /// Fails naming the first process that died, with its log.
     pub fn ensure_running(&mut self) -> anyhow::Result<()> {
-        self.router.ensure_running()?;
+        for r in &mut self.routers {
+            r.ensure_running()?;
+        }
         for s in &mut self.sims {
             s.child.ensure_running()?;
         }
@@ -401,7 +443,9 @@ impl Fleet {
 
     /// Log files of every process, for "see …" hints after a failure.
     pub fn logs(&self) -> Vec<PathBuf> {
-        std::iter::once(self.router.log.clone())
+        self.routers
+            .iter()
+            .map(|r| r.log.clone())
             .chain(self.sims.iter().map(|s| s.child.log.clone()))
             .collect()
     }

@@ -102,7 +102,7 @@ fn hot_prefix_spills_over_the_bound_and_never_exceeds_it() {
             "request {i} over the bound"
         );
         spills += usize::from(d.kind == DecisionKind::Spill);
-        held.push(d.replica.begin());
+        held.push(d.replica.begin(0));
     }
     assert!(spills > 0);
     let loads: Vec<u32> = set.replicas.iter().map(|r| r.in_flight()).collect();
@@ -248,7 +248,7 @@ proptest! {
             let c = cands.iter().find(|c| c.replica.slot == d.replica.slot).unwrap();
             prop_assert!(c.load < bound.capacity(c.weight));
             prop_assert!(d.predicted_blocks <= d.best_blocks);
-            held.push(d.replica.begin());
+            held.push(d.replica.begin(0));
         }
     }
 }
@@ -289,12 +289,12 @@ fn load_floor_keeps_a_prefix_together_at_low_load() {
     // Up to the floor, requests of one prefix share a replica even though the
     // pure rule would already spill the second one.
     let floor = RoutingConfig::default().load_floor;
-    let mut guards = vec![first.replica.begin()];
+    let mut guards = vec![first.replica.begin(0)];
     for _ in 1..floor {
         let d = kv.pick(&req, &set, &[]).unwrap();
         assert_eq!(d.replica.slot, first.replica.slot);
         assert_eq!(d.kind, DecisionKind::Prefix);
-        guards.push(d.replica.begin());
+        guards.push(d.replica.begin(0));
     }
     let d = kv.pick(&req, &set, &[]).unwrap();
     assert_ne!(
@@ -302,4 +302,67 @@ fn load_floor_keeps_a_prefix_together_at_low_load() {
         "over the floor it spills"
     );
     assert_eq!(d.kind, DecisionKind::Spill);
+}
+
+#[test]
+fn pending_prefill_is_taken_back_once_at_first_output_or_at_the_end() {
+    let t = table(1);
+    let set = t.load();
+    let r = &set.replicas[0];
+    let mut a = r.begin(4096);
+    let b = r.begin(1000);
+    assert_eq!(r.pending_prefill(), 5096);
+    a.prefill_done();
+    a.prefill_done();
+    assert_eq!(r.pending_prefill(), 1000);
+    assert_eq!(r.in_flight(), 2, "a request decoding is still in flight");
+    drop(a);
+    drop(b);
+    assert_eq!(r.pending_prefill(), 0);
+    assert_eq!(r.in_flight(), 0);
+}
+
+#[test]
+fn the_chosen_replica_is_charged_only_the_prompt_it_does_not_hold() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(60, "first question");
+    let d0 = route(&r, &set, &req(&h, None, 0));
+    assert_eq!(
+        d0.prefill_bytes,
+        (h.len() * 128) as u64,
+        "nothing cached yet"
+    );
+    let d1 = route(&r, &set, &req(&h, None, 1));
+    assert_eq!(d1.replica.slot, d0.replica.slot);
+    assert_eq!(d1.prefill_bytes, 0, "the whole prompt is predicted cached");
+}
+
+/// With `w_prefill`, of two replicas holding the same prefix and carrying one request
+/// each, the one still prefilling a long prompt loses to the one that is not,
+/// whichever of them rendezvous order would prefer.
+#[test]
+fn queued_prefill_steers_a_request_to_the_idle_replica() {
+    let t = table(2);
+    let set = t.load();
+    let with = KvAware::new(
+        RoutingConfig {
+            w_prefill: 1.0,
+            load_floor: 0,
+            ..RoutingConfig::default()
+        }
+        .kv_aware_params(),
+    );
+    // The same prefix on both replicas: the request is scored (not placed by
+    // consistent hashing), with equal overlap on both.
+    let shared = chat_hashes(20, "shared");
+    with.index().insert(0, &shared);
+    with.index().insert(1, &shared);
+    for busy in 0..2u16 {
+        let _long = set.replicas[usize::from(busy)].begin(256 * 1024);
+        let _short = set.replicas[usize::from(1 - busy)].begin(0);
+        let d = with.pick(&req(&shared, None, 0), &set, &[]).unwrap();
+        assert_eq!(d.replica.slot, 1 - busy, "busy replica {busy}");
+    }
 }
