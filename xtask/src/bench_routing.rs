@@ -104,7 +104,7 @@ pub struct Opts {
     pub python: String,
     /// Also run the cache-aware policies (kvroute kv-aware, SGLang cache_aware) as this many
     /// independent router instances over one fleet, each request sent to one of them at
-    /// random (comma-separated counts; empty for none).
+    /// random (comma-separated counts; `1` for none).
     #[arg(long, default_value = "2", value_delimiter = ',')]
     pub instances: Vec<usize>,
     /// kvroute worker threads.
