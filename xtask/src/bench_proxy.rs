@@ -93,7 +93,7 @@ pub struct Args {
     #[arg(long)]
     steering_only: bool,
     /// Steering: rounds, each with a fresh kvroute per steering mode.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 8)]
     steering_rounds: usize,
     /// Steering: long-lived SSE streams held open during the measurement.
     #[arg(long, default_value_t = 200)]
