@@ -73,6 +73,7 @@ impl Shared {
 
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.steering.forget_listeners();
         let _ = self.shutdown.send(true);
     }
 

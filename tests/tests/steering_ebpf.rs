@@ -471,3 +471,118 @@ fn unusable_pins_are_replaced() {
     stop(k);
     assert!(!Path::new(&dir).exists());
 }
+
+/// The optional systemd drop-in grants enough: as a non-root user (nobody)
+/// holding only the ambient capabilities of kvroute.service plus the drop-in,
+/// after the drop-in's own `ExecStartPre=+` command, the program attaches on a
+/// bpffs mounted the way systemd mounts it (mode 0700, root's). Runs in a
+/// private mount namespace with a bpffs of its own, so the host's is untouched.
+#[test]
+fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd");
+    let unit = std::fs::read_to_string(deploy.join("kvroute.service")).unwrap();
+    let dropin =
+        std::fs::read_to_string(deploy.join("kvroute.service.d/ebpf-steering.conf")).unwrap();
+    let values = |text: &str, key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+            .collect()
+    };
+    // Every capability the two files grant, as setpriv spells them.
+    let caps: Vec<String> = values(&unit, "AmbientCapabilities")
+        .iter()
+        .chain(&values(&dropin, "AmbientCapabilities"))
+        .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(caps.contains(&"+bpf".to_string()), "{caps:?}");
+    assert!(!caps.contains(&"+net_admin".to_string()), "{caps:?}");
+    let pre = values(&dropin, "ExecStartPre");
+    assert_eq!(pre.len(), 1, "{pre:?}");
+    // `+`: runs as root outside the sandbox. The dynamic user is nobody here.
+    let pre = pre[0].strip_prefix('+').expect("a privileged ExecStartPre");
+    let pre_here = pre
+        .replace("-o kvroute -g kvroute", "-o 65534 -g 65534")
+        .replace("kvroute:kvroute", "65534:65534");
+    assert!(
+        !pre_here.contains(" kvroute ") && !pre_here.contains("kvroute:"),
+        "ExecStartPre names the user in an unexpected way: {pre}"
+    );
+
+    let tools = ["unshare", "setpriv", "mount"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    if !is_root() || !tools {
+        let why = if tools {
+            "needs root"
+        } else {
+            "needs unshare, setpriv and mount (util-linux)"
+        };
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but this test {why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // target/ may not be readable by nobody; a copy in a world-readable dir is.
+    let dir = std::env::temp_dir().join(format!("kvroute-dropin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("kvroute");
+    std::fs::copy(workspace_bin("kvroute"), &bin).unwrap();
+    let _ = Command::new("chmod")
+        .arg("755")
+        .arg(&dir)
+        .arg(&bin)
+        .status();
+    let up = Upstream::start("a");
+    let (port, admin) = (free_port(), free_port());
+    let script = format!(
+        "set -e\nmount -t bpf -o mode=0700 bpf /sys/fs/bpf\n{pre_here}\n\
+         exec setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps={caps} --ambient-caps={caps} \
+         '{bin}' --listen 127.0.0.1:{port} --admin 127.0.0.1:{admin} --workers 2 --steering ebpf --replica {up}\n",
+        caps = caps.join(","),
+        bin = bin.display(),
+        up = up.url(),
+    );
+    // No --fork: the shell, then kvroute, keep unshare's pid.
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let k = Kvroute {
+        proc: Proc {
+            child,
+            name: "kvroute (nobody, drop-in privileges)".into(),
+        },
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+    };
+    let st = wait_state(&k);
+    assert_eq!(
+        st["attached"], true,
+        "not attached with the drop-in's privileges: {st}"
+    );
+    assert_eq!(st["mode"], "p2c", "{st}");
+    let c = Client::connect(k.addr).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        steering(&k)["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["steered"].as_u64().unwrap())
+            .sum::<u64>()
+            == 1
+    }));
+    drop(c);
+    stop(k);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -295,3 +295,163 @@ fn upgrade_command_hands_over() {
         .status();
     assert!(wait_until(Duration::from_secs(10), || !alive(new_pid)));
 }
+
+/// Sum over workers of `key` in `/state` (`steered`: connections the program
+/// placed with a choice of its own; an empty socket-array slot leaves the
+/// choice to the kernel's hash and counts nothing).
+fn per_worker(k: &Kvroute, key: &str) -> Vec<u64> {
+    steering(k).map_or_else(Vec::new, |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w[key].as_u64().unwrap())
+            .collect()
+    })
+}
+
+/// An upgrade whose new process puts its listeners into the socket array and
+/// then dies before it is ready (SIGKILL: no cleanup of any kind). The old
+/// process keeps serving and keeps steering: its listeners go back into the
+/// array, so new connections are placed by the program (counted in `steered`,
+/// spread by p2c), not left to the kernel's hash. A later upgrade still hands over.
+#[test]
+fn failed_upgrade_leaves_the_old_process_steering() {
+    let up = Upstream::start("a");
+    let dir = std::env::temp_dir().join(format!("kvroute-failed-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("failed-once");
+    let wrapper = dir.join("kvroute-new");
+    // First start: the real binary as a successor that signals readiness into
+    // a file of its own (so the old process never sees it), killed once ready,
+    // i.e. after its listeners are in the array. Later starts: the real binary.
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nreal='{real}'\nif [ -e '{marker}' ]; then exec \"$real\" \"$@\"; fi\n: > '{marker}'\n\
+             inner=\"$KVROUTE_UPGRADE_READY.inner\"\nKVROUTE_UPGRADE_READY=\"$inner\" \"$real\" \"$@\" &\npid=$!\n\
+             i=0\nwhile [ ! -e \"$inner\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done\n\
+             kill -KILL $pid\nexit 1\n",
+            real = kvroute_tests::harness::workspace_bin("kvroute").display(),
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let (port, admin) = (
+        kvroute_tests::harness::free_port(),
+        kvroute_tests::harness::free_port(),
+    );
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--workers",
+        "2",
+        "--steering-mode",
+        "p2c",
+        "--replica",
+        &up.url(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut k = Kvroute {
+        proc: kvroute_tests::harness::Proc::spawn_env(
+            "kvroute",
+            &args,
+            &[("KVROUTE_UPGRADE_BINARY", wrapper.to_str().unwrap())],
+        ),
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || steering(&k).is_some()),
+        "kvroute did not start"
+    );
+    let st = steering(&k).unwrap();
+    if st["attached"] != true {
+        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {st}");
+        }
+        eprintln!(
+            "skipped: eBPF steering unavailable here ({})",
+            st["fallback_reason"]
+        );
+        return;
+    }
+    let old_pid = st["pid"].as_u64().unwrap() as u32;
+
+    k.proc.signal("USR2");
+    let inner = std::env::temp_dir().join(format!("kvroute-upgrade-{old_pid}.ready.inner"));
+    assert!(
+        wait_until(Duration::from_secs(20), || inner.exists()),
+        "the new process never got ready"
+    );
+    // The old process noticed the failure once it clears its successor.
+    assert!(wait_until(Duration::from_secs(20), || steering(&k)
+        .is_some_and(|s| s["successor_pid"] == 0)));
+    let _ = std::fs::remove_file(&inner);
+    let st = steering(&k).unwrap();
+    assert_eq!(st["pid"], old_pid, "{st}");
+    assert_eq!(st["attached"], true, "{st}");
+    assert_eq!(st["released"], false, "{st}");
+
+    // 20 connections, one after the other, each held open with a request served:
+    // every one placed by the program, and p2c alternates between two workers.
+    let steered_before: u64 = per_worker(&k, "steered").iter().sum();
+    let live_before = per_worker(&k, "live_streams");
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let mut c = Client::connect(k.addr).unwrap();
+        c.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            .unwrap();
+        assert_eq!(c.read_response(false).unwrap().status, 200);
+        held.push(c);
+    }
+    let mut steered = 0;
+    let ok = wait_until(Duration::from_secs(5), || {
+        steered = per_worker(&k, "steered").iter().sum::<u64>() - steered_before;
+        steered == 20
+    });
+    assert!(
+        ok,
+        "after the failed upgrade the program placed {steered} of 20 connections (the rest went by the kernel's hash)"
+    );
+    let live: Vec<u64> = per_worker(&k, "live_streams")
+        .iter()
+        .zip(&live_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(live, vec![10, 10], "p2c spread after the failed upgrade");
+    drop(held);
+
+    // The next upgrade (the wrapper now runs the real binary) hands over.
+    let successor = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let _reap = KillOnDrop(successor.clone());
+    k.proc.signal("USR2");
+    assert_eq!(k.proc.wait_exit(Duration::from_secs(20)), Some(0));
+    let mut new_pid = 0;
+    assert!(wait_until(Duration::from_secs(10), || steering(&k)
+        .is_some_and(|s| {
+            new_pid = s["pid"].as_u64().unwrap_or(0) as u32;
+            new_pid != old_pid && s["attached"] == true
+        })));
+    successor.store(new_pid, Ordering::Relaxed);
+    let before: u64 = per_worker(&k, "steered").iter().sum();
+    assert_eq!(post(k.addr, "/v1/completions", "{}").unwrap().status, 200);
+    assert!(wait_until(Duration::from_secs(5), || per_worker(
+        &k, "steered"
+    )
+    .iter()
+    .sum::<u64>()
+        > before));
+    let _ = Command::new("kill")
+        .args(["-TERM", &new_pid.to_string()])
+        .status();
+    assert!(wait_until(Duration::from_secs(10), || !alive(new_pid)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

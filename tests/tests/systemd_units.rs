@@ -1,11 +1,13 @@
 //! The shipped systemd units pass `systemd-analyze verify` and score an exposure
-//! of at most 2.0 under `systemd-analyze security --offline=yes`.
+//! of at most 2.0 under `systemd-analyze security --offline=yes`, kvroute.service
+//! also with its optional eBPF-steering drop-in applied.
 //!
 //! Skips (saying why) only where systemd-analyze is not installed, and never
 //! under CI (`CI` set), where a skip is a failure.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kvroute_tests::harness::workspace_bin;
 
@@ -24,12 +26,16 @@ fn analyze_available() -> bool {
     ok
 }
 
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd")
+}
+
 /// The unit with `/usr/bin/<bin>` pointing at the freshly built binary, so verify
-/// checks everything but the install location.
-fn staged_unit(name: &str) -> PathBuf {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/systemd")
-        .join(name);
+/// checks everything but the install location, plus `dropins` (files of
+/// `deploy/systemd/<name>.d/`) in `<name>.d/` beside it: systemd-analyze adds
+/// the unit file's directory to its search path, drop-in directories included.
+fn staged_unit(name: &str, dropins: &[&str]) -> PathBuf {
+    let src = deploy_dir().join(name);
     let text = std::fs::read_to_string(&src).unwrap();
     let text = text
         .replace(
@@ -40,18 +46,33 @@ fn staged_unit(name: &str) -> PathBuf {
             "/usr/bin/kvroute ",
             &format!("{} ", workspace_bin("kvroute").display()),
         );
-    let dir = std::env::temp_dir().join(format!("kvroute-units-{}", std::process::id()));
+    // One directory per call: the tests run in parallel.
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kvroute-units-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let dst = dir.join(name);
     std::fs::write(&dst, text).unwrap();
+    if !dropins.is_empty() {
+        let d = dir.join(format!("{name}.d"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in dropins {
+            let src = deploy_dir().join(format!("{name}.d")).join(f);
+            std::fs::copy(&src, d.join(f)).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        }
+    }
     dst
 }
 
-fn check(name: &str) {
+/// Verifies the unit (with `dropins`) and returns its exposure score.
+fn check(name: &str, dropins: &[&str]) -> Option<f64> {
     if !analyze_available() {
-        return;
+        return None;
     }
-    let unit = staged_unit(name);
+    let unit = staged_unit(name, dropins);
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&unit)
@@ -79,16 +100,51 @@ fn check(name: &str) {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unparsable: {line}"));
-    eprintln!("{name}: exposure {score}");
-    assert!(score <= 2.0, "{name} exposure {score} > 2.0: {text}");
+    eprintln!("{name} {dropins:?}: exposure {score}");
+    assert!(
+        score <= 2.0,
+        "{name} {dropins:?} exposure {score} > 2.0: {text}"
+    );
+    Some(score)
 }
 
 #[test]
 fn kvroute_unit_verifies_and_is_hardened() {
-    check("kvroute.service");
+    check("kvroute.service", &[]);
 }
 
 #[test]
 fn control_unit_verifies_and_is_hardened() {
-    check("kvroute-control.service");
+    check("kvroute-control.service", &[]);
+}
+
+/// The drop-in is really applied (the capability it adds shows up in the
+/// analysis), verifies, and keeps the exposure at 2.0 or below.
+#[test]
+fn kvroute_unit_with_ebpf_steering_dropin_verifies_and_is_hardened() {
+    const DROPIN: &str = "ebpf-steering.conf";
+    let Some(with) = check("kvroute.service", &[DROPIN]) else {
+        return;
+    };
+    let unit = staged_unit("kvroute.service", &[DROPIN]);
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // CAP_BPF granted; CAP_NET_ADMIN not (sk_reuseport needs CAP_BPF only).
+    for (cap, granted) in [("CAP_BPF", true), ("CAP_NET_ADMIN", false)] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("CapabilityBoundingSet=~{cap} ")))
+            .unwrap_or_else(|| panic!("no {cap} line: {text}"));
+        assert_eq!(
+            line.trim_start().starts_with('✗'),
+            granted,
+            "{cap} with the drop-in: {line}"
+        );
+    }
+    let base = check("kvroute.service", &[]).unwrap();
+    assert!(with >= base, "drop-in {with} vs base {base}");
 }

@@ -7,10 +7,15 @@
 //! worker/thread each); the load generators and the upstream share
 //! `--load-cpus`. The direct row therefore has the upstream and the generator
 //! on one core, which is why ratios, not absolute numbers, are the result.
+//!
+//! A separate section (`steering.rs`, `--steering-only` to run it alone) runs
+//! kvroute with 2 workers on both cores under long-lived streams, eBPF `p2c`
+//! steering against the kernel's hash.
 
 mod closed;
 mod openloop;
 mod report;
+mod steering;
 mod targets;
 
 use std::fmt::Write as _;
@@ -46,7 +51,7 @@ pub struct Args {
     /// Keep-alive connections the open-loop generator spreads requests over.
     #[arg(long, default_value_t = 32)]
     open_connections: usize,
-    /// Targets or phases to leave out: sglang, haproxy, nginx, epoll, closed, open.
+    /// Targets or phases to leave out: sglang, haproxy, nginx, epoll, cache, closed, open, steering.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// CPUs (taskset list) for the proxy under test.
@@ -80,9 +85,31 @@ pub struct Args {
     /// land in the latency tail of whatever is being measured.
     #[arg(long, default_value_t = -20, allow_hyphen_values = true)]
     nice: i32,
-    /// Copy the report to docs/bench/proxy.md.
+    /// Copy the report to docs/bench/proxy.md. With `--steering-only`, only the
+    /// steering section of docs/bench/proxy.md is replaced.
     #[arg(long)]
     publish: bool,
+    /// Run only the steering section (`--skip steering` leaves it out of a full run).
+    #[arg(long)]
+    steering_only: bool,
+    /// Steering: rounds, each with a fresh kvroute per steering mode.
+    #[arg(long, default_value_t = 8)]
+    steering_rounds: usize,
+    /// Steering: long-lived SSE streams held open during the measurement.
+    #[arg(long, default_value_t = 200)]
+    steering_streams: usize,
+    /// Steering: streams opened concurrently in one burst.
+    #[arg(long, default_value_t = 50)]
+    steering_burst: usize,
+    /// Steering: milliseconds between two token events of one stream.
+    #[arg(long, default_value_t = 2)]
+    steering_token_ms: u64,
+    /// Steering: short requests (each on a new connection) per round, for TTFB.
+    #[arg(long, default_value_t = 500)]
+    steering_probes: usize,
+    /// Steering: short requests per second.
+    #[arg(long, default_value_t = 100)]
+    steering_probe_rate: u64,
 }
 
 impl Args {
@@ -107,17 +134,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    // The in-process open-loop generator must not share the proxy's core; threads
-    // created later (tokio, the pacer) inherit this mask.
-    sh(Command::new("taskset")
-        .args([
-            "-a",
-            "-p",
-            "-c",
-            &a.load_cpus,
-            &std::process::id().to_string(),
-        ])
-        .stdout(Stdio::null()))?;
     // Children (servers, wrk) and threads created from here on inherit the priority.
     if a.nice != 0 {
         if let Err(e) = sh(Command::new("renice")
@@ -133,6 +149,51 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
 
+    // Before the pinning below: this section spreads over every core.
+    let mut steering_md = None;
+    if a.steering_only || !a.skips("steering") {
+        let p = steering::Params {
+            rounds: a.steering_rounds,
+            streams: a.steering_streams,
+            burst: a.steering_burst.max(1),
+            token_ms: a.steering_token_ms.max(1),
+            probes: a.steering_probes,
+            probe_rate: a.steering_probe_rate,
+        };
+        let rows = steering::run(&bin, &dir, &p)?;
+        let generated = if a.steering_only {
+            generated_line()
+        } else {
+            String::new()
+        };
+        steering_md = Some(steering::render(&p, &rows, &generated));
+    }
+    if a.steering_only {
+        let md = steering_md.unwrap_or_default();
+        println!("{md}");
+        let out = root().join("target/bench/proxy-steering.md");
+        std::fs::write(&out, &md)?;
+        eprintln!("xtask: wrote {}", out.display());
+        if a.publish {
+            let docs = root().join("docs/bench/proxy.md");
+            let old = std::fs::read_to_string(&docs).unwrap_or_default();
+            std::fs::write(&docs, steering::splice(&old, &md, NOTES_MARKER))?;
+            eprintln!("xtask: wrote the steering section of {}", docs.display());
+        }
+        return Ok(());
+    }
+
+    // The in-process open-loop generator must not share the proxy's core; threads
+    // created later (tokio, the pacer) inherit this mask.
+    sh(Command::new("taskset")
+        .args([
+            "-a",
+            "-p",
+            "-c",
+            &a.load_cpus,
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null()))?;
     let env = Env {
         dir: dir.clone(),
         upstream_pool: a.upstream_pool as usize,
@@ -335,13 +396,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
 
-    let md = render(
+    let mut md = render(
         &a,
         &closed_rows,
         &open_rows,
         &skipped,
         perf_summary.as_deref(),
     );
+    if let Some(sec) = &steering_md {
+        md.push_str(sec);
+        md.push('\n');
+    }
     drop(all);
     println!("{md}");
     let out = root().join("target/bench/proxy.md");
@@ -524,6 +589,21 @@ fn tool_version(argv: &[&str]) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// "Generated by `cargo xtask …` on <date> (<kernel>, <n> CPUs)." and a blank line.
+fn generated_line() -> String {
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    format!(
+        "Generated by `cargo xtask {}` on {} (`{}`, {} CPUs, load average {}).\n\n",
+        cmdline.join(" "),
+        tool_version(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
+        tool_version(&["uname", "-sr"]),
+        tool_version(&["nproc", "--all"]),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "?".into())
+    )
+}
+
 fn render(
     a: &Args,
     closed: &[ClosedRow],
@@ -532,16 +612,8 @@ fn render(
     perf: Option<&str>,
 ) -> String {
     let mut s = String::new();
-    let cmdline: Vec<String> = std::env::args().skip(1).collect();
     let _ = writeln!(s, "# Proxy overhead benchmark\n");
-    let _ = writeln!(
-        s,
-        "Generated by `cargo xtask {}` on {} (`{}`, {} CPUs).\n",
-        cmdline.join(" "),
-        tool_version(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]),
-        tool_version(&["uname", "-sr"]),
-        tool_version(&["nproc", "--all"])
-    );
+    let _ = writeln!(s, "{}", generated_line());
     let _ = writeln!(
         s,
         "Setup: one upstream (nginx, 1 worker, `return 200` with a {}-byte JSON body) reached directly \

@@ -3,7 +3,10 @@
 //!
 //! Layout: the two binaries in /usr/bin, the units in /lib/systemd/system, the
 //! commented default configs in /etc/kvroute (conffiles, so an upgrade keeps the
-//! operator's edits), the README and deployment examples in /usr/share/doc/kvroute.
+//! operator's edits), the README and deployment examples in /usr/share/doc/kvroute,
+//! and the optional eBPF-steering drop-in in /usr/share/kvroute/systemd (not in
+//! a drop-in directory, so it is off until the operator links it; not under
+//! /usr/share/doc, which minimal installs drop).
 //! No sysusers/tmpfiles snippets: the units use `DynamicUser=` and
 //! `RuntimeDirectory=kvroute`, so systemd creates the user and the admin-socket
 //! directory at start.
@@ -47,7 +50,11 @@ pub const REQUIRED: &[&str] = &[
     "etc/kvroute/control.toml",
     "usr/share/doc/kvroute/README.md",
     "usr/share/doc/kvroute/copyright",
+    DROPIN_EBPF,
 ];
+
+/// The optional drop-in granting what eBPF steering needs (README: "Running under systemd").
+pub const DROPIN_EBPF: &str = "usr/share/kvroute/systemd/ebpf-steering.conf";
 
 pub const CONFFILES: &[&str] = &["/etc/kvroute/kvroute.toml", "/etc/kvroute/control.toml"];
 
@@ -126,6 +133,12 @@ fn entries(root: &Path, kvroute: &Path, control: &Path) -> Vec<Entry> {
         e(
             root.join("README.md"),
             "usr/share/doc/kvroute/README.md",
+            0o644,
+            false,
+        ),
+        e(
+            root.join("deploy/systemd/kvroute.service.d/ebpf-steering.conf"),
+            DROPIN_EBPF,
             0o644,
             false,
         ),
@@ -335,6 +348,17 @@ pub fn verify(deb: &Path, scratch: &Path) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    // Optional drop-ins ship disabled: nothing in a directory systemd reads them from.
+    for active in [
+        "etc/systemd",
+        "lib/systemd/system/kvroute.service.d",
+        "usr/lib/systemd/system/kvroute.service.d",
+    ] {
+        anyhow::ensure!(
+            !scratch.join(active).exists(),
+            "{active} is in the package: its drop-ins would be on by default"
+        );
     }
     install_into_scratch_root(deb, &scratch.with_extension("dpkg-root"))?;
     eprintln!(

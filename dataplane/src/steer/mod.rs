@@ -156,8 +156,22 @@ fn pack(lo: u32, hi: u32) -> u64 {
 struct Attached {
     steered: Array<MapData, u32>,
     pin_dir: PathBuf,
+    /// What [`Steering::reclaim`] needs to take the group back after a failed
+    /// upgrade; the listeners are dropped when this process starts draining.
+    group: Mutex<Group>,
     /// Keeps the program and map fds for the process's life.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+}
+
+struct Group {
+    sockets: ReusePortSockArray<MapData>,
+    config: Array<MapData, u64>,
+    owner: Array<MapData, u64>,
+    prog_name: &'static str,
+    /// Duplicates of the workers' listener fds. Kept only while this process
+    /// accepts: a duplicate would keep a closing listener open, and with it
+    /// the kernel would neither reset nor migrate its queued connections.
+    listeners: Vec<TcpListener>,
 }
 
 /// The steering state in [`crate::server::Shared`].
@@ -268,11 +282,12 @@ impl Steering {
             // running kvroute owned them.
             let _ = std::fs::remove_dir_all(&pin_dir);
         }
-        let ebpf = res?;
+        let (ebpf, steered, group) = res?;
         Ok(Attached {
-            steered: ebpf.1,
+            steered,
             pin_dir,
-            _ebpf: ebpf.0,
+            group: Mutex::new(group),
+            ebpf,
         })
     }
 
@@ -280,7 +295,7 @@ impl Steering {
         &self,
         pin_dir: &Path,
         listeners: &[TcpListener],
-    ) -> Result<(Ebpf, Array<MapData, u32>), String> {
+    ) -> Result<(Ebpf, Array<MapData, u32>, Group), String> {
         let n = listeners.len();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
@@ -357,7 +372,94 @@ impl Steering {
         owner
             .set(0, u64::from(std::process::id()), 0)
             .map_err(|e| format!("writing {}: {e}", abi::MAP_OWNER))?;
-        Ok((ebpf, steered))
+        let listeners = listeners
+            .iter()
+            .map(TcpListener::try_clone)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("dup listener: {e}"))?;
+        let group = Group {
+            sockets,
+            config,
+            owner,
+            prog_name,
+            listeners,
+        };
+        Ok((ebpf, steered, group))
+    }
+
+    /// After an upgrade that failed once the new process had put its listeners
+    /// into the socket array (it exited or was stopped before it was ready):
+    /// its listeners left the array when they closed, and with empty slots the
+    /// program leaves every choice to the kernel's hash. This puts ours back,
+    /// rewrites the config and owner (the new process may have run another
+    /// worker count or replaced the pins), re-attaches our program (the group
+    /// runs the last one attached), and restarts the load counts from what
+    /// the program has steered so far. Returns what was done, for the log.
+    pub fn reclaim(&self) -> Result<String, String> {
+        let Some(a) = self.attached.get() else {
+            return Ok("kernel steering: nothing to reclaim".into());
+        };
+        let mut g = a.group.lock().unwrap_or_else(|p| p.into_inner());
+        if g.listeners.len() != self.workers.len() {
+            return Err("draining: listeners already given up".into());
+        }
+        let cfg = abi::SteeringConfig {
+            workers: g.listeners.len() as u32,
+            mode: self.policy.abi() as u32,
+        };
+        g.config
+            .set(0, pack(cfg.workers, cfg.mode), 0)
+            .map_err(|e| format!("writing {}: {e}", abi::MAP_CONFIG))?;
+        let Group {
+            sockets, listeners, ..
+        } = &mut *g;
+        for (i, l) in listeners.iter().enumerate() {
+            sockets
+                .set(i as u32, l, 0)
+                .map_err(|e| format!("worker {i}'s listener into {}: {e}", abi::MAP_SOCKETS))?;
+        }
+        for i in listeners.len() as u32..abi::MAX_WORKERS {
+            // Slots of a new process with more workers: already empty once its
+            // listeners closed; cleared anyway in case one is still open.
+            let _ = sockets.clear_index(&i);
+        }
+        let prog: &SkReuseport = a
+            .ebpf
+            .program(g.prog_name)
+            .ok_or("program vanished")?
+            .try_into()
+            .map_err(|e| format!("{e}"))?;
+        prog.attach(&g.listeners[0])
+            .map_err(|e| format!("SO_ATTACH_REUSEPORT_EBPF: {}", chain(&e)))?;
+        g.owner
+            .set(0, u64::from(std::process::id()), 0)
+            .map_err(|e| format!("writing {}: {e}", abi::MAP_OWNER))?;
+        drop(g);
+        for i in 0..self.workers.len() {
+            let s = a.steered.get(&(i as u32), 0).unwrap_or(0);
+            let live = self.workers[i].live.load(Ordering::Relaxed) as u32;
+            self.publish(i, |w| {
+                w.live = live;
+                w.accepted = s;
+            });
+        }
+        Ok(format!(
+            "{} listeners back in {}",
+            self.workers.len(),
+            abi::MAP_SOCKETS
+        ))
+    }
+
+    /// Drops the duplicated listener fds so the workers' close really closes
+    /// them (called when this process starts draining).
+    pub fn forget_listeners(&self) {
+        if let Some(a) = self.attached.get() {
+            a.group
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .listeners
+                .clear();
+        }
     }
 
     /// Counts a connection on `worker` until the guard drops.
@@ -420,6 +522,7 @@ impl Steering {
     /// Stops writing the map slots: a newer process owns them now.
     pub fn release(&self) {
         self.released.store(true, Ordering::Relaxed);
+        self.forget_listeners();
     }
 
     /// Removes the pins on a clean exit, so a later start gets fresh maps.

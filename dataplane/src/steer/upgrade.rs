@@ -147,6 +147,7 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
         }
         if let Ok(Some(st)) = child.try_wait() {
             tracing::error!(%st, "upgrade: new process exited before it was ready; keeping this one");
+            take_back(shared);
             return false;
         }
         if Instant::now() > deadline {
@@ -156,6 +157,7 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
             );
             let _ = child.kill();
             let _ = child.wait();
+            take_back(shared);
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -170,6 +172,19 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
     std::thread::spawn(move || child.wait());
     tracing::info!(pid, "upgrade: new process ready, draining this one");
     true
+}
+
+/// After a failed upgrade: the new process may have put its listeners into the
+/// socket array before it died, so this one puts its own back.
+fn take_back(shared: &Shared) {
+    shared.steering.set_successor(0);
+    match shared.steering.reclaim() {
+        Ok(what) => tracing::info!("upgrade: steering taken back: {what}"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "upgrade: could not take steering back; new connections follow the kernel's hash"
+        ),
+    }
 }
 
 /// `kvroute upgrade`: asks the admin API of the configured kvroute for its
