@@ -54,7 +54,7 @@ impl Default for RoutingConfig {
             anchor_bytes: 1024,
             w_cache: 1.0,
             w_load: 0.2,
-            w_prefill: 0.0,
+            w_prefill: 0.1,
             epsilon: 0.5,
             load_floor: 8,
             session_header: "x-session-id".into(),
