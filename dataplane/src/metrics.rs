@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS: &str = "kvroute_requests_total";
 pub const ERRORS: &str = "kvroute_errors_total";
 pub const IN_FLIGHT: &str = "kvroute_replica_in_flight";
+pub const PENDING_PREFILL: &str = "kvroute_replica_pending_prefill_bytes";
 pub const CONNECTIONS: &str = "kvroute_worker_connections";
 pub const UPSTREAM_CONNECT: &str = "kvroute_upstream_connect_seconds";
 pub const UPSTREAM_TTFB: &str = "kvroute_upstream_first_byte_seconds";

@@ -196,3 +196,69 @@ fn load_smoke_kv_aware_beats_round_robin() {
     eprintln!("hit ratio: round-robin {h_rr:.3}, kv-aware {h_kv:.3}");
     assert!(h_kv > h_rr, "kv-aware {h_kv} not above round-robin {h_rr}");
 }
+
+/// The queued prefill the kv-aware score weighs is real bookkeeping: a prompt the
+/// replica does not hold counts against it from routing until its first output
+/// byte, not while it decodes, and nothing is left over once the request ends.
+#[test]
+fn queued_prefill_is_counted_until_the_first_output_byte() {
+    // 2,000 tokens/s of prefill and 5 tokens/s of decode at real time: a 12 KB
+    // (3,000-token) prompt prefills for 1.5 s, then streams 8 tokens over 1.6 s.
+    let sim = Sim::start(
+        "r0",
+        &[
+            "--time-scale",
+            "1",
+            "--prefill-tps",
+            "2000",
+            "--decode-tps",
+            "5",
+        ],
+    );
+    let k = kvroute("kv-aware", &[&sim]);
+    let prompt = text(7, 12_000);
+    let body = serde_json::json!({
+        "model": "sim-model", "prompt": prompt, "max_tokens": 8, "stream": true
+    })
+    .to_string();
+    let addr = k.addr;
+    let client = std::thread::spawn(move || post(addr, "/v1/completions", &body).unwrap());
+    let replica = |k: &Kvroute| k.admin_get("/state").json()["replicas"][0].clone();
+    let limit = std::time::Duration::from_secs(10);
+    let mut queued = 0;
+    assert!(
+        kvroute_tests::harness::wait_until(limit, || {
+            queued = replica(&k)["pending_prefill_bytes"].as_u64().unwrap();
+            queued > 0
+        }),
+        "the prompt never showed up as queued prefill"
+    );
+    // Nothing cached yet: the whole prompt, give or take the JSON around it.
+    assert!((11_900..=12_100).contains(&queued), "queued {queued}");
+    let m = k.admin_get("/metrics").text();
+    assert!(
+        m.contains("kvroute_replica_pending_prefill_bytes{"),
+        "gauge missing: {m}"
+    );
+    // Prefill done, decode going: still in flight, no longer queued.
+    assert!(
+        kvroute_tests::harness::wait_until(limit, || {
+            let r = replica(&k);
+            r["pending_prefill_bytes"] == 0 && r["in_flight"] == 1
+        }),
+        "queued prefill not released at the first output byte: {}",
+        replica(&k)
+    );
+    let r = client.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("[DONE]"));
+    // The proxy takes the request off its books right after relaying the last byte.
+    assert!(
+        kvroute_tests::harness::wait_until(limit, || {
+            let r = replica(&k);
+            r["pending_prefill_bytes"] == 0 && r["in_flight"] == 0
+        }),
+        "request left on the books: {}",
+        replica(&k)
+    );
+}

@@ -160,6 +160,10 @@ pub struct ReplicaState {
     pub pool: Pool,
     pub healthy: bool,
     pub in_flight: u32,
+    /// Prompt bytes of in-flight requests the replica was predicted not to hold
+    /// and has not started answering: its queued prefill, as kv-aware scores it.
+    #[serde(default)]
+    pub pending_prefill_bytes: u64,
     pub requests_total: u64,
     /// Failed attempts (connect/reset/timeout), the passive health signal.
     pub failures_total: u64,

@@ -325,6 +325,8 @@ fn refresh_gauges(shared: &Shared) {
     for r in &shared.table.load().replicas {
         let url = r.spec.url.clone();
         metrics::gauge!(m::IN_FLIGHT, "replica" => url.clone()).set(r.in_flight() as f64);
+        metrics::gauge!(m::PENDING_PREFILL, "replica" => url.clone())
+            .set(r.pending_prefill() as f64);
         metrics::gauge!(m::REPLICA_HEALTHY, "replica" => url).set(if r.is_available() {
             1.0
         } else {
@@ -366,6 +368,7 @@ pub fn state(shared: &Shared) -> State {
                 pool: r.spec.pool,
                 healthy: r.healthy.load(Ordering::Relaxed),
                 in_flight: r.in_flight(),
+                pending_prefill_bytes: r.pending_prefill(),
                 requests_total: r.requests.load(Ordering::Relaxed),
                 failures_total: r.failures.load(Ordering::Relaxed),
                 external_load: r.external_load(),
