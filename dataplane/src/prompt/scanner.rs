@@ -116,25 +116,33 @@ fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
 }
 
 /// Where the string whose contents start at `start` ends (its closing quote),
-/// when it is valid; `None` on any fault, which the bytewise scan then names.
+/// when it is valid. On a fault, `Err` with where the bytewise scan should
+/// resume to find and name it: the faulty chunk's start, or the backslash just
+/// before it whose escape crosses into it (all before was valid, and the hex
+/// digits of a `\u` escape crossing in are plain bytes to it), so a long string
+/// with a fault at its end is not walked twice.
 /// 64 bytes per step, no branch per escape: the masks give the escaped bytes,
 /// the first unescaped quote ends the string, and every byte before it must be
 /// no control byte and every escape one JSON allows.
 #[inline]
-fn valid_string_end(buf: &[u8], start: usize) -> Option<usize> {
+fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
     let mut base = start;
     let mut carry = 0u64;
     let mut padded = [b' '; STRING_CHUNK];
     loop {
         let (chunk, valid) = match buf.get(base..base + STRING_CHUNK) {
-            Some(c) => (<&[u8; STRING_CHUNK]>::try_from(c).ok()?, !0u64),
+            Some(c) => match <&[u8; STRING_CHUNK]>::try_from(c) {
+                Ok(c) => (c, !0u64),
+                Err(_) => unreachable!("a 64-byte slice"),
+            },
             None => {
                 // The last partial chunk, padded; bits past the end are masked.
-                let rest = buf.get(base..)?;
+                let rest = &buf[base..];
                 padded[..rest.len()].copy_from_slice(rest);
                 (&padded, (1u64 << rest.len()) - 1)
             }
         };
+        let resume = base - carry as usize;
         let m = chunk_masks(chunk);
         let (escaped, next_carry) = escaped_bits(m.backslash, carry);
         let ends = m.quote & !escaped & valid;
@@ -145,7 +153,7 @@ fn valid_string_end(buf: &[u8], start: usize) -> Option<usize> {
             valid
         };
         if m.control & inside != 0 {
-            return None;
+            return Err(resume);
         }
         let mut esc = escaped & inside;
         while esc != 0 {
@@ -156,15 +164,15 @@ fn valid_string_end(buf: &[u8], start: usize) -> Option<usize> {
                     if buf
                         .get(base + p + 1..base + p + 5)
                         .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {}
-                _ => return None,
+                _ => return Err(resume),
             }
             esc &= esc - 1;
         }
         if ends != 0 {
-            return Some(base + ends.trailing_zeros() as usize);
+            return Ok(base + ends.trailing_zeros() as usize);
         }
         if valid != !0 {
-            return None;
+            return Err(resume);
         }
         carry = next_carry;
         base += STRING_CHUNK;
@@ -230,21 +238,22 @@ impl<'a> Scanner<'a> {
         self.expect_byte(b'"', "expected a string")?;
         let start = self.pos;
         match valid_string_end(self.buf, start) {
-            Some(end) => {
+            Ok(end) => {
                 self.pos = end + 1;
                 Ok(&self.buf[start..end])
             }
-            None => self.string_bytewise(start),
+            Err(resume) => self.string_bytewise(start, resume),
         }
     }
 
-    /// The same scan a byte at a time: the reference the fast scan is tested
-    /// against, and the path that finds and names the first fault of a bad string.
+    /// The same scan a byte at a time from `from` (at or after `start`, outside
+    /// any escape): the reference the fast scan is tested against, and the path
+    /// that finds and names the first fault of a bad string.
     #[cold]
     #[inline(never)]
-    fn string_bytewise(&mut self, start: usize) -> Result<&'a [u8], ExtractError> {
+    fn string_bytewise(&mut self, start: usize, from: usize) -> Result<&'a [u8], ExtractError> {
         let buf = self.buf;
-        let mut i = start;
+        let mut i = from;
         while let Some(&b) = buf.get(i) {
             match b {
                 b'"' => {
@@ -592,7 +601,7 @@ mod tests {
         let got = fast.string();
         let want = slow
             .expect_byte(b'"', "expected a string")
-            .and_then(|()| slow.string_bytewise(slow.pos));
+            .and_then(|()| slow.string_bytewise(slow.pos, slow.pos));
         prop_assert_eq!(&got, &want, "{:?}", String::from_utf8_lossy(body));
         prop_assert_eq!(fast.pos, slow.pos);
         Ok(())
