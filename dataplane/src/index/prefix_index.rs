@@ -2,7 +2,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use super::shard::Shard;
 use crate::replica::MAX_REPLICAS;
@@ -10,9 +12,16 @@ use crate::replica::MAX_REPLICAS;
 /// Below this many hashes a lookup batch locks per hash; above, it groups the
 /// batch by shard so each shard lock is taken once.
 const GROUP_THRESHOLD: usize = 32;
-/// First lookup batch; each next one doubles, so a prompt sharing only a short
-/// prefix costs about twice that prefix, not the whole prompt.
+/// First lookup batch; each next one is `BATCH_GROWTH` times larger, so a prompt
+/// sharing only a short prefix costs a small multiple of that prefix, not the
+/// whole prompt.
 const FIRST_BATCH: usize = 8;
+/// Why 4 and not 2: a shard lock (an uncontended lock + unlock, two atomic
+/// read-modify-writes) costs about as much as five map lookups, and a grouped
+/// batch takes about `min(batch, shards)` of them. Doubling from 8 took ~280
+/// locks for 1024 blocks (half of `longest_match`'s time); growing 4x, and
+/// taking a remainder smaller than the next batch along, takes ~150.
+const BATCH_GROWTH: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexConfig {
@@ -77,9 +86,20 @@ pub struct IndexStats {
     pub evictions: u64,
 }
 
+/// Buffers of [`PrefixIndex::group_into`].
+#[derive(Default)]
+struct GroupScratch {
+    order: Vec<u32>,
+    starts: Vec<u32>,
+    fill: Vec<u32>,
+}
+
 /// Block hash → replicas holding it, shared by all workers.
 pub struct PrefixIndex {
-    shards: Box<[Mutex<Shard>]>,
+    /// Padded to a cache line each: neighbouring shards' locks would otherwise
+    /// share a line (a `Mutex<Shard>` is 72 bytes), and workers locking different
+    /// shards would still contend for it.
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
     shard_mask: usize,
     max_entries_per_shard: usize,
     /// Pairs tracked per slot, against `budget`.
@@ -93,7 +113,9 @@ impl PrefixIndex {
     pub fn new(cfg: &IndexConfig) -> Self {
         let shards = cfg.shards.clamp(1, 1 << 16).next_power_of_two();
         PrefixIndex {
-            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..shards)
+                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
+                .collect(),
             shard_mask: shards - 1,
             max_entries_per_shard: cfg.max_entries.div_ceil(shards).max(1),
             live: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -213,14 +235,20 @@ impl PrefixIndex {
     pub fn longest_match(&self, hashes: &[u64], candidates: u128) -> MatchCounts {
         let mut out = MatchCounts::default();
         let mut alive = candidates;
-        let mut bits: Vec<u128> = Vec::new();
+        let mut bits: SmallVec<[u128; FIRST_BATCH * BATCH_GROWTH]> = SmallVec::new();
+        let mut scratch = GroupScratch::default();
         let mut start = 0;
         let mut batch = FIRST_BATCH;
         while start < hashes.len() && alive != 0 {
-            let end = (start + batch).min(hashes.len());
+            let mut end = (start + batch).min(hashes.len());
+            if start > 0 && hashes.len() - end < batch * BATCH_GROWTH {
+                // After the first batch, a rest smaller than the next batch would
+                // be joins this one.
+                end = hashes.len();
+            }
             bits.clear();
             bits.resize(end - start, 0);
-            self.lookup_batch(&hashes[start..end], &mut bits);
+            self.lookup_batch(&hashes[start..end], &mut bits, &mut scratch);
             for (i, &b) in bits.iter().enumerate() {
                 let next = alive & b;
                 if next != alive {
@@ -237,7 +265,7 @@ impl PrefixIndex {
                 }
             }
             start = end;
-            batch *= 2;
+            batch *= BATCH_GROWTH;
         }
         while alive != 0 {
             let slot = alive.trailing_zeros() as usize;
@@ -247,14 +275,22 @@ impl PrefixIndex {
         out
     }
 
-    fn lookup_batch(&self, hashes: &[u64], out: &mut [u128]) {
+    /// One hash's holders, one lock: the reference the batched lookup is tested
+    /// against.
+    #[cfg(test)]
+    pub(super) fn lookup_one(&self, hash: u64) -> u128 {
+        self.shards[self.shard_of(hash)].lock().lookup(hash)
+    }
+
+    fn lookup_batch(&self, hashes: &[u64], out: &mut [u128], scratch: &mut GroupScratch) {
         if hashes.len() < GROUP_THRESHOLD {
             for (o, &h) in out.iter_mut().zip(hashes) {
                 *o = self.shards[self.shard_of(h)].lock().lookup(h);
             }
             return;
         }
-        let (order, starts) = self.group_by_shard(hashes);
+        self.group_into(hashes, scratch);
+        let GroupScratch { order, starts, .. } = scratch;
         for (shard, range) in starts.windows(2).enumerate() {
             let (a, b) = (range[0] as usize, range[1] as usize);
             if a == b {
@@ -270,22 +306,36 @@ impl PrefixIndex {
     /// A stable counting sort of positions by shard: `order[starts[s]..starts[s+1]]`
     /// are the positions (ascending) of the hashes living in shard `s`.
     fn group_by_shard(&self, hashes: &[u64]) -> (Vec<u32>, Vec<u32>) {
+        let mut scratch = GroupScratch::default();
+        self.group_into(hashes, &mut scratch);
+        (scratch.order, scratch.starts)
+    }
+
+    /// [`Self::group_by_shard`] into buffers reused across a lookup's batches.
+    fn group_into(&self, hashes: &[u64], scratch: &mut GroupScratch) {
         let n = self.shards.len();
-        let mut starts = vec![0u32; n + 1];
+        let GroupScratch {
+            order,
+            starts,
+            fill,
+        } = scratch;
+        starts.clear();
+        starts.resize(n + 1, 0);
         for &h in hashes {
             starts[self.shard_of(h) + 1] += 1;
         }
         for s in 0..n {
             starts[s + 1] += starts[s];
         }
-        let mut fill = starts.clone();
-        let mut order = vec![0u32; hashes.len()];
+        fill.clear();
+        fill.extend_from_slice(&starts[..n]);
+        order.clear();
+        order.resize(hashes.len(), 0);
         for (i, &h) in hashes.iter().enumerate() {
             let s = self.shard_of(h);
             order[fill[s] as usize] = i as u32;
             fill[s] += 1;
         }
-        (order, starts)
     }
 
     pub fn stats(&self) -> IndexStats {

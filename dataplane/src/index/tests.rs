@@ -149,6 +149,37 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Batching, grouping by shard and the early stop never change the answer:
+    /// each candidate's count is its first miss, found one hash at a time. Chains
+    /// cross every batch boundary (8, 40, 168, then the rest); slots hold
+    /// prefixes, suffixes and middles of the chain, so misses come anywhere.
+    #[test]
+    fn longest_match_equals_a_hash_by_hash_walk(
+        len in 0usize..1300,
+        held in proptest::collection::vec((0u16..8, 0.0f64..1.0, 0.0f64..1.0), 0..10),
+        candidates in any::<u128>(),
+        shards in prop_oneof![Just(1usize), Just(8), Just(64)],
+    ) {
+        let ix = index(shards, 1 << 20);
+        let a = chain(7, len);
+        for (slot, x, y) in held {
+            let (i, j) = ((x * len as f64) as usize, (y * len as f64) as usize);
+            ix.insert(slot, &a[i.min(j)..i.max(j)]);
+        }
+        let m = ix.longest_match(&a, candidates);
+        for slot in 0..128u16 {
+            let want = if candidates & (1 << slot) == 0 {
+                0
+            } else {
+                a.iter().take_while(|&&h| ix.lookup_one(h) & (1 << slot) != 0).count() as u32
+            };
+            prop_assert_eq!(m.get(slot), want, "slot {}", slot);
+        }
+    }
+}
+
 /// Workers share one index: concurrent inserts, lookups and clears keep the
 /// per-replica counts consistent with the tables and within budget.
 #[test]

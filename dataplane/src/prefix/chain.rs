@@ -67,12 +67,6 @@ impl BlockHasher {
         }
     }
 
-    #[inline]
-    fn push_block(&mut self, block: &[u8]) {
-        self.prev = fold(self.prev, block);
-        self.out.push(self.prev);
-    }
-
     pub fn feed(&mut self, mut bytes: &[u8]) {
         self.total += bytes.len();
         if !self.pending.is_empty() {
@@ -86,10 +80,15 @@ impl BlockHasher {
             self.out.push(self.prev);
             self.pending.clear();
         }
+        // Full blocks straight from the slice; `extend` reserves once, so the loop
+        // has no per-block capacity check.
         let mut blocks = bytes.chunks_exact(self.block);
-        for block in &mut blocks {
-            self.push_block(block);
-        }
+        let mut prev = self.prev;
+        self.out.extend((&mut blocks).map(|block| {
+            prev = fold(prev, block);
+            prev
+        }));
+        self.prev = prev;
         self.pending.extend_from_slice(blocks.remainder());
     }
 

@@ -1,6 +1,8 @@
 //! A validating JSON scanner that never copies: strings come back as the raw bytes
 //! between their quotes, any value can be skipped and returned as its raw text.
 
+use wide::u8x16;
+
 use super::ExtractError;
 
 /// Containers deeper than this are rejected rather than walked, so hostile bodies
@@ -27,49 +29,154 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
 }
 
-/// A mask with bits `0..n` clear and the rest set (none set from 64 on).
-#[inline(always)]
-fn below_cleared(n: usize) -> u64 {
-    if n >= 64 {
-        0
-    } else {
-        !0u64 << n
-    }
-}
-
-/// Bytes that may follow a backslash, other than `u`.
-const SIMPLE_ESCAPE: [bool; 256] = {
-    let mut t = [false; 256];
+/// What may follow a backslash: `ESCAPE_SIMPLE` bytes are a whole escape,
+/// `ESCAPE_UNICODE` (`u`) needs four hex digits, anything else is invalid.
+const ESCAPE_INVALID: u8 = 0;
+const ESCAPE_SIMPLE: u8 = 1;
+const ESCAPE_UNICODE: u8 = 2;
+const ESCAPE_CLASS: [u8; 256] = {
+    let mut t = [ESCAPE_INVALID; 256];
     let ok = *b"\"\\/bfnrt";
     let mut k = 0;
     while k < ok.len() {
-        t[ok[k] as usize] = true;
+        t[ok[k] as usize] = ESCAPE_SIMPLE;
         k += 1;
     }
+    t[b'u' as usize] = ESCAPE_UNICODE;
     t
 };
 
-/// Bit i set when byte i is a quote, a backslash or a control byte: the only
-/// bytes a string scan must stop at. The compare vectorises (baseline SSE2/NEON)
-/// into 0/1 bytes and one multiply packs each 8 of them into 8 bits, the
-/// "movemask" that safe stable Rust has no intrinsic for. Escape-dense prompt
-/// text (a special every ~30 bytes) scans at ~5.5 GB/s this way, against ~1-2.5
-/// GB/s stopping at each special with a bytewise search or `memchr2`.
+/// One 64-byte chunk of a string as bit masks (bit i = byte i).
+struct ChunkMasks {
+    quote: u64,
+    backslash: u64,
+    /// Bytes below 0x20, which JSON forbids inside strings.
+    control: u64,
+}
+
+/// Bits of the 16 lanes of four vectors whose byte is 0xff.
 #[inline(always)]
-fn special_mask(chunk: &[u8; STRING_CHUNK]) -> u64 {
-    let mut flags = [0u8; STRING_CHUNK];
-    for (f, &b) in flags.iter_mut().zip(chunk) {
-        *f = u8::from((b == b'"') | (b == b'\\') | (b < 0x20));
+fn movemask4(v: [u8x16; 4]) -> u64 {
+    v.iter().enumerate().fold(0, |m, (k, x)| {
+        m | (u64::from(x.move_mask() as u16) << (16 * k))
+    })
+}
+
+/// Why `wide` and not a byte search: a string scan must stop at quotes and
+/// backslashes and reject control bytes. `memchr2` stops at every escape (a
+/// `\n` or `\"` every ~30 bytes of real prompt text) and still needs a separate
+/// control-byte pass; a portable multiply-pack "movemask" (the previous version)
+/// spends ~8 multiplies per mask. SSE2/NEON compares plus one `pmovmskb` per 16
+/// bytes, through `wide`'s safe wrappers (the crate stays free of `unsafe`), give
+/// all three masks; control bytes are exceptional, so their exact mask is only
+/// computed when the chunk's minimum byte is one.
+#[inline(always)]
+fn chunk_masks(chunk: &[u8; STRING_CHUNK]) -> ChunkMasks {
+    let v: [u8x16; 4] = std::array::from_fn(|k| {
+        let mut lane = [0u8; 16];
+        lane.copy_from_slice(&chunk[16 * k..16 * k + 16]);
+        u8x16::new(lane)
+    });
+    let quote = u8x16::splat(b'"');
+    let backslash = u8x16::splat(b'\\');
+    let below_space = u8x16::splat(0x1f);
+    let is_control = |x: u8x16| x.min(below_space).cmp_eq(x);
+    let low = v[0].min(v[1]).min(v[2].min(v[3]));
+    ChunkMasks {
+        quote: movemask4(v.map(|x| x.cmp_eq(quote))),
+        backslash: movemask4(v.map(|x| x.cmp_eq(backslash))),
+        control: if is_control(low).any() {
+            movemask4(v.map(is_control))
+        } else {
+            0
+        },
     }
-    let mut mask = 0u64;
-    for (k, group) in flags.chunks_exact(8).enumerate() {
-        let Ok(group) = <[u8; 8]>::try_from(group) else {
-            unreachable!("chunks_exact(8)")
+}
+
+const ODD_BITS: u64 = 0xAAAA_AAAA_AAAA_AAAA;
+
+/// The bytes a backslash escapes, given the chunk's backslashes and `carry` (bit 0
+/// set when the previous chunk ended in an unpaired backslash); returns them and
+/// the carry for the next chunk. A run of backslashes pairs up from its start, so
+/// its odd-numbered members are escapes and the byte after an odd-length run is
+/// escaped: simdjson's branchless form of that (`json_escape_scanner`), one
+/// subtraction per chunk instead of a step per backslash.
+#[inline(always)]
+fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
+    if backslash == 0 {
+        return (carry, 0);
+    }
+    // A backslash escaped from the previous chunk starts nothing.
+    let potential = backslash & !carry;
+    let maybe_escaped = potential << 1;
+    let escape_and_terminal = (maybe_escaped | ODD_BITS).wrapping_sub(potential) ^ ODD_BITS;
+    let escaped = escape_and_terminal ^ (backslash | carry);
+    let escapes = escape_and_terminal & backslash;
+    (escaped, escapes >> 63)
+}
+
+/// Where the string whose contents start at `start` ends (its closing quote),
+/// when it is valid. On a fault, `Err` with where the bytewise scan should
+/// resume to find and name it: the faulty chunk's start, or the backslash just
+/// before it whose escape crosses into it (all before was valid, and the hex
+/// digits of a `\u` escape crossing in are plain bytes to it), so a long string
+/// with a fault at its end is not walked twice.
+/// 64 bytes per step, no branch per escape: the masks give the escaped bytes,
+/// the first unescaped quote ends the string, and every byte before it must be
+/// no control byte and every escape one JSON allows.
+#[inline]
+fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
+    let mut base = start;
+    let mut carry = 0u64;
+    let mut padded = [b' '; STRING_CHUNK];
+    loop {
+        let (chunk, valid) = match buf.get(base..base + STRING_CHUNK) {
+            Some(c) => match <&[u8; STRING_CHUNK]>::try_from(c) {
+                Ok(c) => (c, !0u64),
+                Err(_) => unreachable!("a 64-byte slice"),
+            },
+            None => {
+                // The last partial chunk, padded; bits past the end are masked.
+                let rest = &buf[base..];
+                padded[..rest.len()].copy_from_slice(rest);
+                (&padded, (1u64 << rest.len()) - 1)
+            }
         };
-        // Bytes are 0 or 1: byte i of the product's top byte is bit i, no carries.
-        mask |= (u64::from_le_bytes(group).wrapping_mul(0x0102_0408_1020_4080) >> 56) << (k * 8);
+        let resume = base - carry as usize;
+        let m = chunk_masks(chunk);
+        let (escaped, next_carry) = escaped_bits(m.backslash, carry);
+        let ends = m.quote & !escaped & valid;
+        // The bytes inside the string: before the closing quote, else all.
+        let inside = if ends != 0 {
+            (ends & ends.wrapping_neg()) - 1
+        } else {
+            valid
+        };
+        if m.control & inside != 0 {
+            return Err(resume);
+        }
+        let mut esc = escaped & inside;
+        while esc != 0 {
+            let p = esc.trailing_zeros() as usize;
+            match ESCAPE_CLASS[usize::from(chunk[p])] {
+                ESCAPE_SIMPLE => {}
+                ESCAPE_UNICODE
+                    if buf
+                        .get(base + p + 1..base + p + 5)
+                        .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {}
+                _ => return Err(resume),
+            }
+            esc &= esc - 1;
+        }
+        if ends != 0 {
+            return Ok(base + ends.trailing_zeros() as usize);
+        }
+        if valid != !0 {
+            return Err(resume);
+        }
+        carry = next_carry;
+        base += STRING_CHUNK;
     }
-    mask
 }
 
 impl<'a> Scanner<'a> {
@@ -129,41 +236,24 @@ impl<'a> Scanner<'a> {
     /// control bytes; UTF-8 is left to the replica, which sees the same bytes.
     pub fn string(&mut self) -> Result<&'a [u8], ExtractError> {
         self.expect_byte(b'"', "expected a string")?;
-        let buf = self.buf;
         let start = self.pos;
-        let mut i = start;
-        // Full chunks by bitmask; `i` may run past a chunk's end after an escape.
-        let mut base = start;
-        while let Some(chunk) = buf.get(base..base + STRING_CHUNK) {
-            let Ok(chunk) = <&[u8; STRING_CHUNK]>::try_from(chunk) else {
-                break;
-            };
-            // Bits of bytes an escape that began in the previous chunk consumed.
-            let mut mask = special_mask(chunk) & below_cleared(i - base);
-            while mask != 0 {
-                i = base + mask.trailing_zeros() as usize;
-                match buf[i] {
-                    b'"' => {
-                        self.pos = i + 1;
-                        return Ok(&buf[start..i]);
-                    }
-                    // The common escapes inline; the rest (and errors) out of line.
-                    b'\\'
-                        if buf
-                            .get(i + 1)
-                            .is_some_and(|&e| SIMPLE_ESCAPE[usize::from(e)]) =>
-                    {
-                        i += 2
-                    }
-                    _ => i += self.escape_or_control(i)?,
-                }
-                // Drop this special and whatever its escape covered.
-                mask &= below_cleared(i - base);
+        match valid_string_end(self.buf, start) {
+            Ok(end) => {
+                self.pos = end + 1;
+                Ok(&self.buf[start..end])
             }
-            base += STRING_CHUNK;
-            i = i.max(base);
+            Err(resume) => self.string_bytewise(start, resume),
         }
-        // The tail, byte by byte.
+    }
+
+    /// The same scan a byte at a time from `from` (at or after `start`, outside
+    /// any escape): the reference the fast scan is tested against, and the path
+    /// that finds and names the first fault of a bad string.
+    #[cold]
+    #[inline(never)]
+    fn string_bytewise(&mut self, start: usize, from: usize) -> Result<&'a [u8], ExtractError> {
+        let buf = self.buf;
+        let mut i = from;
         while let Some(&b) = buf.get(i) {
             match b {
                 b'"' => {
@@ -180,8 +270,6 @@ impl<'a> Scanner<'a> {
 
     /// At a backslash or control byte inside a string: the escape's length, or
     /// the error.
-    #[cold]
-    #[inline(never)]
     fn escape_or_control(&mut self, i: usize) -> Result<usize, ExtractError> {
         let buf = self.buf;
         if buf[i] != b'\\' {
@@ -407,6 +495,7 @@ impl<'a> Scanner<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn skip(s: &str) -> Result<&[u8], ExtractError> {
         let mut sc = Scanner::new(s.as_bytes());
@@ -500,5 +589,78 @@ mod tests {
         assert!(matches!(skip(&deep), Err(ExtractError::TooDeep { .. })));
         let ok = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
         assert!(skip(&ok).is_ok());
+    }
+
+    /// The fast scan and the bytewise reference on one body: same slice or same
+    /// error (offset included), same position after.
+    fn agree(body: &[u8], at: usize) -> Result<(), TestCaseError> {
+        let mut fast = Scanner::new(body);
+        fast.pos = at;
+        let mut slow = Scanner::new(body);
+        slow.pos = at;
+        let got = fast.string();
+        let want = slow
+            .expect_byte(b'"', "expected a string")
+            .and_then(|()| slow.string_bytewise(slow.pos, slow.pos));
+        prop_assert_eq!(&got, &want, "{:?}", String::from_utf8_lossy(body));
+        prop_assert_eq!(fast.pos, slow.pos);
+        Ok(())
+    }
+
+    /// Bytes that matter to a string scan, plus plain ASCII and UTF-8.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => "[a-z ]{1,20}".prop_map(String::into_bytes),
+            1 => Just(b"\"".to_vec()),
+            2 => Just(b"\\".to_vec()),
+            1 => Just(b"\\\\".to_vec()),
+            1 => Just(b"\\n".to_vec()),
+            1 => Just(b"\\u00e9".to_vec()),
+            1 => Just(b"\\u0".to_vec()),
+            1 => Just(b"u12aF".to_vec()),
+            1 => Just(b"/bfnrtx".to_vec()),
+            1 => (0u8..0x20).prop_map(|b| vec![b]),
+            1 => Just(b"\x7f".to_vec()),
+            1 => "\\PC{1,4}".prop_map(String::into_bytes),
+            1 => any::<u8>().prop_map(|b| vec![b]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random strings of escapes, backslash runs, quotes, control bytes and
+        /// unicode, at every alignment and length around the 64-byte chunks.
+        #[test]
+        fn fast_string_scan_equals_bytewise(
+            lead in 0usize..70,
+            pieces in proptest::collection::vec(piece(), 0..40),
+            close in any::<bool>(),
+        ) {
+            let mut body = vec![b' '; lead];
+            body.push(b'"');
+            for p in &pieces {
+                body.extend_from_slice(p);
+            }
+            if close {
+                body.extend_from_slice(b"\"tail");
+            }
+            agree(&body, lead)?;
+            // Every suffix start that is a quote: strings beginning mid-chunk.
+            for at in 0..body.len().min(200) {
+                if body[at] == b'"' {
+                    agree(&body, at)?;
+                }
+            }
+        }
+
+        #[test]
+        fn fast_string_scan_equals_bytewise_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut body = b"\"".to_vec();
+            body.extend_from_slice(&bytes);
+            agree(&body, 0)?;
+        }
     }
 }
