@@ -296,16 +296,7 @@ fn unprivileged_starts_on_kernel_steering_and_says_so() {
         assert!(st["fallback_reason"].is_string(), "{st}");
         return;
     }
-    // target/ may not be readable by nobody; a copy in a world-readable dir is.
-    let dir = std::env::temp_dir().join(format!("kvroute-unpriv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bin = dir.join("kvroute");
-    std::fs::copy(workspace_bin("kvroute"), &bin).unwrap();
-    let _ = Command::new("chmod")
-        .arg("755")
-        .arg(&dir)
-        .arg(&bin)
-        .status();
+    let (dir, bin) = world_readable_kvroute("unpriv");
     let up = Upstream::start("a");
     let (port, admin) = (free_port(), free_port());
     let child = Command::new("setpriv")
@@ -530,16 +521,7 @@ fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
         eprintln!("skipped: {why}");
         return;
     }
-    // target/ may not be readable by nobody; a copy in a world-readable dir is.
-    let dir = std::env::temp_dir().join(format!("kvroute-dropin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bin = dir.join("kvroute");
-    std::fs::copy(workspace_bin("kvroute"), &bin).unwrap();
-    let _ = Command::new("chmod")
-        .arg("755")
-        .arg(&dir)
-        .arg(&bin)
-        .status();
+    let (dir, bin) = world_readable_kvroute("dropin");
     let up = Upstream::start("a");
     let (port, admin) = (free_port(), free_port());
     let script = format!(
@@ -585,4 +567,19 @@ fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
     drop(c);
     stop(k);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A copy of the kvroute binary that user nobody can run: target/ may not be
+/// readable by nobody, a world-readable temp dir is. Returns (dir, binary).
+fn world_readable_kvroute(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("kvroute-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("kvroute");
+    std::fs::copy(workspace_bin("kvroute"), &bin).unwrap();
+    let _ = Command::new("chmod")
+        .arg("755")
+        .arg(&dir)
+        .arg(&bin)
+        .status();
+    (dir, bin)
 }

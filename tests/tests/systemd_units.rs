@@ -67,6 +67,16 @@ fn staged_unit(name: &str, dropins: &[&str]) -> PathBuf {
     dst
 }
 
+/// `systemd-analyze security --offline=yes` of a staged unit: its report.
+fn security(unit: &std::path::Path) -> String {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Verifies the unit (with `dropins`) and returns its exposure score.
 fn check(name: &str, dropins: &[&str]) -> Option<f64> {
     if !analyze_available() {
@@ -84,12 +94,7 @@ fn check(name: &str, dropins: &[&str]) -> Option<f64> {
         "verify {name}: {stderr}"
     );
 
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes"])
-        .arg(&unit)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = security(&unit);
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level"))
@@ -126,13 +131,7 @@ fn kvroute_unit_with_ebpf_steering_dropin_verifies_and_is_hardened() {
     let Some(with) = check("kvroute.service", &[DROPIN]) else {
         return;
     };
-    let unit = staged_unit("kvroute.service", &[DROPIN]);
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes"])
-        .arg(&unit)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = security(&staged_unit("kvroute.service", &[DROPIN]));
     // CAP_BPF granted; CAP_NET_ADMIN not (sk_reuseport needs CAP_BPF only).
     for (cap, granted) in [("CAP_BPF", true), ("CAP_NET_ADMIN", false)] {
         let line = text
