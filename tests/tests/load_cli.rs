@@ -394,6 +394,62 @@ async fn synthetic_shared_prefix_sends_turns_in_order_over_reused_connections() 
     assert!(v["ideal_hit_ratio"].as_f64().unwrap() > 0.5);
 }
 
+/// Several targets (router instances sharing one fleet): every request goes to exactly one,
+/// turns of one conversation are spread over them independently, and the summary counts
+/// requests per target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_targets_split_requests_and_count_them() {
+    let a = start_fake(Faults::default()).await;
+    let b = start_fake(Faults::default()).await;
+    let targets = format!("{},{}", a.url, b.url);
+    let v = run_load(&[
+        "--synthetic",
+        "shared-prefix",
+        "--target",
+        &targets,
+        "--groups",
+        "4",
+        "--users",
+        "5",
+        "--turns",
+        "4",
+        "--system-bytes",
+        "512",
+        "--rate",
+        "400",
+        "--chat",
+    ])
+    .await;
+    let (sa, sb) = (a.state.lock().unwrap(), b.state.lock().unwrap());
+    assert_eq!(v["requests"], 80);
+    assert_eq!(v["errors"], 0);
+    let per_target: Vec<u64> = v["per_target"]
+        .as_array()
+        .expect("per_target")
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    assert_eq!(per_target, vec![sa.requests, sb.requests]);
+    assert_eq!(sa.requests + sb.requests, 80);
+    // 80 fair coin flips: each side well away from 0 and 80.
+    assert!(
+        (20..=60).contains(&sa.requests),
+        "split {} / {}",
+        sa.requests,
+        sb.requests
+    );
+    // Conversations are not pinned to one target: most show up on both.
+    let both = sa
+        .sessions
+        .keys()
+        .filter(|id| sb.sessions.contains_key(*id))
+        .count();
+    assert!(
+        both >= 10,
+        "{both} of 20 conversations reached both targets"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_counted_by_kind() {
     if !trace_available() {

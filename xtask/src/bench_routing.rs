@@ -867,6 +867,45 @@ mod tests {
         assert!(md.contains("Skipped rows"), "{md}");
     }
 
+    /// A row run as several instances is set against the same router's single-instance row.
+    #[test]
+    fn multi_instance_rows_are_compared_with_one_instance() {
+        let mut r = report();
+        let w = &mut r.workloads[0];
+        let Outcome::Ok(single) = &w.rows[0].outcome else {
+            unreachable!()
+        };
+        let single = single.as_ref().clone();
+        let mut multi = single.clone();
+        multi.fleet.hit_ratio = 0.2;
+        let spec = RouterSpec::Kvroute {
+            policy: "round-robin".into(),
+            workers: 1,
+            instances: 3,
+        };
+        assert_eq!(spec.label(), "kvroute round-robin x3");
+        w.rows.push(Row {
+            router: spec.label(),
+            outcome: Outcome::Ok(Box::new(multi)),
+        });
+        // The single-instance kv-aware row was skipped: nothing to compare with, so the
+        // x2 row is left out rather than guessed.
+        w.rows.push(Row {
+            router: "kvroute kv-aware x2".into(),
+            outcome: Outcome::Ok(Box::new(single)),
+        });
+        assert_eq!(
+            instance_ratios(w),
+            vec!["kvroute round-robin x3: 20.0 % vs 25.0 % as one instance (0.80x)"]
+        );
+        let md = markdown(&r);
+        assert!(
+            md.contains("combined hit ratio against one instance"),
+            "{md}"
+        );
+        assert!(md.contains("- kvroute round-robin x3: 20.0 %"), "{md}");
+    }
+
     #[test]
     fn chart_renders_with_and_without_measured_rows() {
         let dir = std::env::temp_dir().join(format!("xtask-chart-{}", std::process::id()));
