@@ -40,6 +40,26 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     p
 }
 
+/// A BPF test cannot run here because of `why`: a failure when `KVROUTE_REQUIRE_BPF` is set
+/// (CI), else a printed skip; the caller returns.
+pub fn skip_without_bpf(why: &str) {
+    if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
+        panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but {why}");
+    }
+    eprintln!("skipped: {why}");
+}
+
+/// Whether `steering` (the `steering` object of `/state`) has the BPF program attached; if
+/// not, [`skip_without_bpf`] with kvroute's own fallback reason.
+pub fn bpf_attached(steering: &serde_json::Value) -> bool {
+    if steering["attached"] == true {
+        return true;
+    }
+    let why = steering["fallback_reason"].as_str().unwrap_or("unknown");
+    skip_without_bpf(&format!("eBPF steering is unavailable here ({why})"));
+    false
+}
+
 /// Polls `f` every 20 ms until it is true or `limit` passes.
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;

@@ -64,6 +64,16 @@ fn start(io: &str, extra: &[&str]) -> Kvroute {
     k
 }
 
+/// [`start`] with `toml` as its config file and `up` as its one replica.
+fn start_with_config(io: &str, toml: &str, up: &Upstream) -> Kvroute {
+    let cfg = tempdir().join("kvroute.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    start(
+        io,
+        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+    )
+}
+
 fn forwards_non_streaming_and_rewrites_headers(io: &str) {
     let up = Upstream::start("a");
     let k = start(io, &["--replica", &up.url()]);
@@ -213,16 +223,10 @@ fn rejects_malformed_and_smuggling_requests(io: &str) {
 
 fn enforces_size_limits(io: &str) {
     let up = Upstream::start("a");
-    let dir = tempdir();
-    let cfg = dir.join("kvroute.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\nmax_body_bytes = 1000\nmax_head_bytes = 2048\n",
-    )
-    .unwrap();
-    let k = start(
+    let k = start_with_config(
         io,
-        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+        "[limits]\nmax_body_bytes = 1000\nmax_head_bytes = 2048\n",
+        &up,
     );
     let big = "x".repeat(1001);
     expect_error(
@@ -255,16 +259,10 @@ fn enforces_size_limits(io: &str) {
 
 fn times_out_slow_clients_without_hurting_others(io: &str) {
     let up = Upstream::start("a");
-    let dir = tempdir();
-    let cfg = dir.join("kvroute.toml");
-    std::fs::write(
-        &cfg,
-        "[limits]\nhead_timeout_ms = 300\nbody_timeout_ms = 300\n",
-    )
-    .unwrap();
-    let k = start(
+    let k = start_with_config(
         io,
-        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+        "[limits]\nhead_timeout_ms = 300\nbody_timeout_ms = 300\n",
+        &up,
     );
     let mut slow_head = Client::connect(k.addr).unwrap();
     slow_head
@@ -544,12 +542,10 @@ fn rejects_bad_json_and_routes_by_model(io: &str) {
 
 fn holds_requests_while_replicas_restart(io: &str) {
     let up = Upstream::start("a");
-    let dir = tempdir();
-    let cfg = dir.join("kvroute.toml");
-    std::fs::write(&cfg, "[upstream]\nqueue_timeout_ms = 3000\n").unwrap();
-    let k = Arc::new(start(
+    let k = Arc::new(start_with_config(
         io,
-        &["--config", cfg.to_str().unwrap(), "--replica", &up.url()],
+        "[upstream]\nqueue_timeout_ms = 3000\n",
+        &up,
     ));
     let down = format!(
         r#"{{"replicas":[{{"url":"{}","healthy":false}}]}}"#,

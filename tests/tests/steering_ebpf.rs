@@ -11,7 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kvroute_tests::harness::{
-    free_port, wait_until, workspace_bin, Client, Kvroute, Proc, Upstream,
+    bpf_attached, free_port, skip_without_bpf, wait_until, workspace_bin, Client, Kvroute, Proc,
+    Upstream,
 };
 use serde_json::Value;
 
@@ -33,19 +34,7 @@ fn is_root() -> bool {
 /// `None` (skip, reason printed) when it could not and BPF is not required.
 fn start_bpf(extra: &[&str]) -> Option<Kvroute> {
     let k = Kvroute::start(extra);
-    let st = steering(&k);
-    if st["attached"] == true {
-        return Some(k);
-    }
-    let why = st["fallback_reason"]
-        .as_str()
-        .unwrap_or("unknown")
-        .to_string();
-    if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-        panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {why}");
-    }
-    eprintln!("skipped: eBPF steering unavailable here ({why})");
-    None
+    bpf_attached(&steering(&k)).then_some(k)
 }
 
 /// SIGTERM, so kvroute removes its pins (SIGKILL on drop would leave them).
@@ -515,10 +504,7 @@ fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
         } else {
             "needs unshare, setpriv and mount (util-linux)"
         };
-        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but this test {why}");
-        }
-        eprintln!("skipped: {why}");
+        skip_without_bpf(&format!("this test {why}"));
         return;
     }
     let (dir, bin) = world_readable_kvroute("dropin");

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvroute_tests::harness::{post, wait_until, Client, Kvroute, Upstream};
+use kvroute_tests::harness::{
+    bpf_attached, post, skip_without_bpf, wait_until, Client, Kvroute, Upstream,
+};
 use serde_json::Value;
 
 const STREAMS: usize = 20;
@@ -52,15 +54,7 @@ fn sigusr2_upgrade_under_load_drops_nothing() {
     let up = Upstream::start("a");
     let mut k = Kvroute::start(&["--workers", "2", "--replica", &up.url()]);
     let st = steering(&k).expect("state");
-    if st["attached"] != true {
-        let why = st["fallback_reason"]
-            .as_str()
-            .unwrap_or("unknown")
-            .to_string();
-        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {why}");
-        }
-        eprintln!("skipped: eBPF steering unavailable here ({why})");
+    if !bpf_attached(&st) {
         return;
     }
     let old_pid = st["pid"].as_u64().unwrap() as u32;
@@ -238,10 +232,7 @@ fn queued_connections_migrate_to_the_new_listener() {
     };
     let (served, reset) = run(SteeringKind::Ebpf);
     if served == usize::MAX {
-        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable");
-        }
-        eprintln!("skipped: eBPF steering unavailable here");
+        skip_without_bpf("eBPF steering is unavailable here");
         return;
     }
     let (served_k, reset_k) = run(SteeringKind::Kernel);
@@ -263,11 +254,7 @@ fn upgrade_command_hands_over() {
     let up = Upstream::start("a");
     let mut k = Kvroute::start(&["--workers", "2", "--replica", &up.url()]);
     let st = steering(&k).expect("state");
-    if st["attached"] != true {
-        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {st}");
-        }
-        eprintln!("skipped: eBPF steering unavailable here");
+    if !bpf_attached(&st) {
         return;
     }
     let old_pid = st["pid"].as_u64().unwrap() as u32;
@@ -373,14 +360,7 @@ fn failed_upgrade_leaves_the_old_process_steering() {
         "kvroute did not start"
     );
     let st = steering(&k).unwrap();
-    if st["attached"] != true {
-        if std::env::var_os("KVROUTE_REQUIRE_BPF").is_some() {
-            panic!("eBPF steering required (KVROUTE_REQUIRE_BPF) but unavailable: {st}");
-        }
-        eprintln!(
-            "skipped: eBPF steering unavailable here ({})",
-            st["fallback_reason"]
-        );
+    if !bpf_attached(&st) {
         return;
     }
     let old_pid = st["pid"].as_u64().unwrap() as u32;
