@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::fleet::bench_dir;
 use crate::fleet::child::Child;
-use crate::procs::{capture, cargo, root, sh};
+use crate::procs::{build_release_daemons, capture, root, sh, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -614,22 +614,9 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.no_build {
-        // The same package set as `cargo xtask package`, so both share one feature
-        // resolution and one set of compiled dependencies.
-        sh(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "kvroute",
-            "-p",
-            "kvroute-control",
-        ]))?;
+        build_release_daemons()?;
     }
-    let bins = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_relative() { root().join(p) } else { p })
-        .unwrap_or_else(|| root().join("target"))
-        .join("release/kvroute");
+    let bins = target_dir().join("release/kvroute");
     anyhow::ensure!(bins.exists(), "{} not built", bins.display());
     let dir = bench_dir().join("footprint");
     std::fs::create_dir_all(&dir)?;

@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::procs::{capture, cargo, root, sh};
+use crate::procs::{build_release_daemons, capture, root, sh, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -60,16 +60,9 @@ pub const CONFFILES: &[&str] = &["/etc/kvroute/kvroute.toml", "/etc/kvroute/cont
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let root = root();
-    let target = target_dir(&root);
+    let target = target_dir();
     if !a.no_build {
-        sh(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "kvroute",
-            "-p",
-            "kvroute-control",
-        ]))?;
+        build_release_daemons()?;
     }
     let bins = target.join("release");
     let out = a.out.unwrap_or_else(|| target.join("debian"));
@@ -88,12 +81,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         deb.file_name().unwrap_or_default().to_string_lossy()
     );
     Ok(())
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
 }
 
 fn entries(root: &Path, kvroute: &Path, control: &Path) -> Vec<Entry> {

@@ -11,6 +11,29 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace root, where
+/// [`cargo`] runs) or `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_relative() { root().join(p) } else { p })
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// `cargo build --release` of the two daemons, the set `cargo xtask package` ships, so
+/// commands that build them share one feature resolution and one set of compiled
+/// dependencies.
+pub fn build_release_daemons() -> anyhow::Result<()> {
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "kvroute",
+        "-p",
+        "kvroute-control",
+    ]))
+}
+
 /// Runs a command, failing with its name when it fails.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");

@@ -16,7 +16,7 @@ use kvroute_tests::load::plan::Plan;
 use serde::{Deserialize, Serialize};
 
 use self::child::Child;
-use crate::procs::{cargo, root, sh};
+use crate::procs::{cargo, sh, target_dir};
 
 /// Bytes of prompt per simulated token: kvroute-sim has no tokenizer and counts 4 bytes a token.
 pub const SIM_BYTES_PER_TOKEN: usize = 4;
@@ -28,13 +28,6 @@ pub const KNOWN_POLICIES: [&str; 4] =
 /// Where benchmark output, logs and generated configs go.
 pub fn bench_dir() -> PathBuf {
     target_dir().join("bench")
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|p| if p.is_relative() { root().join(p) } else { p })
-        .unwrap_or_else(|| root().join("target"))
 }
 
 /// The release binaries a fleet is made of.
