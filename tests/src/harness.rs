@@ -464,6 +464,27 @@ impl Drop for Upstream {
     }
 }
 
+/// One read (or read timeout) into `buf`; false when the peer closed, the read failed,
+/// or the upstream is stopping.
+fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, tmp: &mut [u8], stop: &AtomicBool) -> bool {
+    match s.read(tmp) {
+        Ok(0) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            !stop.load(Ordering::Relaxed)
+        }
+        Err(_) => false,
+    }
+}
+
 fn upstream_conn(
     mut s: TcpStream,
     name: &str,
@@ -480,20 +501,8 @@ fn upstream_conn(
             if let Some(e) = find(&buf, b"\r\n\r\n") {
                 break e + 4;
             }
-            match s.read(&mut tmp) {
-                Ok(0) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                }
-                Err(_) => return,
+            if !read_more(&mut s, &mut buf, &mut tmp, stop) {
+                return;
             }
         };
         let mut hs = [httparse::EMPTY_HEADER; 64];
@@ -510,15 +519,8 @@ fn upstream_conn(
             .and_then(|(_, v)| v.trim().parse().ok())
             .unwrap_or(0);
         while buf.len() < end + len {
-            match s.read(&mut tmp) {
-                Ok(0) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return,
+            if !read_more(&mut s, &mut buf, &mut tmp, stop) {
+                return;
             }
         }
         let body: Vec<u8> = buf[end..end + len].to_vec();
