@@ -683,6 +683,17 @@ impl Drop for NotifySocket {
     }
 }
 
+/// A `/v1/completions` body for kvroute-sim (`sim-model`, 2 tokens): `system` (the
+/// shared prefix), then `question`.
+pub fn sim_completion(system: &str, question: &str) -> String {
+    serde_json::json!({
+        "model": "sim-model",
+        "prompt": format!("{system}\n\nQuestion: {question}"),
+        "max_tokens": 2
+    })
+    .to_string()
+}
+
 /// Deterministic word-like filler text of exactly `bytes` bytes, distinct per seed.
 pub fn filler_text(seed: u64, bytes: usize) -> String {
     let words = [

@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use kvroute_tests::harness::{filler_text, post, workspace_bin, Client, Kvroute, Sim};
+use kvroute_tests::harness::{
+    filler_text, post, sim_completion, workspace_bin, Client, Kvroute, Sim,
+};
 
 fn kvroute(policy: &str, sims: &[&Sim]) -> Kvroute {
     let mut args = vec![
@@ -20,31 +22,20 @@ fn kvroute(policy: &str, sims: &[&Sim]) -> Kvroute {
     Kvroute::start(&refs)
 }
 
-fn completion(system: &str, question: &str) -> String {
-    serde_json::json!({
-        "model": "sim-model",
-        "prompt": format!("{system}\n\nQuestion: {question}"),
-        "max_tokens": 2
-    })
-    .to_string()
-}
-
-/// Deterministic filler text, distinct per seed.
-fn text(seed: u64, bytes: usize) -> String {
-    filler_text(seed, bytes)
-}
-
 #[test]
 fn shared_system_prompt_lands_on_one_replica() {
     let sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"), &[])).collect();
     let k = kvroute("kv-aware", &sims.iter().collect::<Vec<_>>());
-    for (g, system) in [text(1, 3000), text(2, 3000)].iter().enumerate() {
+    for (g, system) in [filler_text(1, 3000), filler_text(2, 3000)]
+        .iter()
+        .enumerate()
+    {
         let mut served = Vec::new();
         for q in 0..8 {
             let r = post(
                 k.addr,
                 "/v1/completions",
-                &completion(system, &format!("user {q} asks {g}")),
+                &sim_completion(system, &format!("user {q} asks {g}")),
             )
             .unwrap();
             assert_eq!(r.status, 200, "{}", r.text());
@@ -55,7 +46,12 @@ fn shared_system_prompt_lands_on_one_replica() {
             "group {g} spread: {served:?}"
         );
         // The replica reports the shared prefix as cached from the second request on.
-        let r = post(k.addr, "/v1/completions", &completion(system, "one more")).unwrap();
+        let r = post(
+            k.addr,
+            "/v1/completions",
+            &sim_completion(system, "one more"),
+        )
+        .unwrap();
         let cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap();
@@ -83,7 +79,7 @@ fn shared_system_prompt_lands_on_one_replica() {
         serde_json::from_str(top["sample_body"].as_str().unwrap()).unwrap();
     let prompt = sample["prompt"].as_str().unwrap();
     assert!(
-        prompt.starts_with(&text(1, 3000)) || prompt.starts_with(&text(2, 3000)),
+        prompt.starts_with(&filler_text(1, 3000)) || prompt.starts_with(&filler_text(2, 3000)),
         "sample is not one of the shared prompts"
     );
     for name in [
@@ -103,9 +99,9 @@ fn conversation_sticks_and_moves_when_its_replica_dies() {
     let mut sims: Vec<Sim> = (0..3).map(|i| Sim::start(&format!("r{i}"), &[])).collect();
     let k = kvroute("kv-aware", &sims.iter().collect::<Vec<_>>());
     let mut c = Client::connect(k.addr).unwrap();
-    let mut messages = vec![serde_json::json!({"role": "system", "content": text(7, 1500)})];
+    let mut messages = vec![serde_json::json!({"role": "system", "content": filler_text(7, 1500)})];
     let turn = |c: &mut Client, messages: &mut Vec<serde_json::Value>, i: usize| -> (u16, String) {
-        messages.push(serde_json::json!({"role": "user", "content": format!("turn {i}: {}", text(100 + i as u64, 200))}));
+        messages.push(serde_json::json!({"role": "user", "content": format!("turn {i}: {}", filler_text(100 + i as u64, 200))}));
         let body = serde_json::json!({"model": "sim-model", "messages": messages, "max_tokens": 2})
             .to_string();
         c.send(
@@ -216,7 +212,7 @@ fn queued_prefill_is_counted_until_the_first_output_byte() {
         ],
     );
     let k = kvroute("kv-aware", &[&sim]);
-    let prompt = text(7, 12_000);
+    let prompt = filler_text(7, 12_000);
     let body = serde_json::json!({
         "model": "sim-model", "prompt": prompt, "max_tokens": 8, "stream": true
     })

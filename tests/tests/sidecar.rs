@@ -3,7 +3,7 @@
 //! over the replica URLs, so independent instances agree without talking: the
 //! same new prefix entering through any of them lands on the same replica.
 
-use kvroute_tests::harness::{filler_text, free_port, post, Kvroute, Sim};
+use kvroute_tests::harness::{filler_text, free_port, post, sim_completion, Kvroute, Sim};
 
 /// Deterministic filler text, distinct per seed (longer than the 1 KiB anchor).
 fn text(seed: u64, bytes: usize) -> String {
@@ -11,15 +11,6 @@ fn text(seed: u64, bytes: usize) -> String {
     s.push_str(&filler_text(seed, bytes));
     s.truncate(bytes);
     s
-}
-
-fn completion(system: &str, question: &str) -> String {
-    serde_json::json!({
-        "model": "sim-model",
-        "prompt": format!("{system}\n\nQuestion: {question}"),
-        "max_tokens": 2
-    })
-    .to_string()
 }
 
 fn served_by(k: &Kvroute, body: &str) -> String {
@@ -56,7 +47,7 @@ fn three_instances_with_one_config_send_each_new_prefix_to_the_same_replica() {
         let order: Vec<usize> = (0..3).map(|i| (i + p as usize) % 3).collect();
         let first: Vec<String> = order
             .iter()
-            .map(|&i| served_by(&routers[i], &completion(&system, &format!("q{p}-{i}"))))
+            .map(|&i| served_by(&routers[i], &sim_completion(&system, &format!("q{p}-{i}"))))
             .collect();
         assert!(
             first.iter().all(|r| *r == first[0]),
@@ -64,7 +55,7 @@ fn three_instances_with_one_config_send_each_new_prefix_to_the_same_replica() {
         );
         // A second round, now that each instance has indexed it, stays there too.
         for (i, k) in routers.iter().enumerate() {
-            let again = served_by(k, &completion(&system, &format!("again{p}-{i}")));
+            let again = served_by(k, &sim_completion(&system, &format!("again{p}-{i}")));
             assert_eq!(again, first[0], "prefix {p}, instance {i}, second request");
         }
         placements.push(first[0].clone());
@@ -99,7 +90,7 @@ fn conversations_hit_ratio(instances: usize) -> f64 {
                 "\n\nUser: question {t} of conversation {c}\nAssistant:"
             ));
             let k = &routers[(c as usize + t) % instances];
-            let r = post(k.addr, "/v1/completions", &completion(&history, "")).unwrap();
+            let r = post(k.addr, "/v1/completions", &sim_completion(&history, "")).unwrap();
             assert_eq!(r.status, 200, "{}", r.text());
             let u = &r.json()["usage"];
             cached += u["prompt_tokens_details"]["cached_tokens"]
