@@ -393,15 +393,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// and the sglang-router version found (if any).
 fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<String>)> {
     let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
-    let multi: Vec<usize> = a.instances.iter().copied().filter(|&n| n > 1).collect();
-    // The policies whose quality depends on what each instance has learned: the question the
-    // multi-instance rows answer is how much of it survives when the learning is split.
-    let is_cache_aware = |p: &str| p == "kv-aware" || p == "cache_aware";
-    let mut out = Vec::new();
-    let mut later = Vec::new();
+    // One instance of every policy; more only of those whose quality depends on what each
+    // instance has learned: the multi-instance rows ask how much survives the split.
+    let instance_counts = |p: &str| {
+        let cache_aware = p == "kv-aware" || p == "cache_aware";
+        let multi = a
+            .instances
+            .iter()
+            .copied()
+            .filter(move |&n| n > 1 && cache_aware);
+        std::iter::once(1).chain(multi)
+    };
+    let mut out: Vec<(usize, Candidate)> = Vec::new();
     for p in a.policies.iter().filter(|p| !p.is_empty()) {
-        let counts = std::iter::once(1).chain(multi.iter().copied().filter(|_| is_cache_aware(p)));
-        for instances in counts {
+        for instances in instance_counts(p) {
             let spec = RouterSpec::Kvroute {
                 policy: p.clone(),
                 workers: a.kvroute_workers,
@@ -416,11 +421,7 @@ fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<S
                     supported.join(", ")
                 ))
             };
-            if instances == 1 {
-                out.push((label, spec));
-            } else {
-                later.push((label, spec));
-            }
+            out.push((instances, (label, spec)));
         }
     }
     let sglang: Vec<&String> = a.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
@@ -432,28 +433,21 @@ fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<S
             version = Some(v.clone());
         }
         for p in sglang {
-            let counts =
-                std::iter::once(1).chain(multi.iter().copied().filter(|_| is_cache_aware(p)));
-            for instances in counts {
+            for instances in instance_counts(p) {
                 let spec = RouterSpec::Sglang {
                     policy: p.clone(),
                     python: a.python.clone(),
                     instances,
                 };
                 let label = spec.label();
-                let spec = available.clone().map(|_| spec);
-                if instances == 1 {
-                    out.push((label, spec));
-                } else {
-                    later.push((label, spec));
-                }
+                out.push((instances, (label, available.clone().map(|_| spec))));
             }
         }
     }
     // Single-instance rows first (the comparison the table has always had), then the
-    // multi-instance ones.
-    out.extend(later);
-    Ok((out, version))
+    // multi-instance ones, each group in the order asked for (the sort is stable).
+    out.sort_by_key(|(instances, _)| *instances > 1);
+    Ok((out.into_iter().map(|(_, c)| c).collect(), version))
 }
 
 /// For each router run as several instances, its combined hit ratio against the same
