@@ -304,21 +304,57 @@ fn per_worker(k: &Kvroute, key: &str) -> Vec<u64> {
 /// spread by p2c), not left to the kernel's hash. A later upgrade still hands over.
 #[test]
 fn failed_upgrade_leaves_the_old_process_steering() {
+    failed_upgrade(false);
+}
+
+/// The same failure when the new process made its own maps instead of joining
+/// the pinned ones (another kvroute version whose map layout differs, or pins
+/// removed under a running kvroute): the old process's listeners are then still
+/// in its own socket array, and the group runs the dead process's program over
+/// an empty array until the old process takes the group back.
+#[test]
+fn failed_upgrade_with_fresh_maps_leaves_the_old_process_steering() {
+    failed_upgrade(true);
+}
+
+fn failed_upgrade(fresh_maps: bool) {
     let up = Upstream::start("a");
-    let dir = std::env::temp_dir().join(format!("kvroute-failed-upgrade-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "kvroute-failed-upgrade-{}-{fresh_maps}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let marker = dir.join("failed-once");
     let wrapper = dir.join("kvroute-new");
     // First start: the real binary as a successor that signals readiness into
     // a file of its own (so the old process never sees it), killed once ready,
     // i.e. after its listeners are in the array. Later starts: the real binary.
+    let (port, admin) = (
+        kvroute_tests::harness::free_port(),
+        kvroute_tests::harness::free_port(),
+    );
+    // With `fresh_maps` the failing successor first moves the pins away, so its
+    // loader finds none and creates new maps (they go back afterwards, so the
+    // second upgrade joins the old process's maps as usual).
+    let pins = format!(
+        "/sys/fs/bpf/kvroute/{}",
+        kvroute::steer::pin_name(format!("127.0.0.1:{port}").parse().unwrap())
+    );
+    let (hide, restore) = if fresh_maps {
+        (
+            format!("mv '{pins}' '{pins}_hidden'\n"),
+            format!("rm -rf '{pins}'; mv '{pins}_hidden' '{pins}'\n"),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nreal='{real}'\nif [ -e '{marker}' ]; then exec \"$real\" \"$@\"; fi\n: > '{marker}'\n\
+            "#!/bin/sh\nreal='{real}'\nif [ -e '{marker}' ]; then exec \"$real\" \"$@\"; fi\n: > '{marker}'\n{hide}\
              inner=\"$KVROUTE_UPGRADE_READY.inner\"\nKVROUTE_UPGRADE_READY=\"$inner\" \"$real\" \"$@\" &\npid=$!\n\
              i=0\nwhile [ ! -e \"$inner\" ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done\n\
-             kill -KILL $pid\nexit 1\n",
+             kill -KILL $pid\n{restore}exit 1\n",
             real = kvroute_tests::harness::workspace_bin("kvroute").display(),
             marker = marker.display()
         ),
@@ -327,10 +363,6 @@ fn failed_upgrade_leaves_the_old_process_steering() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let (port, admin) = (
-        kvroute_tests::harness::free_port(),
-        kvroute_tests::harness::free_port(),
-    );
     let args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{port}"),

@@ -414,9 +414,22 @@ impl Steering {
             sockets, listeners, ..
         } = &mut *g;
         for (i, l) in listeners.iter().enumerate() {
-            sockets
-                .set(i as u32, l, 0)
-                .map_err(|e| format!("worker {i}'s listener into {}: {e}", abi::MAP_SOCKETS))?;
+            let i = i as u32;
+            // EBUSY: our listener is still in our array, because the new process
+            // made maps of its own (pins it could not use, or pins gone) and its
+            // program, attached to the group, looked only at its own array.
+            // A socket sits in one slot at a time, so it leaves and comes back.
+            let set = sockets.set(i, l, 0).or_else(|_| {
+                sockets.clear_index(&i)?;
+                sockets.set(i, l, 0)
+            });
+            set.map_err(|e| {
+                format!(
+                    "worker {i}'s listener into {}: {}",
+                    abi::MAP_SOCKETS,
+                    chain(&e)
+                )
+            })?;
         }
         for i in listeners.len() as u32..abi::MAX_WORKERS {
             // Slots of a new process with more workers: already empty once its
@@ -632,7 +645,12 @@ fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
 
 /// Removes pin dirs whose owner process is gone: a kvroute killed with SIGKILL
 /// cannot remove its own, and each holds a set of maps in kernel memory.
-/// An owner of 0 is a process killed between loading and attaching.
+/// An owner of 0 is a process killed between loading and attaching, or one
+/// loading right now (the loader pins the maps before we can write the owner;
+/// on a busy machine that takes a while): only old ones are stale. Removing a
+/// live process's pins made its next upgrade start from fresh maps.
+const UNOWNED_PINS_STALE_AFTER: Duration = Duration::from_secs(60);
+
 fn sweep_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -647,7 +665,14 @@ fn sweep_stale(dir: &Path) {
             continue;
         };
         let pid = owner.get(&0, 0).unwrap_or(0);
-        if pid == 0 || !Path::new("/proc").join(pid.to_string()).exists() {
+        let stale = if pid == 0 {
+            std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNOWNED_PINS_STALE_AFTER))
+        } else {
+            !Path::new("/proc").join(pid.to_string()).exists()
+        };
+        if stale {
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {
                     tracing::info!(pins = %path.display(), pid, "steering: removed stale pins")

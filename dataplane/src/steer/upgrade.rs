@@ -175,9 +175,9 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
 }
 
 /// After a failed upgrade: the new process may have put its listeners into the
-/// socket array before it died, so this one puts its own back.
+/// socket array before it died, so this one puts its own back. `/state` shows
+/// no successor only once that is done.
 fn take_back(shared: &Shared) {
-    shared.steering.set_successor(0);
     match shared.steering.reclaim() {
         Ok(what) => tracing::info!("upgrade: steering taken back: {what}"),
         Err(e) => tracing::error!(
@@ -185,6 +185,7 @@ fn take_back(shared: &Shared) {
             "upgrade: could not take steering back; new connections follow the kernel's hash"
         ),
     }
+    shared.steering.set_successor(0);
 }
 
 /// `kvroute upgrade`: asks the admin API of the configured kvroute for its
