@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::index::prefix_index::MAX_HOLE_BLOCKS;
 
 fn chain(id: u64, len: usize) -> Vec<u64> {
     crate::prefix::chain_hashes(
@@ -35,6 +36,26 @@ fn counts_stop_at_each_replicas_first_miss() {
     b.extend(chain(2, 5));
     assert_eq!(ix.longest_match(&b, ALL).get(0), 10);
     assert_eq!(ix.longest_match(&[], ALL).best(), 0);
+}
+
+/// Sharded eviction leaves single-block holes in a prefix the replica still
+/// holds whole: they do not end its count; a run longer than
+/// `MAX_HOLE_BLOCKS` does, at the block before it.
+#[test]
+fn counts_step_over_short_holes_but_not_long_runs() {
+    let ix = index(8, 1000);
+    let a = chain(1, 60);
+    let hole = MAX_HOLE_BLOCKS as usize;
+    ix.insert(0, &a[..3]);
+    ix.insert(0, &a[4..20]); // block 3 missing
+    ix.insert(0, &a[20 + hole..]); // a run of exactly MAX_HOLE_BLOCKS
+    ix.insert(1, &a[..10]);
+    ix.insert(1, &a[11 + hole..]); // a run one longer
+    ix.insert(2, &a[1..30]); // the head block missing
+    let m = ix.longest_match(&a, ALL);
+    assert_eq!((m.get(0), m.get(1), m.get(2)), (60, 10, 30));
+    // Trailing misses shorter than a run count as misses, not as held.
+    assert_eq!(ix.longest_match(&a[..32], ALL).get(2), 30);
 }
 
 #[test]
@@ -152,7 +173,7 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     /// Batching, grouping by shard and the early stop never change the answer:
-    /// each candidate's count is its first miss, found one hash at a time. Chains
+    /// each candidate's count is the one a hash-at-a-time walk finds. Chains
     /// cross every batch boundary (8, 40, 168, then the rest); slots hold
     /// prefixes, suffixes and middles of the chain, so misses come anywhere.
     #[test]
@@ -173,7 +194,20 @@ proptest! {
             let want = if candidates & (1 << slot) == 0 {
                 0
             } else {
-                a.iter().take_while(|&&h| ix.lookup_one(h) & (1 << slot) != 0).count() as u32
+                // Up to the last held block before a run of more than
+                // MAX_HOLE_BLOCKS missing ones.
+                let (mut count, mut run) = (0u32, 0u32);
+                for (i, &h) in a.iter().enumerate() {
+                    if ix.lookup_one(h) & (1 << slot) != 0 {
+                        (count, run) = (i as u32 + 1, 0);
+                    } else {
+                        run += 1;
+                        if run > MAX_HOLE_BLOCKS {
+                            break;
+                        }
+                    }
+                }
+                count
             };
             prop_assert_eq!(m.get(slot), want, "slot {}", slot);
         }

@@ -144,6 +144,10 @@ pub fn measure(
     // A router or replica that died mid-run would otherwise show up only as a pile of errors.
     fleet.ensure_running()?;
     let fleet_counts = FleetCounts::from_stats(&fleet.sim_stats()?);
+    let decisions = fleet.decision_summary();
+    if !decisions.is_empty() {
+        eprintln!("   {}: {decisions}", fleet.label);
+    }
     Ok(Measured {
         client,
         fleet: fleet_counts,

@@ -271,6 +271,8 @@ pub struct SimStats {
 pub struct Fleet {
     routers: Vec<Child>,
     urls: Vec<String>,
+    /// Admin API of each kvroute instance (none for SGLang).
+    admins: Vec<SocketAddr>,
     pub sims: Vec<Sim>,
     pub label: String,
 }
@@ -307,6 +309,7 @@ impl Fleet {
         }
         let mut routers = Vec::new();
         let mut urls = Vec::new();
+        let mut admins = Vec::new();
         for i in 0..router.instances() {
             // One instance keeps the historical file names; more get an index each.
             let suffix = if router.instances() > 1 {
@@ -317,16 +320,20 @@ impl Fleet {
             let (child, url) = match router {
                 RouterSpec::Kvroute {
                     policy, workers, ..
-                } => start_kvroute(
-                    bins,
-                    spec,
-                    &sims,
-                    policy,
-                    *workers,
-                    &log(&format!("kvroute{suffix}")),
-                    log_dir,
-                    &format!("{tag}{suffix}"),
-                )?,
+                } => {
+                    let (child, url, admin) = start_kvroute(
+                        bins,
+                        spec,
+                        &sims,
+                        policy,
+                        *workers,
+                        &log(&format!("kvroute{suffix}")),
+                        log_dir,
+                        &format!("{tag}{suffix}"),
+                    )?;
+                    admins.push(admin);
+                    (child, url)
+                }
                 RouterSpec::Sglang { policy, python, .. } => start_sglang(
                     python,
                     &sims,
@@ -340,6 +347,7 @@ impl Fleet {
         let mut fleet = Fleet {
             routers,
             urls,
+            admins,
             sims,
             label: router.label(),
         };
@@ -398,6 +406,39 @@ impl Fleet {
             );
         }
         Ok(())
+    }
+
+    /// kvroute's routing decisions by kind and its prediction outcomes, summed
+    /// over instances, as one line for the progress log (empty for SGLang): where
+    /// a policy's hits were won or lost.
+    pub fn decision_summary(&self) -> String {
+        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+        for admin in &self.admins {
+            let Ok(r) = request(
+                *admin,
+                "GET /metrics HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n",
+            ) else {
+                continue;
+            };
+            for line in r.text().lines() {
+                let keep = [
+                    "kvroute_routing_decisions_total{",
+                    "kvroute_prefix_prediction_total{",
+                ];
+                if !keep.iter().any(|k| line.starts_with(k)) {
+                    continue;
+                }
+                let Some((name, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let label = name.split(['"']).nth(1).unwrap_or(name).to_string();
+                *sums.entry(label).or_default() += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        sums.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn sim_stats(&self) -> anyhow::Result<Vec<SimStats>> {
@@ -509,7 +550,7 @@ fn start_kvroute(
     log: &Path,
     log_dir: &Path,
     tag: &str,
-) -> anyhow::Result<(Child, String)> {
+) -> anyhow::Result<(Child, String, SocketAddr)> {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     // A config file rather than `--replica` flags: only the file can tell the KV-aware policy
@@ -549,7 +590,7 @@ fn start_kvroute(
     child.wait_ready("GET /healthz on the admin API", KVROUTE_READY, || {
         http_ok(admin, "/healthz")
     })?;
-    Ok((child, format!("http://{listen}")))
+    Ok((child, format!("http://{listen}"), admin))
 }
 
 fn start_sglang(

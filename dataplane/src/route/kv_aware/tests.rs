@@ -366,3 +366,51 @@ fn queued_prefill_steers_a_request_to_the_idle_replica() {
         assert_eq!(d.replica.slot, 1 - busy, "busy replica {busy}");
     }
 }
+
+/// An unseen prefix skips the replica rendezvous hashing prefers while that
+/// replica has been sent far more new prompt bytes than the others, and goes
+/// back to it once the others catch up (or the bytes decay).
+#[test]
+fn unseen_prefix_skips_a_replica_over_the_churn_bound() {
+    let t = table(4);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(60, "a tenant never seen");
+    let first = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
+    assert_eq!(first.kind, DecisionKind::Consistent);
+    let k = first.replica.slot;
+    r.churn.add(k, 10_000_000, 0);
+    let moved = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
+    assert_ne!(moved.replica.slot, k, "placed on the churned replica");
+    assert_eq!(moved.kind, DecisionKind::Consistent);
+    // Ten half-lives later the bytes are noise next to new traffic elsewhere.
+    let later = 10 * RoutingConfig::default().churn_halflife_ms;
+    for s in set.replicas.iter().map(|x| x.slot).filter(|&s| s != k) {
+        r.churn.add(s, 100_000, later);
+    }
+    let back = r.pick(&req(&h, None, later), &set, &[]).unwrap();
+    assert_eq!(back.replica.slot, k);
+}
+
+/// 64 tenants' system prompts, each placed once and then sent its share of
+/// traffic: no replica ends up with more than the churn bound allows, where
+/// hashing alone leaves one with whatever its binomial draw gave it.
+#[test]
+fn unseen_prefixes_spread_within_the_churn_bound() {
+    let t = table(4);
+    let set = t.load();
+    let r = router();
+    let mut per = [0u32; 4];
+    for tenant in 0..64 {
+        let text = format!("tenant {tenant}: {}", SYSTEM.repeat(60));
+        let h = crate::prefix::chain_hashes(text.as_bytes(), &Default::default());
+        let d = route(&r, &set, &req(&h, None, tenant));
+        assert_eq!(d.best_blocks, 0, "tenant {tenant} was not new");
+        per[usize::from(d.replica.slot)] += 1;
+    }
+    let eps = RoutingConfig::default().churn_epsilon;
+    // Every prefix is the same size, so churn is prefixes placed: the last one
+    // onto any replica found it at most (1+ε)·mean.
+    let cap = ((1.0 + eps) * 16.0).floor() as u32 + 1;
+    assert!(per.iter().all(|&n| n <= cap), "{per:?} (cap {cap})");
+}
