@@ -34,12 +34,6 @@ pub struct RoutingConfig {
     /// A replica with fewer in-flight requests than this is never over the load
     /// bound: at low load the `(1+ε)` rule alone would scatter prefixes.
     pub load_floor: u64,
-    /// An unseen prefix skips replicas that were sent more than `(1+churn_epsilon)`
-    /// times the mean of new (uncached) prompt bytes lately: rendezvous hashing
-    /// alone leaves some replica with more prefixes than its cache holds.
-    pub churn_epsilon: f64,
-    /// Half-life of that byte count.
-    pub churn_halflife_ms: u64,
     /// Header carrying the session key; the body's `user` is the fallback.
     pub session_header: String,
     pub session_ttl_ms: u64,
@@ -59,12 +53,10 @@ impl Default for RoutingConfig {
             block_bytes: 128,
             anchor_bytes: 1024,
             w_cache: 1.0,
-            w_load: 0.2,
+            w_load: 0.05,
             w_prefill: 0.1,
             epsilon: 0.5,
             load_floor: 8,
-            churn_epsilon: 0.25,
-            churn_halflife_ms: 60_000,
             session_header: "x-session-id".into(),
             session_ttl_ms: 10 * 60 * 1000,
             session_capacity: 100_000,
@@ -96,7 +88,6 @@ impl RoutingConfig {
             ("w_load", self.w_load),
             ("w_prefill", self.w_prefill),
             ("epsilon", self.epsilon),
-            ("churn_epsilon", self.churn_epsilon),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return bad(key, format!("{v} must be a finite number >= 0"));
@@ -130,8 +121,6 @@ impl RoutingConfig {
             w_prefill: self.w_prefill,
             epsilon: self.epsilon,
             load_floor: self.load_floor,
-            churn_epsilon: self.churn_epsilon,
-            churn_halflife_ms: self.churn_halflife_ms,
             session_ttl_ms: self.session_ttl_ms,
             session_capacity: self.session_capacity,
             index: IndexConfig {

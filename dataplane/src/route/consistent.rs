@@ -166,27 +166,6 @@ pub fn place(anchor: u64, cands: &[Candidate<'_>], bound: &LoadBound) -> Option<
     Some((a, a != p))
 }
 
-/// [`place`], first among the candidates `eligible` also admits (by index);
-/// when the two rules leave no one, the load bound alone decides. A replica
-/// `eligible` rejects is passed over, not spilled from: `spilled` still means
-/// the load bound moved the anchor.
-pub fn place_where(
-    anchor: u64,
-    cands: &[Candidate<'_>],
-    bound: &LoadBound,
-    eligible: impl Fn(usize) -> bool,
-) -> Option<(usize, bool)> {
-    let (a, spilled) = place(anchor, cands, bound)?;
-    if eligible(a) {
-        return Some((a, spilled));
-    }
-    let hrw = |i: usize| hrw_score(anchor, cands[i].url_key, cands[i].weight);
-    let best = (0..cands.len())
-        .filter(|&i| eligible(i) && bound.admits(&cands[i]))
-        .max_by(|&x, &y| hrw(x).total_cmp(&hrw(y)));
-    Some(best.map_or((a, spilled), |i| (i, false)))
-}
-
 /// Requests without an anchor rotate over the replicas the bound admits.
 pub fn rotate(next: &AtomicUsize, cands: &[Candidate<'_>], bound: &LoadBound) -> Option<usize> {
     if cands.is_empty() {

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::churn::{within_bound, ChurnMeter};
 use super::consistent::{
-    anchor, best_admitted, hrw_score, place_where, rotate, url_key, Candidate, LoadBound,
+    anchor, best_admitted, hrw_score, place, rotate, url_key, Candidate, LoadBound,
 };
 use super::session::SessionTable;
 use super::{candidates, Decision, DecisionKind, RouteRequest, Router};
@@ -36,8 +35,6 @@ pub struct KvAwareParams {
     pub epsilon: f64,
     /// Below this many in-flight requests a replica is never over the bound.
     pub load_floor: u64,
-    pub churn_epsilon: f64,
-    pub churn_halflife_ms: u64,
     pub session_ttl_ms: u64,
     pub session_capacity: usize,
     pub index: IndexConfig,
@@ -82,7 +79,6 @@ pub struct KvAware {
     p: KvAwareParams,
     index: PrefixIndex,
     sessions: SessionTable,
-    churn: ChurnMeter,
     next: AtomicUsize,
     /// URL key per slot as of the last replica change (0: slot unused), to tell a
     /// removed replica from a slot reused by another.
@@ -95,7 +91,6 @@ impl KvAware {
         KvAware {
             index: PrefixIndex::new(&p.index),
             sessions: SessionTable::new(p.session_capacity, p.session_ttl_ms),
-            churn: ChurnMeter::new(p.churn_halflife_ms),
             next: AtomicUsize::new(0),
             known: Mutex::new([0; MAX_REPLICAS]),
             counters: Counters::default(),
@@ -230,15 +225,7 @@ impl Router for KvAware {
         if best_blocks == 0 {
             return Some(match anchor {
                 Some(a) => {
-                    let churn = self
-                        .churn
-                        .of(cands.iter().map(|c| c.replica.slot), req.now_ms);
-                    let (i, spilled) = place_where(
-                        a,
-                        &cands,
-                        &bound,
-                        within_bound(&churn, self.p.churn_epsilon),
-                    )?;
+                    let (i, spilled) = place(a, &cands, &bound)?;
                     decide(
                         i,
                         if spilled {
@@ -285,7 +272,6 @@ impl Router for KvAware {
     fn on_routed(&self, req: &RouteRequest<'_>, decision: &Decision) {
         let r = &decision.replica;
         self.index.insert(r.slot, req.block_hashes);
-        self.churn.add(r.slot, decision.prefill_bytes, req.now_ms);
         if let Some(s) = req.session {
             self.sessions
                 .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
@@ -361,7 +347,6 @@ impl Router for KvAware {
         for slot in 0..MAX_REPLICAS {
             if known[slot] != 0 && known[slot] != now[slot] {
                 self.index.clear(slot as u16);
-                self.churn.clear(slot as u16);
             }
         }
         for r in &set.replicas {

@@ -5,7 +5,6 @@
 //! property-tested without processes. The proxy calls the hooks around `pick` so a
 //! policy can learn from what it decided and from what the replica reported.
 
-pub mod churn;
 pub mod config;
 pub mod consistent;
 pub mod kv_aware;

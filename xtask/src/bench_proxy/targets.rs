@@ -2,7 +2,7 @@
 //! readiness, and cleanup (every process is owned by a [`Proc`] that kills it on drop).
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,7 +113,7 @@ impl Drop for Proc {
 /// A port the kernel just handed out; released before the server binds it
 /// (a tiny race, acceptable on a benchmark host with only loopback traffic).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(kvroute_tests::harness::free_port())
 }
 
 /// Starts `argv` pinned to `cpus` (taskset), in its own process group, output to `log`.
