@@ -251,7 +251,11 @@ impl PrefixIndex {
     pub fn longest_match(&self, hashes: &[u64], candidates: u128) -> MatchCounts {
         let mut out = MatchCounts::default();
         let mut alive = candidates;
-        // Slots of `alive` inside a run of misses, and where each run began.
+        // Slots seen holding a block so far. The others are tracked by mask
+        // only: their run of misses began at block 0, so they all end together,
+        // and a lookup over many candidates costs no per-slot work for them.
+        let mut seen = 0u128;
+        // Seen slots of `alive` inside a run of misses, and where each run began.
         let mut missing = 0u128;
         let mut run_start = [0u32; MAX_REPLICAS];
         let mut bits: SmallVec<[u128; FIRST_BATCH * BATCH_GROWTH]> = SmallVec::new();
@@ -270,17 +274,22 @@ impl PrefixIndex {
             self.lookup_batch(&hashes[start..end], &mut bits, &mut scratch);
             for (i, &b) in bits.iter().enumerate() {
                 let at = (start + i) as u32;
+                seen |= alive & b;
                 // The common case, every live slot present and none in a run: nothing.
                 if alive & !b == 0 && missing == 0 {
                     continue;
                 }
+                if at >= MAX_HOLE_BLOCKS {
+                    alive &= seen;
+                }
                 missing &= !b;
-                let mut newly = alive & !b & !missing;
+                let absent = alive & seen & !b;
+                let mut newly = absent & !missing;
                 while newly != 0 {
                     run_start[newly.trailing_zeros() as usize] = at;
                     newly &= newly - 1;
                 }
-                missing |= alive & !b;
+                missing |= absent;
                 let mut runs = missing;
                 while runs != 0 {
                     let slot = runs.trailing_zeros() as usize;
@@ -298,14 +307,15 @@ impl PrefixIndex {
             start = end;
             batch *= BATCH_GROWTH;
         }
-        while alive != 0 {
-            let slot = alive.trailing_zeros() as usize;
+        let mut held = alive & seen;
+        while held != 0 {
+            let slot = held.trailing_zeros() as usize;
             out.counts[slot] = if missing & (1u128 << slot) != 0 {
                 run_start[slot]
             } else {
                 hashes.len() as u32
             };
-            alive &= alive - 1;
+            held &= held - 1;
         }
         out
     }
