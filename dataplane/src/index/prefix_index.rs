@@ -23,9 +23,10 @@ const FIRST_BATCH: usize = 8;
 /// taking a remainder smaller than the next batch along, takes ~150.
 const BATCH_GROWTH: usize = 4;
 /// Longest run of missing blocks [`PrefixIndex::longest_match`] steps over. The
-/// holes sharded eviction leaves are single blocks scattered over the shards;
-/// runs of four are rare (one in ~10⁵ positions with a quarter of the blocks
-/// gone), while a prompt that really diverges misses every block from there on.
+/// holes sharded eviction leaves are single blocks scattered over the shards:
+/// a run of five, which ends a count, starts at about one position in a
+/// thousand even with a quarter of a prefix's blocks gone at random, while a
+/// prompt that really diverges misses every block from there on.
 pub const MAX_HOLE_BLOCKS: u32 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -643,14 +643,14 @@ fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+const UNOWNED_PINS_STALE_AFTER: Duration = Duration::from_secs(60);
+
 /// Removes pin dirs whose owner process is gone: a kvroute killed with SIGKILL
 /// cannot remove its own, and each holds a set of maps in kernel memory.
 /// An owner of 0 is a process killed between loading and attaching, or one
 /// loading right now (the loader pins the maps before we can write the owner;
 /// on a busy machine that takes a while): only old ones are stale. Removing a
 /// live process's pins made its next upgrade start from fresh maps.
-const UNOWNED_PINS_STALE_AFTER: Duration = Duration::from_secs(60);
-
 fn sweep_stale(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

@@ -5,12 +5,14 @@
 pub mod child;
 pub mod measure;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+
 use kvroute_tests::harness::{free_port, post, request};
 use kvroute_tests::load::plan::Plan;
 use serde::{Deserialize, Serialize};
@@ -412,27 +414,13 @@ impl Fleet {
     /// over instances, as one line for the progress log (empty for SGLang): where
     /// a policy's hits were won or lost.
     pub fn decision_summary(&self) -> String {
-        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+        let mut sums = BTreeMap::new();
         for admin in &self.admins {
-            let Ok(r) = request(
+            if let Ok(r) = request(
                 *admin,
                 "GET /metrics HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n",
-            ) else {
-                continue;
-            };
-            for line in r.text().lines() {
-                let keep = [
-                    "kvroute_routing_decisions_total{",
-                    "kvroute_prefix_prediction_total{",
-                ];
-                if !keep.iter().any(|k| line.starts_with(k)) {
-                    continue;
-                }
-                let Some((name, value)) = line.rsplit_once(' ') else {
-                    continue;
-                };
-                let label = name.split(['"']).nth(1).unwrap_or(name).to_string();
-                *sums.entry(label).or_default() += value.parse::<f64>().unwrap_or(0.0);
+            ) {
+                add_decision_counts(&r.text(), &mut sums);
             }
         }
         sums.iter()
@@ -626,8 +614,51 @@ fn start_sglang(
     Ok((child, format!("http://{addr}")))
 }
 
+/// Adds the decision and prediction counters of one Prometheus text page to
+/// `sums`, keyed `<kind>` and `predicted <outcome>`.
+fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
+    for line in metrics.lines() {
+        let key = if line.starts_with("kvroute_routing_decisions_total{") {
+            ""
+        } else if line.starts_with("kvroute_prefix_prediction_total{") {
+            "predicted "
+        } else {
+            continue;
+        };
+        let (Some(label), Some(value)) = (
+            line.split('"').nth(1),
+            line.rsplit_once(' ')
+                .and_then(|(_, v)| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        *sums.entry(format!("{key}{label}")).or_default() += value;
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decision_counts_sum_over_instances() {
+        let page = "# TYPE kvroute_routing_decisions_total counter\n\
+            kvroute_routing_decisions_total{kind=\"prefix\"} 10\n\
+            kvroute_routing_decisions_total{kind=\"spill\"} 2\n\
+            kvroute_prefix_prediction_total{outcome=\"hit_miss\"} 3\n\
+            kvroute_requests_total{status=\"200\"} 99\n";
+        let mut sums = BTreeMap::new();
+        add_decision_counts(page, &mut sums);
+        add_decision_counts(page, &mut sums);
+        let got: Vec<(&str, f64)> = sums.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("predicted hit_miss", 6.0),
+                ("prefix", 20.0),
+                ("spill", 4.0)
+            ]
+        );
+    }
     use super::*;
 
     #[test]
