@@ -153,23 +153,34 @@ pub struct Kvroute {
 }
 
 impl Kvroute {
-    /// Starts kvroute on free ports with `extra` arguments and waits until it serves.
-    pub fn start(extra: &[&str]) -> Kvroute {
-        let port = free_port();
-        let admin_port = free_port();
+    /// A kvroute process, started however the caller needed (another user, a
+    /// namespace, a wrapper), that listens on loopback `port` with its admin API
+    /// on `admin`.
+    pub fn on(proc: Proc, port: u16, admin: u16) -> Kvroute {
+        Kvroute {
+            proc,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+        }
+    }
+
+    /// Spawns kvroute on loopback `port` and `admin` with `extra` arguments and
+    /// `env`, without waiting for it: for tests that choose the ports first or
+    /// expect it not to become ready.
+    pub fn spawn_on(port: u16, admin: u16, extra: &[&str], env: &[(&str, &str)]) -> Kvroute {
         let mut args = vec![
             "--listen".to_string(),
             format!("127.0.0.1:{port}"),
             "--admin".to_string(),
-            format!("127.0.0.1:{admin_port}"),
+            format!("127.0.0.1:{admin}"),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Proc::spawn("kvroute", &args);
-        let k = Kvroute {
-            proc,
-            addr: format!("127.0.0.1:{port}").parse().expect("addr"),
-            admin: format!("127.0.0.1:{admin_port}").parse().expect("addr"),
-        };
+        Kvroute::on(Proc::spawn_env("kvroute", &args, env), port, admin)
+    }
+
+    /// Starts kvroute on free ports with `extra` arguments and waits until it serves.
+    pub fn start(extra: &[&str]) -> Kvroute {
+        let k = Kvroute::spawn_on(free_port(), free_port(), extra, &[]);
         let up = wait_until(Duration::from_secs(10), || {
             request(
                 k.admin,

@@ -204,29 +204,12 @@ fn p2c_spreads_long_streams_evenly_kernel_hash_for_comparison() {
 /// `KVROUTE_STEERING_FORCE_FALLBACK` takes the BPF path away on any machine.
 #[test]
 fn forced_fallback_starts_on_kernel_steering_and_says_why() {
-    let port = free_port();
-    let admin = free_port();
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-        "--workers",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let p = Proc::spawn_env(
-        "kvroute",
-        &args,
+    let k = Kvroute::spawn_on(
+        free_port(),
+        free_port(),
+        &["--workers", "2"],
         &[("KVROUTE_STEERING_FORCE_FALLBACK", "1")],
     );
-    let k = Kvroute {
-        proc: p,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-    };
     let st = wait_state(&k);
     assert_eq!(st["mode"], "kernel", "{st}");
     assert_eq!(st["attached"], false);
@@ -304,14 +287,14 @@ fn unprivileged_starts_on_kernel_steering_and_says_so() {
         .stderr(Stdio::null())
         .spawn()
         .expect("setpriv (util-linux)");
-    let k = Kvroute {
-        proc: Proc {
+    let k = Kvroute::on(
+        Proc {
             child,
             name: "kvroute (nobody)".into(),
         },
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-    };
+        port,
+        admin,
+    );
     let st = wait_state(&k);
     assert_eq!(st["requested"], "ebpf", "{st}");
     assert_eq!(st["mode"], "kernel", "{st}");
@@ -495,21 +478,7 @@ fn unusable_pins_are_replaced() {
         eprintln!("skipped: bpftool missing or cannot create maps");
         return;
     }
-    let admin = free_port();
-    let args: Vec<String> = [
-        "--listen".to_string(),
-        format!("127.0.0.1:{port}"),
-        "--admin".to_string(),
-        format!("127.0.0.1:{admin}"),
-        "--workers".to_string(),
-        "2".to_string(),
-    ]
-    .to_vec();
-    let k = Kvroute {
-        proc: Proc::spawn("kvroute", &args),
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-    };
+    let k = Kvroute::spawn_on(port, free_port(), &["--workers", "2"], &[]);
     let st = wait_state(&k);
     assert_eq!(st["attached"], true, "{st}");
     stop(k);
@@ -590,14 +559,14 @@ fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let k = Kvroute {
-        proc: Proc {
+    let k = Kvroute::on(
+        Proc {
             child,
             name: "kvroute (nobody, drop-in privileges)".into(),
         },
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-    };
+        port,
+        admin,
+    );
     let st = wait_state(&k);
     assert_eq!(
         st["attached"], true,

@@ -363,30 +363,19 @@ fn failed_upgrade(fresh_maps: bool) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let args: Vec<String> = [
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--admin",
-        &format!("127.0.0.1:{admin}"),
-        "--workers",
-        "2",
-        "--steering-mode",
-        "p2c",
-        "--replica",
-        &up.url(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut k = Kvroute {
-        proc: kvroute_tests::harness::Proc::spawn_env(
-            "kvroute",
-            &args,
-            &[("KVROUTE_UPGRADE_BINARY", wrapper.to_str().unwrap())],
-        ),
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-    };
+    let mut k = Kvroute::spawn_on(
+        port,
+        admin,
+        &[
+            "--workers",
+            "2",
+            "--steering-mode",
+            "p2c",
+            "--replica",
+            &up.url(),
+        ],
+        &[("KVROUTE_UPGRADE_BINARY", wrapper.to_str().unwrap())],
+    );
     assert!(
         wait_until(Duration::from_secs(10), || steering(&k).is_some()),
         "kvroute did not start"
