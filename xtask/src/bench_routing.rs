@@ -148,6 +148,8 @@ struct WorkloadResult {
     requests: usize,
     target_rps: f64,
     ideal_hit_ratio: f64,
+    /// See [`fleet::ttft_floor_ms`]: (p50, p99).
+    ttft_floor_ms: (f64, f64),
     working_set_blocks: u64,
     sim: SimSpec,
     rows: Vec<Row>,
@@ -242,6 +244,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             block_tokens: 16,
             time_scale: a.time_scale,
             prefill_tps: a.prefill_tps,
+            prefill_overhead_ms: 10.0,
             decode_tps: 50.0,
             max_seqs: 256,
         };
@@ -250,12 +253,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             fleet::size_kv_blocks(&plan, sim.block_bytes(), a.replicas, a.kv_fraction)
         });
         let stats = plan.stats();
+        let floor = fleet::ttft_floor_ms(&plan, &sim);
         eprintln!(
             "\n== {name}: {description}\n   {} requests, {:.1} req/s target, ideal hit ratio {:.1} %, \
+             TTFT floor p50 {:.1} ms p99 {:.1} ms, \
              working set {ws} KV blocks, {} replicas x {} blocks, time scale {}",
             stats.requests,
             stats.target_rps,
             stats.ideal_hit_ratio * 100.0,
+            floor.0,
+            floor.1,
             a.replicas,
             sim.kv_blocks,
             a.time_scale
@@ -310,6 +317,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             requests: stats.requests,
             target_rps: stats.target_rps,
             ideal_hit_ratio: stats.ideal_hit_ratio,
+            ttft_floor_ms: floor,
             working_set_blocks: ws,
             sim,
             rows,
@@ -536,12 +544,14 @@ fn cells(r: &Row) -> Vec<String> {
 fn workload_header(w: &WorkloadResult) -> String {
     format!(
         "{}: {} requests at {:.1} req/s; ideal hit ratio {} (one infinite cache); \
-         {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
+         TTFT floor p50 {:.1} ms, p99 {:.1} ms (one infinite cache, no queueing); {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
          replica time scale {}",
         w.description,
         w.requests,
         w.target_rps,
         pct(w.ideal_hit_ratio),
+        w.ttft_floor_ms.0,
+        w.ttft_floor_ms.1,
         w.sim.replicas,
         w.sim.kv_blocks,
         w.sim.block_tokens,
@@ -818,6 +828,7 @@ mod tests {
                 requests: 4,
                 target_rps: 1.0,
                 ideal_hit_ratio: 0.5,
+                ttft_floor_ms: (1.5, 20.5),
                 working_set_blocks: 100,
                 sim: SimSpec {
                     replicas: 2,
@@ -825,6 +836,7 @@ mod tests {
                     block_tokens: 16,
                     time_scale: 0.1,
                     prefill_tps: 8000.0,
+                    prefill_overhead_ms: 10.0,
                     decode_tps: 50.0,
                     max_seqs: 256,
                 },
@@ -856,6 +868,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("ideal hit ratio 50.0 %"), "{md}");
+        assert!(md.contains("TTFT floor p50 1.5 ms, p99 20.5 ms"), "{md}");
         // 2 × 25 blocks of a 100-block working set.
         assert!(md.contains("(50 % of the 100-block working set"), "{md}");
         assert!(md.contains("Skipped rows"), "{md}");

@@ -28,6 +28,30 @@ pub fn ideal_hit_ratio<'a>(requests: impl IntoIterator<Item = &'a PlannedRequest
     }
 }
 
+/// Prompt bytes each request would still have to prefill with one infinite prefix cache:
+/// the bytes of its segments that no earlier request carried. With a replica's prefill rate
+/// this gives the TTFT floor no router can beat (perfect cache, no queueing), against which
+/// a router's TTFT tail is read: how much of it is the prompts' own prefill and how much is
+/// the router's doing.
+pub fn ideal_uncached_bytes<'a>(
+    requests: impl IntoIterator<Item = &'a PlannedRequest>,
+) -> Vec<u64> {
+    let mut seen = HashSet::new();
+    requests
+        .into_iter()
+        .map(|req| {
+            let uncached = req
+                .segments
+                .iter()
+                .filter(|g| !seen.contains(&g.id))
+                .map(|g| g.bytes as u64)
+                .sum();
+            seen.extend(req.segments.iter().map(|g| g.id));
+            uncached
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,11 +82,14 @@ mod tests {
         let total = 1124 + 1224 + 562 + 300;
         let expected = (1024 + 512) as f64 / total as f64;
         assert!((ideal_hit_ratio(&rs) - expected).abs() < 1e-12);
+        // At 512 bytes per 512-token block, bytes equal tokens.
+        assert_eq!(ideal_uncached_bytes(&rs), [1124, 200, 50, 300]);
     }
 
     #[test]
     fn empty_and_no_sharing() {
         assert_eq!(ideal_hit_ratio(&[]), 0.0);
+        assert!(ideal_uncached_bytes(&[]).is_empty());
         assert_eq!(ideal_hit_ratio(&[req(10, &[1]), req(10, &[2])]), 0.0);
     }
 

@@ -15,6 +15,7 @@ use anyhow::Context;
 
 use kvroute_tests::harness::{free_port, post, request};
 use kvroute_tests::load::plan::Plan;
+use kvroute_tests::load::stats::percentile;
 use serde::{Deserialize, Serialize};
 
 use self::child::Child;
@@ -155,6 +156,8 @@ pub struct SimSpec {
     /// Real seconds per simulated second.
     pub time_scale: f64,
     pub prefill_tps: f64,
+    /// Fixed cost of each prefill, simulated milliseconds.
+    pub prefill_overhead_ms: f64,
     pub decode_tps: f64,
     pub max_seqs: usize,
 }
@@ -176,6 +179,24 @@ pub fn working_set_blocks(plan: &Plan, block_bytes: usize) -> u64 {
     seen.values()
         .map(|b| b.div_ceil(block_bytes.max(1)) as u64)
         .sum()
+}
+
+/// TTFT no router can beat on `plan` with this fleet, ms at p50 and p99: every request
+/// prefills only what one infinite cache would not hold, with nobody queued ahead of it.
+/// The simulator turns prompt bytes into tokens at `SIM_BYTES_PER_TOKEN`.
+pub fn ttft_floor_ms(plan: &Plan, sim: &SimSpec) -> (f64, f64) {
+    let mut ms: Vec<f64> =
+        kvroute_tests::load::ideal::ideal_uncached_bytes(plan.requests_in_order())
+            .into_iter()
+            .map(|bytes| {
+                let tokens = bytes as f64 / SIM_BYTES_PER_TOKEN as f64;
+                (sim.prefill_overhead_ms / 1000.0 + tokens / sim.prefill_tps)
+                    * sim.time_scale
+                    * 1000.0
+            })
+            .collect();
+    ms.sort_by(f64::total_cmp);
+    (percentile(&ms, 50.0), percentile(&ms, 99.0))
 }
 
 /// KV blocks of the largest single prompt of `plan`.
@@ -492,6 +513,8 @@ fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Res
             &spec.block_tokens.to_string(),
             "--prefill-tps",
             &spec.prefill_tps.to_string(),
+            "--prefill-overhead-ms",
+            &spec.prefill_overhead_ms.to_string(),
             "--decode-tps",
             &spec.decode_tps.to_string(),
             "--max-seqs",
@@ -638,7 +661,6 @@ fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
 
 #[cfg(test)]
 mod tests {
-
     #[test]
     fn decision_counts_sum_over_instances() {
         let page = "# TYPE kvroute_routing_decisions_total counter\n\
@@ -660,6 +682,49 @@ mod tests {
         );
     }
     use super::*;
+
+    /// Two requests sharing their first segment: the second prefills only its own tail.
+    #[test]
+    fn ttft_floor_counts_only_what_an_infinite_cache_lacks() {
+        use kvroute_tests::load::plan::{PlannedRequest, Role, Segment, Session};
+        let seg = |id, bytes| Segment {
+            id,
+            bytes,
+            full_bytes: bytes,
+            weight: bytes as u64,
+            role: Role::User,
+        };
+        let session = |id: &str, segments| Session {
+            start: Duration::ZERO,
+            id: id.into(),
+            requests: vec![PlannedRequest {
+                segments,
+                max_tokens: 1,
+            }],
+        };
+        let plan = Plan {
+            sessions: vec![
+                session("a", vec![seg(1, 32_000), seg(2, 8_000)]),
+                session("b", vec![seg(1, 32_000), seg(3, 4_000)]),
+            ],
+            target_rps: 1.0,
+        };
+        let sim = SimSpec {
+            replicas: 2,
+            kv_blocks: 100,
+            block_tokens: 16,
+            time_scale: 0.5,
+            prefill_tps: 1000.0,
+            prefill_overhead_ms: 10.0,
+            decode_tps: 50.0,
+            max_seqs: 8,
+        };
+        // 40 000 B = 10 000 tokens = 10 s + 10 ms, at half speed: 5005 ms.
+        // 4 000 B = 1 000 tokens = 1 s + 10 ms: 505 ms.
+        let (p50, p99) = ttft_floor_ms(&plan, &sim);
+        assert!((p50 - 505.0).abs() < 1e-9, "{p50}");
+        assert!((p99 - 5005.0).abs() < 1e-9, "{p99}");
+    }
 
     #[test]
     fn policy_values_from_clap_help() {
