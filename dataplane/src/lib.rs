@@ -5,10 +5,13 @@
 //! and clock values and never touches a socket; the I/O around it lives in `io`
 //! (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
 //! See ARCHITECTURE.md for the whole design.
-// deny, not forbid: `steer::sys` (mounting bpffs) is the one module allowed unsafe.
+// deny, not forbid: `steer::sys` (mounting bpffs) and `avx2` (calling the kernels
+// it selects at run time) are the two modules allowed unsafe.
 #![deny(unsafe_code)]
 
 pub mod admin;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -10,7 +10,7 @@ use super::ExtractError;
 pub const MAX_DEPTH: usize = 128;
 
 /// Bytes the string scan classifies at once (one bit each in a `u64`).
-const STRING_CHUNK: usize = 64;
+pub(crate) const STRING_CHUNK: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Literal {
@@ -29,29 +29,25 @@ fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\n' | b'\r' | b'\t')
 }
 
-/// What may follow a backslash: `ESCAPE_SIMPLE` bytes are a whole escape,
-/// `ESCAPE_UNICODE` (`u`) needs four hex digits, anything else is invalid.
-const ESCAPE_INVALID: u8 = 0;
-const ESCAPE_SIMPLE: u8 = 1;
-const ESCAPE_UNICODE: u8 = 2;
-const ESCAPE_CLASS: [u8; 256] = {
-    let mut t = [ESCAPE_INVALID; 256];
+/// The bytes that make a whole escape after a backslash; `u` needs four hex
+/// digits more, anything else is invalid.
+const SIMPLE_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
     let ok = *b"\"\\/bfnrt";
     let mut k = 0;
     while k < ok.len() {
-        t[ok[k] as usize] = ESCAPE_SIMPLE;
+        t[ok[k] as usize] = true;
         k += 1;
     }
-    t[b'u' as usize] = ESCAPE_UNICODE;
     t
 };
 
 /// One 64-byte chunk of a string as bit masks (bit i = byte i).
-struct ChunkMasks {
-    quote: u64,
-    backslash: u64,
+pub(crate) struct ChunkMasks {
+    pub(crate) quote: u64,
+    pub(crate) backslash: u64,
     /// Bytes below 0x20, which JSON forbids inside strings.
-    control: u64,
+    pub(crate) control: u64,
 }
 
 /// Bits of the 16 lanes of four vectors whose byte is 0xff.
@@ -62,6 +58,8 @@ fn movemask4(v: [u8x16; 4]) -> u64 {
     })
 }
 
+/// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::avx2` has the
+/// wider one for CPUs that have it.
 /// Why `wide` and not a byte search: a string scan must stop at quotes and
 /// backslashes and reject control bytes. `memchr2` stops at every escape (a
 /// `\n` or `\"` every ~30 bytes of real prompt text) and still needs a separate
@@ -115,6 +113,20 @@ fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
     (escaped, escapes >> 63)
 }
 
+/// Of the positions in `escaped`, those whose byte is not a one-byte escape
+/// (`"\/bfnrt`): `\u` escapes and invalid ones. The portable kernel looks each
+/// up; `crate::avx2` classifies the whole chunk with two table shuffles.
+#[inline(always)]
+pub(crate) fn not_simple_escapes(chunk: &[u8; STRING_CHUNK], mut escaped: u64) -> u64 {
+    let mut out = 0;
+    while escaped != 0 {
+        let p = escaped.trailing_zeros();
+        out |= u64::from(!SIMPLE_ESCAPE[usize::from(chunk[p as usize])]) << p;
+        escaped &= escaped - 1;
+    }
+    out
+}
+
 /// Where the string whose contents start at `start` ends (its closing quote),
 /// when it is valid. On a fault, `Err` with where the bytewise scan should
 /// resume to find and name it: the faulty chunk's start, or the backslash just
@@ -124,8 +136,13 @@ fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
 /// 64 bytes per step, no branch per escape: the masks give the escaped bytes,
 /// the first unescaped quote ends the string, and every byte before it must be
 /// no control byte and every escape one JSON allows.
-#[inline]
-fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
+#[inline(always)]
+pub(crate) fn valid_string_end_with(
+    buf: &[u8],
+    start: usize,
+    chunk_masks: impl Fn(&[u8; STRING_CHUNK]) -> ChunkMasks,
+    not_simple_escapes: impl Fn(&[u8; STRING_CHUNK], u64) -> u64,
+) -> Result<usize, usize> {
     let mut base = start;
     let mut carry = 0u64;
     let mut padded = [b' '; STRING_CHUNK];
@@ -155,18 +172,21 @@ fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
         if m.control & inside != 0 {
             return Err(resume);
         }
-        let mut esc = escaped & inside;
-        while esc != 0 {
-            let p = esc.trailing_zeros() as usize;
-            match ESCAPE_CLASS[usize::from(chunk[p])] {
-                ESCAPE_SIMPLE => {}
-                ESCAPE_UNICODE
-                    if buf
+        let esc = escaped & inside;
+        if esc != 0 {
+            // Usually none: `\u` escapes, and invalid ones, are checked one by one.
+            let mut other = not_simple_escapes(chunk, esc);
+            while other != 0 {
+                let p = other.trailing_zeros() as usize;
+                let unicode = chunk[p] == b'u'
+                    && buf
                         .get(base + p + 1..base + p + 5)
-                        .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => {}
-                _ => return Err(resume),
+                        .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+                if !unicode {
+                    return Err(resume);
+                }
+                other &= other - 1;
             }
-            esc &= esc - 1;
         }
         if ends != 0 {
             return Ok(base + ends.trailing_zeros() as usize);
@@ -177,6 +197,16 @@ fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
         carry = next_carry;
         base += STRING_CHUNK;
     }
+}
+
+/// [`valid_string_end_with`] on the widest kernel this CPU runs.
+#[inline]
+fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(end) = crate::avx2::valid_string_end(buf, start) {
+        return end;
+    }
+    valid_string_end_with(buf, start, chunk_masks, not_simple_escapes)
 }
 
 impl<'a> Scanner<'a> {
@@ -604,6 +634,12 @@ mod tests {
             .and_then(|()| slow.string_bytewise(slow.pos, slow.pos));
         prop_assert_eq!(&got, &want, "{:?}", String::from_utf8_lossy(body));
         prop_assert_eq!(fast.pos, slow.pos);
+        // The run-time chosen kernel (AVX2 where the CPU has it) and the portable
+        // one see the same chunks the same way.
+        prop_assert_eq!(
+            valid_string_end(body, at + 1),
+            valid_string_end_with(body, at + 1, chunk_masks, not_simple_escapes)
+        );
         Ok(())
     }
 
