@@ -5,13 +5,10 @@
 //! and clock values and never touches a socket; the I/O around it lives in `io`
 //! (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
 //! See ARCHITECTURE.md for the whole design.
-// deny, not forbid: `steer::sys` (mounting bpffs) and `avx2` (calling the kernels
-// it selects at run time) are the two modules allowed unsafe.
+// deny, not forbid: `sys` is the one module allowed unsafe.
 #![deny(unsafe_code)]
 
 pub mod admin;
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 pub mod cache;
 pub mod config;
 pub mod error;
@@ -29,6 +26,7 @@ pub mod replica;
 pub mod route;
 pub mod server;
 pub mod steer;
+mod sys;
 pub mod worker;
 
 pub use error::Error;

@@ -25,7 +25,7 @@
 //!
 //! Strings are scanned 64 bytes at a time as bit masks of quotes, backslashes and
 //! control bytes (`scanner::chunk_masks`, SSE2/NEON through `wide`, or AVX2 in
-//! `crate::avx2` when the CPU has it); the escaped bytes come from the backslash
+//! `crate::sys::avx2` when the CPU has it); the escaped bytes come from the backslash
 //! mask by simdjson's carry trick, so there is no branch per escape, and AVX2
 //! checks every escaped byte of a chunk at once with a nibble-table lookup. Stopping at each special with a bytewise search or `memchr2`
 //! ran 2-5x slower on escape-dense text; the previous multiply-packed mask with a

@@ -58,7 +58,7 @@ fn movemask4(v: [u8x16; 4]) -> u64 {
     })
 }
 
-/// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::avx2` has the
+/// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::sys::avx2` has the
 /// wider one for CPUs that have it.
 /// Why `wide` and not a byte search: a string scan must stop at quotes and
 /// backslashes and reject control bytes. `memchr2` stops at every escape (a
@@ -115,7 +115,7 @@ fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
 
 /// Of the positions in `escaped`, those whose byte is not a one-byte escape
 /// (`"\/bfnrt`): `\u` escapes and invalid ones. The portable kernel looks each
-/// up; `crate::avx2` classifies the whole chunk with two table shuffles.
+/// up; `crate::sys::avx2` classifies the whole chunk with two table shuffles.
 #[inline(always)]
 pub(crate) fn not_simple_escapes(chunk: &[u8; STRING_CHUNK], mut escaped: u64) -> u64 {
     let mut out = 0;
@@ -203,7 +203,7 @@ pub(crate) fn valid_string_end_with(
 #[inline]
 fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(end) = crate::avx2::valid_string_end(buf, start) {
+    if let Some(end) = crate::sys::avx2::valid_string_end(buf, start) {
         return end;
     }
     valid_string_end_with(buf, start, chunk_masks, not_simple_escapes)

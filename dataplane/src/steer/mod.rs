@@ -12,7 +12,6 @@
 //! upgraded process opening listeners on the same address finds them and
 //! swaps its sockets into the same array.
 
-mod sys;
 pub mod upgrade;
 
 use std::net::{SocketAddr, TcpListener};
@@ -633,7 +632,7 @@ fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
     let root = Path::new(BPFFS);
     if !bpffs_mounted(root) {
         std::fs::create_dir_all(root).map_err(|e| format!("creating {BPFFS}: {e}"))?;
-        sys::mount_bpffs(root)
+        crate::sys::steer::mount_bpffs(root)
             .map_err(|e| format!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}"))?;
         tracing::info!("steering: mounted bpffs at {BPFFS}");
     }

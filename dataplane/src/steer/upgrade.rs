@@ -203,7 +203,7 @@ pub fn request(cfg: &crate::config::Config) -> Result<String, String> {
             st["successor_pid"]
         ));
     }
-    super::sys::sigusr2(pid).map_err(|e| format!("signalling pid {pid}: {e}"))?;
+    crate::sys::steer::sigusr2(pid).map_err(|e| format!("signalling pid {pid}: {e}"))?;
     let deadline = Instant::now() + READY_WITHIN + Duration::from_secs(5);
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));

@@ -1,7 +1,6 @@
-//! The only unsafe code of the steering path: mounting bpffs and signalling
-//! the running process for `kvroute upgrade`. Everything else (loading, map
-//! updates, SO_ATTACH_REUSEPORT_EBPF) goes through aya.
-#![allow(unsafe_code)]
+//! The steering path's system calls: mounting bpffs and signalling the running
+//! process for `kvroute upgrade`. Everything else (loading, map updates,
+//! SO_ATTACH_REUSEPORT_EBPF) goes through aya.
 
 use std::ffi::CString;
 use std::io;

@@ -5,7 +5,6 @@
 //! in two 32-byte compares per byte class instead of four 16-byte ones. The
 //! kernels are safe `#[target_feature]` functions; the one `unsafe` is calling
 //! them from code compiled without the feature, after checking the CPU.
-#![allow(unsafe_code)]
 
 use std::arch::x86_64::{
     __m256i, _mm256_and_si256, _mm256_cmpeq_epi8, _mm256_min_epu8, _mm256_movemask_epi8,
