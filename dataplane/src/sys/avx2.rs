@@ -17,9 +17,10 @@ use crate::prompt::scanner::{valid_string_end_with, ChunkMasks, STRING_CHUNK};
 /// 6: `b` `f` `n`, 7: `r` `t`), indexed by high nibble; bytes of 0x80 and up
 /// get none.
 const ESCAPE_HIGH: [u8; 16] = [0, 0, 1, 0, 0, 2, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0];
-/// Indexed by low nibble: the high-nibble bits that make a one-byte escape with
-/// it (0x22 `"`, 0x62 `b`, 0x72 `r` / 0x74 `t` / 0x66 `f` / 0x5C `\` /
-/// 0x6E `n` / 0x2F `/`).
+/// Indexed by low nibble: the `ESCAPE_HIGH` bits of the one-byte escapes with
+/// that low nibble: 2 → `"` `b` `r` (0x22, 0x62, 0x72), 4 → `t`, 6 → `f`,
+/// C → `\`, E → `n`, F → `/`. `u` (0x75) is left out: its four hex digits are
+/// checked one escape at a time.
 const ESCAPE_LOW: [u8; 16] = [0, 0, 1 | 4 | 8, 0, 8, 0, 4, 0, 0, 0, 0, 0, 2, 0, 4, 1];
 
 /// A 16-byte table in both 128-bit lanes, as `vpshufb` looks up per lane.
@@ -99,5 +100,35 @@ fn chunk_masks(chunk: &[u8; STRING_CHUNK]) -> ChunkMasks {
         } else {
             0
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::scanner;
+
+    /// Every byte value at every position: the nibble tables accept exactly the
+    /// bytes the portable kernel's table does.
+    #[test]
+    fn nibble_tables_classify_every_byte_like_the_portable_kernel() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for b in 0..=255u8 {
+            for at in [0usize, 15, 16, 31, 32, 63] {
+                let mut chunk = [b'a'; STRING_CHUNK];
+                chunk[at] = b;
+                let escaped = (1u64 << at) | 1 << ((at + 7) % STRING_CHUNK);
+                // SAFETY: the CPU was checked for AVX2 above.
+                let fast = unsafe { not_simple_escapes(&chunk, escaped) };
+                assert_eq!(
+                    fast,
+                    scanner::not_simple_escapes(&chunk, escaped),
+                    "byte {b:#04x} at {at}"
+                );
+            }
+        }
     }
 }
