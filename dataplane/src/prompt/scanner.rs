@@ -60,6 +60,7 @@ fn movemask4(v: [u8x16; 4]) -> u64 {
 
 /// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::sys::avx2` has the
 /// wider one for CPUs that have it.
+///
 /// Why `wide` and not a byte search: a string scan must stop at quotes and
 /// backslashes and reject control bytes. `memchr2` stops at every escape (a
 /// `\n` or `\"` every ~30 bytes of real prompt text) and still needs a separate
