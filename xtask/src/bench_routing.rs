@@ -244,7 +244,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             block_tokens: 16,
             time_scale: a.time_scale,
             prefill_tps: a.prefill_tps,
-            prefill_overhead_ms: 10.0,
+            prefill_overhead_ms: fleet::SIM_PREFILL_OVERHEAD_MS,
             decode_tps: 50.0,
             max_seqs: 256,
         };

@@ -23,6 +23,9 @@ use crate::procs::{cargo, sh, target_dir};
 
 /// Bytes of prompt per simulated token: kvroute-sim has no tokenizer and counts 4 bytes a token.
 pub const SIM_BYTES_PER_TOKEN: usize = 4;
+/// Fixed cost of each simulated prefill, ms: `kvroute-sim`'s default, passed explicitly so
+/// the TTFT floor is computed with the value the replicas run with.
+pub const SIM_PREFILL_OVERHEAD_MS: f64 = 10.0;
 
 /// Every policy name kvroute has or is getting, in the order they are compared.
 pub const KNOWN_POLICIES: [&str; 4] =
