@@ -147,7 +147,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     println!(
         "\n{}",
-        side_by_side(&headline, stats.ideal_hit_ratio, &results)
+        side_by_side(
+            &headline,
+            stats.ideal_hit_ratio,
+            fleet::ttft_floor_ms(&plan, &sim),
+            &results
+        )
     );
     eprintln!(
         "demo: finished in {:.0} s; process logs under {}",
@@ -157,7 +162,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String {
+/// `floor`: TTFT p50 and p99 with one infinite cache and no queueing, ms.
+fn side_by_side(
+    headline: &str,
+    ideal: f64,
+    floor: (f64, f64),
+    runs: &[(&str, Measured)],
+) -> String {
     const COL: usize = 16;
     let pct = |x: f64| format!("{:.1} %", x * 100.0);
     let mut o = String::new();
@@ -182,12 +193,12 @@ fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String
     row(
         "TTFT p50 ms",
         &|m| format!("{:.1}", m.client.ttft_ms.p50),
-        "",
+        &format!("(floor {:.1}: that cache, nothing queued)", floor.0),
     );
     row(
         "TTFT p99 ms",
         &|m| format!("{:.1}", m.client.ttft_ms.p99),
-        "",
+        &format!("(floor {:.1})", floor.1),
     );
     row("e2e p99 ms", &|m| format!("{:.1}", m.client.e2e_ms.p99), "");
     row(
@@ -207,4 +218,48 @@ fn side_by_side(headline: &str, ideal: f64, runs: &[(&str, Measured)]) -> String
         "",
     );
     o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::measure::FleetCounts;
+
+    /// One column per policy, and the ceilings beside the rows they bound.
+    #[test]
+    fn report_sets_each_policy_against_the_ideal_and_the_floor() {
+        let run = |hit: f64, p99: f64| {
+            let mut client = kvroute_tests::load::stats::Summary::default();
+            client.ttft_ms.p99 = p99;
+            Measured {
+                client,
+                fleet: FleetCounts {
+                    hit_ratio: hit,
+                    ..Default::default()
+                },
+            }
+        };
+        let out = side_by_side(
+            "h",
+            0.294,
+            (14.6, 271.8),
+            &[
+                ("round-robin", run(0.062, 900.0)),
+                ("kv-aware", run(0.116, 400.0)),
+            ],
+        );
+        let line = |name: &str| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row in\n{out}"))
+                .to_owned()
+        };
+        let hit = line("KV cache hit ratio");
+        assert!(hit.contains("6.2 %") && hit.contains("11.6 %"), "{hit}");
+        assert!(hit.contains("(ideal 29.4 %"), "{hit}");
+        let p99 = line("TTFT p99 ms");
+        assert!(p99.contains("900.0") && p99.contains("400.0"), "{p99}");
+        assert!(p99.contains("(floor 271.8)"), "{p99}");
+        assert!(line("TTFT p50 ms").contains("(floor 14.6:"), "{out}");
+    }
 }
