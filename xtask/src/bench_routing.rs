@@ -148,6 +148,8 @@ struct WorkloadResult {
     requests: usize,
     target_rps: f64,
     ideal_hit_ratio: f64,
+    /// See [`fleet::lru_ceiling`].
+    lru_hit_ratio: f64,
     /// See [`fleet::ttft_floor_ms`]: (p50, p99).
     ttft_floor_ms: (f64, f64),
     working_set_blocks: u64,
@@ -254,13 +256,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
         let stats = plan.stats();
         let floor = fleet::ttft_floor_ms(&plan, &sim);
+        let lru = fleet::lru_ceiling(&plan, &sim);
         eprintln!(
             "\n== {name}: {description}\n   {} requests, {:.1} req/s target, ideal hit ratio {:.1} %, \
-             TTFT floor p50 {:.1} ms p99 {:.1} ms, \
+             fleet-sized LRU {:.1} %, TTFT floor p50 {:.1} ms p99 {:.1} ms, \
              working set {ws} KV blocks, {} replicas x {} blocks, time scale {}",
             stats.requests,
             stats.target_rps,
             stats.ideal_hit_ratio * 100.0,
+            lru * 100.0,
             floor.0,
             floor.1,
             a.replicas,
@@ -317,6 +321,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             requests: stats.requests,
             target_rps: stats.target_rps,
             ideal_hit_ratio: stats.ideal_hit_ratio,
+            lru_hit_ratio: lru,
             ttft_floor_ms: floor,
             working_set_blocks: ws,
             sim,
@@ -543,13 +548,14 @@ fn cells(r: &Row) -> Vec<String> {
 
 fn workload_header(w: &WorkloadResult) -> String {
     format!(
-        "{}: {} requests at {:.1} req/s; ideal hit ratio {} (one infinite cache); \
-         TTFT floor p50 {:.1} ms, p99 {:.1} ms (one infinite cache, no queueing); {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
+        "{}: {} requests at {:.1} req/s; ideal hit ratio {} (one infinite cache), {} with one LRU cache \
+         the size of the fleet's; TTFT floor p50 {:.1} ms, p99 {:.1} ms (one infinite cache, no queueing); {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
          replica time scale {}",
         w.description,
         w.requests,
         w.target_rps,
         pct(w.ideal_hit_ratio),
+        pct(w.lru_hit_ratio),
         w.ttft_floor_ms.0,
         w.ttft_floor_ms.1,
         w.sim.replicas,
@@ -828,6 +834,7 @@ mod tests {
                 requests: 4,
                 target_rps: 1.0,
                 ideal_hit_ratio: 0.5,
+                lru_hit_ratio: 0.4,
                 ttft_floor_ms: (1.5, 20.5),
                 working_set_blocks: 100,
                 sim: SimSpec {
@@ -869,6 +876,10 @@ mod tests {
         );
         assert!(md.contains("ideal hit ratio 50.0 %"), "{md}");
         assert!(md.contains("TTFT floor p50 1.5 ms, p99 20.5 ms"), "{md}");
+        assert!(
+            md.contains("40.0 % with one LRU cache the size of the fleet's"),
+            "{md}"
+        );
         // 2 × 25 blocks of a 100-block working set.
         assert!(md.contains("(50 % of the 100-block working set"), "{md}");
         assert!(md.contains("Skipped rows"), "{md}");

@@ -149,7 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "\n{}",
         side_by_side(
             &headline,
-            stats.ideal_hit_ratio,
+            (stats.ideal_hit_ratio, fleet::lru_ceiling(&plan, &sim)),
             fleet::ttft_floor_ms(&plan, &sim),
             &results
         )
@@ -162,10 +162,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ideal`: the hit ratio of one infinite cache, and of one LRU cache the fleet's size;
 /// `floor`: TTFT p50 and p99 with one infinite cache and no queueing, ms.
 fn side_by_side(
     headline: &str,
-    ideal: f64,
+    ideal: (f64, f64),
     floor: (f64, f64),
     runs: &[(&str, Measured)],
 ) -> String {
@@ -188,7 +189,11 @@ fn side_by_side(
     row(
         "KV cache hit ratio",
         &|m| pct(m.fleet.hit_ratio),
-        &format!("(ideal {}: one infinite cache)", pct(ideal)),
+        &format!(
+            "(ideal {}: one infinite cache; {}: one LRU the fleet's size)",
+            pct(ideal.0),
+            pct(ideal.1)
+        ),
     );
     row(
         "TTFT p50 ms",
@@ -241,7 +246,7 @@ mod tests {
         };
         let out = side_by_side(
             "h",
-            0.294,
+            (0.294, 0.271),
             (14.6, 271.8),
             &[
                 ("round-robin", run(0.062, 900.0)),
@@ -257,6 +262,7 @@ mod tests {
         let hit = line("KV cache hit ratio");
         assert!(hit.contains("6.2 %") && hit.contains("11.6 %"), "{hit}");
         assert!(hit.contains("(ideal 29.4 %"), "{hit}");
+        assert!(hit.contains("27.1 %: one LRU the fleet's size)"), "{hit}");
         let p99 = line("TTFT p99 ms");
         assert!(p99.contains("900.0") && p99.contains("400.0"), "{p99}");
         assert!(p99.contains("(floor 271.8)"), "{p99}");

@@ -1,7 +1,7 @@
 //! Ideal hit ratio: what one infinitely large prefix cache shared by all replicas would hit.
 //! This is the ceiling a router's measured hit ratio is compared against.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::plan::PlannedRequest;
 
@@ -52,6 +52,68 @@ pub fn ideal_uncached_bytes<'a>(
         .collect()
 }
 
+/// Hit ratio of one LRU prefix cache holding `capacity_bytes` of prompt, shared by all
+/// replicas: what the fleet's KV capacity could hit if it were a single cache. Weighted like
+/// [`ideal_hit_ratio`], but a request hits only its leading segments still held (a prefix
+/// cache stops at the first missing block), and each request then makes all of its segments
+/// the most recent, its first segment most of all, since engines free a sequence's blocks
+/// tail first. With caches of a fixed size, this, not the infinite-cache ideal, is the
+/// ceiling that routers' hit ratios are read against.
+pub fn lru_hit_ratio<'a>(
+    requests: impl IntoIterator<Item = &'a PlannedRequest>,
+    capacity_bytes: u64,
+) -> f64 {
+    // id -> (last use, bytes held); last use -> id, oldest first.
+    let mut held: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut by_age: BTreeMap<u64, u64> = BTreeMap::new();
+    let (mut used, mut clock) = (0u64, 0u64);
+    let (mut hit, mut total) = (0u64, 0u64);
+    for req in requests {
+        let leading = req
+            .segments
+            .iter()
+            .take_while(|g| held.contains_key(&g.id))
+            .count();
+        hit += req.segments[..leading]
+            .iter()
+            .map(|g| g.weight)
+            .sum::<u64>();
+        total += req.segments.iter().map(|g| g.weight).sum::<u64>();
+        for g in req.segments.iter().rev() {
+            clock += 1;
+            let bytes = g.bytes as u64;
+            match held.get_mut(&g.id) {
+                Some((at, size)) => {
+                    by_age.remove(at);
+                    *at = clock;
+                    if bytes > *size {
+                        used += bytes - *size;
+                        *size = bytes;
+                    }
+                }
+                None => {
+                    held.insert(g.id, (clock, bytes));
+                    used += bytes;
+                }
+            }
+            by_age.insert(clock, g.id);
+        }
+        while used > capacity_bytes {
+            let Some((_, id)) = by_age.pop_first() else {
+                break;
+            };
+            if let Some((_, size)) = held.remove(&id) {
+                used -= size;
+            }
+        }
+    }
+    if total == 0 {
+        0.0
+    } else {
+        hit as f64 / total as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +153,28 @@ mod tests {
         assert_eq!(ideal_hit_ratio(&[]), 0.0);
         assert!(ideal_uncached_bytes(&[]).is_empty());
         assert_eq!(ideal_hit_ratio(&[req(10, &[1]), req(10, &[2])]), 0.0);
+    }
+
+    /// The hand-made trace again, with room for less than all of it.
+    #[test]
+    fn lru_hits_only_what_still_fits() {
+        let rs = [
+            req(1124, &[0, 1, 2]),
+            req(1224, &[0, 1, 3]),
+            req(562, &[0, 4]),
+            req(300, &[5]),
+        ];
+        // Room for everything: the infinite-cache ideal.
+        assert!((lru_hit_ratio(&rs, u64::MAX) - ideal_hit_ratio(&rs)).abs() < 1e-12);
+        // Room for nothing: no hits.
+        assert_eq!(lru_hit_ratio(&rs, 0), 0.0);
+        // 1124 bytes: r1 fits whole; r2 hits blocks 0 and 1 and adds block 3 (200 bytes),
+        // so the least recent go, block 2 and then block 3 itself; r3 hits block 0.
+        let total = (1124 + 1224 + 562 + 300) as f64;
+        assert!((lru_hit_ratio(&rs, 1124) - (1024 + 512) as f64 / total).abs() < 1e-12);
+        // 1000 bytes: r1's least recent segments go, block 2 and then block 1 (touched
+        // before block 0), so r2 and r3 each hit block 0 only.
+        assert!((lru_hit_ratio(&rs, 1000) - (512 + 512) as f64 / total).abs() < 1e-12);
     }
 
     #[test]

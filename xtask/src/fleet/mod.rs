@@ -202,6 +202,13 @@ pub fn ttft_floor_ms(plan: &Plan, sim: &SimSpec) -> (f64, f64) {
     (percentile(&ms, 50.0), percentile(&ms, 99.0))
 }
 
+/// Hit ratio of one LRU cache as large as the whole fleet's KV capacity on `plan`: the
+/// ceiling for caches of this size, where the infinite-cache ideal is not reachable.
+pub fn lru_ceiling(plan: &Plan, sim: &SimSpec) -> f64 {
+    let capacity = (sim.kv_blocks * sim.replicas * sim.block_bytes()) as u64;
+    kvroute_tests::load::ideal::lru_hit_ratio(plan.requests_in_order(), capacity)
+}
+
 /// KV blocks of the largest single prompt of `plan`.
 pub fn largest_request_blocks(plan: &Plan, block_bytes: usize) -> u64 {
     plan.requests_in_order()
