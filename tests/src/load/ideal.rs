@@ -129,18 +129,22 @@ mod tests {
         lower_entry(&e, 512, 1.0)
     }
 
-    #[test]
-    fn hand_made_trace() {
-        // r1: [0 1 2] = 512+512+100 tokens, nothing cached.
-        // r2: [0 1 3] = 512+512+200 tokens, blocks 0 and 1 cached: 1024 hit.
-        // r3: [0 4]   = 512+50 tokens, block 0 cached: 512 hit.
-        // r4: [5]     = 300 tokens, nothing.
-        let rs = [
+    /// r1: [0 1 2] = 512+512+100 tokens, nothing cached.
+    /// r2: [0 1 3] = 512+512+200 tokens, blocks 0 and 1 cached: 1024 hit.
+    /// r3: [0 4]   = 512+50 tokens, block 0 cached: 512 hit.
+    /// r4: [5]     = 300 tokens, nothing.
+    fn hand_made() -> [PlannedRequest; 4] {
+        [
             req(1124, &[0, 1, 2]),
             req(1224, &[0, 1, 3]),
             req(562, &[0, 4]),
             req(300, &[5]),
-        ];
+        ]
+    }
+
+    #[test]
+    fn hand_made_trace() {
+        let rs = hand_made();
         let total = 1124 + 1224 + 562 + 300;
         let expected = (1024 + 512) as f64 / total as f64;
         assert!((ideal_hit_ratio(&rs) - expected).abs() < 1e-12);
@@ -158,12 +162,7 @@ mod tests {
     /// The hand-made trace again, with room for less than all of it.
     #[test]
     fn lru_hits_only_what_still_fits() {
-        let rs = [
-            req(1124, &[0, 1, 2]),
-            req(1224, &[0, 1, 3]),
-            req(562, &[0, 4]),
-            req(300, &[5]),
-        ];
+        let rs = hand_made();
         // Room for everything: the infinite-cache ideal.
         assert!((lru_hit_ratio(&rs, u64::MAX) - ideal_hit_ratio(&rs)).abs() < 1e-12);
         // Room for nothing: no hits.

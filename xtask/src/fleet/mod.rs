@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-
 use kvroute_tests::harness::{free_port, post, request};
 use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::stats::percentile;
