@@ -8,9 +8,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use kvroute::index::{IndexConfig, PrefixIndex};
-use kvroute::prefix::{analyze, chain_hashes, BlockHasher, PrefixConfig};
+use kvroute::prefix::{analyze, chain_hashes, fold_block_hash, BlockHasher, PrefixConfig};
 use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 const SIZES: [(usize, &str); 5] = [
     (1 << 10, "1KiB"),
@@ -240,6 +240,18 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("xxh3-then-fold", label), |b| {
             b.iter(|| black_box(chain_hashes(black_box(&data), &cfg)))
         });
+        // The fold kvroute shipped before: another xxh3 round, seeded with `prev`.
+        g.bench_function(BenchmarkId::new("xxh3-then-xxh3-fold", label), |b| {
+            b.iter(|| {
+                let mut prev = 0u64;
+                let mut out = Vec::with_capacity(data.len() / 128);
+                for block in black_box(&data).chunks_exact(128) {
+                    prev = xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev);
+                    out.push(prev);
+                }
+                black_box(out)
+            })
+        });
         g.bench_function(BenchmarkId::new("xxh3-seeded-chain", label), |b| {
             b.iter(|| {
                 let mut prev = 0u64;
@@ -259,7 +271,7 @@ fn bench(c: &mut Criterion) {
                 let mut prev = 0u64;
                 let mut out = Vec::with_capacity(data.len() / 128);
                 for block in black_box(&data).chunks_exact(128) {
-                    prev = xxh3_64_with_seed(&seeds.hash_one(block).to_le_bytes(), prev);
+                    prev = fold_block_hash(prev, seeds.hash_one(block));
                     out.push(prev);
                 }
                 black_box(out)

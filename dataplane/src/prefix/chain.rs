@@ -9,10 +9,12 @@
 //! (12 against 6 GB/s).
 
 use smallvec::SmallVec;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64;
 
 /// Seeds the first block, so a chain never starts from xxh3's plain output.
 const CHAIN_SEED: u64 = 0x6b76_726f_7574_6531;
+/// Odd (so the multiply is a bijection), 2^64 over the golden ratio.
+const FOLD_MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
 
 pub const MIN_BLOCK_BYTES: usize = 16;
 pub const MAX_BLOCK_BYTES: usize = 4096;
@@ -35,7 +37,20 @@ impl Default for PrefixConfig {
 
 #[inline(always)]
 fn fold(prev: u64, block: &[u8]) -> u64 {
-    xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev)
+    fold_block_hash(prev, xxh3_64(block))
+}
+
+/// The chain step: the previous hash and this block's own hash, mixed.
+///
+/// Why a rotate, xor and one multiply, not another xxh3 round (seeded with
+/// `prev`, the previous form): this step is the chain's only serial part, so its
+/// latency bounds a long prompt; xxh3 of 8 bytes is ~18 cycles of dependent
+/// multiplies and shifts, this is ~5. The block hash is uniform, and for a fixed
+/// `prev` (or block hash) the map is a bijection, so two chains meet only where
+/// 64-bit hashes collide. `hash/*` in `benches/routing_core.rs` has both.
+#[inline(always)]
+pub fn fold_block_hash(prev: u64, block_hash: u64) -> u64 {
+    (prev.rotate_left(23) ^ block_hash).wrapping_mul(FOLD_MULTIPLIER)
 }
 
 /// Streaming prefix-chained block hasher. Full blocks are hashed straight from the

@@ -10,5 +10,6 @@ mod chain;
 
 pub use analyze::{analyze, Analyzed};
 pub use chain::{
-    chain_hashes, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES,
+    chain_hashes, fold_block_hash, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES,
+    MIN_BLOCK_BYTES,
 };

@@ -16,12 +16,12 @@ use crate::prompt::scanner::{valid_string_end_with, ChunkMasks, STRING_CHUNK};
 /// One bit per high nibble that some one-byte escape has (2: `"` `/`, 5: `\`,
 /// 6: `b` `f` `n`, 7: `r` `t`), indexed by high nibble; bytes of 0x80 and up
 /// get none.
-const ESCAPE_HIGH: [u8; 16] = [0, 0, 1, 0, 0, 2, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0];
+pub(super) const ESCAPE_HIGH: [u8; 16] = [0, 0, 1, 0, 0, 2, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0];
 /// Indexed by low nibble: the `ESCAPE_HIGH` bits of the one-byte escapes with
 /// that low nibble: 2 → `"` `b` `r` (0x22, 0x62, 0x72), 4 → `t`, 6 → `f`,
 /// C → `\`, E → `n`, F → `/`. `u` (0x75) is left out: its four hex digits are
 /// checked one escape at a time.
-const ESCAPE_LOW: [u8; 16] = [0, 0, 1 | 4 | 8, 0, 8, 0, 4, 0, 0, 0, 0, 0, 2, 0, 4, 1];
+pub(super) const ESCAPE_LOW: [u8; 16] = [0, 0, 1 | 4 | 8, 0, 8, 0, 4, 0, 0, 0, 0, 0, 2, 0, 4, 1];
 
 /// A 16-byte table in both 128-bit lanes, as `vpshufb` looks up per lane.
 fn lanes(table: [u8; 16]) -> __m256i {

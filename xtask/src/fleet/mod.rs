@@ -647,9 +647,26 @@ fn start_sglang(
 }
 
 /// Adds the decision and prediction counters of one Prometheus text page to
-/// `sums`, keyed `<kind>` and `predicted <outcome>`.
+/// `sums`, keyed `<kind>` and `predicted <outcome>`, and the prompt tokens the
+/// index predicted cached against those the replicas reported, over all
+/// replicas, as `tokens predicted` and `tokens cached`, and the decisions'
+/// summed regret (prompts' worth of overlap given up) as `regret`.
 fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
     for line in metrics.lines() {
+        for (prefix, key) in [
+            ("kvroute_prefix_predicted_tokens_sum", "tokens predicted"),
+            ("kvroute_prefix_cached_tokens_sum", "tokens cached"),
+            ("kvroute_routing_regret_ratio_sum", "regret"),
+        ] {
+            if line.starts_with(prefix) {
+                if let Some(v) = line
+                    .rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                {
+                    *sums.entry(key.to_owned()).or_default() += v;
+                }
+            }
+        }
         let key = if line.starts_with("kvroute_routing_decisions_total{") {
             ""
         } else if line.starts_with("kvroute_prefix_prediction_total{") {
@@ -676,6 +693,10 @@ mod tests {
             kvroute_routing_decisions_total{kind=\"prefix\"} 10\n\
             kvroute_routing_decisions_total{kind=\"spill\"} 2\n\
             kvroute_prefix_prediction_total{outcome=\"hit_miss\"} 3\n\
+            kvroute_prefix_predicted_tokens_sum{replica=\"http://a\"} 1500\n\
+            kvroute_prefix_predicted_tokens_sum{replica=\"http://b\"} 500\n\
+            kvroute_prefix_cached_tokens_sum{replica=\"http://a\"} 1200\n\
+            kvroute_prefix_cached_tokens_count{replica=\"http://a\"} 7\n\
             kvroute_requests_total{status=\"200\"} 99\n";
         let mut sums = BTreeMap::new();
         add_decision_counts(page, &mut sums);
@@ -686,7 +707,9 @@ mod tests {
             vec![
                 ("predicted hit_miss", 6.0),
                 ("prefix", 20.0),
-                ("spill", 4.0)
+                ("spill", 4.0),
+                ("tokens cached", 2400.0),
+                ("tokens predicted", 4000.0)
             ]
         );
     }
