@@ -7,27 +7,24 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 
 use super::shard::Shard;
+use crate::prefix::SHARD_RUN_BLOCKS;
 use crate::replica::MAX_REPLICAS;
 
-/// Below this many hashes a lookup batch locks per hash; above, it groups the
-/// batch by shard so each shard lock is taken once.
-const GROUP_THRESHOLD: usize = 32;
 /// First lookup batch; each next one is `BATCH_GROWTH` times larger, so a prompt
 /// sharing only a short prefix costs a small multiple of that prefix, not the
 /// whole prompt.
 const FIRST_BATCH: usize = 8;
-/// Why 4 and not 2: a shard lock (an uncontended lock + unlock, two atomic
-/// read-modify-writes) costs about as much as five map lookups, and a grouped
-/// batch takes about `min(batch, shards)` of them. Doubling from 8 took ~280
-/// locks for 1024 blocks (half of `longest_match`'s time); growing 4x, and
-/// taking a remainder smaller than the next batch along, takes ~150.
 const BATCH_GROWTH: usize = 4;
-/// Longest run of missing blocks [`PrefixIndex::longest_match`] steps over. The
-/// holes sharded eviction leaves are single blocks scattered over the shards:
-/// a run of five, which ends a count, starts at about one position in a
-/// thousand even with a quarter of a prefix's blocks gone at random, while a
-/// prompt that really diverges misses every block from there on.
-pub const MAX_HOLE_BLOCKS: u32 = 4;
+/// Longest run of missing blocks [`PrefixIndex::longest_match`] steps over: two
+/// shard runs. Sharded eviction takes a replica's oldest blocks shard by shard,
+/// and a chain lives in a shard a run of `SHARD_RUN_BLOCKS` at a time, so an
+/// aging chain loses whole runs (tail first) in an order the engine, which
+/// evicts the chain's own tail first, does not. With a one-run hole ending
+/// the count, the routing bench's predictions fell from 1 % to 8 % under the
+/// tokens the replicas reported cached, and the hit ratio by a point. A prompt
+/// that really diverges misses every block from there on, so the cost of a
+/// wider window is only the extra blocks looked up past the divergence.
+pub const MAX_HOLE_BLOCKS: u32 = 2 * SHARD_RUN_BLOCKS as u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexConfig {
@@ -92,14 +89,6 @@ pub struct IndexStats {
     pub evictions: u64,
 }
 
-/// Buffers of [`PrefixIndex::group_into`].
-#[derive(Default)]
-struct GroupScratch {
-    order: Vec<u32>,
-    starts: Vec<u32>,
-    fill: Vec<u32>,
-}
-
 /// Block hash → replicas holding it, shared by all workers.
 pub struct PrefixIndex {
     /// Padded to a cache line each: neighbouring shards' locks would otherwise
@@ -131,10 +120,27 @@ impl PrefixIndex {
     }
 
     /// Bits 40.. pick the shard: the map inside uses the low bits for buckets and
-    /// the top seven as tags, so the three stay independent.
+    /// the top seven as tags, so the three stay independent. Chains keep these
+    /// bits over runs of `prefix::SHARD_RUN_BLOCKS` blocks, so consecutive blocks
+    /// share a shard and a chain is locked a run at a time (see [`Self::runs`]).
     #[inline]
     fn shard_of(&self, hash: u64) -> usize {
         (hash >> 40) as usize & self.shard_mask
+    }
+
+    /// `hashes` cut into maximal runs living in one shard: (shard, end) from the
+    /// front, each run ending where the next begins. Any hashes are correct
+    /// here; chains make the runs long.
+    fn runs<'h>(&'h self, hashes: &'h [u64]) -> impl Iterator<Item = (usize, usize)> + 'h {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let shard = self.shard_of(*hashes.get(at)?);
+            at += 1;
+            while hashes.get(at).is_some_and(|&h| self.shard_of(h) == shard) {
+                at += 1;
+            }
+            Some((shard, at))
+        })
     }
 
     pub fn budget(&self, slot: u16) -> u64 {
@@ -214,25 +220,20 @@ impl PrefixIndex {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
             }
         };
-        if hashes.len() < GROUP_THRESHOLD {
-            for &h in hashes.iter().rev() {
-                let mut sh = self.shards[self.shard_of(h)].lock();
-                sh.tick();
-                apply(&mut sh, h);
-            }
-            return;
-        }
-        let (order, starts) = self.group_by_shard(hashes);
-        for (shard, range) in starts.windows(2).enumerate() {
-            let (a, b) = (range[0] as usize, range[1] as usize);
-            if a == b {
-                continue;
+        // Tail first, a run (one lock) at a time.
+        let mut end = hashes.len();
+        while end > 0 {
+            let shard = self.shard_of(hashes[end - 1]);
+            let mut start = end - 1;
+            while start > 0 && self.shard_of(hashes[start - 1]) == shard {
+                start -= 1;
             }
             let mut sh = self.shards[shard].lock();
             sh.tick();
-            for &i in order[a..b].iter().rev() {
-                apply(&mut sh, hashes[i as usize]);
+            for &h in hashes[start..end].iter().rev() {
+                apply(&mut sh, h);
             }
+            end = start;
         }
     }
 
@@ -260,7 +261,6 @@ impl PrefixIndex {
         let mut missing = 0u128;
         let mut run_start = [0u32; MAX_REPLICAS];
         let mut bits: SmallVec<[u128; FIRST_BATCH * BATCH_GROWTH]> = SmallVec::new();
-        let mut scratch = GroupScratch::default();
         let mut start = 0;
         let mut batch = FIRST_BATCH;
         while start < hashes.len() && alive != 0 {
@@ -272,7 +272,7 @@ impl PrefixIndex {
             }
             bits.clear();
             bits.resize(end - start, 0);
-            self.lookup_batch(&hashes[start..end], &mut bits, &mut scratch);
+            self.lookup_batch(&hashes[start..end], &mut bits);
             for (i, &b) in bits.iter().enumerate() {
                 let at = (start + i) as u32;
                 seen |= alive & b;
@@ -328,59 +328,15 @@ impl PrefixIndex {
         self.shards[self.shard_of(hash)].lock().lookup(hash)
     }
 
-    fn lookup_batch(&self, hashes: &[u64], out: &mut [u128], scratch: &mut GroupScratch) {
-        if hashes.len() < GROUP_THRESHOLD {
-            for (o, &h) in out.iter_mut().zip(hashes) {
-                *o = self.shards[self.shard_of(h)].lock().lookup(h);
-            }
-            return;
-        }
-        self.group_into(hashes, scratch);
-        let GroupScratch { order, starts, .. } = scratch;
-        for (shard, range) in starts.windows(2).enumerate() {
-            let (a, b) = (range[0] as usize, range[1] as usize);
-            if a == b {
-                continue;
-            }
+    /// Each hash's holders, one lock per run.
+    fn lookup_batch(&self, hashes: &[u64], out: &mut [u128]) {
+        let mut start = 0;
+        for (shard, end) in self.runs(hashes) {
             let sh = self.shards[shard].lock();
-            for &i in &order[a..b] {
-                out[i as usize] = sh.lookup(hashes[i as usize]);
+            for (o, &h) in out[start..end].iter_mut().zip(&hashes[start..end]) {
+                *o = sh.lookup(h);
             }
-        }
-    }
-
-    /// A stable counting sort of positions by shard: `order[starts[s]..starts[s+1]]`
-    /// are the positions (ascending) of the hashes living in shard `s`.
-    fn group_by_shard(&self, hashes: &[u64]) -> (Vec<u32>, Vec<u32>) {
-        let mut scratch = GroupScratch::default();
-        self.group_into(hashes, &mut scratch);
-        (scratch.order, scratch.starts)
-    }
-
-    /// [`Self::group_by_shard`] into buffers reused across a lookup's batches.
-    fn group_into(&self, hashes: &[u64], scratch: &mut GroupScratch) {
-        let n = self.shards.len();
-        let GroupScratch {
-            order,
-            starts,
-            fill,
-        } = scratch;
-        starts.clear();
-        starts.resize(n + 1, 0);
-        for &h in hashes {
-            starts[self.shard_of(h) + 1] += 1;
-        }
-        for s in 0..n {
-            starts[s + 1] += starts[s];
-        }
-        fill.clear();
-        fill.extend_from_slice(&starts[..n]);
-        order.clear();
-        order.resize(hashes.len(), 0);
-        for (i, &h) in hashes.iter().enumerate() {
-            let s = self.shard_of(h);
-            order[fill[s] as usize] = i as u32;
-            fill[s] += 1;
+            start = end;
         }
     }
 

@@ -44,8 +44,9 @@ fn counts_stop_at_each_replicas_first_miss() {
 #[test]
 fn counts_step_over_short_holes_but_not_long_runs() {
     let ix = index(8, 1000);
-    let a = chain(1, 60);
     let hole = MAX_HOLE_BLOCKS as usize;
+    let len = 40 + hole;
+    let a = chain(1, len);
     ix.insert(0, &a[..3]);
     ix.insert(0, &a[4..20]); // block 3 missing
     ix.insert(0, &a[20 + hole..]); // a run of exactly MAX_HOLE_BLOCKS
@@ -53,7 +54,7 @@ fn counts_step_over_short_holes_but_not_long_runs() {
     ix.insert(1, &a[11 + hole..]); // a run one longer
     ix.insert(2, &a[1..30]); // the head block missing
     let m = ix.longest_match(&a, ALL);
-    assert_eq!((m.get(0), m.get(1), m.get(2)), (60, 10, 30));
+    assert_eq!((m.get(0), m.get(1), m.get(2)), (len as u32, 10, 30));
     // Trailing misses shorter than a run count as misses, not as held.
     assert_eq!(ix.longest_match(&a[..32], ALL).get(2), 30);
 }

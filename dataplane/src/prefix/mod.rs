@@ -11,5 +11,5 @@ mod chain;
 pub use analyze::{analyze, Analyzed};
 pub use chain::{
     chain_hashes, fold_block_hash, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES,
-    MIN_BLOCK_BYTES,
+    MIN_BLOCK_BYTES, SHARD_RUN_BLOCKS, SHARD_RUN_MASK,
 };
