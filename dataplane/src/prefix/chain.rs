@@ -123,7 +123,7 @@ impl BlockHasher {
         let (mut prev, mut run, mut n) = (self.prev, self.run, self.out.len());
         self.out.extend((&mut blocks).map(|block| {
             prev = fold(prev, block);
-            if n % SHARD_RUN_BLOCKS == 0 {
+            if n.is_multiple_of(SHARD_RUN_BLOCKS) {
                 run = prev & SHARD_RUN_MASK;
             }
             n += 1;
@@ -140,7 +140,7 @@ impl BlockHasher {
 
     /// Block `n`'s hash as published: the chain state with its run's shard bits.
     fn published(&mut self, n: usize, state: u64) -> u64 {
-        if n % SHARD_RUN_BLOCKS == 0 {
+        if n.is_multiple_of(SHARD_RUN_BLOCKS) {
             self.run = state & SHARD_RUN_MASK;
         }
         (state & !SHARD_RUN_MASK) | self.run
