@@ -19,9 +19,10 @@ const BATCH_GROWTH: usize = 4;
 /// shard runs. Sharded eviction takes a replica's oldest blocks shard by shard,
 /// and a chain lives in a shard a run of `SHARD_RUN_BLOCKS` at a time, so an
 /// aging chain loses whole runs (tail first) in an order the engine, which
-/// evicts the chain's own tail first, does not. With a one-run hole ending
-/// the count, the routing bench's predictions fell from 1 % to 8 % under the
-/// tokens the replicas reported cached, and the hit ratio by a point. A prompt
+/// evicts the chain's own tail first, does not. With the window this had for
+/// single-block holes (4), a missing run ended the count: the routing bench's
+/// predictions fell from 1 % to 8 % under the tokens the replicas reported
+/// cached, and the hit ratio by about a point. A prompt
 /// that really diverges misses every block from there on, so the cost of a
 /// wider window is only the extra blocks looked up past the divergence.
 pub const MAX_HOLE_BLOCKS: u32 = 2 * SHARD_RUN_BLOCKS as u32;
@@ -246,7 +247,7 @@ impl PrefixIndex {
     /// an engine evicts a prefix from its tail (vLLM frees a sequence's blocks in
     /// reverse), so it still holds them. The index evicts per shard (the victim is
     /// the least recent entry of the shard the new block lands in, not the
-    /// replica's globally oldest), which leaves scattered single-block holes in
+    /// replica's globally oldest), which leaves holes (pieces of shard runs) in
     /// prefixes the replica still has whole. Stopping at the first of those made
     /// a hot system prompt look absent: on the synthetic benchmark about one
     /// request in twenty was then placed as if its prefix were new, a miss each.
