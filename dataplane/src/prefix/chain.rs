@@ -4,9 +4,9 @@
 //! Why hash then fold rather than seeding each block's xxh3 with `h[i-1]`: the seed
 //! enters xxh3's first multiply, so every block would wait for the previous one;
 //! unseeded block hashes are independent and overlap in the CPU, and only the cheap
-//! 8-byte fold is serial. `benches/routing_core.rs` (`hash/*`) measured 123 ns vs
-//! 155 ns at 1 KiB, 350 ns vs 673 ns at 4 KiB and 10.1 µs vs 20.9 µs at 128 KiB
-//! (12 against 6 GB/s).
+//! fold is serial. `benches/routing_core.rs` (`hash/*`) measured seeding at about
+//! twice the time from 4 KiB up (741 ns against 372 ns at 4 KiB, 20.6 µs against
+//! 9.3 µs at 128 KiB; the README has the table).
 
 use smallvec::SmallVec;
 use xxhash_rust::xxh3::xxh3_64;
