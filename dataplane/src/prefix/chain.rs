@@ -64,6 +64,16 @@ pub fn fold_block_hash(prev: u64, block_hash: u64) -> u64 {
     (prev.rotate_left(23) ^ block_hash).wrapping_mul(FOLD_MULTIPLIER)
 }
 
+/// Block `n`'s hash as published: the chain state `state` with the shard bits of
+/// its run, which block `n` sets in `run` when it starts one.
+#[inline(always)]
+fn published(n: usize, state: u64, run: &mut u64) -> u64 {
+    if n.is_multiple_of(SHARD_RUN_BLOCKS) {
+        *run = state & SHARD_RUN_MASK;
+    }
+    (state & !SHARD_RUN_MASK) | *run
+}
+
 /// Streaming prefix-chained block hasher. Full blocks are hashed straight from the
 /// fed slices; only a block straddling two slices is staged in `pending`, a
 /// buffer sized for one block on first use. Why a `Vec` and not an inline
@@ -112,8 +122,7 @@ impl BlockHasher {
                 return;
             }
             self.prev = fold(self.prev, &self.pending);
-            let n = self.out.len();
-            let h = self.published(n, self.prev);
+            let h = published(self.out.len(), self.prev, &mut self.run);
             self.out.push(h);
             self.pending.clear();
         }
@@ -123,11 +132,8 @@ impl BlockHasher {
         let (mut prev, mut run, mut n) = (self.prev, self.run, self.out.len());
         self.out.extend((&mut blocks).map(|block| {
             prev = fold(prev, block);
-            if n.is_multiple_of(SHARD_RUN_BLOCKS) {
-                run = prev & SHARD_RUN_MASK;
-            }
             n += 1;
-            (prev & !SHARD_RUN_MASK) | run
+            published(n - 1, prev, &mut run)
         }));
         (self.prev, self.run) = (prev, run);
         let rest = blocks.remainder();
@@ -136,14 +142,6 @@ impl BlockHasher {
             self.pending.reserve_exact(self.block);
             self.pending.extend_from_slice(rest);
         }
-    }
-
-    /// Block `n`'s hash as published: the chain state with its run's shard bits.
-    fn published(&mut self, n: usize, state: u64) -> u64 {
-        if n.is_multiple_of(SHARD_RUN_BLOCKS) {
-            self.run = state & SHARD_RUN_MASK;
-        }
-        (state & !SHARD_RUN_MASK) | self.run
     }
 
     /// Bytes fed so far, including the partial last block.
