@@ -24,10 +24,11 @@
 //! | 512 KiB   | 532 µs         | 1222 µs              | 922 µs                          |
 //!
 //! Strings are scanned 64 bytes at a time as bit masks of quotes, backslashes and
-//! control bytes (`scanner::chunk_masks`, SSE2/NEON through `wide`, or AVX2 in
-//! `crate::sys::avx2` when the CPU has it); the escaped bytes come from the backslash
-//! mask by simdjson's carry trick, so there is no branch per escape, and AVX2
-//! checks every escaped byte of a chunk at once with a nibble-table lookup. Stopping at each special with a bytewise search or `memchr2`
+//! control bytes (`scanner::chunk_masks`, SSE2/NEON through `wide`, or AVX-512 /
+//! AVX2 in `crate::sys` when the CPU has it); the escaped bytes come from the
+//! backslash mask by simdjson's carry trick, so there is no branch per escape, and
+//! the AVX kernels check every escaped byte of a chunk at once with a nibble-table
+//! lookup. Stopping at each special with a bytewise search or `memchr2`
 //! ran 2-5x slower on escape-dense text; the previous multiply-packed mask with a
 //! step per special ran ~5.5 GB/s, this one ~8.5 GB/s on the bench's prose (one
 //! escape every ~30 bytes) and ~12 GB/s on plain text.

@@ -58,8 +58,8 @@ fn movemask4(v: [u8x16; 4]) -> u64 {
     })
 }
 
-/// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::sys::avx2` has the
-/// wider one for CPUs that have it.
+/// The portable kernel (x86-64's baseline SSE2, or NEON); `crate::sys::avx512` and
+/// `crate::sys::avx2` have the wider ones for CPUs that have them.
 ///
 /// Why `wide` and not a byte search: a string scan must stop at quotes and
 /// backslashes and reject control bytes. `memchr2` stops at every escape (a
@@ -116,7 +116,8 @@ fn escaped_bits(backslash: u64, carry: u64) -> (u64, u64) {
 
 /// Of the positions in `escaped`, those whose byte is not a one-byte escape
 /// (`"\/bfnrt`): `\u` escapes and invalid ones. The portable kernel looks each
-/// up; `crate::sys::avx2` classifies the whole chunk with two table shuffles.
+/// up; `crate::sys::avx2` and `crate::sys::avx512` classify the whole chunk with
+/// two table shuffles.
 #[inline(always)]
 pub(crate) fn not_simple_escapes(chunk: &[u8; STRING_CHUNK], mut escaped: u64) -> u64 {
     let mut out = 0;
