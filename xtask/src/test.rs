@@ -36,5 +36,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.rest.is_empty() {
         t.arg("--").args(&a.rest);
     }
+    sh(&mut t)?;
+    if a.rest.is_empty() {
+        software_block_hash()?;
+    }
+    Ok(())
+}
+
+/// The block hash once more with the `aes` crate's software round in place of
+/// AES-NI (its `aes_force_soft` flag): the hardware kernel must still equal
+/// the definition and the pinned values, which is what CPUs without AES
+/// instructions compute. Without this run, a kernel that drifted from the
+/// software rounds would pass (both sides of the test would use AES-NI), and
+/// kvroute instances on different CPUs would silently route apart. A target
+/// directory of its own, so the flag does not rebuild the main one.
+fn software_block_hash() -> anyhow::Result<()> {
+    let target = crate::procs::target_dir().join("aes-soft");
+    let mut t = cargo();
+    t.env("RUSTFLAGS", "--cfg aes_force_soft")
+        .env("CARGO_TARGET_DIR", target)
+        .args(["test", "-p", "kvroute", "--lib", "prefix::block_hash"]);
     sh(&mut t)
 }

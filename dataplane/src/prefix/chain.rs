@@ -1,17 +1,18 @@
-//! `h[i] = fold(h[i-1], xxh3(block[i]))`, streamed over however many slices the
-//! prompt arrives in.
+//! `h[i] = fold(h[i-1], block_hash(block[i]))`, streamed over however many
+//! slices the prompt arrives in.
 //!
-//! Why hash then fold rather than seeding each block's xxh3 with `h[i-1]`: the seed
-//! enters xxh3's first multiply, so every block would wait for the previous one;
-//! unseeded block hashes are independent and overlap in the CPU, and only the cheap
-//! fold is serial. `benches/routing_core.rs` (`hash/*`) measured seeding at about
+//! Why hash then fold rather than seeding each block's hash with `h[i-1]` (as
+//! kvroute first did with xxh3): the seed enters the hash's first step, so every
+//! block would wait for the previous one; unseeded block hashes are independent
+//! and overlap in the CPU, and only the cheap fold is serial. `benches/routing_core.rs` (`hash/*`) measured seeding at about
 //! twice the time from 4 KiB up (741 ns against 372 ns at 4 KiB, 20.6 µs against
 //! 9.3 µs at 128 KiB; the README has the table).
 
 use smallvec::SmallVec;
-use xxhash_rust::xxh3::xxh3_64;
 
-/// Seeds the first block, so a chain never starts from xxh3's plain output.
+use super::block_hash::{block_hash, scan_block_hashes};
+
+/// Seeds the first block, so a chain never starts from a block hash as it is.
 const CHAIN_SEED: u64 = 0x6b76_726f_7574_6531;
 /// Odd (so the multiply is a bijection), 2^64 over the golden ratio.
 const FOLD_MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -27,7 +28,7 @@ pub const SHARD_RUN_BLOCKS: usize = 32;
 /// rarely as 64-bit hashes.
 pub const SHARD_RUN_MASK: u64 = 0xffff << 40;
 
-pub const MIN_BLOCK_BYTES: usize = 16;
+pub const MIN_BLOCK_BYTES: usize = super::block_hash::MIN_HASHED_BYTES;
 pub const MAX_BLOCK_BYTES: usize = 4096;
 
 /// Inline capacity: a 4 KiB prompt at the default block size needs no allocation.
@@ -44,11 +45,6 @@ impl Default for PrefixConfig {
     fn default() -> Self {
         PrefixConfig { block_bytes: 128 }
     }
-}
-
-#[inline(always)]
-fn fold(prev: u64, block: &[u8]) -> u64 {
-    fold_block_hash(prev, xxh3_64(block))
 }
 
 /// The chain step: the previous hash and this block's own hash, mixed.
@@ -121,22 +117,27 @@ impl BlockHasher {
             if self.pending.len() < self.block {
                 return;
             }
-            self.prev = fold(self.prev, &self.pending);
+            self.prev = fold_block_hash(self.prev, block_hash(&self.pending));
             let h = published(self.out.len(), self.prev, &mut self.run);
             self.out.push(h);
             self.pending.clear();
         }
-        // Full blocks straight from the slice; `extend` reserves once, so the loop
-        // has no per-block capacity check.
-        let mut blocks = bytes.chunks_exact(self.block);
-        let (mut prev, mut run, mut n) = (self.prev, self.run, self.out.len());
-        self.out.extend((&mut blocks).map(|block| {
-            prev = fold(prev, block);
-            n += 1;
-            published(n - 1, prev, &mut run)
-        }));
-        (self.prev, self.run) = (prev, run);
-        let rest = blocks.remainder();
+        // Full blocks straight from the slice, into slots made once.
+        let whole = bytes.len() - bytes.len() % self.block;
+        let first = self.out.len();
+        self.out.resize(first + whole / self.block, 0);
+        (self.prev, self.run, _) = scan_block_hashes(
+            &bytes[..whole],
+            self.block,
+            &mut self.out[first..],
+            (self.prev, self.run, first),
+            |(prev, run, n), h| {
+                *prev = fold_block_hash(*prev, h);
+                *n += 1;
+                published(*n - 1, *prev, run)
+            },
+        );
+        let rest = &bytes[whole..];
         if !rest.is_empty() {
             // Sized once for a whole block, so completing it never reallocates.
             self.pending.reserve_exact(self.block);

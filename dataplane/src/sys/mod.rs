@@ -1,8 +1,10 @@
 //! Every `unsafe` line of the crate, each under a `// SAFETY:` comment: the few
-//! system calls no safe crate wraps, and the entries to the AVX2 and AVX-512
-//! kernels. The rest of the crate denies `unsafe_code`.
+//! system calls no safe crate wraps, and the entries to the AVX2, AVX-512 and
+//! AES-NI kernels. The rest of the crate denies `unsafe_code`.
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod aes;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
