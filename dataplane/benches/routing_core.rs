@@ -8,7 +8,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use kvroute::index::{IndexConfig, PrefixIndex};
-use kvroute::prefix::{analyze, chain_hashes, fold_block_hash, BlockHasher, PrefixConfig};
+use kvroute::prefix::{
+    analyze, chain_hashes, fold_block_hash, scan_portable, BlockHasher, PrefixConfig,
+};
 use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -240,6 +242,20 @@ fn bench(c: &mut Criterion) {
         // into the chain.
         g.bench_function(BenchmarkId::new("aes-then-fold", label), |b| {
             b.iter(|| black_box(chain_hashes(black_box(&data), &cfg)))
+        });
+        // The same hashes as a CPU without AES-NI computes them: eight blocks
+        // per `aes` round call (here `aes` runs those on AES-NI; built with
+        // `--cfg aes_force_soft`, on its bitsliced software round).
+        g.bench_function(BenchmarkId::new("aes-portable-then-fold", label), |b| {
+            b.iter(|| {
+                let mut out = vec![0u64; data.len() / 128];
+                let data = black_box(&data[..data.len() / 128 * 128]);
+                scan_portable(data, 128, &mut out, 0u64, |prev, h| {
+                    *prev = fold_block_hash(*prev, h);
+                    *prev
+                });
+                black_box(out)
+            })
         });
         // The block hash kvroute shipped before: xxh3, then the same fold.
         g.bench_function(BenchmarkId::new("xxh3-then-fold", label), |b| {

@@ -11,7 +11,7 @@ pub(crate) mod block_hash;
 mod chain;
 
 pub use analyze::{analyze, Analyzed};
-pub use block_hash::{block_hash, scan_block_hashes};
+pub use block_hash::{block_hash, scan_block_hashes, scan_portable};
 pub use chain::{
     chain_hashes, fold_block_hash, BlockHasher, BlockHashes, PrefixConfig, MAX_BLOCK_BYTES,
     MIN_BLOCK_BYTES, SHARD_RUN_BLOCKS, SHARD_RUN_MASK,

@@ -58,7 +58,7 @@ fn scan_block_hashes_aesni<S>(
 fn block_hash_aesni(block: &[u8]) -> u64 {
     let v = |bytes: [u8; 16]| -> __m128i { bytemuck::cast(bytes) };
     let (mut h, mut c) = (v(first_lane(block.len())), v(K1));
-    absorb(block, &mut h, &mut c, |lane, w| {
+    absorb(block, &mut h, &mut c, |lane, _, w| {
         *lane = _mm_aesenc_si128(*lane, v(w))
     });
     h = _mm_aesenc_si128(h, c);
