@@ -8,10 +8,11 @@
 //! bytes in one instruction. gxhash has this design but will not compile
 //! without `-C target-feature=+aes`, which a binary for unknown edge boxes
 //! cannot assume, and aHash picks AES at build time for the same reason. Here
-//! the CPU is checked at run time (`crate::sys::aes`), and where it has no AES
-//! instructions, `aes::hazmat::cipher_round` computes the same rounds in
-//! software. `benches/routing_core.rs` (`hash/*`) has both, and the README the
-//! figures.
+//! the CPU is checked at run time (`crate::sys::aes`); without AES-NI the
+//! `aes` crate computes the same rounds, eight blocks per call, on the CPU's
+//! own AES instructions where it finds them (ARMv8, built with `aes_armv8`)
+//! and bitsliced in software where not. `benches/routing_core.rs` (`hash/*`)
+//! has both paths, and the README the figures.
 //!
 //! The construction, for a block of `len ≥ 16` bytes and `enc(s, k)` one AES
 //! encryption round of state `s` with round key `k` (x86's `AESENC`):
@@ -32,7 +33,7 @@ use aes::{Block, Block8};
 
 /// Round keys: the first hexadecimal digits of π's fraction (as Blowfish's
 /// P-array), so nothing about them is chosen.
-pub(crate) const K0: [u8; 16] = key(0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344);
+const K0: [u8; 16] = key(0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344);
 pub(crate) const K1: [u8; 16] = key(0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89);
 pub(crate) const K2: [u8; 16] = key(0x4528_21e6_38d0_1377, 0xbe54_66cf_34e9_0c6c);
 pub(crate) const K3: [u8; 16] = key(0xc0ac_29b7_c97c_50dd, 0x3f84_d5b5_b547_0917);
