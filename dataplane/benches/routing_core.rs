@@ -156,6 +156,18 @@ fn extract_simd_json(body: &[u8], scratch: &mut Vec<u8>, hasher: &mut BlockHashe
     v.get_bool("stream")
 }
 
+/// A chain over 128-byte blocks as a bare loop: `step(prev, block)` gives
+/// the next hash. The hashing bench's alternatives to `chain_hashes`.
+fn bare_chain(data: &[u8], mut step: impl FnMut(u64, &[u8]) -> u64) -> Vec<u64> {
+    let mut prev = 0u64;
+    let mut out = Vec::with_capacity(data.len() / 128);
+    for block in black_box(data).chunks_exact(128) {
+        prev = step(prev, block);
+        out.push(prev);
+    }
+    black_box(out)
+}
+
 fn bench(c: &mut Criterion) {
     let cfg = PrefixConfig::default();
     let kinds: [(&str, &str, BodyMaker); 2] = [
@@ -259,51 +271,27 @@ fn bench(c: &mut Criterion) {
         });
         // The block hash kvroute shipped before: xxh3, then the same fold.
         g.bench_function(BenchmarkId::new("xxh3-then-fold", label), |b| {
-            b.iter(|| {
-                let mut prev = 0u64;
-                let mut out = Vec::with_capacity(data.len() / 128);
-                for block in black_box(&data).chunks_exact(128) {
-                    prev = fold_block_hash(prev, xxh3_64(block));
-                    out.push(prev);
-                }
-                black_box(out)
-            })
+            b.iter(|| bare_chain(&data, |prev, block| fold_block_hash(prev, xxh3_64(block))))
         });
         // The fold kvroute shipped before: another xxh3 round, seeded with `prev`.
         g.bench_function(BenchmarkId::new("xxh3-then-xxh3-fold", label), |b| {
             b.iter(|| {
-                let mut prev = 0u64;
-                let mut out = Vec::with_capacity(data.len() / 128);
-                for block in black_box(&data).chunks_exact(128) {
-                    prev = xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev);
-                    out.push(prev);
-                }
-                black_box(out)
+                bare_chain(&data, |prev, block| {
+                    xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), prev)
+                })
             })
         });
         g.bench_function(BenchmarkId::new("xxh3-seeded-chain", label), |b| {
-            b.iter(|| {
-                let mut prev = 0u64;
-                let mut out = Vec::with_capacity(data.len() / 128);
-                for block in black_box(&data).chunks_exact(128) {
-                    prev = xxh3_64_with_seed(block, prev);
-                    out.push(prev);
-                }
-                black_box(out)
-            })
+            b.iter(|| bare_chain(&data, |prev, block| xxh3_64_with_seed(block, prev)))
         });
         // ahash with fixed seeds, then the same fold. Without `+aes` at build time
         // (a binary for unknown CPUs) it runs its folded-multiply fallback.
         let seeds = ahash::RandomState::with_seeds(1, 2, 3, 4);
         g.bench_function(BenchmarkId::new("ahash-then-fold", label), |b| {
             b.iter(|| {
-                let mut prev = 0u64;
-                let mut out = Vec::with_capacity(data.len() / 128);
-                for block in black_box(&data).chunks_exact(128) {
-                    prev = fold_block_hash(prev, seeds.hash_one(block));
-                    out.push(prev);
-                }
-                black_box(out)
+                bare_chain(&data, |prev, block| {
+                    fold_block_hash(prev, seeds.hash_one(block))
+                })
             })
         });
     }
