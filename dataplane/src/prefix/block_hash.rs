@@ -150,8 +150,9 @@ pub fn scan_block_hashes<S>(
 /// Blocks the software path hashes together: `aes::hazmat::cipher_round_par`
 /// runs eight rounds per call, pipelined on the CPU's AES instructions where
 /// `aes` finds them and bitsliced where not. One round per call was ~20×
-/// slower than inlined AES-NI (per-call feature check and no overlap), and the
-/// software round alone ~400× (see the README).
+/// slower than inlined AES-NI (a feature check and a call per round, and no
+/// overlap), and the bitsliced round one at a time ~400× (a standalone copy:
+/// 52 µs and 950 µs per 128 KiB of blocks, against 2.5 µs inlined).
 const PAR: usize = 8;
 
 /// [`scan_block_hashes`] as a CPU without AES-NI runs it (public for the

@@ -1,7 +1,7 @@
 //! The block hash (`crate::prefix::block_hash`) on AES-NI, chosen at run time.
 //!
-//! x86-64 CPUs have had AES-NI since 2010 (Westmere, Bulldozer), but the
-//! baseline target does not promise it. Like `avx2`, the kernels are safe
+//! x86-64 CPUs have had AES-NI since 2010–2011 (Intel Westmere, AMD
+//! Bulldozer), but the baseline target does not promise it. Like `avx2`, the kernels are safe
 //! `#[target_feature]` functions over `bytemuck` casts; the one `unsafe` is
 //! the call into them after checking the CPU.
 
