@@ -34,9 +34,9 @@ use aes::{Block, Block8};
 /// Round keys: the first hexadecimal digits of π's fraction (as Blowfish's
 /// P-array), so nothing about them is chosen.
 const K0: [u8; 16] = key(0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344);
-pub(crate) const K1: [u8; 16] = key(0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89);
-pub(crate) const K2: [u8; 16] = key(0x4528_21e6_38d0_1377, 0xbe54_66cf_34e9_0c6c);
-pub(crate) const K3: [u8; 16] = key(0xc0ac_29b7_c97c_50dd, 0x3f84_d5b5_b547_0917);
+const K1: [u8; 16] = key(0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89);
+const K2: [u8; 16] = key(0x4528_21e6_38d0_1377, 0xbe54_66cf_34e9_0c6c);
+const K3: [u8; 16] = key(0xc0ac_29b7_c97c_50dd, 0x3f84_d5b5_b547_0917);
 
 /// The smallest block the construction takes: one AES word.
 pub const MIN_HASHED_BYTES: usize = 16;
@@ -56,7 +56,7 @@ const fn key(low: u64, high: u64) -> [u8; 16] {
 /// `K0` with the block length in its low 8 bytes, so blocks of different sizes
 /// (a configuration change) never share hashes.
 #[inline(always)]
-pub(crate) fn first_lane(len: usize) -> [u8; 16] {
+fn first_lane(len: usize) -> [u8; 16] {
     let mut k = K0;
     let l = (len as u64).to_le_bytes();
     for i in 0..8 {
@@ -76,19 +76,13 @@ fn word(bytes: &[u8]) -> [u8; 16] {
 
 /// Feeds the block's 16-byte words, with their offsets, alternately to lanes
 /// `a` and `c`; a tail shorter than a word enters, as the block's last 16
-/// bytes, the lane whose turn it is. The one definition of the order, for the
-/// hardware, software and eight-block rounds (which loads each offset from
-/// eight blocks). The words come from `chunks_exact`, whose lengths the
+/// bytes, the lane whose turn it is. The eight-block rounds load each offset
+/// from eight blocks. The words come from `chunks_exact`, whose lengths the
 /// compiler knows: loading them by offset instead cost the AES-NI kernel 15 %
 /// at 128 KiB in bounds checks. Two named lanes (not an array indexed by
 /// turn) stay in registers.
 #[inline(always)]
-pub(crate) fn absorb<S>(
-    block: &[u8],
-    a: &mut S,
-    c: &mut S,
-    mut enc: impl FnMut(&mut S, usize, [u8; 16]),
-) {
+fn absorb<S>(block: &[u8], a: &mut S, c: &mut S, mut enc: impl FnMut(&mut S, usize, [u8; 16])) {
     let mut pairs = block.chunks_exact(32);
     let mut at = 0;
     for pair in &mut pairs {
@@ -106,6 +100,28 @@ pub(crate) fn absorb<S>(
     } else if !rest.is_empty() {
         enc(a, last, word(&block[last..]));
     }
+}
+
+/// The construction (module comment) over any AES round, the one definition
+/// of its order for the AES-NI, software and eight-block paths: `lane(k)` is
+/// a state holding the 16 bytes `k`, `word(at, w)` the state of the block's
+/// word `w` at offset `at` (the eight-block path loads that offset from each
+/// block), and `enc(s, k)` one round of `s` keyed by `k`. Returns the final
+/// state; the hash is its low 64 bits.
+#[inline(always)]
+pub(crate) fn rounds<S>(
+    block: &[u8],
+    lane: impl Fn([u8; 16]) -> S,
+    word: impl Fn(usize, [u8; 16]) -> S,
+    mut enc: impl FnMut(&mut S, &S),
+) -> S {
+    let (mut h, mut c) = (lane(first_lane(block.len())), lane(K1));
+    absorb(block, &mut h, &mut c, |s, at, w| enc(s, &word(at, w)));
+    enc(&mut h, &c);
+    for k in [K1, K2, K3] {
+        enc(&mut h, &lane(k));
+    }
+    h
 }
 
 /// The hash of one block of at least [`MIN_HASHED_BYTES`] bytes (panics on
@@ -182,17 +198,12 @@ pub fn scan_portable<S>(
 
 /// [`block_hash_portable`] of eight blocks of one length, a round of each per call.
 fn block_hashes_par(blocks: [&[u8]; PAR]) -> [u64; PAR] {
-    let len = blocks[0].len();
-    let same = |k: [u8; 16]| Block8::from([Block::from(k); PAR]);
-    let (mut h, mut c) = (same(first_lane(len)), same(K1));
-    absorb(blocks[0], &mut h, &mut c, |lanes, at, _| {
-        let words = Block8::from(blocks.map(|b| Block::from(word(&b[at..]))));
-        cipher_round_par(lanes, &words);
-    });
-    cipher_round_par(&mut h, &c);
-    for k in [K1, K2, K3] {
-        cipher_round_par(&mut h, &same(k));
-    }
+    let h = rounds(
+        blocks[0],
+        |k| Block8::from([Block::from(k); PAR]),
+        |at, _| Block8::from(blocks.map(|b| Block::from(word(&b[at..])))),
+        cipher_round_par,
+    );
     std::array::from_fn(|i| low_64(&h[i]))
 }
 
@@ -206,14 +217,7 @@ fn low_64(b: &Block) -> u64 {
 /// The construction one round per call: the definition the hardware kernel
 /// and the eight-block path are tested against.
 pub(crate) fn block_hash_portable(block: &[u8]) -> u64 {
-    let (mut h, mut c) = (Block::from(first_lane(block.len())), Block::from(K1));
-    absorb(block, &mut h, &mut c, |lane, _, w| {
-        cipher_round(lane, &Block::from(w))
-    });
-    cipher_round(&mut h, &c);
-    for k in [K1, K2, K3] {
-        cipher_round(&mut h, &Block::from(k));
-    }
+    let h = rounds(block, Block::from, |_, w| Block::from(w), cipher_round);
     low_64(&h)
 }
 

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::{__m128i, _mm_aesenc_si128, _mm_cvtsi128_si64};
 
-use crate::prefix::block_hash::{absorb, first_lane, K1, K2, K3};
+use crate::prefix::block_hash::rounds;
 
 /// The hash of one block (`len ≥ 16`); `None` on a CPU without AES-NI.
 #[inline]
@@ -57,13 +57,6 @@ fn scan_block_hashes_aesni<S>(
 #[inline]
 fn block_hash_aesni(block: &[u8]) -> u64 {
     let v = |bytes: [u8; 16]| -> __m128i { bytemuck::cast(bytes) };
-    let (mut h, mut c) = (v(first_lane(block.len())), v(K1));
-    absorb(block, &mut h, &mut c, |lane, _, w| {
-        *lane = _mm_aesenc_si128(*lane, v(w))
-    });
-    h = _mm_aesenc_si128(h, c);
-    for k in [K1, K2, K3] {
-        h = _mm_aesenc_si128(h, v(k));
-    }
+    let h = rounds(block, v, |_, w| v(w), |s, k| *s = _mm_aesenc_si128(*s, *k));
     _mm_cvtsi128_si64(h) as u64
 }
