@@ -653,18 +653,20 @@ fn start_sglang(
 /// summed regret (prompts' worth of overlap given up) as `regret`.
 fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
     for line in metrics.lines() {
+        // A sample line ends in its value; comments and other text do not parse.
+        let Some(value) = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
         for (prefix, key) in [
             ("kvroute_prefix_predicted_tokens_sum", "tokens predicted"),
             ("kvroute_prefix_cached_tokens_sum", "tokens cached"),
             ("kvroute_routing_regret_ratio_sum", "regret"),
         ] {
             if line.starts_with(prefix) {
-                if let Some(v) = line
-                    .rsplit_once(' ')
-                    .and_then(|(_, v)| v.parse::<f64>().ok())
-                {
-                    *sums.entry(key.to_owned()).or_default() += v;
-                }
+                *sums.entry(key.to_owned()).or_default() += value;
             }
         }
         let key = if line.starts_with("kvroute_routing_decisions_total{") {
@@ -674,14 +676,9 @@ fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
         } else {
             continue;
         };
-        let (Some(label), Some(value)) = (
-            line.split('"').nth(1),
-            line.rsplit_once(' ')
-                .and_then(|(_, v)| v.parse::<f64>().ok()),
-        ) else {
-            continue;
-        };
-        *sums.entry(format!("{key}{label}")).or_default() += value;
+        if let Some(label) = line.split('"').nth(1) {
+            *sums.entry(format!("{key}{label}")).or_default() += value;
+        }
     }
 }
 
