@@ -61,14 +61,17 @@ pub fn fold_block_hash(prev: u64, block_hash: u64) -> u64 {
     (prev.rotate_left(23) ^ block_hash).wrapping_mul(FOLD_MULTIPLIER)
 }
 
-/// Block `n`'s hash as published: the chain state `state` with the shard bits of
-/// its run, which block `n` sets in `run` when it starts one.
+/// Chains block `n`, whose own hash is `block_hash`, onto the state `prev`,
+/// and returns its hash as published: the new state with the shard bits of
+/// its run, which block `n` sets in `run` when it starts one. The one step for
+/// blocks hashed in place and for a block staged across two slices.
 #[inline(always)]
-fn published(n: usize, state: u64, run: &mut u64) -> u64 {
+fn chain_step(prev: &mut u64, run: &mut u64, n: usize, block_hash: u64) -> u64 {
+    *prev = fold_block_hash(*prev, block_hash);
     if n.is_multiple_of(SHARD_RUN_BLOCKS) {
-        *run = state & SHARD_RUN_MASK;
+        *run = *prev & SHARD_RUN_MASK;
     }
-    (state & !SHARD_RUN_MASK) | *run
+    (*prev & !SHARD_RUN_MASK) | *run
 }
 
 /// Streaming prefix-chained block hasher. Full blocks are hashed straight from the
@@ -118,8 +121,8 @@ impl BlockHasher {
             if self.pending.len() < self.block {
                 return;
             }
-            self.prev = fold_block_hash(self.prev, block_hash(&self.pending));
-            let h = published(self.out.len(), self.prev, &mut self.run);
+            let n = self.out.len();
+            let h = chain_step(&mut self.prev, &mut self.run, n, block_hash(&self.pending));
             self.out.push(h);
             self.pending.clear();
         }
@@ -133,9 +136,8 @@ impl BlockHasher {
             &mut self.out[first..],
             (self.prev, self.run, first),
             |(prev, run, n), h| {
-                *prev = fold_block_hash(*prev, h);
                 *n += 1;
-                published(*n - 1, *prev, run)
+                chain_step(prev, run, *n - 1, h)
             },
         );
         let rest = &bytes[whole..];
