@@ -219,6 +219,13 @@ fn short_string_end(buf: &[u8], start: usize) -> Option<usize> {
     (special & ((1 << first) - 1) == 0).then_some(start + first as usize)
 }
 
+/// Whether the scanner may take the AVX-512 and AVX2 kernels where the CPU
+/// has them: a build with `--cfg kvroute_simd="avx2"` stops at AVX2 (for CPUs
+/// that lower their clock under AVX-512, and to measure what a CPU without it
+/// gets), `--cfg kvroute_simd="portable"` at the portable kernel.
+const USE_AVX512: bool = !cfg!(any(kvroute_simd = "avx2", kvroute_simd = "portable"));
+const USE_AVX2: bool = !cfg!(kvroute_simd = "portable");
+
 /// [`valid_string_end_with`] on the widest kernel this CPU runs.
 #[inline]
 fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
@@ -226,10 +233,17 @@ fn valid_string_end(buf: &[u8], start: usize) -> Result<usize, usize> {
         return Ok(end);
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(end) = crate::sys::avx512::valid_string_end(buf, start)
-        .or_else(|| crate::sys::avx2::valid_string_end(buf, start))
     {
-        return end;
+        if USE_AVX512 {
+            if let Some(end) = crate::sys::avx512::valid_string_end(buf, start) {
+                return end;
+            }
+        }
+        if USE_AVX2 {
+            if let Some(end) = crate::sys::avx2::valid_string_end(buf, start) {
+                return end;
+            }
+        }
     }
     valid_string_end_with(buf, start, chunk_masks, not_simple_escapes)
 }

@@ -9,10 +9,16 @@ use std::arch::x86_64::{__m128i, _mm_aesenc_si128, _mm_cvtsi128_si64};
 
 use crate::prefix::block_hash::rounds;
 
+/// Whether this CPU runs the kernel (else the block hash takes the software
+/// path).
+pub(crate) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("aes")
+}
+
 /// The hash of one block (`len ≥ 16`); `None` on a CPU without AES-NI.
 #[inline]
 pub(crate) fn block_hash(block: &[u8]) -> Option<u64> {
-    if !std::arch::is_x86_feature_detected!("aes") {
+    if !available() {
         return None;
     }
     // SAFETY: `block_hash_aesni` is safe apart from its target feature, and the
@@ -30,7 +36,7 @@ pub(crate) fn scan_block_hashes<S>(
     state: S,
     step: &mut impl FnMut(&mut S, u64) -> u64,
 ) -> Result<S, S> {
-    if !std::arch::is_x86_feature_detected!("aes") {
+    if !available() {
         return Err(state);
     }
     // SAFETY: as above, the CPU has just been checked to support AES-NI.
