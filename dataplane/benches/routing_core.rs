@@ -168,6 +168,39 @@ fn bare_chain(data: &[u8], mut step: impl FnMut(u64, &[u8]) -> u64) -> Vec<u64> 
     black_box(out)
 }
 
+/// An index at fleet scale: eight replicas' budgets full, 2M tracked blocks
+/// (~120 MB, `index/memory_per_block`), so a probe misses the CPU's caches as
+/// it does on a proxy mirroring eight GPUs' KV caches, unlike the small warm
+/// index the pipeline cases use. Filler chains keep a chain's shard bits over
+/// runs of 32 blocks, as real chains do.
+fn fleet_index() -> PrefixIndex {
+    let index = PrefixIndex::new(&IndexConfig {
+        default_budget: 1 << 18,
+        ..IndexConfig::default()
+    });
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let shard_bits = 0xffff_u64 << 40;
+    for chain in 0..2048u64 {
+        let mut run = 0;
+        let filler: Vec<u64> = (0..1024)
+            .map(|i| {
+                if i % 32 == 0 {
+                    run = next() & shard_bits;
+                }
+                (next() & !shard_bits) | run
+            })
+            .collect();
+        index.insert((chain % 8) as u16, &filler);
+    }
+    index
+}
+
 fn bench(c: &mut Criterion) {
     let cfg = PrefixConfig::default();
     let kinds: [(&str, &str, BodyMaker); 2] = [
@@ -317,6 +350,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("lookup-1024-blocks-warm", |b| {
         b.iter(|| black_box(index.longest_match(black_box(&fresh), u128::MAX)))
     });
+    let fleet = fleet_index();
+    fleet.insert(0, &fresh);
+    fleet.insert(1, &fresh[..fresh.len() / 2]);
+    g.bench_function("lookup-1024-blocks-2M-entries", |b| {
+        b.iter(|| black_box(fleet.longest_match(black_box(&fresh), u128::MAX)))
+    });
     g.finish();
 }
 
@@ -347,7 +386,13 @@ fn fixed_run(case: &str, iters: u64) {
         }
         return;
     }
-    let index = PrefixIndex::new(&IndexConfig::default());
+    // `KVROUTE_BENCH_FLEET_INDEX=1`: look the prompt up in an index at fleet
+    // scale instead of one holding only it.
+    let index = if std::env::var_os("KVROUTE_BENCH_FLEET_INDEX").is_some() {
+        fleet_index()
+    } else {
+        PrefixIndex::new(&IndexConfig::default())
+    };
     let hashes = analyze(path, &body, &cfg).unwrap().hashes;
     index.insert(0, &hashes);
     index.insert(1, &hashes[..hashes.len() / 2]);

@@ -4,17 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
-use smallvec::SmallVec;
 
 use super::shard::Shard;
 use crate::prefix::SHARD_RUN_BLOCKS;
 use crate::replica::MAX_REPLICAS;
 
-/// First lookup batch; each next one is `BATCH_GROWTH` times larger, so a prompt
-/// sharing only a short prefix costs a small multiple of that prefix, not the
-/// whole prompt.
-const FIRST_BATCH: usize = 8;
-const BATCH_GROWTH: usize = 4;
 /// Longest run of missing blocks [`PrefixIndex::longest_match`] steps over: two
 /// shard runs. Sharded eviction takes a replica's oldest blocks shard by shard,
 /// and a chain lives in a shard a run of `SHARD_RUN_BLOCKS` at a time, so an
@@ -123,25 +117,10 @@ impl PrefixIndex {
     /// Bits 40.. pick the shard: the map inside uses the low bits for buckets and
     /// the top seven as tags, so the three stay independent. Chains keep these
     /// bits over runs of `prefix::SHARD_RUN_BLOCKS` blocks, so consecutive blocks
-    /// share a shard and a chain is locked a run at a time (see [`Self::runs`]).
+    /// share a shard and a chain is locked a run at a time (see [`Self::lookup_run`]).
     #[inline]
     fn shard_of(&self, hash: u64) -> usize {
         (hash >> 40) as usize & self.shard_mask
-    }
-
-    /// `hashes` cut into maximal runs living in one shard: (shard, end) from the
-    /// front, each run ending where the next begins. Any hashes are correct
-    /// here; chains make the runs long.
-    fn runs<'h>(&'h self, hashes: &'h [u64]) -> impl Iterator<Item = (usize, usize)> + 'h {
-        let mut at = 0;
-        std::iter::from_fn(move || {
-            let shard = self.shard_of(*hashes.get(at)?);
-            at += 1;
-            while hashes.get(at).is_some_and(|&h| self.shard_of(h) == shard) {
-                at += 1;
-            }
-            Some((shard, at))
-        })
     }
 
     pub fn budget(&self, slot: u16) -> u64 {
@@ -251,94 +230,95 @@ impl PrefixIndex {
     /// prefixes the replica still has whole. Stopping at the first of those made
     /// a hot system prompt look absent: on the synthetic benchmark about one
     /// request in twenty was then placed as if its prefix were new, a miss each.
+    ///
+    /// The walk goes a shard run ([`SHARD_RUN_BLOCKS`]) at a time, and looks at
+    /// each run's last block first: when every replica still counting holds it,
+    /// none is inside a run of misses, and each has been seen holding a block
+    /// (which the walk requires of them past [`MAX_HOLE_BLOCKS`]), the blocks
+    /// before it cannot change any count. A hole among them is shorter than a
+    /// run, so every replica would step over it, and the walk skips them
+    /// unlooked-at. Only the runs where something changes (the first two, and
+    /// those where a prompt leaves a replica's cache) are looked up block by
+    /// block. A prompt all of whose blocks a replica holds costs one lookup per
+    /// 32 blocks, where each is a probe into a map that, at fleet scale, is a
+    /// cache miss. The result is the block-by-block walk's, exactly (the
+    /// `longest_match_equals_a_hash_by_hash_walk` proptest).
     pub fn longest_match(&self, hashes: &[u64], candidates: u128) -> MatchCounts {
+        // Returned in place: kept out of `Walk`, whose moves cost a memcpy of
+        // both per call.
         let mut out = MatchCounts::default();
-        let mut alive = candidates;
-        // Slots seen holding a block so far. The others are tracked by mask
-        // only: their run of misses began at block 0, so they all end together,
-        // and a lookup over many candidates costs no per-slot work for them.
-        let mut seen = 0u128;
-        // Seen slots of `alive` inside a run of misses, and where each run began.
-        let mut missing = 0u128;
-        let mut run_start = [0u32; MAX_REPLICAS];
-        let mut bits: SmallVec<[u128; FIRST_BATCH * BATCH_GROWTH]> = SmallVec::new();
-        let mut start = 0;
-        let mut batch = FIRST_BATCH;
-        while start < hashes.len() && alive != 0 {
-            let mut end = (start + batch).min(hashes.len());
-            if start > 0 && hashes.len() - end < batch * BATCH_GROWTH {
-                // After the first batch, a rest smaller than the next batch would
-                // be joins this one.
-                end = hashes.len();
-            }
-            bits.clear();
-            bits.resize(end - start, 0);
-            self.lookup_batch(&hashes[start..end], &mut bits);
-            for (i, &b) in bits.iter().enumerate() {
-                let at = (start + i) as u32;
-                seen |= alive & b;
-                // The common case, every live slot present and none in a run: nothing.
-                if alive & !b == 0 && missing == 0 {
-                    continue;
-                }
-                if at >= MAX_HOLE_BLOCKS {
-                    alive &= seen;
-                }
-                missing &= !b;
-                let absent = alive & seen & !b;
-                let mut newly = absent & !missing;
-                while newly != 0 {
-                    run_start[newly.trailing_zeros() as usize] = at;
-                    newly &= newly - 1;
-                }
-                missing |= absent;
-                let mut runs = missing;
-                while runs != 0 {
-                    let slot = runs.trailing_zeros() as usize;
-                    runs &= runs - 1;
-                    if at - run_start[slot] >= MAX_HOLE_BLOCKS {
-                        out.counts[slot] = run_start[slot];
-                        alive &= !(1u128 << slot);
-                        missing &= !(1u128 << slot);
-                    }
-                }
-                if alive == 0 {
-                    break;
-                }
-            }
-            start = end;
-            batch *= BATCH_GROWTH;
-        }
-        let mut held = alive & seen;
-        while held != 0 {
-            let slot = held.trailing_zeros() as usize;
-            out.counts[slot] = if missing & (1u128 << slot) != 0 {
-                run_start[slot]
-            } else {
-                hashes.len() as u32
+        let mut w = Walk {
+            alive: candidates,
+            seen: 0,
+            missing: 0,
+            run_start: [0; MAX_REPLICAS],
+        };
+        let mut bits = [0u128; SHARD_RUN_BLOCKS];
+        for (k, run) in hashes.chunks(SHARD_RUN_BLOCKS).enumerate() {
+            let start = k * SHARD_RUN_BLOCKS;
+            let past_window = start + run.len() > MAX_HOLE_BLOCKS as usize;
+            // Copies, so the walk's state is not borrowed and stays in registers.
+            let (missing, alive, seen) = (w.missing, w.alive, w.seen);
+            let settled = |last: u128| {
+                missing == 0 && alive & !last == 0 && (!past_window || alive & !seen == 0)
             };
-            held &= held - 1;
+            if self.lookup_run(run, &mut bits[..run.len()], settled) {
+                w.seen |= w.alive;
+                continue;
+            }
+            for (i, &b) in bits[..run.len()].iter().enumerate() {
+                w.step((start + i) as u32, b, &mut out);
+                if w.alive == 0 {
+                    return out;
+                }
+            }
         }
+        w.finish(hashes.len() as u32, &mut out);
         out
     }
 
-    /// One hash's holders, one lock: the reference the batched lookup is tested
-    /// against.
-    #[cfg(test)]
-    pub(super) fn lookup_one(&self, hash: u64) -> u128 {
+    /// One hash's holders, one lock.
+    pub(super) fn lookup(&self, hash: u64) -> u128 {
         self.shards[self.shard_of(hash)].lock().lookup(hash)
     }
 
-    /// Each hash's holders, one lock per run.
-    fn lookup_batch(&self, hashes: &[u64], out: &mut [u128]) {
-        let mut start = 0;
-        for (shard, end) in self.runs(hashes) {
-            let sh = self.shards[shard].lock();
-            for (o, &h) in out[start..end].iter_mut().zip(&hashes[start..end]) {
-                *o = sh.lookup(h);
-            }
-            start = end;
+    /// The holders of the run's last block, then, unless `settled` says that
+    /// is enough (returning true), of every block (`out`, one per block). One
+    /// lock where the run lives in one shard, as a chain's runs do; never two
+    /// at once.
+    fn lookup_run(
+        &self,
+        run: &[u64],
+        out: &mut [u128],
+        settled: impl FnOnce(u128) -> bool,
+    ) -> bool {
+        let Some((&last_hash, inner)) = run.split_last() else {
+            return true;
+        };
+        let shard = self.shard_of(last_hash);
+        let sh = self.shards[shard].lock();
+        let last = sh.lookup(last_hash);
+        if settled(last) {
+            return true;
         }
+        let mut elsewhere = false;
+        for (o, &h) in out.iter_mut().zip(inner) {
+            if self.shard_of(h) == shard {
+                *o = sh.lookup(h);
+            } else {
+                elsewhere = true;
+            }
+        }
+        drop(sh);
+        if elsewhere {
+            for (o, &h) in out.iter_mut().zip(inner) {
+                if self.shard_of(h) != shard {
+                    *o = self.lookup(h);
+                }
+            }
+        }
+        out[inner.len()] = last;
+        false
     }
 
     pub fn stats(&self) -> IndexStats {
@@ -355,5 +335,65 @@ impl PrefixIndex {
             st.heap_bytes += sh.heap_bytes() as u64;
         }
         st
+    }
+}
+
+/// [`PrefixIndex::longest_match`]'s state between blocks.
+struct Walk {
+    /// Candidates still counting.
+    alive: u128,
+    /// Slots seen holding a block so far. The others are tracked by mask only:
+    /// their run of misses began at block 0, so they all end together, and a
+    /// lookup over many candidates costs no per-slot work for them.
+    seen: u128,
+    /// Seen slots of `alive` inside a run of misses, and where each run began.
+    missing: u128,
+    run_start: [u32; MAX_REPLICAS],
+}
+
+impl Walk {
+    /// Block `at`, held by the slots in `b`; the counts that end there into `out`.
+    #[inline(always)]
+    fn step(&mut self, at: u32, b: u128, out: &mut MatchCounts) {
+        self.seen |= self.alive & b;
+        // The common case, every live slot present and none in a run: nothing.
+        if self.alive & !b == 0 && self.missing == 0 {
+            return;
+        }
+        if at >= MAX_HOLE_BLOCKS {
+            self.alive &= self.seen;
+        }
+        self.missing &= !b;
+        let absent = self.alive & self.seen & !b;
+        let mut newly = absent & !self.missing;
+        while newly != 0 {
+            self.run_start[newly.trailing_zeros() as usize] = at;
+            newly &= newly - 1;
+        }
+        self.missing |= absent;
+        let mut runs = self.missing;
+        while runs != 0 {
+            let slot = runs.trailing_zeros() as usize;
+            runs &= runs - 1;
+            if at - self.run_start[slot] >= MAX_HOLE_BLOCKS {
+                out.counts[slot] = self.run_start[slot];
+                self.alive &= !(1u128 << slot);
+                self.missing &= !(1u128 << slot);
+            }
+        }
+    }
+
+    /// Counts for the slots still counting at the chain's end, `len` blocks.
+    fn finish(&self, len: u32, out: &mut MatchCounts) {
+        let mut held = self.alive & self.seen;
+        while held != 0 {
+            let slot = held.trailing_zeros() as usize;
+            out.counts[slot] = if self.missing & (1u128 << slot) != 0 {
+                self.run_start[slot]
+            } else {
+                len
+            };
+            held &= held - 1;
+        }
     }
 }

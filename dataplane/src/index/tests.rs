@@ -59,6 +59,41 @@ fn counts_step_over_short_holes_but_not_long_runs() {
     assert_eq!(ix.longest_match(&a[..32], ALL).get(2), 30);
 }
 
+/// The run-at-a-time walk looks inside a run whose last block everyone
+/// counting holds when one of them has not been seen before and the run
+/// reaches past the hole window: such a replica ended at block 64, as the
+/// block-by-block walk has it, even though it holds the run's last block.
+#[test]
+fn a_replica_first_seen_past_the_window_counts_nothing() {
+    let ix = index(8, 1 << 20);
+    let a = chain(3, 160);
+    let window = MAX_HOLE_BLOCKS as usize;
+    ix.insert(0, &a);
+    ix.insert(1, &a[window + 8..]);
+    // Slot 2 holds the chain with a hole inside a run whose last block it holds.
+    ix.insert(2, &a[..window + 3]);
+    ix.insert(2, &a[window + 20..]);
+    let m = ix.longest_match(&a, 0b111);
+    assert_eq!(m.get(0), 160);
+    assert_eq!(m.get(1), 0);
+    assert_eq!(m.get(2), 160);
+}
+
+/// Nor does it skip a run while a replica is inside a run of misses begun
+/// before it: slot 1's misses from block 40 pass the window inside the run
+/// 96..128, whose last block it holds again (and the run 128..160 is looked
+/// at block by block, since slot 0 ends in it).
+#[test]
+fn a_run_of_misses_ends_the_count_inside_a_run_whose_last_block_is_held() {
+    let ix = index(8, 1 << 20);
+    let a = chain(4, 160);
+    ix.insert(0, &a[..150]);
+    ix.insert(1, &a[..40]);
+    ix.insert(1, &a[110..]);
+    let m = ix.longest_match(&a, 0b11);
+    assert_eq!((m.get(0), m.get(1)), (150, 40));
+}
+
 #[test]
 fn over_budget_the_least_recent_blocks_go_first() {
     let ix = index(1, 20);
@@ -173,19 +208,27 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
-    /// Batching, grouping by shard and the early stop never change the answer:
-    /// each candidate's count is the one a hash-at-a-time walk finds. Chains
-    /// cross every batch boundary (8, 40, 168, then the rest); slots hold
-    /// prefixes, suffixes and middles of the chain, so misses come anywhere.
+    /// Batching, skipping runs whose last block settles them, and the early
+    /// stop never change the answer: each candidate's count is the one a
+    /// hash-at-a-time walk finds. Chains span up to 40 runs; slots hold
+    /// prefixes, suffixes and middles of the chain (several pieces per slot,
+    /// so holes of every length), and misses come anywhere.
     #[test]
     fn longest_match_equals_a_hash_by_hash_walk(
         len in 0usize..1300,
         held in proptest::collection::vec((0u16..8, 0.0f64..1.0, 0.0f64..1.0), 0..10),
         candidates in any::<u128>(),
         shards in prop_oneof![Just(1usize), Just(8), Just(64)],
+        scattered in any::<bool>(),
     ) {
         let ix = index(shards, 1 << 20);
-        let a = chain(7, len);
+        let mut a = chain(7, len);
+        if scattered {
+            // Hashes that are no chain's: a run's blocks in different shards.
+            for (i, h) in a.iter_mut().enumerate() {
+                *h = h.rotate_left(i as u32 * 7);
+            }
+        }
         for (slot, x, y) in held {
             let (i, j) = ((x * len as f64) as usize, (y * len as f64) as usize);
             ix.insert(slot, &a[i.min(j)..i.max(j)]);
@@ -199,7 +242,7 @@ proptest! {
                 // MAX_HOLE_BLOCKS missing ones.
                 let (mut count, mut run) = (0u32, 0u32);
                 for (i, &h) in a.iter().enumerate() {
-                    if ix.lookup_one(h) & (1 << slot) != 0 {
+                    if ix.lookup(h) & (1 << slot) != 0 {
                         (count, run) = (i as u32 + 1, 0);
                     } else {
                         run += 1;
