@@ -8,11 +8,12 @@
 //! bytes in one instruction. gxhash has this design but will not compile
 //! without `-C target-feature=+aes`, which a binary for unknown edge boxes
 //! cannot assume, and aHash picks AES at build time for the same reason. Here
-//! the CPU is checked at run time (`crate::sys::aes`); without AES-NI the
-//! `aes` crate computes the same rounds, eight blocks per call, on the CPU's
-//! own AES instructions where it finds them (ARMv8, built with `aes_armv8`)
-//! and bitsliced in software where not. `benches/routing_core.rs` (`hash/*`)
-//! has both paths, and the README the figures.
+//! the CPU is checked at run time (`crate::sys::aes`: AES-NI on x86-64, the
+//! Cryptography Extension on aarch64); without them the `aes` crate computes
+//! the same rounds, eight blocks per call, bitsliced in software (it would use
+//! the CPU's AES instructions if it found them, but the kernels have those
+//! CPUs). `benches/routing_core.rs` (`hash/*`) has both paths, and the README
+//! the figures.
 //!
 //! The construction, for a block of `len ≥ 16` bytes and `enc(s, k)` one AES
 //! encryption round of state `s` with round key `k` (x86's `AESENC`):
