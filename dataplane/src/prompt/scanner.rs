@@ -223,7 +223,9 @@ fn short_string_end(buf: &[u8], start: usize) -> Option<usize> {
 /// has them: a build with `--cfg kvroute_simd="avx2"` stops at AVX2 (for CPUs
 /// that lower their clock under AVX-512, and to measure what a CPU without it
 /// gets), `--cfg kvroute_simd="portable"` at the portable kernel.
+#[cfg(target_arch = "x86_64")]
 const USE_AVX512: bool = !cfg!(any(kvroute_simd = "avx2", kvroute_simd = "portable"));
+#[cfg(target_arch = "x86_64")]
 const USE_AVX2: bool = !cfg!(kvroute_simd = "portable");
 
 /// [`valid_string_end_with`] on the widest kernel this CPU runs.
