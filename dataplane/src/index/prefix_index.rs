@@ -244,9 +244,10 @@ impl PrefixIndex {
     /// cache miss. The result is the block-by-block walk's, exactly (the
     /// `longest_match_equals_a_hash_by_hash_walk` proptest).
     pub fn longest_match(&self, hashes: &[u64], candidates: u128) -> MatchCounts {
-        // Returned in place: kept out of `Walk`, whose moves cost a memcpy of
-        // both per call.
         let mut out = MatchCounts::default();
+        if candidates == 0 {
+            return out;
+        }
         let mut w = Walk {
             alive: candidates,
             seen: 0,
