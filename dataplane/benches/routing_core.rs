@@ -23,6 +23,14 @@ const SIZES: [(usize, &str); 5] = [
 ];
 
 /// Prose with what real prompts carry: newlines (escaped), quotes, non-ASCII.
+/// The bench's one pseudo-random step (xorshift64): text, filler hashes.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 fn text(len: usize, seed: u64) -> String {
     let words = [
         "the",
@@ -47,10 +55,7 @@ fn text(len: usize, seed: u64) -> String {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut line = 0;
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let w = words[(x % words.len() as u64) as usize];
+        let w = words[(xorshift(&mut x) % words.len() as u64) as usize];
         out.push_str(w);
         line += w.len() + 1;
         if line > 80 {
@@ -179,12 +184,7 @@ fn fleet_index() -> PrefixIndex {
         ..IndexConfig::default()
     });
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = || xorshift(&mut x);
     let shard_bits = 0xffff_u64 << 40;
     for chain in 0..2048u64 {
         let mut run = 0;

@@ -16,6 +16,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
+use crate::procs::{have, root};
+
 /// Debian bookworm's clang; another major version emits different bytes.
 const CLANG: &str = "clang-19";
 const STRIP: &str = "llvm-strip-19";
@@ -30,20 +32,6 @@ pub struct Args {
     /// With --check: succeed (with a note) when clang-19 is not installed.
     #[arg(long)]
     allow_missing_clang: bool,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// The multiarch include dir holding `asm/types.h`, which `linux/bpf.h` needs

@@ -123,11 +123,7 @@ fn aarch64_missing() -> anyhow::Result<Vec<String>> {
         missing.push(format!("the {AARCH64} standard library"));
     }
     for tool in [AARCH64_GCC, QEMU_AARCH64] {
-        let runs = std::process::Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !runs {
+        if !crate::procs::have(tool) {
             missing.push(tool.to_owned());
         }
     }
