@@ -14,7 +14,11 @@ use anyhow::Context;
 use clap::ValueEnum;
 use kvroute_tests::load::synthetic::SharedPrefixConfig;
 use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute::route::RoutingConfig;
+use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::{ApiMode, Workload};
+use crate::replay::{replay, FleetModel};
+use kvroute_tests::sim::engine::Timing;
 use serde::Serialize;
 
 use crate::fleet::measure::{load_args, measure, Measured};
@@ -126,6 +130,12 @@ pub struct Opts {
     /// Print the results as one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Instead of starting processes, replay each workload offline through kvroute's kv-aware
+    /// router and the simulator's models (`kvroute_tests::replay`), once per value: `[routing]`
+    /// keys separated by `;` (e.g. `w_prefill = 0.2; epsilon = 0.25`), `default` for none.
+    /// Deterministic and seconds long, for sweeping a weight before measuring it here for real.
+    #[arg(long)]
+    pub offline: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -185,6 +195,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         WorkloadArg::Synthetic => None,
         _ => Some(crate::demo::resolve_trace(a.trace.as_deref())?),
     };
+    if !a.offline.is_empty() {
+        return offline(&a, trace);
+    }
     crate::fleet::child::install_signal_handler();
     let mut bins = Bins::prepare(a.no_build)?;
     if let Some(k) = &a.kvroute_bin {
@@ -195,65 +208,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out_dir = fleet::bench_dir();
     let log_dir = out_dir.join("logs");
 
-    let mut workloads = Vec::new();
-    if let Some(path) = &trace {
-        let w = Workload::Trace {
-            path: path.clone(),
-            skip: a.skip,
-            n: Some(a.n),
-            opts: LowerOptions {
-                block_bytes: a.block_bytes,
-                speed: a.speed,
-                max_tokens_scale: DEFAULT_MAX_TOKENS_SCALE,
-            },
-        };
-        let desc = format!(
-            "Mooncake conversation trace, requests {}..{}, replayed {}x faster",
-            a.skip,
-            a.skip + a.n,
-            a.speed
-        );
-        workloads.push(("trace", desc, w));
-    }
-    if a.workload != WorkloadArg::Trace {
-        let cfg = SharedPrefixConfig {
-            groups: a.groups,
-            users: a.users,
-            turns: a.turns,
-            system_bytes: a.system_bytes,
-            question_bytes: 256,
-            answer_bytes: 256,
-            rate: a.rate,
-            max_tokens: 16,
-            seed: 0,
-        };
-        let desc = format!(
-            "synthetic shared prefix: {} tenants x {} users x {} turns, {} B system prompts, \
-             {} new conversations/s",
-            a.groups, a.users, a.turns, a.system_bytes, a.rate
-        );
-        workloads.push(("synthetic", desc, Workload::SharedPrefix(cfg)));
-    }
-
+    let workloads = workloads(&a, trace.as_deref());
     let mut results = Vec::new();
     for (name, description, workload) in workloads {
         let plan = workload
             .plan()
             .with_context(|| format!("plan the {name} workload"))?;
-        let mut sim = SimSpec {
-            replicas: a.replicas,
-            kv_blocks: 0,
-            block_tokens: 16,
-            time_scale: a.time_scale,
-            prefill_tps: a.prefill_tps,
-            prefill_overhead_ms: fleet::SIM_PREFILL_OVERHEAD_MS,
-            decode_tps: 50.0,
-            max_seqs: 256,
-        };
-        let ws = fleet::working_set_blocks(&plan, sim.block_bytes());
-        sim.kv_blocks = a.kv_blocks.unwrap_or_else(|| {
-            fleet::size_kv_blocks(&plan, sim.block_bytes(), a.replicas, a.kv_fraction)
-        });
+        let (sim, ws) = sim_spec(&a, &plan);
         let stats = plan.stats();
         let floor = fleet::ttft_floor_ms(&plan, &sim);
         let lru = fleet::lru_ceiling(&plan, &sim);
@@ -802,6 +763,122 @@ fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     }
     root.present()?;
     Ok(())
+}
+
+/// `--offline`: each workload replayed in simulated time through the kv-aware router, once per
+/// set of `[routing]` overrides; prints one line per set (see `kvroute_tests::replay`).
+fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut configs = Vec::new();
+    for o in &a.offline {
+        let keys = if o == "default" { "" } else { o.as_str() };
+        let cfg: RoutingConfig = toml::from_str(&keys.replace(';', "\n"))
+            .with_context(|| format!("--offline {o:?}: not [routing] keys"))?;
+        cfg.validate()?;
+        configs.push((o.as_str(), cfg));
+    }
+    for (name, description, workload) in workloads(a, trace.as_deref()) {
+        let plan = workload
+            .plan()
+            .with_context(|| format!("plan the {name} workload"))?;
+        let (sim, _) = sim_spec(a, &plan);
+        let model = FleetModel {
+            replicas: sim.replicas,
+            kv_blocks: sim.kv_blocks,
+            block_tokens: sim.block_tokens as usize,
+            timing: Timing {
+                prefill_tps: sim.prefill_tps,
+                prefill_overhead: sim.prefill_overhead_ms / 1e3,
+                decode_tps: sim.decode_tps,
+                time_scale: sim.time_scale,
+                ..Timing::default()
+            },
+            max_seqs: sim.max_seqs,
+        };
+        println!(
+            "== {name} (offline): {description}; fleet-sized LRU {:.2} %",
+            fleet::lru_ceiling(&plan, &sim) * 100.0
+        );
+        for (label, cfg) in &configs {
+            let r = replay(&plan, &model, cfg);
+            println!(
+                "   hit {:6.2} %  TTFT p50 {:6.1} p90 {:6.1} p99 {:6.1} ms  imbalance {:.2}  \
+                 regret {:6.1}  unrouted {}  {:?}  [{label}]",
+                r.hit_ratio * 100.0,
+                r.ttft_p50_ms,
+                r.ttft_p90_ms,
+                r.ttft_p99_ms,
+                r.imbalance,
+                r.regret,
+                r.unrouted,
+                r.decisions,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The workloads `--workload` selects, with their descriptions.
+fn workloads(a: &Opts, trace: Option<&Path>) -> Vec<(&'static str, String, Workload)> {
+    let mut workloads = Vec::new();
+    if let Some(path) = trace {
+        let w = Workload::Trace {
+            path: path.to_path_buf(),
+            skip: a.skip,
+            n: Some(a.n),
+            opts: LowerOptions {
+                block_bytes: a.block_bytes,
+                speed: a.speed,
+                max_tokens_scale: DEFAULT_MAX_TOKENS_SCALE,
+            },
+        };
+        let desc = format!(
+            "Mooncake conversation trace, requests {}..{}, replayed {}x faster",
+            a.skip,
+            a.skip + a.n,
+            a.speed
+        );
+        workloads.push(("trace", desc, w));
+    }
+    if a.workload != WorkloadArg::Trace {
+        let cfg = SharedPrefixConfig {
+            groups: a.groups,
+            users: a.users,
+            turns: a.turns,
+            system_bytes: a.system_bytes,
+            question_bytes: 256,
+            answer_bytes: 256,
+            rate: a.rate,
+            max_tokens: 16,
+            seed: 0,
+        };
+        let desc = format!(
+            "synthetic shared prefix: {} tenants x {} users x {} turns, {} B system prompts, \
+             {} new conversations/s",
+            a.groups, a.users, a.turns, a.system_bytes, a.rate
+        );
+        workloads.push(("synthetic", desc, Workload::SharedPrefix(cfg)));
+    }
+
+    workloads
+}
+
+/// The simulated fleet for `plan`, and the plan's working set in KV blocks.
+fn sim_spec(a: &Opts, plan: &Plan) -> (SimSpec, u64) {
+    let mut sim = SimSpec {
+        replicas: a.replicas,
+        kv_blocks: 0,
+        block_tokens: 16,
+        time_scale: a.time_scale,
+        prefill_tps: a.prefill_tps,
+        prefill_overhead_ms: fleet::SIM_PREFILL_OVERHEAD_MS,
+        decode_tps: 50.0,
+        max_seqs: 256,
+    };
+    let ws = fleet::working_set_blocks(plan, sim.block_bytes());
+    sim.kv_blocks = a.kv_blocks.unwrap_or_else(|| {
+        fleet::size_kv_blocks(plan, sim.block_bytes(), a.replicas, a.kv_fraction)
+    });
+    (sim, ws)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod demo;
 mod fleet;
 mod package;
 mod procs;
+mod replay;
 mod test;
 
 use clap::{Parser, Subcommand};

@@ -25,10 +25,17 @@ pub struct RoutingConfig {
     /// Weight of the normalised load in the kv-aware score.
     pub w_load: f64,
     /// Weight of the replica's queued prefill (uncached prompt bytes of requests in
-    /// flight there that have not produced output yet), in units of this request's
-    /// prompt, in the kv-aware score. At 1.0 with `w_cache` 1.0 the two terms add up
-    /// to the prefill work ahead of this request's first token.
+    /// flight there that have not produced output yet) in the kv-aware score, which
+    /// charges `w_prefill · (queued / scale)²`, `scale` being the larger of this
+    /// request's prompt and `prefill_scale_bytes`. At 1.0 a queue of `scale` bytes
+    /// costs as much as holding the whole prompt is worth.
     pub w_prefill: f64,
+    /// Queued prefill, in prompt bytes, that `w_prefill` weighs as one unit for
+    /// prompts shorter than this (longer prompts are their own unit). Roughly the
+    /// queue that delays a first token by more than the prefill it saves to keep a
+    /// conversation where its cache is: 128 KiB is ~32K tokens, a few seconds of
+    /// prefill on one GPU.
+    pub prefill_scale_bytes: usize,
     /// No replica takes more than `(1+epsilon)` times the mean load.
     pub epsilon: f64,
     /// A replica with fewer in-flight requests than this is never over the load
@@ -54,7 +61,8 @@ impl Default for RoutingConfig {
             anchor_bytes: 1024,
             w_cache: 1.0,
             w_load: 0.05,
-            w_prefill: 0.1,
+            w_prefill: 1.0,
+            prefill_scale_bytes: 128 << 10,
             epsilon: 0.5,
             load_floor: 8,
             session_header: "x-session-id".into(),
@@ -79,6 +87,9 @@ impl RoutingConfig {
                     self.block_bytes
                 ),
             );
+        }
+        if self.prefill_scale_bytes == 0 {
+            return bad("prefill_scale_bytes", "must be at least 1".into());
         }
         if self.anchor_bytes < self.block_bytes {
             return bad("anchor_bytes", "must be at least block_bytes".into());
@@ -119,6 +130,7 @@ impl RoutingConfig {
             w_cache: self.w_cache,
             w_load: self.w_load,
             w_prefill: self.w_prefill,
+            prefill_scale_bytes: self.prefill_scale_bytes,
             epsilon: self.epsilon,
             load_floor: self.load_floor,
             session_ttl_ms: self.session_ttl_ms,

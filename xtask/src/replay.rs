@@ -1,0 +1,287 @@
+//! Offline replay: a load plan through a kvroute router and the simulator's own cache and
+//! prefill models, in simulated time, with no process, socket or clock.
+//!
+//! Why: the routing benchmark (`cargo xtask bench routing`) is the acceptance test, but one
+//! pair of runs takes a minute and moves by ±0.4 points of hit ratio from scheduling noise
+//! alone, which hides the tenths a routing default is chosen by. This replay makes the same
+//! decisions against the same models deterministically in seconds, so a weight sweep shows
+//! the shape of the hit/TTFT trade-off; candidates are then confirmed on the real benchmark.
+//!
+//! What it leaves out: the proxy's and network's latency, the load generator's lag and the
+//! simulator's decode batching within a request (a request's decode steps all take the step
+//! time of its first token). The router sees what it sees in the benchmark: its own in-flight
+//! counts and predicted prefill, no control daemon.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use kvroute::prefix::analyze;
+use kvroute::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
+use kvroute::route::{DecisionKind, RoutingConfig};
+
+use kvroute_tests::load::body;
+use kvroute_tests::load::ApiMode;
+use kvroute_tests::load::plan::Plan;
+use kvroute_tests::load::stats::percentile;
+use kvroute_tests::sim::cache::{block_hashes, KvCache};
+use kvroute_tests::sim::engine::{Admission, Engine, Timing};
+
+const MODEL: &str = "sim-model";
+
+/// The simulated fleet, as `kvroute-sim` flags would set it.
+#[derive(Clone, Debug)]
+pub struct FleetModel {
+    pub replicas: usize,
+    pub kv_blocks: usize,
+    pub block_tokens: usize,
+    pub timing: Timing,
+    pub max_seqs: usize,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReplayResult {
+    pub requests: u64,
+    /// Requests no replica was picked for (the proxy's 503).
+    pub unrouted: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub hit_ratio: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub imbalance: f64,
+    pub per_replica: Vec<u64>,
+    pub evictions: Vec<u64>,
+    pub decisions: BTreeMap<&'static str, u64>,
+    /// Sum over decisions of (best overlap − chosen overlap) / prompt blocks.
+    pub regret: f64,
+}
+
+/// Events at equal times run in the order they were scheduled.
+struct Event {
+    at: f64,
+    seq: u64,
+    what: What,
+}
+
+enum What {
+    /// Turn `turn` of session `session` is sent.
+    Arrive { session: usize, turn: usize },
+    /// Request `id`'s prefill is done: its first token, and its blocks enter the cache.
+    Prefilled { id: usize },
+    Finish { id: usize },
+}
+
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    /// Reversed: `BinaryHeap` pops the largest, the replay wants the earliest.
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.at.total_cmp(&self.at).then(o.seq.cmp(&self.seq))
+    }
+}
+
+struct Sim {
+    cache: KvCache,
+    engine: Engine,
+}
+
+struct Live {
+    session: usize,
+    turn: usize,
+    replica: usize,
+    arrived: f64,
+    prompt: Vec<u8>,
+    hashes: Vec<u64>,
+    prompt_tokens: usize,
+    reserved: usize,
+    max_tokens: u32,
+    in_flight: InFlight,
+}
+
+/// Replays `plan` (completions API) through the policy `routing` configures.
+pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> ReplayResult {
+    let specs = (0..fleet.replicas)
+        .map(|i| ReplicaSpec {
+            models: vec![MODEL.into()],
+            kv_blocks: Some(fleet.kv_blocks as u64),
+            kv_block_tokens: Some(fleet.block_tokens as u32),
+            ..ReplicaSpec::new(format!("http://127.0.0.1:{}", 20000 + i))
+        })
+        .collect();
+    let table = ReplicaTable::new(specs).expect("distinct replica urls");
+    let set = table.load();
+    let router = routing.build();
+    router.on_replicas_changed(&set);
+    let slot_index: BTreeMap<u16, usize> = set
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.slot, i))
+        .collect();
+    let mut sims: Vec<Sim> = (0..fleet.replicas)
+        .map(|_| Sim {
+            cache: KvCache::new(fleet.kv_blocks, fleet.block_tokens),
+            engine: Engine::new(fleet.timing.clone(), fleet.max_seqs),
+        })
+        .collect();
+    let sim_block_bytes = fleet.block_tokens * 4;
+    let prefix = routing.prefix();
+    let path = body::path(ApiMode::Completions);
+
+    let mut out = ReplayResult {
+        per_replica: vec![0; fleet.replicas],
+        ..Default::default()
+    };
+    let mut ttft_ms = Vec::with_capacity(plan.request_count());
+    let mut heap = BinaryHeap::new();
+    let mut seq = 0u64;
+    let mut push = |heap: &mut BinaryHeap<Event>, at: f64, what: What| {
+        seq += 1;
+        heap.push(Event { at, seq, what });
+    };
+    for (s, session) in plan.sessions.iter().enumerate() {
+        if !session.requests.is_empty() {
+            push(
+                &mut heap,
+                session.start.as_secs_f64(),
+                What::Arrive {
+                    session: s,
+                    turn: 0,
+                },
+            );
+        }
+    }
+    let mut live: Vec<Option<Live>> = Vec::new();
+    // Requests admitted by the engine but waiting for a running slot, per replica (by id).
+    let mut waiting: Vec<BTreeMap<u64, usize>> = vec![BTreeMap::new(); fleet.replicas];
+
+    // Lookup and prefill of a running request; returns when its first token is out.
+    let start_prefill = |sim: &mut Sim, l: &Live, now: f64, out: &mut ReplayResult| -> f64 {
+        let matched = sim.cache.lookup(&l.hashes);
+        let cached = (matched * fleet.block_tokens).min(l.prompt_tokens);
+        out.prompt_tokens += l.prompt_tokens as u64;
+        out.cached_tokens += cached as u64;
+        sim.engine.prefill(now, l.prompt_tokens - cached)
+    };
+
+    while let Some(Event { at: now, what, .. }) = heap.pop() {
+        match what {
+            What::Arrive { session, turn } => {
+                let req = &plan.sessions[session].requests[turn];
+                out.requests += 1;
+                let body = body::render(req, ApiMode::Completions, MODEL);
+                let analyzed = analyze(path, &body, &prefix).expect("rendered bodies parse");
+                let rr = analyzed.route_request(path, None, (now * 1e3) as u64);
+                let Some(decision) = router.pick(&rr, &set, &[]) else {
+                    out.unrouted += 1;
+                    if turn + 1 < plan.sessions[session].requests.len() {
+                        push(
+                            &mut heap,
+                            now,
+                            What::Arrive {
+                                session,
+                                turn: turn + 1,
+                            },
+                        );
+                    }
+                    continue;
+                };
+                router.on_routed(&rr, &decision);
+                *out.decisions.entry(decision.kind.as_str()).or_default() += 1;
+                if decision.kind != DecisionKind::Session && !rr.block_hashes.is_empty() {
+                    out.regret += f64::from(
+                        decision.best_blocks - decision.predicted_blocks.min(decision.best_blocks),
+                    ) / rr.block_hashes.len() as f64;
+                }
+                let replica = slot_index[&decision.replica.slot];
+                out.per_replica[replica] += 1;
+                let prompt = body::prompt(req).into_bytes();
+                let prompt_tokens = prompt.len().div_ceil(4).max(1);
+                let hashes = block_hashes(&prompt, sim_block_bytes);
+                let in_flight = Replica::begin(&decision.replica, decision.prefill_bytes);
+                let id = live.len();
+                let l = Live {
+                    session,
+                    turn,
+                    replica,
+                    arrived: now,
+                    prompt,
+                    hashes,
+                    prompt_tokens,
+                    reserved: (prompt_tokens + req.max_tokens as usize)
+                        .div_ceil(fleet.block_tokens),
+                    max_tokens: req.max_tokens,
+                    in_flight,
+                };
+                let sim = &mut sims[replica];
+                sim.engine.reserve_blocks(l.reserved);
+                match sim.engine.arrive(id as u64) {
+                    Admission::Running => {
+                        let done = start_prefill(sim, &l, now, &mut out);
+                        push(&mut heap, done, What::Prefilled { id });
+                    }
+                    Admission::Waiting => {
+                        waiting[replica].insert(id as u64, id);
+                    }
+                }
+                live.push(Some(l));
+            }
+            What::Prefilled { id } => {
+                let l = live[id].as_mut().expect("live until finished");
+                let sim = &mut sims[l.replica];
+                sim.cache.insert(&l.prompt, &l.hashes);
+                l.in_flight.prefill_done();
+                ttft_ms.push((now - l.arrived) * 1e3);
+                let decode = f64::from(l.max_tokens.saturating_sub(1)) * sim.engine.decode_step();
+                push(&mut heap, now + decode, What::Finish { id });
+            }
+            What::Finish { id } => {
+                let l = live[id].take().expect("finishes once");
+                let sim = &mut sims[l.replica];
+                sim.engine.release_blocks(l.reserved);
+                if let Some(next) = sim.engine.finish() {
+                    let nid = waiting[l.replica].remove(&next).expect("promoted was waiting");
+                    let nl = live[nid].as_ref().expect("waiting is live");
+                    let done = start_prefill(sim, nl, now, &mut out);
+                    push(&mut heap, done, What::Prefilled { id: nid });
+                }
+                drop(l.in_flight);
+                if l.turn + 1 < plan.sessions[l.session].requests.len() {
+                    push(
+                        &mut heap,
+                        now,
+                        What::Arrive {
+                            session: l.session,
+                            turn: l.turn + 1,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    out.hit_ratio = out.cached_tokens as f64 / out.prompt_tokens.max(1) as f64;
+    ttft_ms.sort_by(f64::total_cmp);
+    out.ttft_p50_ms = percentile(&ttft_ms, 50.0);
+    out.ttft_p90_ms = percentile(&ttft_ms, 90.0);
+    out.ttft_p99_ms = percentile(&ttft_ms, 99.0);
+    let routed: u64 = out.per_replica.iter().sum();
+    let max = out.per_replica.iter().copied().max().unwrap_or(0);
+    out.imbalance = if routed == 0 {
+        0.0
+    } else {
+        max as f64 * fleet.replicas as f64 / routed as f64
+    };
+    out.evictions = sims.iter().map(|s| s.cache.evictions()).collect();
+    out
+}
