@@ -10,14 +10,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::replay::{replay, FleetModel};
 use anyhow::Context;
 use clap::ValueEnum;
-use kvroute_tests::load::synthetic::SharedPrefixConfig;
-use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
 use kvroute::route::RoutingConfig;
 use kvroute_tests::load::plan::Plan;
+use kvroute_tests::load::synthetic::SharedPrefixConfig;
+use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
 use kvroute_tests::load::{ApiMode, Workload};
-use crate::replay::{replay, FleetModel};
 use kvroute_tests::sim::engine::Timing;
 use serde::Serialize;
 

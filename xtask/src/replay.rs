@@ -20,9 +20,9 @@ use kvroute::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
 use kvroute::route::{DecisionKind, RoutingConfig};
 
 use kvroute_tests::load::body;
-use kvroute_tests::load::ApiMode;
 use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::stats::percentile;
+use kvroute_tests::load::ApiMode;
 use kvroute_tests::sim::cache::{block_hashes, KvCache};
 use kvroute_tests::sim::engine::{Admission, Engine, Timing};
 
@@ -66,10 +66,17 @@ struct Event {
 
 enum What {
     /// Turn `turn` of session `session` is sent.
-    Arrive { session: usize, turn: usize },
+    Arrive {
+        session: usize,
+        turn: usize,
+    },
     /// Request `id`'s prefill is done: its first token, and its blocks enter the cache.
-    Prefilled { id: usize },
-    Finish { id: usize },
+    Prefilled {
+        id: usize,
+    },
+    Finish {
+        id: usize,
+    },
 }
 
 impl PartialEq for Event {
@@ -250,7 +257,9 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 let sim = &mut sims[l.replica];
                 sim.engine.release_blocks(l.reserved);
                 if let Some(next) = sim.engine.finish() {
-                    let nid = waiting[l.replica].remove(&next).expect("promoted was waiting");
+                    let nid = waiting[l.replica]
+                        .remove(&next)
+                        .expect("promoted was waiting");
                     let nl = live[nid].as_ref().expect("waiting is live");
                     let done = start_prefill(sim, nl, now, &mut out);
                     push(&mut heap, done, What::Prefilled { id: nid });
@@ -284,4 +293,96 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
     };
     out.evictions = sims.iter().map(|s| s.cache.evictions()).collect();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use kvroute::route::PolicyKind;
+    use kvroute_tests::load::synthetic::{plan, SharedPrefixConfig};
+
+    use super::*;
+
+    fn workload() -> Plan {
+        plan(&SharedPrefixConfig {
+            groups: 6,
+            users: 4,
+            turns: 3,
+            system_bytes: 8192,
+            question_bytes: 256,
+            answer_bytes: 256,
+            rate: 50.0,
+            max_tokens: 8,
+            seed: 7,
+        })
+    }
+
+    fn fleet(kv_blocks: usize) -> FleetModel {
+        FleetModel {
+            replicas: 3,
+            kv_blocks,
+            block_tokens: 16,
+            timing: Timing {
+                time_scale: 0.1,
+                ..Timing::default()
+            },
+            max_seqs: 4,
+        }
+    }
+
+    fn policy(p: PolicyKind) -> RoutingConfig {
+        RoutingConfig {
+            policy: p,
+            ..RoutingConfig::default()
+        }
+    }
+
+    /// One running sequence per replica, so most requests wait for a slot first.
+    #[test]
+    fn every_request_is_served_once_and_counted() {
+        let plan = workload();
+        let f = FleetModel {
+            max_seqs: 1,
+            ..fleet(4096)
+        };
+        let r = replay(&plan, &f, &policy(PolicyKind::KvAware));
+        let n = plan.request_count() as u64;
+        assert_eq!((r.requests, r.unrouted), (n, 0));
+        assert_eq!(r.per_replica.iter().sum::<u64>(), n);
+        assert_eq!(r.decisions.values().sum::<u64>(), n);
+        let tokens: usize = plan
+            .requests_in_order()
+            .map(|q| body::prompt(q).len().div_ceil(4).max(1))
+            .sum();
+        assert_eq!(r.prompt_tokens, tokens as u64);
+        assert!(r.ttft_p50_ms > 0.0 && r.ttft_p50_ms <= r.ttft_p99_ms);
+    }
+
+    /// Simulated time, no clock: the same inputs give the same numbers, which is
+    /// what makes small differences between settings readable.
+    #[test]
+    fn replay_is_deterministic() {
+        let plan = workload();
+        let run = || {
+            let r = replay(&plan, &fleet(512), &policy(PolicyKind::KvAware));
+            (r.cached_tokens, r.per_replica, r.ttft_p99_ms.to_bits())
+        };
+        assert_eq!(run(), run());
+    }
+
+    /// Tenants' system prompts fit one replica's cache but not every replica's at
+    /// once: kv-aware keeps each tenant on one replica and hits far more often than
+    /// round-robin, which makes every replica hold every tenant.
+    #[test]
+    fn kv_aware_hits_more_than_round_robin_when_caches_are_tight() {
+        let plan = workload();
+        let f = fleet(1200);
+        let kv = replay(&plan, &f, &policy(PolicyKind::KvAware));
+        let rr = replay(&plan, &f, &policy(PolicyKind::RoundRobin));
+        assert!(
+            kv.hit_ratio > rr.hit_ratio + 0.1,
+            "kv-aware {:.3}, round-robin {:.3}",
+            kv.hit_ratio,
+            rr.hit_ratio
+        );
+    }
 }

@@ -366,3 +366,40 @@ fn queued_prefill_steers_a_request_to_the_idle_replica() {
         assert_eq!(d.replica.slot, 1 - busy, "busy replica {busy}");
     }
 }
+
+/// The queue is charged squared, in units of the larger of the prompt and
+/// `prefill_scale_bytes`: a queue a few times a short prompt's size (but small
+/// against the scale) does not move the request off the replica holding all of it
+/// to one holding half, while a queue past the scale does. In units of the prompt
+/// alone (a scale of 1 byte), the short queue would have moved it too.
+#[test]
+fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(20, "the same conversation");
+    let prompt = h.len() * 128;
+    assert!(prompt < 4 << 10, "a short prompt: {prompt} bytes");
+    r.index().insert(0, &h);
+    r.index().insert(1, &h[..h.len() / 2]);
+    for (queued, want) in [(16u64 << 10, 0u16), (256 << 10, 1)] {
+        let _busy = set.replicas[0].begin(queued);
+        let _other = set.replicas[1].begin(0);
+        let d = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
+        assert_eq!(d.replica.slot, want, "{queued} bytes queued on replica 0");
+    }
+    let per_prompt = KvAware::new(
+        RoutingConfig {
+            load_floor: 0,
+            prefill_scale_bytes: 1,
+            ..RoutingConfig::default()
+        }
+        .kv_aware_params(),
+    );
+    per_prompt.index().insert(0, &h);
+    per_prompt.index().insert(1, &h[..h.len() / 2]);
+    let _busy = set.replicas[0].begin(16 << 10);
+    let _other = set.replicas[1].begin(0);
+    let d = per_prompt.pick(&req(&h, None, 0), &set, &[]).unwrap();
+    assert_eq!(d.replica.slot, 1);
+}
