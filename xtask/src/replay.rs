@@ -38,7 +38,7 @@ pub struct FleetModel {
     pub max_seqs: usize,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default)]
 pub struct ReplayResult {
     pub requests: u64,
     /// Requests no replica was picked for (the proxy's 503).
@@ -51,9 +51,9 @@ pub struct ReplayResult {
     pub ttft_p99_ms: f64,
     pub imbalance: f64,
     pub per_replica: Vec<u64>,
-    pub evictions: Vec<u64>,
     pub decisions: BTreeMap<&'static str, u64>,
-    /// Sum over decisions of (best overlap − chosen overlap) / prompt blocks.
+    /// Sum over decisions other than session affinity of (best overlap − chosen
+    /// overlap) / prompt blocks: overlap given up for load, in prompts' worth.
     pub regret: f64,
 }
 
@@ -291,7 +291,6 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
     } else {
         max as f64 * fleet.replicas as f64 / routed as f64
     };
-    out.evictions = sims.iter().map(|s| s.cache.evictions()).collect();
     out
 }
 

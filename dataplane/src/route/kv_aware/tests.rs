@@ -346,14 +346,7 @@ fn the_chosen_replica_is_charged_only_the_prompt_it_does_not_hold() {
 fn queued_prefill_steers_a_request_to_the_idle_replica() {
     let t = table(2);
     let set = t.load();
-    let with = KvAware::new(
-        RoutingConfig {
-            w_prefill: 1.0,
-            load_floor: 0,
-            ..RoutingConfig::default()
-        }
-        .kv_aware_params(),
-    );
+    let with = router();
     // The same prefix on both replicas: the request is scored (not placed by
     // consistent hashing), with equal overlap on both.
     let shared = chat_hashes(20, "shared");
@@ -376,30 +369,26 @@ fn queued_prefill_steers_a_request_to_the_idle_replica() {
 fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
     let t = table(2);
     let set = t.load();
-    let r = router();
     let h = chat_hashes(20, "the same conversation");
     let prompt = h.len() * 128;
     assert!(prompt < 4 << 10, "a short prompt: {prompt} bytes");
-    r.index().insert(0, &h);
-    r.index().insert(1, &h[..h.len() / 2]);
-    for (queued, want) in [(16u64 << 10, 0u16), (256 << 10, 1)] {
+    let pick = |scale: usize, queued: u64| {
+        let r = KvAware::new(
+            RoutingConfig {
+                load_floor: 0,
+                prefill_scale_bytes: scale,
+                ..RoutingConfig::default()
+            }
+            .kv_aware_params(),
+        );
+        r.index().insert(0, &h);
+        r.index().insert(1, &h[..h.len() / 2]);
         let _busy = set.replicas[0].begin(queued);
         let _other = set.replicas[1].begin(0);
-        let d = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
-        assert_eq!(d.replica.slot, want, "{queued} bytes queued on replica 0");
-    }
-    let per_prompt = KvAware::new(
-        RoutingConfig {
-            load_floor: 0,
-            prefill_scale_bytes: 1,
-            ..RoutingConfig::default()
-        }
-        .kv_aware_params(),
-    );
-    per_prompt.index().insert(0, &h);
-    per_prompt.index().insert(1, &h[..h.len() / 2]);
-    let _busy = set.replicas[0].begin(16 << 10);
-    let _other = set.replicas[1].begin(0);
-    let d = per_prompt.pick(&req(&h, None, 0), &set, &[]).unwrap();
-    assert_eq!(d.replica.slot, 1);
+        r.pick(&req(&h, None, 0), &set, &[]).unwrap().replica.slot
+    };
+    let default = RoutingConfig::default().prefill_scale_bytes;
+    assert_eq!(pick(default, 16 << 10), 0, "16 KiB queued stays");
+    assert_eq!(pick(default, 256 << 10), 1, "256 KiB queued moves");
+    assert_eq!(pick(1, 16 << 10), 1, "per prompt, 16 KiB queued moves");
 }
