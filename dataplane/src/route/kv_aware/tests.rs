@@ -363,8 +363,9 @@ fn queued_prefill_steers_a_request_to_the_idle_replica() {
 /// The queue is charged squared, in units of the larger of the prompt and
 /// `prefill_scale_bytes`: a queue a few times a short prompt's size (but small
 /// against the scale) does not move the request off the replica holding all of it
-/// to one holding half, while a queue past the scale does. In units of the prompt
-/// alone (a scale of 1 byte), the short queue would have moved it too.
+/// to one holding half, nor does one well short of the scale, while a queue past
+/// the scale does. In units of the prompt alone (a scale of 1 byte), the short
+/// queue would have moved it too.
 #[test]
 fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
     let t = table(2);
@@ -389,6 +390,9 @@ fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
     };
     let default = RoutingConfig::default().prefill_scale_bytes;
     assert_eq!(pick(default, 16 << 10), 0, "16 KiB queued stays");
+    // 0.625 of the scale costs 0.39 squared, under the half a prompt at stake
+    // (charged linearly, 0.625 would have moved it).
+    assert_eq!(pick(default, 80 << 10), 0, "80 KiB queued stays");
     assert_eq!(pick(default, 256 << 10), 1, "256 KiB queued moves");
     assert_eq!(pick(1, 16 << 10), 1, "per prompt, 16 KiB queued moves");
 }
