@@ -10,7 +10,8 @@
 //! What it leaves out: the proxy's and network's latency, the load generator's lag and the
 //! simulator's decode batching within a request (a request's decode steps all take the step
 //! time of its first token). The router sees what it sees in the benchmark: its own in-flight
-//! counts and predicted prefill, no control daemon.
+//! counts and predicted prefill; there is no control daemon, so no replica-reported load or KV
+//! usage (which is why the engines' reserved blocks are not tracked either).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -110,7 +111,6 @@ struct Live {
     prompt: Vec<u8>,
     hashes: Vec<u64>,
     prompt_tokens: usize,
-    reserved: usize,
     max_tokens: u32,
     in_flight: InFlight,
 }
@@ -225,13 +225,10 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                     prompt,
                     hashes,
                     prompt_tokens,
-                    reserved: (prompt_tokens + req.max_tokens as usize)
-                        .div_ceil(fleet.block_tokens),
                     max_tokens: req.max_tokens,
                     in_flight,
                 };
                 let sim = &mut sims[replica];
-                sim.engine.reserve_blocks(l.reserved);
                 match sim.engine.arrive(id as u64) {
                     Admission::Running => {
                         let done = start_prefill(sim, &l, now, &mut out);
@@ -255,7 +252,6 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
             What::Finish { id } => {
                 let l = live[id].take().expect("finishes once");
                 let sim = &mut sims[l.replica];
-                sim.engine.release_blocks(l.reserved);
                 if let Some(next) = sim.engine.finish() {
                     let nid = waiting[l.replica]
                         .remove(&next)
