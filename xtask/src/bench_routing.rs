@@ -10,7 +10,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::replay::{replay, FleetModel};
 use anyhow::Context;
 use clap::ValueEnum;
 use kvroute::route::RoutingConfig;
@@ -24,6 +23,7 @@ use serde::Serialize;
 use crate::fleet::measure::{load_args, measure, Measured};
 use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
 use crate::procs::root;
+use crate::replay::{replay, FleetModel};
 
 /// kvroute's policies, in the order rows are printed; those the binary does not know are
 /// skipped with a note, so the benchmark runs before and after a policy is merged.
@@ -130,10 +130,11 @@ pub struct Opts {
     /// Print the results as one JSON object on stdout (progress goes to stderr).
     #[arg(long)]
     pub json: bool,
-    /// Instead of starting processes, replay each workload offline through kvroute's kv-aware
-    /// router and the simulator's models (`kvroute_tests::replay`), once per value: `[routing]`
-    /// keys separated by `;` (e.g. `w_prefill = 0.2; epsilon = 0.25`), `default` for none.
-    /// Deterministic and seconds long, for sweeping a weight before measuring it here for real.
+    /// Instead of starting processes, replay each workload offline (`/v1/completions`) through
+    /// kvroute's router and the simulator's models (`xtask/src/replay.rs`), once per value:
+    /// `[routing]` keys separated by `;` (e.g. `w_prefill = 0.2; epsilon = 0.25`; the policy is
+    /// kv-aware unless `policy = …`), `default` for none. Deterministic and seconds long, for
+    /// sweeping a weight before measuring it here for real.
     #[arg(long)]
     pub offline: Vec<String>,
 }
@@ -765,9 +766,13 @@ fn chart(r: &Report, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--offline`: each workload replayed in simulated time through the kv-aware router, once per
-/// set of `[routing]` overrides; prints one line per set (see `kvroute_tests::replay`).
+/// `--offline`: each workload replayed in simulated time through the configured router, once per
+/// set of `[routing]` overrides; prints one line per set (see [`crate::replay`]).
 fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !a.chat,
+        "--offline replays /v1/completions only; drop --chat"
+    );
     let mut configs = Vec::new();
     for o in &a.offline {
         let keys = if o == "default" { "" } else { o.as_str() };
