@@ -168,9 +168,8 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
             );
         }
     }
+    // Indexed by request id, which is also the engines' sequence id.
     let mut live: Vec<Option<Live>> = Vec::new();
-    // Requests admitted by the engine but waiting for a running slot, per replica (by id).
-    let mut waiting: Vec<BTreeMap<u64, usize>> = vec![BTreeMap::new(); fleet.replicas];
 
     // Lookup and prefill of a running request; returns when its first token is out.
     let start_prefill = |sim: &mut Sim, l: &Live, now: f64, out: &mut ReplayResult| -> f64 {
@@ -234,9 +233,8 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                         let done = start_prefill(sim, &l, now, &mut out);
                         push(&mut heap, done, What::Prefilled { id });
                     }
-                    Admission::Waiting => {
-                        waiting[replica].insert(id as u64, id);
-                    }
+                    // Started by the `Finish` that frees a running slot.
+                    Admission::Waiting => {}
                 }
                 live.push(Some(l));
             }
@@ -253,10 +251,8 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 let l = live[id].take().expect("finishes once");
                 let sim = &mut sims[l.replica];
                 if let Some(next) = sim.engine.finish() {
-                    let nid = waiting[l.replica]
-                        .remove(&next)
-                        .expect("promoted was waiting");
-                    let nl = live[nid].as_ref().expect("waiting is live");
+                    let nid = next as usize;
+                    let nl = live[nid].as_ref().expect("a waiting request is live");
                     let done = start_prefill(sim, nl, now, &mut out);
                     push(&mut heap, done, What::Prefilled { id: nid });
                 }
