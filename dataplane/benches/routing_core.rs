@@ -22,7 +22,6 @@ const SIZES: [(usize, &str); 5] = [
     (512 << 10, "512KiB"),
 ];
 
-/// Prose with what real prompts carry: newlines (escaped), quotes, non-ASCII.
 /// The bench's one pseudo-random step (xorshift64): text, filler hashes.
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
@@ -31,6 +30,7 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+/// Prose with what real prompts carry: newlines (escaped), quotes, non-ASCII.
 fn text(len: usize, seed: u64) -> String {
     let words = [
         "the",
