@@ -26,6 +26,7 @@ use kvroute_tests::load::stats::percentile;
 use kvroute_tests::load::ApiMode;
 use kvroute_tests::sim::cache::{block_hashes, KvCache};
 use kvroute_tests::sim::engine::{Admission, Engine, Timing};
+use kvroute_tests::sim::request::{Endpoint, SimRequest};
 
 const MODEL: &str = "sim-model";
 
@@ -141,7 +142,6 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
             engine: Engine::new(fleet.timing.clone(), fleet.max_seqs),
         })
         .collect();
-    let sim_block_bytes = fleet.block_tokens * 4;
     let prefix = routing.prefix();
     let path = body::path(ApiMode::Completions);
 
@@ -205,15 +205,17 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 router.on_routed(&rr, &decision);
                 *out.decisions.entry(decision.kind.as_str()).or_default() += 1;
                 if decision.kind != DecisionKind::Session && !rr.block_hashes.is_empty() {
-                    out.regret += f64::from(
-                        decision.best_blocks - decision.predicted_blocks.min(decision.best_blocks),
-                    ) / rr.block_hashes.len() as f64;
+                    out.regret +=
+                        f64::from(decision.regret_blocks()) / rr.block_hashes.len() as f64;
                 }
                 let replica = slot_index[&decision.replica.slot];
                 out.per_replica[replica] += 1;
-                let prompt = body::prompt(req).into_bytes();
-                let prompt_tokens = prompt.len().div_ceil(4).max(1);
-                let hashes = block_hashes(&prompt, sim_block_bytes);
+                // What the simulator makes of the body: its prompt bytes and tokens.
+                let sim_req = SimRequest::parse(Endpoint::Completions, &body)
+                    .expect("the simulator parses rendered bodies");
+                let prompt_tokens = sim_req.prompt_tokens();
+                let prompt = sim_req.prompt;
+                let hashes = block_hashes(&prompt, sims[replica].cache.block_bytes());
                 let in_flight = Replica::begin(&decision.replica, decision.prefill_bytes);
                 let id = live.len();
                 let l = Live {

@@ -294,11 +294,8 @@ impl Router for KvAware {
                 .record(f64::from(decision.predicted_blocks) / total);
             // What the decision gave up against the best overlap any eligible
             // replica had: nonzero on spills, so their cost is visible.
-            metrics::histogram!("kvroute_routing_regret_ratio").record(
-                f64::from(
-                    decision.best_blocks - decision.predicted_blocks.min(decision.best_blocks),
-                ) / total,
-            );
+            metrics::histogram!("kvroute_routing_regret_ratio")
+                .record(f64::from(decision.regret_blocks()) / total);
         }
     }
 

@@ -91,6 +91,12 @@ impl Decision {
             prefill_bytes: 0,
         }
     }
+
+    /// Blocks of overlap given up against the best eligible replica (nonzero on
+    /// spills and load-driven choices).
+    pub fn regret_blocks(&self) -> u32 {
+        self.best_blocks - self.predicted_blocks.min(self.best_blocks)
+    }
 }
 
 /// A routing policy. Implementations are shared by all workers.
