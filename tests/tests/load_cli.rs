@@ -7,7 +7,6 @@
 //! trace token) its reported hit ratio approximates the trace's ideal hit ratio.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-const TRACE: &str = "/work/shared/traces/conversation_trace.jsonl";
+/// The trace vendored at the repository root (`traces/README.md`).
+const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/conversation_trace.jsonl");
 const CACHE_CHUNK: usize = 512;
 const REPLICAS: [&str; 3] = ["r0", "r1", "r2"];
 
@@ -270,19 +270,8 @@ fn per_replica(v: &Value) -> BTreeMap<String, u64> {
     serde_json::from_value(v["per_replica"].clone()).unwrap()
 }
 
-fn trace_available() -> bool {
-    let ok = PathBuf::from(TRACE).exists();
-    if !ok {
-        eprintln!("skipping: {TRACE} not present");
-    }
-    ok
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_replay_completions_matches_server() {
-    if !trace_available() {
-        return;
-    }
     let fake = start_fake(Faults::default()).await;
     let v = run_load(&[
         "--trace", TRACE, "--target", &fake.url, "--n", "60", "--speed", "1000",
@@ -318,9 +307,6 @@ async fn trace_replay_completions_matches_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_replay_chat_sends_sessions_and_system_prompt() {
-    if !trace_available() {
-        return;
-    }
     let fake = start_fake(Faults::default()).await;
     let v = run_load(&[
         "--trace", TRACE, "--target", &fake.url, "--n", "20", "--speed", "1000", "--chat",
@@ -452,9 +438,6 @@ async fn several_targets_split_requests_and_count_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_counted_by_kind() {
-    if !trace_available() {
-        return;
-    }
     let fake = start_fake(Faults {
         status_503_every: Some(4),
         truncate_every: Some(5),
@@ -479,9 +462,6 @@ async fn errors_are_counted_by_kind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_are_counted() {
-    if !trace_available() {
-        return;
-    }
     // Bind then drop to get a loopback port nothing listens on.
     let port = TcpListener::bind("127.0.0.1:0")
         .await
@@ -511,9 +491,6 @@ async fn connect_failures_are_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_is_open_loop_and_paced() {
-    if !trace_available() {
-        return;
-    }
     // Lines 0-9 are due at 0 ms, lines 10-25 at 3000 ms / 30 = 100 ms. Each answer takes 300 ms,
     // so an open-loop replayer has all 26 in flight at once, while anything that waits for
     // answers would send the second batch at least 300 ms late. The bound leaves room for a
@@ -573,9 +550,6 @@ async fn replay_is_open_loop_and_paced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_stops_early_with_a_summary() {
-    if !trace_available() {
-        return;
-    }
     // Lines 0-9 are due at once, line 10 only after 3 s: interrupt in between.
     let fake = start_fake(Faults::default()).await;
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
@@ -611,9 +585,6 @@ async fn ctrl_c_stops_early_with_a_summary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput() {
-    if !trace_available() {
-        return;
-    }
     let fake = start_fake(Faults::default()).await;
     let extra = std::env::var("LOAD_PROBE_ARGS")
         .unwrap_or_else(|_| "--n 2000 --speed 1000000 --concurrency-limit 64".to_owned());

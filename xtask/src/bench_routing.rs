@@ -49,8 +49,7 @@ pub struct Opts {
     /// Which workload(s) to run.
     #[arg(long, value_enum, default_value = "both")]
     pub workload: WorkloadArg,
-    /// Mooncake-format trace (default: ../shared/traces/conversation_trace.jsonl from the
-    /// workspace root).
+    /// Mooncake-format trace (default: traces/conversation_trace.jsonl in the repository).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Trace requests to replay.

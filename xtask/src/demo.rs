@@ -14,13 +14,12 @@ use crate::fleet::measure::{load_args, measure, Measured};
 use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
 use crate::procs::root;
 
-/// The trace, relative to the workspace root.
-const DEFAULT_TRACE: &str = "../shared/traces/conversation_trace.jsonl";
+/// The vendored trace, relative to the workspace root (see `traces/README.md`).
+pub const DEFAULT_TRACE: &str = "traces/conversation_trace.jsonl";
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Mooncake-format trace (default: ../shared/traces/conversation_trace.jsonl from the
-    /// workspace root).
+    /// Mooncake-format trace (default: traces/conversation_trace.jsonl in the repository).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Trace requests to replay per policy.
@@ -43,7 +42,7 @@ pub struct Args {
     pub no_build: bool,
 }
 
-/// `--trace` if given, else the shared trace next to the workspace; a clear error if missing.
+/// `--trace` if given, else the trace vendored in the repository; a clear error if missing.
 pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(p) => p.to_path_buf(),
@@ -56,8 +55,7 @@ pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
          workspace root)",
         path.display()
     );
-    // Shown in reports: `/work/shared/x`, not `/work/kvroute/../shared/x`.
-    Ok(path.canonicalize().unwrap_or(path))
+    Ok(path)
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
