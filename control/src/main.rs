@@ -1,4 +1,4 @@
-//! `kvroute-control`: the slim control daemon of ARCHITECTURE.md.
+//! `kvroute-control`: the slim control daemon of docs/architecture.md.
 //!
 //! It owns everything slow (discovery, health checks, `/metrics` scraping, KV
 //! events, warm pools) and pushes the result to data planes through their admin
