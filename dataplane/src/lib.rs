@@ -17,6 +17,7 @@ pub mod http;
 pub mod index;
 pub mod io;
 pub mod metrics;
+pub mod models;
 pub mod notify;
 pub mod pool;
 pub mod prefix;
