@@ -171,11 +171,11 @@ impl Scraper {
 
     /// A llama.cpp server without `--metrics`: `/props` identifies it and gives
     /// the shape, `/slots` (on by default) the busy slots. Requests waiting for
-    /// a slot are not listed anywhere, so `waiting` stays 0.
+    /// a slot are not listed anywhere, so `waiting` stays 0. `/props` is read
+    /// every time: with no counters to show a restart, it is what shows that
+    /// the server is still there and still has its shape.
     async fn llamacpp_without_metrics(&mut self) -> Option<Scraped> {
-        if self.props.is_none() {
-            self.props = self.fetch_props().await;
-        }
+        self.props = self.fetch_props().await;
         let props = self.props?;
         let target = self.replica.clone()?;
         let slots = match http::request(&target, "GET", "/slots", None, self.timeout).await {
