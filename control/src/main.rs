@@ -12,14 +12,17 @@
 
 mod config;
 mod daemon;
+mod detect;
 mod discovery;
 mod error;
 mod health;
 mod http;
 mod kv_events;
+mod llamacpp;
 mod notify;
 mod push;
 mod scrape;
+mod scraper;
 mod surface;
 mod warm;
 

@@ -14,7 +14,7 @@ use super::consistent::{
 };
 use super::session::SessionTable;
 use super::{candidates, Decision, DecisionKind, RouteRequest, Router};
-use crate::index::{IndexConfig, PrefixIndex};
+use crate::index::{IndexConfig, PrefixIndex, SlotModel};
 use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
 
 /// Bytes of prompt text per token, to turn a replica's KV capacity (tokens) into
@@ -126,17 +126,39 @@ impl KvAware {
         }
     }
 
-    /// Block budget mirroring a replica's KV capacity, when it is known.
+    /// Block budget mirroring a replica's KV capacity, when it is known; for a
+    /// slot-based replica that does not report one, what its slots and host
+    /// cache hold at most.
     pub fn replica_budget(&self, r: &Replica) -> u64 {
         match (r.spec.kv_blocks, r.spec.kv_block_tokens) {
             (Some(blocks), Some(tokens)) => {
-                blocks
-                    .saturating_mul(u64::from(tokens))
-                    .saturating_mul(BYTES_PER_TOKEN)
-                    / self.p.block_bytes.max(1) as u64
+                self.token_blocks(blocks.saturating_mul(u64::from(tokens)))
             }
-            _ => self.p.index.default_budget,
+            _ => self
+                .slot_model(r)
+                .filter(|m| m.slot_blocks < u32::MAX)
+                .map_or(self.p.index.default_budget, |m| m.max_blocks()),
         }
+    }
+
+    /// Prompt blocks of `tokens` tokens.
+    fn token_blocks(&self, tokens: u64) -> u64 {
+        tokens.saturating_mul(BYTES_PER_TOKEN) / self.p.block_bytes.max(1) as u64
+    }
+
+    /// The slot model of a replica that reports `kv_slots` (llama.cpp), in
+    /// prompt blocks.
+    pub fn slot_model(&self, r: &Replica) -> Option<SlotModel> {
+        let slots = r.spec.kv_slots.filter(|s| *s > 0)?;
+        let slot_blocks = r.spec.kv_slot_tokens.map_or(u32::MAX, |t| {
+            self.token_blocks(u64::from(t))
+                .clamp(1, u64::from(u32::MAX)) as u32
+        });
+        Some(SlotModel {
+            slots,
+            slot_blocks,
+            host_blocks: self.token_blocks(r.spec.kv_host_tokens.unwrap_or(0)),
+        })
     }
 
     /// `w_cache·matched/total − w_load·load_norm − w_prefill·(queued/scale)²`,
@@ -338,8 +360,14 @@ impl Router for KvAware {
             let url = r.spec.url.clone();
             metrics::gauge!("kvroute_index_replica_blocks", "replica" => url.clone())
                 .set(self.index.tracked(r.slot) as f64);
-            metrics::gauge!("kvroute_index_replica_budget_blocks", "replica" => url)
+            metrics::gauge!("kvroute_index_replica_budget_blocks", "replica" => url.clone())
                 .set(self.index.budget(r.slot) as f64);
+            if let Some(o) = self.index.slot_occupancy(r.slot) {
+                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "slot")
+                    .set(f64::from(o.in_slots));
+                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url, "place" => "host")
+                    .set(f64::from(o.in_host));
+            }
         }
     }
 
@@ -358,6 +386,7 @@ impl Router for KvAware {
             }
         }
         for r in &set.replicas {
+            self.index.set_slot_model(r.slot, self.slot_model(r));
             let budget = self.replica_budget(r);
             if self.index.budget(r.slot) != budget {
                 self.index.set_budget(r.slot, budget);

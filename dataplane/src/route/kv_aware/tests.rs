@@ -201,6 +201,43 @@ fn replica_changes_clear_removed_slots_and_set_budgets() {
     assert_eq!(r.index().tracked(1), h.len() as u64);
 }
 
+/// A replica pushed with a slot shape (llama.cpp) gets the index's slot model
+/// in prompt blocks, and a block budget of what its slots and host cache hold
+/// when it reports no KV capacity of its own.
+#[test]
+fn slot_replicas_get_the_slot_model() {
+    let mut spec = ReplicaSpec::new("http://127.0.0.1:9600");
+    spec.kv_slots = Some(4);
+    spec.kv_slot_tokens = Some(4096);
+    spec.kv_host_tokens = Some(32768);
+    let t = ReplicaTable::new(vec![
+        spec.clone(),
+        ReplicaSpec::new("http://127.0.0.1:9601"),
+    ])
+    .unwrap();
+    let r = router();
+    r.on_replicas_changed(&t.load());
+    let (a, b) = (t.load().replicas[0].slot, t.load().replicas[1].slot);
+    // 4096 tokens × 4 bytes / 128 bytes per block.
+    let want = crate::index::SlotModel {
+        slots: 4,
+        slot_blocks: 128,
+        host_blocks: 1024,
+    };
+    assert_eq!(r.index().slot_model(a), Some(want));
+    assert_eq!(r.index().budget(a), 4 * 128 + 1024);
+    assert_eq!(r.index().slot_model(b), None);
+    // Pushed again without the shape: a block-based replica, emptied.
+    r.index().insert(a, &chat_hashes(30, "x"));
+    spec.kv_slots = None;
+    let set = t
+        .replace(vec![spec, ReplicaSpec::new("http://127.0.0.1:9601")])
+        .unwrap();
+    r.on_replicas_changed(&set);
+    assert_eq!(r.index().slot_model(a), None);
+    assert_eq!(r.index().tracked(a), 0);
+}
+
 #[test]
 fn usage_reports_are_counted() {
     let t = table(2);
