@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvroute_tests::load::progress::{self, Counters, Job, Progress};
+
 use crate::fleet::bench_dir;
 use crate::fleet::child::Child;
 use crate::procs::{build_release_daemons, capture, root, sh, target_dir};
@@ -234,18 +236,20 @@ fn prompt_body(i: u64) -> String {
 }
 
 /// Sends requests on `conns` keep-alive connections, request numbers from
-/// `next` up to `until` (or until `stop`); returns (ok, failed).
+/// `next` up to `until` (or until `stop`), counting them in `counters`; returns (ok, failed).
 fn drive(
     addr: SocketAddr,
     conns: usize,
     next: Arc<AtomicU64>,
     until: u64,
     stop: Arc<AtomicBool>,
+    counters: &Arc<Counters>,
 ) -> (u64, u64) {
     let handles: Vec<_> = (0..conns)
         .map(|_| {
             let next = next.clone();
             let stop = stop.clone();
+            let counters = counters.clone();
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0u64, 0u64);
                 let mut conn: Option<TcpStream> = None;
@@ -263,6 +267,7 @@ fn drive(
                     // A kept-alive connection the proxy closed in the meantime is
                     // not a failure: retry once on a fresh one, as HTTP clients do.
                     let mut good = false;
+                    counters.sent();
                     for _ in 0..2 {
                         let reused = conn.is_some();
                         let mut s = match conn.take() {
@@ -289,6 +294,7 @@ fn drive(
                             break;
                         }
                     }
+                    counters.finished(good);
                     if good {
                         ok += 1;
                     } else {
@@ -574,9 +580,16 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
     let stop = Arc::new(AtomicBool::new(false));
     let step = (a.prompts / 10).max(1);
     let mut sent = 0;
+    let progress_opts = progress::Options::from_env()?;
+    let counters = Counters::new();
+    let shown = Progress::start(
+        Job::new(format!("footprint {}: filling the index", p.name)).planned(a.prompts),
+        counters.clone(),
+        progress_opts,
+    );
     while sent < a.prompts {
         sent = (sent + step).min(a.prompts);
-        let (_, failed) = drive(p.listen, 8, next.clone(), sent, stop.clone());
+        let (_, failed) = drive(p.listen, 8, next.clone(), sent, stop.clone(), &counters);
         anyhow::ensure!(
             failed == 0,
             "{}: {failed} failed requests while filling",
@@ -595,6 +608,7 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
         };
         fill.push((sent, Mem::of_tree(pid), blocks, bytes));
     }
+    shown.finish();
 
     // Load: fresh request numbers so kvroute keeps inserting (the index stays at its cap).
     let stop = Arc::new(AtomicBool::new(false));
@@ -621,6 +635,12 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
             stop.store(true, Ordering::Relaxed);
         })
     };
+    let counters = Counters::new();
+    let shown = Progress::start(
+        Job::new(format!("footprint {}: load", p.name)).schedule(Duration::from_secs(a.load_secs)),
+        counters.clone(),
+        progress_opts,
+    );
     let t0 = Instant::now();
     let (ok, failed) = drive(
         p.listen,
@@ -628,8 +648,10 @@ fn measure(p: &Proxy, dir: &Path, a: &Args) -> anyhow::Result<Row> {
         Arc::new(AtomicU64::new(a.prompts)),
         u64::MAX,
         stop.clone(),
+        &counters,
     );
     let took = t0.elapsed().as_secs_f64();
+    shown.finish();
     let _ = timer.join();
     let _ = sampler.join();
     child.ensure_running()?;
