@@ -17,6 +17,7 @@ mod error;
 mod health;
 mod http;
 mod kv_events;
+mod kv_replay;
 mod notify;
 mod push;
 mod scrape;
