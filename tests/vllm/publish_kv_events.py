@@ -260,6 +260,8 @@ def main() -> None:
     parser.add_argument("--kv-events-py", type=pathlib.Path, help="another vLLM version's kv_events.py")
     parser.add_argument("--fixture", action="store_true")
     args = parser.parse_args()
+    # stdout carries the answers; should anything set up vLLM's logging, it goes to stderr.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
     root = vllm_root()
     stand_in_packages(root)
