@@ -106,6 +106,11 @@ pub struct ReplicaConfig {
     /// rank r publishes on port + r.
     #[serde(default)]
     pub kv_events: Option<String>,
+    /// ZMQ endpoint of rank 0's replay socket (vLLM's `replay_endpoint`), e.g.
+    /// `tcp://10.0.0.5:5558`; rank r answers on port + r. Batches a sequence gap
+    /// shows missing are fetched from it before the batch after them is applied.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
     #[serde(default = "one")]
     pub dp_ranks: u32,
     /// Health check path for this replica, when it differs from `[health] path`.
@@ -154,6 +159,9 @@ pub struct DnsConfig {
     /// KV events port of each resolved host (rank 0), when engines publish them.
     #[serde(default)]
     pub kv_events_port: Option<u16>,
+    /// KV events replay port of each resolved host (rank 0), when engines serve one.
+    #[serde(default)]
+    pub kv_events_replay_port: Option<u16>,
     /// DNS server for SRV lookups (e.g. Consul's `127.0.0.1:8600`); default the
     /// system's (`/etc/resolv.conf`).
     #[serde(default)]
@@ -334,6 +342,15 @@ pub fn validate_replica(r: &ReplicaConfig) -> Result<()> {
     if let Some(ev) = &r.kv_events {
         kv_endpoint(ev, 0)?;
     }
+    if let Some(ev) = &r.kv_events_replay {
+        if r.kv_events.is_none() {
+            return Err(ControlError::Invalid(format!(
+                "replica {}: kv_events_replay needs kv_events",
+                r.url
+            )));
+        }
+        kv_endpoint(ev, 0)?;
+    }
     if r.health_path.as_ref().is_some_and(|p| !p.starts_with('/')) {
         return Err(ControlError::Invalid(format!(
             "replica {}: health_path must start with /",
@@ -463,6 +480,11 @@ mod tests {
         let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\n").unwrap_err();
         assert!(e.contains("port"), "{e}");
         assert!(parse("dataplanes=[\"nonsense\"]\n").is_err());
+        let e = parse(
+            "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:1\"\nkv_events_replay=\"tcp://127.0.0.1:5558\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("needs kv_events"), "{e}");
     }
 
     #[test]

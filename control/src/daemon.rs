@@ -688,12 +688,20 @@ impl Daemon {
         if let Some(base) = r.cfg.kv_events.clone() {
             let stats = Arc::new(KvStats::default());
             for rank in 0..r.cfg.dp_ranks {
-                let Ok(ep) = kv_endpoint(&base, rank) else {
+                let Ok(endpoint) = kv_endpoint(&base, rank) else {
                     continue;
                 };
+                let replay = r
+                    .cfg
+                    .kv_events_replay
+                    .as_ref()
+                    .and_then(|b| kv_endpoint(b, rank).ok());
                 r.tasks.push(tokio::spawn(kv_events::subscribe(
-                    url.to_string(),
-                    ep,
+                    kv_events::Feed {
+                        url: url.to_string(),
+                        endpoint,
+                        replay,
+                    },
                     stats.clone(),
                     self.clears_tx.clone(),
                     r.kv_reconnect.subscribe(),

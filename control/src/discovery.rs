@@ -201,6 +201,10 @@ pub fn replicas_for(d: &DnsConfig, addrs: &[(IpAddr, u16)]) -> Vec<ReplicaConfig
                 kv_events: d
                     .kv_events_port
                     .map(|p| format!("tcp://{}", SocketAddr::new(*ip, p))),
+                kv_events_replay: d
+                    .kv_events_port
+                    .and(d.kv_events_replay_port)
+                    .map(|p| format!("tcp://{}", SocketAddr::new(*ip, p))),
                 dp_ranks: 1,
                 health_path: None,
                 host_cache_tokens: None,
@@ -292,7 +296,7 @@ mod tests {
 
     fn dns() -> DnsConfig {
         toml::from_str(
-            "name = \"vllm.default.svc\"\nport = 8000\ninterval_ms = 10\nkv_events_port = 5557\npool = \"warm\"\n",
+            "name = \"vllm.default.svc\"\nport = 8000\ninterval_ms = 10\nkv_events_port = 5557\nkv_events_replay_port = 5558\npool = \"warm\"\n",
         )
         .unwrap()
     }
@@ -308,6 +312,10 @@ mod tests {
         );
         assert_eq!(r[0].url, "http://10.0.0.5:8000");
         assert_eq!(r[0].kv_events.as_deref(), Some("tcp://10.0.0.5:5557"));
+        assert_eq!(
+            r[0].kv_events_replay.as_deref(),
+            Some("tcp://10.0.0.5:5558")
+        );
         assert_eq!(r[1].url, "http://[fd00::1]:8000");
         assert_eq!(r[1].pool, kvroute::replica::Pool::Warm);
     }

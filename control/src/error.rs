@@ -23,6 +23,8 @@ pub enum ControlError {
     Scrape { target: String, msg: String },
     #[error("KV event payload: {0}")]
     Decode(String),
+    #[error("KV event replay from {endpoint}: {msg}")]
+    Replay { endpoint: String, msg: String },
     #[error("DNS {name}: {msg}")]
     Dns { name: String, msg: String },
     #[error(transparent)]

@@ -3,10 +3,12 @@
 //! vLLM's publisher sends multipart `[topic, seq (u64 BE), payload]`, the payload a
 //! msgpack `EventBatch` `[ts, events, data_parallel_rank]`. Events were tagged
 //! arrays (`["BlockStored", hashes, parent, token_ids, block_size, lora_id,
-//! medium]`) and became maps tagged by `type`; a router that only knew one form
-//! stopped learning when engines upgraded. Both forms are read at both levels,
-//! unknown trailing fields and unknown event types are ignored, and anything
-//! undecodable is counted rather than fatal.
+//! medium]`, vLLM 0.20 and before) and became maps tagged by `type` (0.24 on,
+//! inside the same array batch); a router that only knew one form stopped
+//! learning when engines upgraded. Both forms are read at both levels, unknown
+//! trailing fields and unknown event types are ignored, and anything
+//! undecodable is counted rather than fatal. `tests/tests/vllm_kv_events.rs`
+//! checks all of it against vLLM's own publisher.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,23 +52,28 @@ fn map_get<'a>(m: &'a [(Value, Value)], key: &str) -> Option<&'a Value> {
         .map(|(_, v)| v)
 }
 
-/// Block hashes are u64 for a text-hashing router: ints as they are (a negative
-/// i64 keeps its bits), byte-string hashes (newer vLLM's sha256) by their first
-/// 8 bytes, which are as uniform as any other 8.
+/// Block hashes are u64, as vLLM itself reduces them: with
+/// `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES` (its default) it publishes
+/// `int.from_bytes(digest, "big") & (2**64 - 1)`, the digest's last 8 bytes
+/// read big-endian (`maybe_convert_block_hash`); without it, the digest itself.
+/// A byte-string hash is folded by the same rule, so one block has one value
+/// whichever way the engine is set. Ints are taken as they are (a negative i64,
+/// from engines that published Python's `hash()`, keeps its bits).
 fn hash(v: &Value) -> Result<u64> {
     match v {
         Value::Integer(i) => i
             .as_u64()
             .or_else(|| i.as_i64().map(|x| x as u64))
             .ok_or_else(|| dec("block hash out of range")),
-        Value::Binary(b) if !b.is_empty() => {
-            let mut a = [0u8; 8];
-            let n = b.len().min(8);
-            a[..n].copy_from_slice(&b[..n]);
-            Ok(u64::from_be_bytes(a))
-        }
+        Value::Binary(b) => Ok(fold_digest(b)),
         other => Err(dec(format!("block hash of unexpected type: {other}"))),
     }
+}
+
+/// `int.from_bytes(digest, "big") & (2**64 - 1)`: the last 8 bytes, big-endian.
+pub fn fold_digest(digest: &[u8]) -> u64 {
+    let tail = &digest[digest.len().saturating_sub(8)..];
+    tail.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
 }
 
 fn hashes(v: Option<&Value>) -> Result<Vec<u64>> {
@@ -179,6 +186,11 @@ pub struct KvStats {
     pub undecodable: AtomicU64,
     /// Messages missed, from sequence-number gaps.
     pub gap_messages: AtomicU64,
+    /// Missed messages fetched again from the replay socket and applied.
+    pub replayed_messages: AtomicU64,
+    /// Missed messages the replay socket did not give back (none configured,
+    /// unreachable, or past its buffer).
+    pub unrecovered_messages: AtomicU64,
     /// The sequence went backwards: the publisher restarted.
     pub resets: AtomicU64,
     pub connected: AtomicU64,
@@ -273,16 +285,37 @@ pub struct ClearNotice {
     pub reason: &'static str,
 }
 
-/// Subscribes to one rank's endpoint until `stop` flips; reconnects when the
+/// One data-parallel rank's event stream.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    /// The replica's URL, for labels and clear notices.
+    pub url: String,
+    /// Where the rank publishes (its PUB socket).
+    pub endpoint: String,
+    /// Where it answers replay requests (its ROUTER socket), when it does.
+    pub replay: Option<String>,
+}
+
+/// How long one replay may take before the gap is given up as unrecovered.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Subscribes to one rank's endpoint until `reconnect`'s sender is dropped or
+/// the task is aborted; reconnects when the
 /// stream breaks or `reconnect` ticks (the replica came back after a failure,
-/// and a SUB socket does not always notice its publisher went away).
+/// and a SUB socket does not always notice its publisher went away). A gap in
+/// the sequence is filled from the replay socket before the batch that showed
+/// it is applied, so stores, removals and clears are applied in the engine's order.
 pub async fn subscribe(
-    url: String,
-    endpoint: String,
+    feed: Feed,
     stats: Arc<KvStats>,
     clears: mpsc::UnboundedSender<ClearNotice>,
     mut reconnect: watch::Receiver<u64>,
 ) {
+    let Feed {
+        url,
+        endpoint,
+        replay,
+    } = feed;
     let mut seq = SeqTracker::default();
     loop {
         let mut sock = zeromq::SubSocket::new();
@@ -328,10 +361,18 @@ pub async fn subscribe(
                 n => (&frames[n - 2], &frames[n - 1]),
             };
             if let Ok(b) = <[u8; 8]>::try_from(&seq_frame[..]) {
-                match seq.check(u64::from_be_bytes(b)) {
+                let at = u64::from_be_bytes(b);
+                match seq.check(at) {
                     SeqCheck::Gap(n) => {
                         stats.gap_messages.fetch_add(n, Ordering::Relaxed);
-                        tracing::warn!(replica = %url, missed = n, "KV events: sequence gap");
+                        let got = match &replay {
+                            Some(ep) => recover(&url, ep, at - n, at, &stats, &clears).await,
+                            None => 0,
+                        };
+                        stats
+                            .unrecovered_messages
+                            .fetch_add(n.saturating_sub(got), Ordering::Relaxed);
+                        tracing::warn!(replica = %url, missed = n, replayed = got, "KV events: sequence gap");
                     }
                     SeqCheck::Reset => {
                         stats.resets.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +392,32 @@ pub async fn subscribe(
             apply(&url, payload, &stats, &clears);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Fetches batches `from..until` from the replay socket and applies them in
+/// order; returns how many were applied.
+async fn recover(
+    url: &str,
+    endpoint: &str,
+    from: u64,
+    until: u64,
+    stats: &KvStats,
+    clears: &mpsc::UnboundedSender<ClearNotice>,
+) -> u64 {
+    match crate::kv_replay::fetch(endpoint, from, until, REPLAY_TIMEOUT).await {
+        Ok(batches) => {
+            for (_, payload) in &batches {
+                apply(url, payload, stats, clears);
+            }
+            let n = batches.len() as u64;
+            stats.replayed_messages.fetch_add(n, Ordering::Relaxed);
+            n
+        }
+        Err(e) => {
+            tracing::warn!(replica = %url, error = %e, "KV events: replay failed");
+            0
+        }
     }
 }
 
@@ -514,10 +581,11 @@ mod tests {
         rmpv::encode::write_value(&mut payload, &batch).unwrap();
         let (b, bad) = decode_batch(&payload).unwrap();
         assert_eq!(bad, 0);
+        // Nine bytes: the last eight, big-endian, as vLLM folds a digest.
         assert_eq!(
             b.events[0],
             KvEvent::Removed {
-                block_hashes: vec![0x0102]
+                block_hashes: vec![0x01_02_63]
             }
         );
         assert_eq!(
@@ -528,6 +596,54 @@ mod tests {
         );
         assert_eq!(b.events[2], KvEvent::Other("SomethingNew".into()));
         assert_eq!(b.dp_rank, None);
+    }
+
+    fn unhex(parts: &[&str]) -> Vec<u8> {
+        let s = parts.concat();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A BlockStored of two blocks as vLLM 0.32's own classes encode it
+    /// (`tests/vllm/publish_kv_events.py --fixture`): its sha256 digests as bytes
+    /// (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0`), then in vLLM's default int form.
+    const VLLM_BYTE_HASHES: &[&str] = &[
+        "93cb3ff00000000000009188a474797065ab426c6f636b53746f726564ac626c6f636b5f68617368",
+        "657392c420dc918a88b139e5afe60b88eda27508d4aee16c10fdc354791efea06206ac0749c420c3",
+        "00ec275d7bf08af8fc63e76cdc0086911bbc7091e03c5cf892553bef84ef0cb1706172656e745f62",
+        "6c6f636b5f68617368c0a9746f6b656e5f696473dc0020000102030405060708090a0b0c0d0e0f10",
+        "1112131415161718191a1b1c1d1e1faa626c6f636b5f73697a6510a76c6f72615f6964c0a66d6564",
+        "69756da3475055a96c6f72615f6e616d65c000",
+    ];
+    const VLLM_INT_HASHES: &[&str] = &[
+        "93cb3ff00000000000009188a474797065ab426c6f636b53746f726564ac626c6f636b5f68617368",
+        "657392cf1efea06206ac0749cff892553bef84ef0cb1706172656e745f626c6f636b5f68617368c0",
+        "a9746f6b656e5f696473dc0020000102030405060708090a0b0c0d0e0f101112131415161718191a",
+        "1b1c1d1e1faa626c6f636b5f73697a6510a76c6f72615f6964c0a66d656469756da3475055a96c6f",
+        "72615f6e616d65c000",
+    ];
+
+    #[test]
+    fn a_digest_and_vllms_int_form_of_it_are_one_block_hash() {
+        let bytes = decode_batch(&unhex(VLLM_BYTE_HASHES)).unwrap();
+        let ints = decode_batch(&unhex(VLLM_INT_HASHES)).unwrap();
+        assert_eq!((bytes.1, ints.1), (0, 0));
+        assert_eq!(bytes.0.events, ints.0.events);
+        // The int forms vLLM published: the digests' last 8 bytes, big-endian.
+        assert_eq!(
+            ints.0.events,
+            vec![KvEvent::Stored {
+                block_hashes: vec![2233398808101521225, 17911472383915781900],
+                parent: None,
+                block_size: Some(16)
+            }]
+        );
+        let digest = unhex(&["dc918a88b139e5afe60b88eda27508d4aee16c10fdc354791efea06206ac0749"]);
+        assert_eq!(fold_digest(&digest), 2233398808101521225);
+        assert_eq!(fold_digest(&[1, 2]), 0x0102);
+        assert_eq!(fold_digest(&[]), 0);
     }
 
     #[test]

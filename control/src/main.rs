@@ -18,6 +18,7 @@ mod error;
 mod health;
 mod http;
 mod kv_events;
+mod kv_replay;
 mod llamacpp;
 mod notify;
 mod push;

