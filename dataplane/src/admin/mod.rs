@@ -173,4 +173,8 @@ pub struct ReplicaState {
     pub clears_total: u64,
     pub kv_blocks: Option<u64>,
     pub kv_block_tokens: Option<u32>,
+    /// The replica's prefill speed as the routing policy learned it from its
+    /// first tokens (absent until it has enough of them).
+    #[serde(default)]
+    pub learned: Option<crate::route::LearnedSpeed>,
 }

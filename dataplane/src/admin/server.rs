@@ -375,6 +375,7 @@ pub fn state(shared: &Shared) -> State {
                 clears_total: with_log(|log| log.clears.get(&r.spec.url).copied().unwrap_or(0)),
                 kv_blocks: r.spec.kv_blocks,
                 kv_block_tokens: r.spec.kv_block_tokens,
+                learned: shared.router.learned(r.slot),
             })
             .collect(),
         steering: shared.steering.state(),
