@@ -57,15 +57,34 @@ impl Default for DrainConfig {
     }
 }
 
-/// Which engine a replica runs: decides metric names and event formats.
+/// Which engine a replica runs: decides metric names and where capacity comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
+    /// Decided from the metric names of the replica's first successful scrape
+    /// (and again after the engine restarts); see `detect.rs`.
     #[default]
+    Auto,
     Vllm,
     Sglang,
+    /// llama.cpp's `llama-server`: load from `--metrics` (or `/slots`),
+    /// capacity from `/props`, its slots and host prompt cache as the budget.
+    #[serde(alias = "llama.cpp", alias = "llama-cpp")]
+    Llamacpp,
     /// Any OpenAI-compatible server: health-checked, no metrics or events.
     Openai,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Auto => "auto",
+            Engine::Vllm => "vllm",
+            Engine::Sglang => "sglang",
+            Engine::Llamacpp => "llamacpp",
+            Engine::Openai => "openai",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +99,7 @@ pub struct ReplicaConfig {
     pub engine: Engine,
     #[serde(default = "one")]
     pub weight: u32,
-    /// Default `URL/metrics` for vLLM and SGLang, none for `openai`.
+    /// Default `URL/metrics` for every engine but `openai`.
     #[serde(default)]
     pub metrics_url: Option<String>,
     /// ZMQ endpoint of data-parallel rank 0, e.g. `tcp://10.0.0.5:5557`;
@@ -92,6 +111,12 @@ pub struct ReplicaConfig {
     /// Health check path for this replica, when it differs from `[health] path`.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// llama.cpp: tokens of prompts its host prompt cache (`--cache-ram`) keeps;
+    /// 0 when started with `--cache-ram 0`. Default: the server's total context
+    /// (`total_slots` × `n_ctx` per slot), the least that cache keeps while its
+    /// memory lasts.
+    #[serde(default)]
+    pub host_cache_tokens: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -438,6 +463,26 @@ mod tests {
         let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\n").unwrap_err();
         assert!(e.contains("port"), "{e}");
         assert!(parse("dataplanes=[\"nonsense\"]\n").is_err());
+    }
+
+    #[test]
+    fn engines_default_to_auto_and_llamacpp_has_its_keys() {
+        let c = parse(
+            "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:2\"\n\
+             [[replicas]]\nurl=\"http://127.0.0.1:3\"\nengine=\"llamacpp\"\nhost_cache_tokens=0\n\
+             [[replicas]]\nurl=\"http://127.0.0.1:4\"\nengine=\"llama.cpp\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.replicas[0].engine, Engine::Auto);
+        assert_eq!(
+            c.replicas[0].metrics_url().as_deref(),
+            Some("http://127.0.0.1:2/metrics")
+        );
+        assert_eq!(c.replicas[1].engine, Engine::Llamacpp);
+        assert_eq!(c.replicas[1].host_cache_tokens, Some(0));
+        assert_eq!(c.replicas[2].engine, Engine::Llamacpp);
+        let d = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\nport=1\n").unwrap();
+        assert_eq!(d.dns[0].engine, Engine::Auto);
     }
 
     #[test]

@@ -13,13 +13,15 @@ use kvroute::replica::{Pool, ReplicaSpec};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::config::Engine;
 use crate::config::{kv_endpoint, ms, Config, ReplicaConfig};
 use crate::discovery::{self, Discovered, Resolver, Source};
 use crate::health::{self, Health};
 use crate::http::{self, Target};
 use crate::kv_events::{self, ClearNotice, KvStats};
 use crate::push::{self, Dataplane, DataplaneStats, DpReport};
-use crate::scrape::{self, Scraped};
+use crate::scrape::Scraped;
+use crate::scraper::{Report, Scraper};
 use crate::warm::{self, Reason, WarmState};
 
 /// Observations and requests the loop acts on.
@@ -33,7 +35,7 @@ pub enum Msg {
     Scrape {
         url: String,
         gen: u64,
-        result: Result<Scraped, String>,
+        report: Report,
     },
     Prewarmed {
         url: String,
@@ -51,7 +53,15 @@ pub enum Msg {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReplicaView {
     pub url: String,
-    pub engine: crate::config::Engine,
+    pub engine: Engine,
+    /// What the scrapes found: the engine read (configured or detected),
+    /// `unknown` for a page with no engine's load metrics, `None` before any.
+    pub detected_engine: Option<&'static str>,
+    /// Slot-based engines (llama.cpp): slots, tokens per slot, and the host
+    /// prompt cache's tokens as pushed.
+    pub kv_slots: Option<u32>,
+    pub kv_slot_tokens: Option<u32>,
+    pub kv_host_tokens: Option<u64>,
     pub pool: Pool,
     pub configured_pool: Pool,
     pub healthy: Option<bool>,
@@ -110,6 +120,27 @@ struct Rep {
     budget: Option<u64>,
     /// Consecutive failed scrapes.
     scrape_streak: u32,
+    /// What the last answered scrape found, to log a change once.
+    seen: Seen,
+}
+
+/// What a replica's scrapes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Nothing,
+    Engine(Engine),
+    /// A metrics page without any engine's load metrics.
+    Unknown,
+}
+
+impl Seen {
+    fn name(self) -> Option<&'static str> {
+        match self {
+            Seen::Nothing => None,
+            Seen::Engine(e) => Some(e.name()),
+            Seen::Unknown => Some("unknown"),
+        }
+    }
 }
 
 impl Rep {
@@ -120,12 +151,54 @@ impl Rep {
     /// The budget the data planes' index gets: the engine's capacity, lowered
     /// to what its eviction events show it really keeps.
     fn kv_blocks(&self) -> Option<u64> {
+        if let Some(shape) = self.slot_shape() {
+            return Some(shape.blocks());
+        }
         let cap = self.scraped.and_then(|s| s.kv_blocks);
         match (cap, self.budget) {
             (Some(c), Some(b)) => Some(c.min(b)),
             (None, Some(b)) => Some(b),
             (c, None) => c,
         }
+    }
+
+    fn kv_block_tokens(&self) -> Option<u32> {
+        if self.slot_shape().is_some() {
+            return Some(1);
+        }
+        self.scraped.and_then(|s| s.block_tokens)
+    }
+
+    /// A slot-based engine's shape, with its host cache as configured or, by
+    /// default, its total context (the least llama.cpp's prompt cache keeps).
+    fn slot_shape(&self) -> Option<SlotShape> {
+        let s = self.scraped?;
+        let (slots, slot_tokens) = (s.slots?, s.slot_tokens?);
+        let host_tokens = self
+            .cfg
+            .host_cache_tokens
+            .unwrap_or(u64::from(slots) * u64::from(slot_tokens));
+        Some(SlotShape {
+            slots,
+            slot_tokens,
+            host_tokens,
+        })
+    }
+}
+
+/// What a slot-based replica's budget is pushed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotShape {
+    slots: u32,
+    slot_tokens: u32,
+    host_tokens: u64,
+}
+
+impl SlotShape {
+    /// Tokens held with every slot full and a full host cache: the block budget
+    /// (in blocks of one token) behind the slot model.
+    fn blocks(self) -> u64 {
+        u64::from(self.slots) * u64::from(self.slot_tokens) + self.host_tokens
     }
 }
 
@@ -344,15 +417,22 @@ impl Daemon {
                     self.publish();
                 }
             }
-            Msg::Scrape { url, gen, result } => {
+            Msg::Scrape { url, gen, report } => {
                 let Some(r) = self.reps.get_mut(&url) else {
                     return;
                 };
                 if r.gen != gen {
                     return;
                 }
-                match result {
-                    Ok(s) => {
+                match report {
+                    Report::Load(s) => {
+                        let seen = s.engine.map_or(Seen::Nothing, Seen::Engine);
+                        if seen != r.seen {
+                            if let Seen::Engine(e) = seen {
+                                tracing::info!(replica = %url, engine = e.name(), configured = r.cfg.engine.name(), "reading the replica as this engine");
+                            }
+                            r.seen = seen;
+                        }
                         if r.scraped.is_some_and(|prev| s.restarted_since(&prev)) {
                             // Faster than the health checks could see: the engine
                             // restarted, so its cache is empty and its event stream new.
@@ -364,7 +444,10 @@ impl Daemon {
                             });
                         }
                         let cap_changed = r.scraped.is_none_or(|old| {
-                            old.kv_blocks != s.kv_blocks || old.block_tokens != s.block_tokens
+                            old.kv_blocks != s.kv_blocks
+                                || old.block_tokens != s.block_tokens
+                                || old.slots != s.slots
+                                || old.slot_tokens != s.slot_tokens
                         });
                         r.scraped = Some(s);
                         r.scrape_streak = 0;
@@ -372,7 +455,21 @@ impl Daemon {
                             self.publish();
                         }
                     }
-                    Err(e) => {
+                    Report::Unknown { samples } => {
+                        if r.seen != Seen::Unknown {
+                            tracing::warn!(replica = %url, samples,
+                                "its metrics page has no vLLM, SGLang or llama.cpp load metrics: \
+                                 no load or capacity for it, health checks only (set `engine` to say which it is)");
+                            r.seen = Seen::Unknown;
+                        }
+                        r.scrape_streak = 0;
+                        // Figures read from the engine that was there are old news.
+                        if r.scraped.take().is_some() {
+                            r.scraped = Some(Scraped::default());
+                            self.publish();
+                        }
+                    }
+                    Report::Failed(e) => {
                         r.scrapes_failed += 1;
                         r.scrape_streak += 1;
                         tracing::debug!(replica = %url, error = %e, "scrape failed");
@@ -512,6 +609,7 @@ impl Daemon {
                             prewarm_requests: 0,
                             budget: None,
                             scrape_streak: 0,
+                            seen: Seen::Nothing,
                         },
                     );
                     tracing::info!(replica = %url, "replica discovered");
@@ -563,32 +661,21 @@ impl Daemon {
                 }
             }));
         }
-        if let Some(murl) = r.cfg.metrics_url() {
-            let engine = r.cfg.engine;
+        if r.cfg.metrics_url().is_some() {
+            let mut scraper = Scraper::new(&r.cfg, ms(sc.timeout_ms));
             let tx = self.tx.clone();
             let u = url.to_string();
             r.tasks.push(tokio::spawn(async move {
-                let Ok((target, path)) = http::split_url(&murl) else {
-                    return;
-                };
                 let mut tick = tokio::time::interval(ms(sc.interval_ms));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    let result =
-                        match http::request(&target, "GET", &path, None, ms(sc.timeout_ms)).await {
-                            Ok(rep) if rep.status == 200 => {
-                                scrape::extract(engine, &String::from_utf8_lossy(&rep.body), &murl)
-                                    .map_err(|e| e.to_string())
-                            }
-                            Ok(rep) => Err(format!("HTTP {}", rep.status)),
-                            Err(e) => Err(e.to_string()),
-                        };
+                    let report = scraper.once().await;
                     if tx
                         .send(Msg::Scrape {
                             url: u.clone(),
                             gen,
-                            result,
+                            report,
                         })
                         .is_err()
                     {
@@ -765,7 +852,10 @@ impl Daemon {
                     },
                     healthy: r.up() && r.draining.is_none(),
                     kv_blocks: r.kv_blocks(),
-                    kv_block_tokens: r.scraped.and_then(|s| s.block_tokens),
+                    kv_block_tokens: r.kv_block_tokens(),
+                    kv_slots: r.slot_shape().map(|s| s.slots),
+                    kv_slot_tokens: r.slot_shape().map(|s| s.slot_tokens),
+                    kv_host_tokens: r.slot_shape().map(|s| s.host_tokens),
                 })
                 .collect(),
         )
@@ -834,6 +924,10 @@ impl Daemon {
             .map(|r| ReplicaView {
                 url: r.cfg.url.clone(),
                 engine: r.cfg.engine,
+                detected_engine: r.seen.name(),
+                kv_slots: r.slot_shape().map(|s| s.slots),
+                kv_slot_tokens: r.slot_shape().map(|s| s.slot_tokens),
+                kv_host_tokens: r.slot_shape().map(|s| s.host_tokens),
                 pool: if r.promoted.is_some() && !r.promoting {
                     Pool::Active
                 } else {
@@ -846,7 +940,7 @@ impl Daemon {
                 waiting: r.scraped.map_or(0.0, |s| s.waiting),
                 kv_usage: r.scraped.map_or(0.0, |s| s.kv_usage),
                 kv_blocks: r.kv_blocks(),
-                kv_block_tokens: r.scraped.and_then(|s| s.block_tokens),
+                kv_block_tokens: r.kv_block_tokens(),
                 checks_failed: r.checks_failed,
                 scrapes_failed: r.scrapes_failed,
                 prewarm_requests: r.prewarm_requests,

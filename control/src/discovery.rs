@@ -203,6 +203,7 @@ pub fn replicas_for(d: &DnsConfig, addrs: &[(IpAddr, u16)]) -> Vec<ReplicaConfig
                     .map(|p| format!("tcp://{}", SocketAddr::new(*ip, p))),
                 dp_ranks: 1,
                 health_path: None,
+                host_cache_tokens: None,
             }
         })
         .collect()

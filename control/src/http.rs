@@ -77,7 +77,14 @@ pub fn split_url(url: &str) -> Result<(Target, String)> {
 
 pub struct Reply {
     pub status: u16,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
 }
 
 /// One request with a deadline covering connect, send and the whole body.
@@ -122,13 +129,17 @@ pub async fn request(
         }
         .map_err(|e| err(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
+        let (parts, body) = resp.into_parts();
+        let body = body
             .collect()
             .await
             .map_err(|e| err(format!("body: {e}")))?
             .to_bytes();
-        Ok(Reply { status, body })
+        Ok(Reply {
+            status,
+            headers: parts.headers,
+            body,
+        })
     })
     .await
     .map_err(|_| err(format!("timed out after {timeout:?}")))?

@@ -1,4 +1,4 @@
-//! `kvroute-control`: the slim control daemon of ARCHITECTURE.md.
+//! `kvroute-control`: the slim control daemon of docs/architecture.md.
 //!
 //! It owns everything slow (discovery, health checks, `/metrics` scraping, KV
 //! events, warm pools) and pushes the result to data planes through their admin
@@ -12,14 +12,17 @@
 
 mod config;
 mod daemon;
+mod detect;
 mod discovery;
 mod error;
 mod health;
 mod http;
 mod kv_events;
+mod llamacpp;
 mod notify;
 mod push;
 mod scrape;
+mod scraper;
 mod surface;
 mod warm;
 

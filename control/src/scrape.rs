@@ -1,5 +1,5 @@
-//! Load and KV capacity from a replica's Prometheus `/metrics`, under vLLM's or
-//! SGLang's names.
+//! Load and KV capacity from a replica's Prometheus `/metrics`, under vLLM's,
+//! SGLang's or llama.cpp's names.
 //!
 //! The text is parsed family by family with a real exposition parser; a family
 //! the parser rejects (an exotic line from some other library in the same
@@ -26,6 +26,12 @@ pub struct Scraped {
     /// A counter that only grows for the life of the engine process (prompt
     /// tokens): when it goes down, the engine restarted and its cache is empty.
     pub monotonic: Option<f64>,
+    /// The engine these figures were read as (from the config or detected).
+    pub engine: Option<Engine>,
+    /// Slot-based engines (llama.cpp): prompts held in slots at once, and the
+    /// tokens one slot holds.
+    pub slots: Option<u32>,
+    pub slot_tokens: Option<u32>,
 }
 
 impl Scraped {
@@ -102,10 +108,12 @@ pub fn parse_exposition(text: &str) -> (Vec<Sample>, u32) {
 }
 
 /// Metric names per engine.
-struct Names {
-    running: &'static [&'static str],
-    waiting: &'static [&'static str],
+pub(crate) struct Names {
+    pub running: &'static [&'static str],
+    pub waiting: &'static [&'static str],
     usage: &'static [&'static str],
+    /// Counters that only grow while the process lives, first present wins.
+    monotonic: &'static [&'static str],
 }
 
 const VLLM: Names = Names {
@@ -113,13 +121,35 @@ const VLLM: Names = Names {
     waiting: &["vllm:num_requests_waiting"],
     // vLLM V1 renamed gpu_cache_usage_perc; both exist across the versions in use.
     usage: &["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"],
+    monotonic: &["vllm:prompt_tokens_total"],
 };
 
 const SGLANG: Names = Names {
     running: &["sglang:num_running_reqs"],
     waiting: &["sglang:num_queue_reqs"],
     usage: &["sglang:token_usage"],
+    monotonic: &["sglang:prompt_tokens_total"],
 };
+
+/// llama.cpp's server with `--metrics`: requests in slots and requests waiting
+/// for one. Its KV usage gauge exists only in older servers; without it the
+/// share of busy slots stands in (see `extract_samples`).
+const LLAMACPP: Names = Names {
+    running: &["llamacpp:requests_processing"],
+    waiting: &["llamacpp:requests_deferred"],
+    usage: &["llamacpp:kv_cache_usage_ratio"],
+    monotonic: &["llamacpp:n_decode_total", "llamacpp:prompt_tokens_total"],
+};
+
+/// The metric names of an engine that has them.
+pub(crate) fn names(engine: Engine) -> Option<&'static Names> {
+    match engine {
+        Engine::Vllm => Some(&VLLM),
+        Engine::Sglang => Some(&SGLANG),
+        Engine::Llamacpp => Some(&LLAMACPP),
+        Engine::Auto | Engine::Openai => None,
+    }
+}
 
 /// Sum over the samples of the first name present: a replica with several
 /// engines (data-parallel ranks, label `engine`) reports one sample per engine.
@@ -134,15 +164,28 @@ fn sum_first(samples: &[Sample], names: &[&str]) -> Option<(f64, usize)> {
     })
 }
 
+#[cfg(test)]
 pub fn extract(engine: Engine, text: &str, target: &str) -> Result<Scraped> {
     let (samples, skipped) = parse_exposition(text);
-    let names = match engine {
-        Engine::Vllm => &VLLM,
-        Engine::Sglang => &SGLANG,
-        Engine::Openai => return Ok(Scraped::default()),
+    extract_samples(engine, &samples, skipped, target)
+}
+
+/// Reads `samples` under `engine`'s names. `Auto` must have been resolved by
+/// the caller (`detect`); `Openai` has no names and reads as no load.
+pub fn extract_samples(
+    engine: Engine,
+    samples: &[Sample],
+    skipped: u32,
+    target: &str,
+) -> Result<Scraped> {
+    let Some(names) = names(engine) else {
+        return Ok(Scraped {
+            skipped,
+            ..Scraped::default()
+        });
     };
-    let running = sum_first(&samples, names.running);
-    let waiting = sum_first(&samples, names.waiting);
+    let running = sum_first(samples, names.running);
+    let waiting = sum_first(samples, names.waiting);
     if running.is_none() && waiting.is_none() {
         return Err(ControlError::Scrape {
             target: target.to_string(),
@@ -155,29 +198,27 @@ pub fn extract(engine: Engine, text: &str, target: &str) -> Result<Scraped> {
         });
     }
     // Usage is a fraction per engine: the mean is the replica's.
-    let kv_usage = sum_first(&samples, names.usage)
+    let kv_usage = sum_first(samples, names.usage)
         .map(|(s, n)| s / n as f64)
         .unwrap_or(0.0)
         .clamp(0.0, 1.0);
     let (kv_blocks, block_tokens) = match engine {
-        Engine::Vllm => vllm_capacity(&samples),
-        Engine::Sglang => sglang_capacity(&samples),
-        Engine::Openai => (None, None),
+        Engine::Vllm => vllm_capacity(samples),
+        Engine::Sglang => sglang_capacity(samples),
+        _ => (None, None),
     };
-    let monotonic = match engine {
-        Engine::Vllm => sum_first(&samples, &["vllm:prompt_tokens_total"]),
-        _ => sum_first(&samples, &["sglang:prompt_tokens_total"]),
-    }
-    .map(|x| x.0);
     Ok(Scraped {
-        start_time: sum_first(&samples, &["process_start_time_seconds"]).map(|x| x.0),
-        monotonic,
+        start_time: sum_first(samples, &["process_start_time_seconds"]).map(|x| x.0),
+        monotonic: sum_first(samples, names.monotonic).map(|x| x.0),
         running: running.map_or(0.0, |r| r.0),
         waiting: waiting.map_or(0.0, |w| w.0),
         kv_usage,
         kv_blocks,
         block_tokens,
         skipped,
+        engine: Some(engine),
+        slots: None,
+        slot_tokens: None,
     })
 }
 
@@ -253,6 +294,31 @@ mod tests {
         assert!((s.kv_usage - 0.28).abs() < 1e-9);
         assert_eq!(s.kv_blocks, Some(442354));
         assert_eq!(s.block_tokens, Some(1));
+    }
+
+    const LLAMACPP: &str = include_str!("../../tests/fixtures/metrics/llamacpp.txt");
+
+    /// llama.cpp's exposition (counter types on names without `_total`, C++
+    /// number formatting) parses whole; its load is processing and deferred.
+    #[test]
+    fn llamacpp_fixture() {
+        let (samples, skipped) = parse_exposition(LLAMACPP);
+        assert_eq!(skipped, 0);
+        assert_eq!(samples.len(), 15, "{samples:?}");
+        let s = extract(Engine::Llamacpp, LLAMACPP, "t").unwrap();
+        assert_eq!((s.running, s.waiting), (3.0, 2.0));
+        assert_eq!(s.kv_usage, 0.0, "no usage gauge in current servers");
+        assert_eq!(s.monotonic, Some(10234.0), "n_decode_total");
+        assert_eq!((s.kv_blocks, s.block_tokens), (None, None));
+        assert_eq!(s.engine, Some(Engine::Llamacpp));
+        let cached = samples
+            .iter()
+            .find(|x| x.name == "llamacpp:prompt_tokens_cached_total")
+            .unwrap();
+        assert_eq!(cached.value, 1.20345e6);
+        // Older servers export a usage ratio, which is read when present.
+        let old = "llamacpp:requests_processing 1\nllamacpp:kv_cache_usage_ratio 0.5\n";
+        assert_eq!(extract(Engine::Llamacpp, old, "t").unwrap().kv_usage, 0.5);
     }
 
     #[test]

@@ -160,6 +160,23 @@ pub fn render(shared: &Shared) -> String {
             esc(&r.url)
         );
     }
+    family(
+        &mut o,
+        "kvroute_control_replica_engine",
+        "gauge",
+        "1 for the engine the replica's metrics are read as (configured, or detected with engine = \"auto\"); \
+         engine=\"unknown\" for a metrics page with no engine's load metrics.",
+    );
+    for r in &reps {
+        if let Some(e) = r.detected_engine {
+            let _ = writeln!(
+                o,
+                "kvroute_control_replica_engine{{replica=\"{}\",engine=\"{e}\",configured=\"{}\"}} 1",
+                esc(&r.url),
+                r.engine.name()
+            );
+        }
+    }
     for (name, help, f) in [
         (
             "kvroute_control_replica_running",

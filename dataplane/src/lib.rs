@@ -4,7 +4,7 @@
 //! the prefix `index`, `route` policies, `replica` state) takes bytes, snapshots
 //! and clock values and never touches a socket; the I/O around it lives in `io`
 //! (the io_uring/epoll boundary), `worker`, `proxy` and `server`.
-//! See ARCHITECTURE.md for the whole design.
+//! See docs/architecture.md for the whole design.
 // deny, not forbid: `sys` is the one module allowed unsafe.
 #![deny(unsafe_code)]
 
@@ -17,6 +17,7 @@ pub mod http;
 pub mod index;
 pub mod io;
 pub mod metrics;
+pub mod models;
 pub mod notify;
 pub mod pool;
 pub mod prefix;

@@ -80,6 +80,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/generate" => "generate",
         "/v1/embeddings" => "embeddings",
         "/v1/models" => "models",
+        p if p.starts_with("/v1/models/") => "models",
         "/health" | "/healthz" => "health",
         _ => "other",
     }

@@ -320,6 +320,19 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::C
     let path = head.path(&client.buf).to_string();
     let is_head = head.is_head;
 
+    if let Some(query) = crate::models::Query::of(head.method(&client.buf), &path) {
+        let credentials = crate::models::Credentials::of(&head, &client.buf);
+        client.buf.drain(..consumed.min(client.buf.len()));
+        let (out, status) =
+            crate::models::answer(ctx, &query, credentials, keep_alive, is_head).await;
+        let (sent, next) = write_local(client, out, keep_alive, write_limit).await;
+        ctx.metrics.bytes_out.increment(sent as u64);
+        let fleet = crate::models::METRICS_REPLICA;
+        ctx.metrics.request(route, status, Some(fleet));
+        ctx.metrics.duration(route, started.elapsed().as_secs_f64());
+        return next;
+    }
+
     // Prompt extraction and hashing read the body where it lies; only the few
     // fields routing keeps past this point are copied out.
     let body_bytes: &[u8] = match &body {
@@ -503,6 +516,17 @@ async fn answer_from_cache<C: Conn>(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&e.body);
+    write_local(client, out, keep_alive, limit).await
+}
+
+/// Writes a response kvroute made itself; returns the bytes sent and what the
+/// connection does next.
+async fn write_local<C: Conn>(
+    client: &mut Client<C>,
+    out: Vec<u8>,
+    keep_alive: bool,
+    limit: Duration,
+) -> (usize, Next) {
     let n = out.len();
     let (r, _) = write_client(&mut client.io, out, 0..n, limit).await;
     let next = if r.is_ok() && keep_alive {

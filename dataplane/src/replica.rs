@@ -48,6 +48,20 @@ pub struct ReplicaSpec {
     pub kv_blocks: Option<u64>,
     #[serde(default)]
     pub kv_block_tokens: Option<u32>,
+    /// Set for an engine that keeps whole prompts in a fixed number of slots
+    /// (llama.cpp's server: `total_slots`): the index then holds at most this
+    /// many prompts in slots, plus what `kv_host_tokens` keeps, and forgets a
+    /// prompt the way the engine does rather than block by block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_slots: Option<u32>,
+    /// Tokens one slot holds (llama.cpp's `n_ctx` per slot); a longer prompt is
+    /// held up to it. Unset: no limit but the block budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_slot_tokens: Option<u32>,
+    /// Tokens of prompts the engine keeps in host memory after they leave a slot
+    /// (llama.cpp's `--cache-ram` prompt cache); unset or 0: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_host_tokens: Option<u64>,
 }
 
 fn default_weight() -> u32 {
@@ -67,6 +81,9 @@ impl ReplicaSpec {
             healthy: true,
             kv_blocks: None,
             kv_block_tokens: None,
+            kv_slots: None,
+            kv_slot_tokens: None,
+            kv_host_tokens: None,
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct WorkerCtx<R: Runtime> {
     pub waiting: std::cell::Cell<usize>,
     /// Requests seen for hot-prefix sampling.
     pub sampled: std::cell::Cell<u64>,
+    /// The fleet's merged `/v1/models` lists, briefly reused.
+    pub models: crate::models::ModelsCache,
 }
 
 pub fn run<R: Runtime>(
@@ -44,6 +46,7 @@ pub fn run<R: Runtime>(
             metrics: crate::metrics::WorkerMetrics::default(),
             waiting: std::cell::Cell::new(0),
             sampled: std::cell::Cell::new(0),
+            models: Default::default(),
             shared: shared.clone(),
             id,
         });

@@ -518,6 +518,255 @@ fn control_scrapes_sglang_metrics() {
     );
 }
 
+fn status_engine(ctl: &Control, url: &str) -> Option<String> {
+    let v = get(ctl.listen, "/status").ok()?.json();
+    v["replicas"].as_array()?.iter().find(|r| r["url"] == url)?["detected_engine"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The data plane's own metric line for `name` with both labels, if any.
+fn dp_metric(dp: &Dp, name: &str, label: &str, label2: &str) -> Option<f64> {
+    let text = get(dp.admin, "/metrics").ok()?.text();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label) && l.contains(label2))
+        .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+}
+
+/// `engine` unset (auto): a llama.cpp replica and a vLLM one are each read under
+/// their own names; the llama.cpp one's load (slots processing, requests
+/// deferred) reaches `PUT /load` and its slot shape the data plane's index.
+#[test]
+fn control_detects_llamacpp_and_vllm_and_pushes_their_load_and_capacity() {
+    let a = Sim::start(
+        "a",
+        &[
+            "--engine",
+            "llamacpp",
+            "--parallel",
+            "2",
+            "--kv-blocks",
+            "512",
+            "--block-tokens",
+            "16",
+            "--time-scale",
+            "1",
+            "--decode-tps",
+            "20",
+        ],
+    );
+    let b = Sim::start("b", &["--kv-blocks", "1234", "--block-tokens", "16"]);
+    let dp = Dp::start();
+    let ctl = Control::start("llamacpp", |l| {
+        format!(
+            "{}{}{}",
+            base_config(&dp, l, "ctl-llamacpp"),
+            replica_toml(&a.url(), "host_cache_tokens = 1000"),
+            replica_toml(&b.url(), "")
+        )
+    });
+    // 512 blocks × 16 tokens over 2 slots: 4096 tokens a slot.
+    assert!(
+        wait_until(Duration::from_secs(5), || dp.replica(&a.url()).is_some_and(
+            |r| r.kv_slots == Some(2)
+                && r.kv_slot_tokens == Some(4096)
+                && r.kv_host_tokens == Some(1000)
+                && r.kv_blocks == Some(2 * 4096 + 1000)
+                && r.kv_block_tokens == Some(1)
+        )),
+        "llama.cpp shape not pushed: {:?}",
+        dp.replica(&a.url())
+    );
+    let rb = dp.replica(&b.url()).unwrap();
+    assert_eq!((rb.kv_blocks, rb.kv_block_tokens), (Some(1234), Some(16)));
+    assert_eq!(rb.kv_slots, None);
+    assert_eq!(status_engine(&ctl, &a.url()).as_deref(), Some("llamacpp"));
+    assert_eq!(status_engine(&ctl, &b.url()).as_deref(), Some("vllm"));
+    assert_eq!(
+        ctl.metric("kvroute_control_replica_engine", "engine=\"llamacpp\""),
+        1.0
+    );
+    // The data plane's index models the replica's two slots.
+    assert!(
+        dp_metric(
+            &dp,
+            "kvroute_index_replica_prompts",
+            &a.url(),
+            "place=\"slot\""
+        )
+        .is_some_and(|v| v <= 2.0),
+        "no slot model for the llama.cpp replica"
+    );
+    assert_eq!(
+        dp_metric(
+            &dp,
+            "kvroute_index_replica_prompts",
+            &b.url(),
+            "place=\"slot\""
+        ),
+        None
+    );
+
+    // Three requests of 60 tokens at 20 tokens/s on two slots: two run, one waits.
+    let addr = a.addr();
+    let hs: Vec<_> = (0..3)
+        .map(|i| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/completions",
+                    &format!(r#"{{"model":"{MODEL}","prompt":"slow {i}","max_tokens":60}}"#),
+                )
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
+            |r| r.external_load.running == 2
+                && r.external_load.waiting == 1
+                && (r.external_load.kv_usage - 1.0).abs() < 1e-6
+        )),
+        "llama.cpp load not pushed: {:?}",
+        dp.replica(&a.url())
+    );
+    for h in hs {
+        assert_eq!(h.join().unwrap().unwrap().status, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
+            |r| r.external_load.running == 0 && r.external_load.waiting == 0
+        )),
+        "finished load not pushed"
+    );
+}
+
+/// llama.cpp without `--metrics`, started while its model loads: out of
+/// rotation while `/health` answers 503, in once it answers 200, recognised
+/// (engine auto) by its `/props`, its load read from `/slots`; a restart into
+/// another shape is read anew.
+#[test]
+fn control_follows_a_loading_llamacpp_replica_without_metrics() {
+    let port = free_port();
+    let args = |parallel: &str| -> Vec<String> {
+        [
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--name",
+            "a",
+            "--model",
+            MODEL,
+            "--engine",
+            "llamacpp",
+            "--no-metrics",
+            "--parallel",
+            parallel,
+            "--loading-ms",
+            "4000",
+            "--time-scale",
+            "1",
+            "--decode-tps",
+            "20",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut a = Proc::spawn("kvroute-sim", &args("3"));
+    let url = format!("http://127.0.0.1:{port}");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || get(addr, "/health")
+        .is_ok_and(|r| r.status == 503)));
+    let dp = Dp::start();
+    let ctl = Control::start("llamacpp-loading", |l| {
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-llamacpp-loading"),
+            replica_toml(&url, "")
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(3), || dp
+            .replica(&url)
+            .is_some_and(|r| !r.healthy)),
+        "a loading replica must be pushed out of rotation: {:?}",
+        dp.replica(&url)
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || dp
+            .replica(&url)
+            .is_some_and(|r| r.healthy && r.kv_slots == Some(3))),
+        "loaded replica not in rotation with its shape: {:?}",
+        dp.replica(&url)
+    );
+    assert_eq!(status_engine(&ctl, &url).as_deref(), Some("llamacpp"));
+    let h = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &format!(r#"{{"model":"{MODEL}","prompt":"slow","max_tokens":40}}"#),
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(3), || dp
+            .replica(&url)
+            .is_some_and(|r| r.external_load.running == 1)),
+        "load from /slots not pushed: {:?}",
+        dp.replica(&url)
+    );
+    assert_eq!(h.join().unwrap().unwrap().status, 200);
+
+    // Restarted with one slot: the new shape replaces the old.
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    a = Proc::spawn("kvroute-sim", &args("1"));
+    assert!(
+        wait_until(Duration::from_secs(12), || dp
+            .replica(&url)
+            .is_some_and(|r| r.healthy && r.kv_slots == Some(1))),
+        "restarted shape not pushed: {:?}",
+        dp.replica(&url)
+    );
+    drop(a);
+}
+
+/// A metrics page without any engine's load metrics is no error: the replica
+/// stays in rotation on its health checks, with no load or capacity, and the
+/// daemon shows it as `unknown`.
+#[test]
+fn control_health_checks_a_replica_whose_metrics_name_no_engine() {
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other = fixture_server(
+        "# HELP tgi_queue_size Queue size\n# TYPE tgi_queue_size gauge\ntgi_queue_size 3\n",
+        broken,
+    );
+    let url = format!("http://{other}");
+    let dp = Dp::start();
+    let ctl = Control::start("unknown", |l| {
+        format!(
+            "{}{}",
+            base_config(&dp, l, "ctl-unknown"),
+            replica_toml(&url, "health_path = \"/ready\"")
+        )
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || status_engine(&ctl, &url)
+            .as_deref()
+            == Some("unknown")),
+        "unknown page not shown"
+    );
+    let r = dp.replica(&url).expect("pushed");
+    assert!(r.healthy, "{r:?}");
+    assert_eq!((r.kv_blocks, r.kv_slots), (None, None));
+    assert_eq!(
+        ctl.metric("kvroute_control_scrapes_failed_total", &url),
+        0.0
+    );
+    assert_eq!(
+        ctl.metric("kvroute_control_replica_engine", "engine=\"unknown\""),
+        1.0
+    );
+}
+
 /// Sends requests in a loop until told to stop; returns (ok, failed).
 fn load_thread(
     dp_listen: SocketAddr,

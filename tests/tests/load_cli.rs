@@ -15,7 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The trace vendored at the repository root (`traces/README.md`).
-const TRACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../traces/conversation_trace.jsonl");
+const TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../traces/conversation_trace.jsonl"
+);
 const CACHE_CHUNK: usize = 512;
 const REPLICAS: [&str; 3] = ["r0", "r1", "r2"];
 
@@ -624,4 +627,159 @@ async fn library_run_in_process() {
     assert_eq!(summary.prompt_tokens, s.prompt_tokens);
     assert_eq!(summary.cached_tokens, s.cached_tokens);
     assert_eq!(summary.ideal_hit_ratio, plan.stats().ideal_hit_ratio);
+}
+
+/// Runs the binary with stderr piped (not a terminal), returning (parsed `--json`, stderr).
+async fn run_load_with_stderr(args: &[&str], env: &[(&str, &str)]) -> (Value, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
+            .args(args)
+            .arg("--json")
+            .envs(env.iter().copied())
+            .env_remove("KVROUTE_PROGRESS")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("kvroute-load did not finish in 60 s")
+    .expect("spawn kvroute-load");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "kvroute-load failed: {stderr}\n{stdout}"
+    );
+    let v =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("bad json ({e}): {stdout}"));
+    (v, stderr)
+}
+
+/// `sent`, `completed` and `errors` of a plain progress line.
+fn progress_counts(line: &str) -> (u64, u64, u64) {
+    let num = |key: &str| -> u64 {
+        let rest = &line[line
+            .find(key)
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+            + key.len()..];
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {key} in {line:?}"))
+    };
+    (num("sent"), num("completed"), num("errors"))
+}
+
+/// With stderr not a terminal, progress comes as plain lines at the configured interval
+/// (here 0.1 s from the environment), counted by the run itself while it goes, and a final
+/// line with the whole run's counts; stdout carries the same JSON report as without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_plain_periodic_lines_when_stderr_is_not_a_terminal() {
+    // Four conversations of three turns, all starting at once, each answer 250 ms: about 0.8 s.
+    let fake = start_fake(Faults {
+        delay_ms: 250,
+        ..Faults::default()
+    })
+    .await;
+    let args = [
+        "--synthetic",
+        "shared-prefix",
+        "--target",
+        &fake.url,
+        "--groups",
+        "1",
+        "--users",
+        "4",
+        "--turns",
+        "3",
+        "--rate",
+        "0",
+        "--progress-label",
+        "e2e",
+    ];
+    let (v, stderr) = run_load_with_stderr(&args, &[("KVROUTE_PROGRESS_INTERVAL_S", "0.1")]).await;
+    assert_eq!(v["requests"], 12);
+    assert_eq!(v["errors"], 0);
+    assert!(
+        !stderr.contains('\r'),
+        "carriage return in piped progress: {stderr:?}"
+    );
+    let periodic: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("e2e: sent "))
+        .collect();
+    assert!(
+        periodic.len() >= 3,
+        "expected lines every 0.1 s over ~0.8 s:\n{stderr}"
+    );
+    let counts: Vec<(u64, u64, u64)> = periodic.iter().map(|l| progress_counts(l)).collect();
+    // Live counts: seen part-way, never going back, never more finished than sent.
+    assert!(counts.iter().any(|&(_, done, _)| done < 12), "{stderr}");
+    assert!(
+        counts
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+        "{stderr}"
+    );
+    assert!(counts
+        .iter()
+        .all(|&(sent, done, err)| done + err <= sent && sent <= 12));
+    for l in &periodic {
+        assert!(
+            l.contains("/12, completed") && l.contains(" elapsed"),
+            "{l}"
+        );
+    }
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("e2e: done in "), "{stderr}");
+    assert_eq!(progress_counts(last), (12, 12, 0), "{last}");
+
+    // `--progress off`: nothing on stderr at all; the report is unchanged.
+    let mut quiet = args.to_vec();
+    quiet.extend(["--progress", "off", "--progress-interval-s", "0.1"]);
+    let (v2, stderr) = run_load_with_stderr(&quiet, &[]).await;
+    assert_eq!(stderr, "");
+    assert_eq!(v2["requests"], 12);
+}
+
+/// `--progress json` (what xtask reads from its `kvroute-load` child): one counters object a
+/// line, the last of them equal to the report's counts, errors included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_progress_lines_carry_the_runs_counters() {
+    use kvroute_tests::load::progress::Snapshot;
+    let fake = start_fake(Faults {
+        status_503_every: Some(4),
+        delay_ms: 150,
+        ..Faults::default()
+    })
+    .await;
+    let (v, stderr) = run_load_with_stderr(
+        &[
+            "--trace",
+            TRACE,
+            "--target",
+            &fake.url,
+            "--n",
+            "30",
+            "--speed",
+            "10",
+            "--progress",
+            "json",
+            "--progress-interval-s",
+            "0.2",
+        ],
+        &[],
+    )
+    .await;
+    let snaps: Vec<Snapshot> = stderr.lines().filter_map(Snapshot::from_wire).collect();
+    assert!(snaps.len() >= 2, "{stderr}");
+    let last = snaps.last().copied().unwrap_or_default();
+    let requests = v["requests"].as_u64().unwrap();
+    let errors = v["errors"].as_u64().unwrap();
+    assert!(errors > 0, "{v}");
+    assert_eq!(last.sent, requests, "{stderr}");
+    assert_eq!(last.errors, errors, "{stderr}");
+    assert_eq!(last.completed + last.errors, requests, "{stderr}");
 }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use kvroute_tests::load::progress::{self, Counters, Job, Progress};
 
 use crate::procs::{cargo, root, sh};
 use report::{ClosedRow, OpenRow};
@@ -249,6 +250,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dur = Duration::from_secs(a.duration.into());
 
     let n = all.len();
+    let progress_opts = progress::Options::from_env()?;
+    // Measured phases of the whole run, for the `[k/N]` of the progress line.
+    let phases = a.rounds
+        * n
+        * (usize::from(!a.skips("closed")) + a.rates.len() * usize::from(!a.skips("open")));
+    let mut phase = 0;
     // Round r visits the targets in an order rotated by r, so a burst of foreign
     // load on this shared host lands on different targets in different rounds.
     let order = |r: usize| (0..n).map(move |i| (i + r) % n);
@@ -269,6 +276,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     a.concurrency,
                     a.duration
                 );
+                phase += 1;
+                // wrk reports at its end, so the line shows the phase and its time only.
+                let shown = Progress::start(
+                    Job::new(format!("[{phase}/{phases}] closed loop, {}", t.name))
+                        .schedule(Duration::from_secs((a.warmup + a.duration).into()))
+                        .uncounted(),
+                    Counters::new(),
+                    progress_opts,
+                );
                 if a.warmup > 0 {
                     closed::run(
                         &a.load_cpus,
@@ -282,6 +298,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let before = pgid.map(targets::group_cpu_ticks);
                 let res = closed::run(&a.load_cpus, &script, t.port, a.concurrency, dur)
                     .with_context(|| format!("wrk against {}", t.name))?;
+                // The result line below replaces the progress line.
+                drop(shown);
                 if let (Some(g), Some(b)) = (pgid, before) {
                     cpu_runs[i].push(targets::group_cpu_ticks(g).saturating_sub(b) as f64 / tck);
                 }
@@ -341,15 +359,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                         t.name,
                         a.duration
                     );
+                    phase += 1;
+                    let counters = Counters::new();
                     let p = openloop::Params {
                         addr: ([127, 0, 0, 1], t.port).into(),
                         rate,
                         duration: dur,
                         connections: a.open_connections,
                         request: request.clone(),
+                        counters: counters.clone(),
                     };
+                    let shown = Progress::start(
+                        Job::new(format!(
+                            "[{phase}/{phases}] open loop, {} at {rate}/s",
+                            t.name
+                        ))
+                        .planned(rate * dur.as_secs())
+                        .schedule(dur),
+                        counters,
+                        progress_opts,
+                    );
                     let o = openloop::run(&p)
                         .with_context(|| format!("open loop against {}", t.name))?;
+                    // The result line below replaces the progress line.
+                    drop(shown);
                     eprintln!(
                         "xtask:   achieved {:.0}/s, p99 {:.0} µs",
                         o.achieved_rate,

@@ -249,11 +249,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Ok(spec) => {
                     let t = Instant::now();
-                    eprint!("   {label}: ");
+                    // Whole lines only: the progress lines of the run come in between.
+                    eprintln!("   {label}: starting the fleet and replaying…");
                     match one_row(&bins, &sim, spec, &log_dir, name, &plan, &largs) {
                         Ok(m) => {
                             eprintln!(
-                                "hit {:.1} %, TTFT p50 {:.1} ms p99 {:.1} ms, {} errors ({:.0} s)",
+                                "   {label}: hit {:.1} %, TTFT p50 {:.1} ms p99 {:.1} ms, {} errors ({:.0} s)",
                                 m.fleet.hit_ratio * 100.0,
                                 m.client.ttft_ms.p50,
                                 m.client.ttft_ms.p99,
@@ -263,7 +264,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             Outcome::Ok(Box::new(m))
                         }
                         Err(e) => {
-                            eprintln!("FAILED: {e:#}");
+                            eprintln!("   {label}: FAILED: {e:#}");
                             Outcome::Failed {
                                 error: format!("{e:#}"),
                             }

@@ -293,12 +293,6 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
         }
     }
 
-    if std::env::var_os("KVROUTE_REPLAY_DEBUG").is_some() {
-        for r in &set.replicas {
-            eprintln!("slot {} learned {:?}", r.slot, router.learned(r.slot));
-        }
-        eprintln!("true: {} bytes/s, overhead {} s", fleet.timing.prefill_tps * 4.0 / fleet.timing.time_scale, fleet.timing.prefill_overhead * fleet.timing.time_scale);
-    }
     out.hit_ratio = out.cached_tokens as f64 / out.prompt_tokens.max(1) as f64;
     ttft_ms.sort_by(f64::total_cmp);
     out.ttft_p50_ms = percentile(&ttft_ms, 50.0);

@@ -173,6 +173,14 @@ pub struct ReplicaState {
     pub clears_total: u64,
     pub kv_blocks: Option<u64>,
     pub kv_block_tokens: Option<u32>,
+    /// The slot shape of a slot-based replica ([`ReplicaSpec::kv_slots`] and
+    /// the two after it), as pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_slots: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_slot_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_host_tokens: Option<u64>,
     /// The replica's prefill speed as the routing policy learned it from its
     /// first tokens (absent until it has enough of them).
     #[serde(default)]

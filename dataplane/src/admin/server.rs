@@ -375,6 +375,9 @@ pub fn state(shared: &Shared) -> State {
                 clears_total: with_log(|log| log.clears.get(&r.spec.url).copied().unwrap_or(0)),
                 kv_blocks: r.spec.kv_blocks,
                 kv_block_tokens: r.spec.kv_block_tokens,
+                kv_slots: r.spec.kv_slots,
+                kv_slot_tokens: r.spec.kv_slot_tokens,
+                kv_host_tokens: r.spec.kv_host_tokens,
                 learned: shared.router.learned(r.slot),
             })
             .collect(),

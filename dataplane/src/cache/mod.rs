@@ -114,7 +114,7 @@ impl PredictionCacheConfig {
 }
 
 /// Headers that identify a tenant: entries are scoped by all of them unless `shared`.
-const TENANT_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+pub(crate) const TENANT_HEADERS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
 
 /// What the cache does for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

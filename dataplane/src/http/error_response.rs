@@ -7,6 +7,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
+    Unauthorized,
     NotFound,
     ModelNotFound,
     Timeout,
@@ -22,6 +23,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest => 400,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::NotFound | ErrorKind::ModelNotFound => 404,
             ErrorKind::Timeout => 408,
             ErrorKind::TooLarge => 413,
@@ -45,6 +47,7 @@ impl ErrorKind {
     pub fn code(self) -> &'static str {
         match self {
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Unauthorized => "invalid_api_key",
             ErrorKind::NotFound => "not_found",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::Timeout => "request_timeout",

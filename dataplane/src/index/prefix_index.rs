@@ -1,11 +1,12 @@
 //! Sharding, per-replica budgets and longest-prefix lookups over the shards.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::Mutex;
 
 use super::shard::Shard;
+use super::slots::{SlotCache, SlotModel, SlotOccupancy};
 use crate::prefix::SHARD_RUN_BLOCKS;
 use crate::replica::MAX_REPLICAS;
 
@@ -80,7 +81,8 @@ pub struct IndexStats {
     pub pairs: u64,
     /// Heap bytes owned by the index tables.
     pub heap_bytes: u64,
-    /// (block, replica) pairs dropped for a budget or the entry cap, since start.
+    /// (block, replica) pairs dropped for a budget, the entry cap or a slot-based
+    /// replica's prompt leaving it, since start.
     pub evictions: u64,
 }
 
@@ -97,6 +99,12 @@ pub struct PrefixIndex {
     /// Pairs evicted (budget or cap), for the metric.
     evictions: AtomicU64,
     budget: [AtomicU64; MAX_REPLICAS],
+    /// Per replica, the slots and host cache of a slot-based engine (see
+    /// `slots.rs`); `None` for engines that keep blocks, not prompts. Locked
+    /// before any shard, and held while the shards are brought in line with it.
+    slot_caches: Box<[Mutex<Option<SlotCache>>]>,
+    /// Whether `slot_caches[s]` is set, so other replicas' inserts skip its lock.
+    modelled: [AtomicBool; MAX_REPLICAS],
 }
 
 impl PrefixIndex {
@@ -111,6 +119,8 @@ impl PrefixIndex {
             live: std::array::from_fn(|_| AtomicU64::new(0)),
             evictions: AtomicU64::new(0),
             budget: std::array::from_fn(|_| AtomicU64::new(cfg.default_budget)),
+            slot_caches: (0..MAX_REPLICAS).map(|_| Mutex::new(None)).collect(),
+            modelled: std::array::from_fn(|_| AtomicBool::new(false)),
         }
     }
 
@@ -169,18 +179,95 @@ impl PrefixIndex {
         if s >= MAX_REPLICAS {
             return;
         }
+        let mut model = self.slot_caches[s].lock();
+        if let Some(c) = model.as_mut() {
+            *c = SlotCache::new(c.model());
+        }
+        self.clear_blocks(slot);
+    }
+
+    fn clear_blocks(&self, slot: u16) {
+        let s = usize::from(slot);
         for shard in self.shards.iter() {
             let n = shard.lock().clear(slot);
             self.live[s].fetch_sub(n, Ordering::Relaxed);
         }
     }
 
+    /// Makes `slot` a slot-based replica (`Some`) or a block-based one (`None`).
+    /// A change of shape empties what the index credits it with: the engine
+    /// restarted with that shape, and the prompts tracked before are not known
+    /// as prompts.
+    pub fn set_slot_model(&self, slot: u16, model: Option<SlotModel>) {
+        let s = usize::from(slot);
+        if s >= MAX_REPLICAS {
+            return;
+        }
+        let mut cur = self.slot_caches[s].lock();
+        if cur.as_ref().map(|c| c.model()) == model {
+            return;
+        }
+        *cur = model.map(SlotCache::new);
+        self.modelled[s].store(cur.is_some(), Ordering::Relaxed);
+        self.clear_blocks(slot);
+    }
+
+    pub fn slot_model(&self, slot: u16) -> Option<SlotModel> {
+        let s = usize::from(slot);
+        if s >= MAX_REPLICAS || !self.modelled[s].load(Ordering::Relaxed) {
+            return None;
+        }
+        self.slot_caches[s].lock().as_ref().map(|c| c.model())
+    }
+
+    /// The prompts a slot-based replica is believed to hold.
+    pub fn slot_occupancy(&self, slot: u16) -> Option<SlotOccupancy> {
+        let s = usize::from(slot);
+        if s >= MAX_REPLICAS || !self.modelled[s].load(Ordering::Relaxed) {
+            return None;
+        }
+        self.slot_caches[s].lock().as_ref().map(|c| c.occupancy())
+    }
+
     /// Records that `slot` now holds the chain `hashes` (after routing a request
-    /// there). Blocks are touched tail first so a replica's oldest blocks are a
-    /// chain's tail, as engines evict them: what survives is still a prefix.
+    /// there). A slot-based replica takes it as its engine does (`slots.rs`),
+    /// and the blocks of the prompts that leaves go. Blocks are touched tail
+    /// first so a replica's oldest blocks are a chain's tail, as engines evict
+    /// them: what survives is still a prefix.
     pub fn insert(&self, slot: u16, hashes: &[u64]) {
         let s = usize::from(slot);
         if s >= MAX_REPLICAS || hashes.is_empty() {
+            return;
+        }
+        if self.modelled[s].load(Ordering::Relaxed) {
+            let mut model = self.slot_caches[s].lock();
+            if let Some(cache) = model.as_mut() {
+                let mut dropped = Vec::new();
+                let held = cache.admit(hashes, &mut dropped);
+                self.remove_pairs(slot, &mut dropped);
+                self.insert_chain(slot, &hashes[..held]);
+                return;
+            }
+        }
+        self.insert_chain(slot, hashes);
+    }
+
+    /// Takes `slot`'s bit off each of `hashes`, one lock per shard.
+    fn remove_pairs(&self, slot: u16, hashes: &mut [u64]) {
+        let s = usize::from(slot);
+        hashes.sort_unstable_by_key(|&h| self.shard_of(h));
+        for group in hashes.chunk_by(|&a, &b| self.shard_of(a) == self.shard_of(b)) {
+            let n = self.shards[self.shard_of(group[0])]
+                .lock()
+                .remove(slot, group);
+            self.live[s].fetch_sub(n, Ordering::Relaxed);
+            self.evictions.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn insert_chain(&self, slot: u16, hashes: &[u64]) {
+        let s = usize::from(slot);
+        if hashes.is_empty() {
             return;
         }
         let budget = &self.budget[s];
@@ -320,6 +407,32 @@ impl PrefixIndex {
         }
         out[inner.len()] = last;
         false
+    }
+
+    /// Checks a slot-based replica's model against the index (tests): its
+    /// prompts and counts agree, and the index credits the replica with exactly
+    /// the blocks of those prompts.
+    #[cfg(test)]
+    pub(super) fn check_slot_model(&self, slot: u16) -> Result<(), String> {
+        let s = usize::from(slot);
+        let model = self.slot_caches[s].lock();
+        let Some(cache) = model.as_ref() else {
+            return Ok(());
+        };
+        cache.check()?;
+        let held = cache.occupancy().blocks;
+        if held != self.tracked(slot) {
+            return Err(format!("model holds {held}, index {}", self.tracked(slot)));
+        }
+        for shard in self.shards.iter() {
+            let sh = shard.lock();
+            for (h, e) in sh.map.iter() {
+                if e.bits.has(slot) && !cache.holds(*h) {
+                    return Err(format!("index holds {h:x}, the model does not"));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> IndexStats {

@@ -176,6 +176,31 @@ impl Shard {
         false
     }
 
+    /// Takes `slot`'s bit off each of `hashes` (and their queue items, one per
+    /// pair); returns how many it held.
+    pub fn remove(&mut self, slot: u16, hashes: &[u64]) -> u64 {
+        let mut n = 0;
+        for h in hashes {
+            let Some(e) = self.map.get_mut(h) else {
+                continue;
+            };
+            if !e.bits.has(slot) {
+                continue;
+            }
+            e.bits.clear(slot);
+            n += 1;
+            if e.bits.is_empty() {
+                self.map.remove(h);
+            }
+        }
+        if n > 0 {
+            let map = &self.map;
+            self.queues[usize::from(slot)]
+                .retain(|item| map.get(&item.hash()).is_some_and(|e| e.bits.has(slot)));
+        }
+        n
+    }
+
     /// Removes every block of `slot`; returns how many.
     pub fn clear(&mut self, slot: u16) -> u64 {
         let queue = std::mem::take(&mut self.queues[usize::from(slot)]);

@@ -2,6 +2,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::index::prefix_index::MAX_HOLE_BLOCKS;
+use crate::index::{SlotModel, SlotOccupancy};
 
 fn chain(id: u64, len: usize) -> Vec<u64> {
     crate::prefix::chain_hashes(
@@ -290,5 +291,224 @@ fn concurrent_workers_keep_counts_consistent() {
     assert_eq!(st.pairs, tracked);
     for s in 0..6 {
         assert!(ix.tracked(s) <= 500, "slot {s}: {}", ix.tracked(s));
+    }
+}
+
+/// A prompt made of parts, each `blocks` blocks of one byte pattern, so prompts
+/// that start with the same parts share those blocks' chain hashes.
+fn prompt(parts: &[(u64, usize)]) -> Vec<u64> {
+    let mut bytes = Vec::new();
+    for &(id, blocks) in parts {
+        bytes.extend(id.to_le_bytes().repeat(blocks * 16));
+    }
+    crate::prefix::chain_hashes(&bytes, &crate::prefix::PrefixConfig { block_bytes: 128 }).to_vec()
+}
+
+fn slot_index(slots: u32, slot_blocks: u32, host_blocks: u64) -> PrefixIndex {
+    let ix = index(8, 1 << 20);
+    ix.set_slot_model(
+        0,
+        Some(SlotModel {
+            slots,
+            slot_blocks,
+            host_blocks,
+        }),
+    );
+    ix
+}
+
+fn held(ix: &PrefixIndex, p: &[u64]) -> u32 {
+    ix.longest_match(p, ALL).get(0)
+}
+
+/// With no host cache a replica holds one prompt per slot: a third unrelated
+/// prompt on two slots takes the least recently used one's place, whole, where
+/// a block pool of the same size would keep all three.
+#[test]
+fn a_slot_replica_holds_one_prompt_per_slot() {
+    let ix = slot_index(2, 1000, 0);
+    let (a, b, c) = (prompt(&[(1, 20)]), prompt(&[(2, 20)]), prompt(&[(3, 20)]));
+    ix.insert(0, &a);
+    ix.insert(0, &b);
+    assert_eq!((held(&ix, &a), held(&ix, &b)), (20, 20));
+    ix.insert(0, &a); // a used again: b is now the least recent
+    ix.insert(0, &c);
+    assert_eq!((held(&ix, &a), held(&ix, &b), held(&ix, &c)), (20, 0, 20));
+    assert_eq!(ix.tracked(0), 40);
+    let occ = ix.slot_occupancy(0).unwrap();
+    assert_eq!((occ.in_slots, occ.in_host, occ.blocks), (2, 0, 40));
+    ix.check_slot_model(0).unwrap();
+
+    let pool = index(8, 2000);
+    for p in [&a, &b, &a, &c] {
+        pool.insert(0, p);
+    }
+    assert_eq!(pool.longest_match(&b, ALL).get(0), 20);
+}
+
+/// A prompt sharing most of itself with a slot's takes that slot, and the slot
+/// keeps only the shared prefix of what it held: the same system prompt with
+/// another question leaves the first question's blocks behind.
+#[test]
+fn a_similar_prompt_takes_the_slot_and_its_old_tail_goes() {
+    let ix = slot_index(2, 1000, 0);
+    let q1 = prompt(&[(7, 30), (1, 10)]);
+    let q2 = prompt(&[(7, 30), (2, 10)]);
+    ix.insert(0, &q1);
+    ix.insert(0, &q2);
+    assert_eq!((held(&ix, &q1), held(&ix, &q2)), (30, 40));
+    assert_eq!(
+        ix.slot_occupancy(0).unwrap().in_slots,
+        1,
+        "the other slot stays free"
+    );
+    ix.check_slot_model(0).unwrap();
+}
+
+/// A conversation's next turn extends the prompt in its slot; another
+/// conversation takes the other slot, and a third the least recent one's.
+#[test]
+fn a_conversation_grows_in_its_slot() {
+    let ix = slot_index(2, 1000, 0);
+    let turn1 = prompt(&[(7, 10), (1, 10)]);
+    let turn2 = prompt(&[(7, 10), (1, 10), (11, 20)]);
+    let other = prompt(&[(8, 30)]);
+    let third = prompt(&[(9, 30)]);
+    ix.insert(0, &turn1);
+    ix.insert(0, &other);
+    ix.insert(0, &turn2);
+    assert_eq!((held(&ix, &turn2), held(&ix, &other)), (40, 30));
+    assert_eq!(ix.tracked(0), 70);
+    ix.insert(0, &third);
+    assert_eq!(
+        (held(&ix, &turn2), held(&ix, &other), held(&ix, &third)),
+        (40, 0, 30)
+    );
+    ix.check_slot_model(0).unwrap();
+}
+
+/// The host cache keeps prompts that leave their slots, drops its oldest ones
+/// whole over its limit, and gives a prompt back to a slot that needs it.
+#[test]
+fn the_host_cache_keeps_prompts_and_drops_its_oldest_whole() {
+    let ix = slot_index(1, 1000, 50);
+    let p: Vec<Vec<u64>> = (1..=4).map(|i| prompt(&[(i, 20)])).collect();
+    for x in &p {
+        ix.insert(0, x);
+    }
+    // One slot (p4) and 50 blocks of host cache: p2 and p3; p1, the oldest, is gone whole.
+    let got: Vec<u32> = p.iter().map(|x| held(&ix, x)).collect();
+    assert_eq!(got, [0, 20, 20, 20]);
+    let occ = ix.slot_occupancy(0).unwrap();
+    assert_eq!((occ.in_slots, occ.in_host), (1, 2));
+    ix.check_slot_model(0).unwrap();
+}
+
+/// A prompt that diverges from a slot's keeps that slot's old tail when the
+/// slot was saved to the host cache while idle (another request started).
+#[test]
+fn idle_slots_are_saved_to_the_host_cache() {
+    let ix = slot_index(2, 1000, 1000);
+    let q1 = prompt(&[(7, 30), (1, 10)]);
+    let q2 = prompt(&[(7, 30), (2, 10)]);
+    let other = prompt(&[(8, 10)]);
+    ix.insert(0, &q1);
+    ix.insert(0, &other); // q1's slot is idle: copied to the host cache
+    ix.insert(0, &q2); // takes q1's slot by similarity
+    assert_eq!(
+        (held(&ix, &q1), held(&ix, &q2), held(&ix, &other)),
+        (40, 40, 10)
+    );
+    ix.check_slot_model(0).unwrap();
+
+    // Without the idle save in between, q1's tail is lost.
+    let ix = slot_index(2, 1000, 1000);
+    ix.insert(0, &q1);
+    ix.insert(0, &q2);
+    assert_eq!(held(&ix, &q1), 30);
+}
+
+/// A prompt restored from the host cache into the slot it is needed in leaves
+/// the cache; the slot's own prompt, saved first, stays held.
+#[test]
+fn a_cached_prompt_is_restored_into_the_slot() {
+    let ix = slot_index(1, 1000, 1000);
+    let a = prompt(&[(1, 20)]);
+    let b = prompt(&[(2, 20)]);
+    let a2 = prompt(&[(1, 20), (3, 5)]);
+    ix.insert(0, &a);
+    ix.insert(0, &b); // a saved to the host cache
+    ix.insert(0, &a2); // b saved; a restored, then extended
+    assert_eq!((held(&ix, &a2), held(&ix, &b)), (25, 20));
+    let occ = ix.slot_occupancy(0).unwrap();
+    assert_eq!((occ.in_slots, occ.in_host, occ.blocks), (1, 1, 45));
+    ix.check_slot_model(0).unwrap();
+}
+
+#[test]
+fn a_prompt_longer_than_a_slot_is_held_up_to_its_context() {
+    let ix = slot_index(2, 16, 0);
+    let long = prompt(&[(1, 40)]);
+    ix.insert(0, &long);
+    assert_eq!(held(&ix, &long), 16);
+    assert_eq!(ix.tracked(0), 16);
+    ix.check_slot_model(0).unwrap();
+}
+
+#[test]
+fn clear_and_a_new_shape_reset_the_slot_model() {
+    let ix = slot_index(2, 100, 100);
+    let a = prompt(&[(1, 20)]);
+    ix.insert(0, &a);
+    ix.insert(1, &a); // a block-based replica beside it
+    ix.clear(0);
+    assert_eq!((ix.tracked(0), held(&ix, &a)), (0, 0));
+    assert_eq!(ix.slot_occupancy(0), Some(SlotOccupancy::default()));
+    ix.insert(0, &a);
+    // The same shape again changes nothing; another empties the replica.
+    let model = ix.slot_model(0).unwrap();
+    ix.set_slot_model(0, Some(model));
+    assert_eq!(ix.tracked(0), 20);
+    ix.set_slot_model(0, Some(SlotModel { slots: 4, ..model }));
+    assert_eq!(ix.tracked(0), 0);
+    ix.insert(0, &a);
+    ix.set_slot_model(0, None);
+    assert_eq!((ix.tracked(0), ix.slot_occupancy(0)), (0, None));
+    assert_eq!(ix.longest_match(&a, 1 << 1).get(1), 20);
+    ix.check_slot_model(0).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Under random prompts (sharing prefixes, conversations that grow) and
+    /// clears, a slot-based replica's model stays consistent (reference counts,
+    /// the host limit, the slot context) and the index credits it with exactly
+    /// the blocks of the prompts the model holds, beside a block-based replica.
+    #[test]
+    fn the_index_holds_what_the_slot_model_holds(
+        ops in proptest::collection::vec(
+            (0u16..2, proptest::collection::vec((0u64..4, 1usize..12), 1..4), 0u8..20),
+            1..50,
+        ),
+        slots in 1u32..4,
+        slot_blocks in 4u32..40,
+        host_blocks in prop_oneof![Just(0u64), 1u64..30, 30u64..200],
+    ) {
+        let ix = index(8, 1 << 20);
+        let model = SlotModel { slots, slot_blocks, host_blocks };
+        ix.set_slot_model(0, Some(model));
+        for (replica, parts, clear) in ops {
+            if clear == 0 {
+                ix.clear(replica);
+            } else {
+                ix.insert(replica, &prompt(&parts));
+            }
+            prop_assert!(ix.check_slot_model(0).is_ok(), "{:?}", ix.check_slot_model(0));
+            let occ = ix.slot_occupancy(0).unwrap();
+            prop_assert!(occ.in_slots <= slots);
+            prop_assert!(occ.blocks <= model.max_blocks());
+            let st = ix.stats();
+            prop_assert_eq!(st.pairs, ix.tracked(0) + ix.tracked(1));
+        }
     }
 }

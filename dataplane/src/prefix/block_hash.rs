@@ -11,8 +11,8 @@
 //! the CPU is checked at run time (`crate::sys::aes`: AES-NI on x86-64, the
 //! Cryptography Extension on aarch64); without them the `aes` crate computes
 //! the same rounds, eight blocks per call, bitsliced in software.
-//! `benches/routing_core.rs` (`hash/*`) has both paths, and the README the
-//! figures.
+//! `benches/routing_core.rs` (`hash/*`) has both paths, and
+//! docs/bench/routing-core.md the figures.
 //!
 //! The construction, for a block of `len ≥ 16` bytes and `enc(s, k)` one AES
 //! encryption round of state `s` with round key `k` (x86's `AESENC`):

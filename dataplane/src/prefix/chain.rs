@@ -1,13 +1,13 @@
 //! `h[i] = fold(h[i-1], block_hash(block[i]))`, streamed over however many
 //! slices the prompt arrives in.
 //!
-//! Why hash then fold rather than seeding each block's hash with `h[i-1]` (as
-//! kvroute first did with xxh3): the seed enters the hash's first step, so
+//! Why hash then fold rather than seeding each block's hash with `h[i-1]`
+//! (with xxh3, say): the seed enters the hash's first step, so
 //! every block would wait for the previous one; unseeded block hashes are
 //! independent and overlap in the CPU, and only the cheap fold is serial.
 //! `benches/routing_core.rs` (`hash/*`) measured seeded xxh3 at about twice the
 //! time of xxh3-then-fold from 4 KiB up (741 ns against 372 ns at 4 KiB, 20.6
-//! µs against 9.3 µs at 128 KiB; the README has the table).
+//! µs against 9.3 µs at 128 KiB; docs/bench/routing-core.md has the table).
 
 use smallvec::SmallVec;
 

@@ -20,6 +20,22 @@ pub struct RoutingConfig {
     pub block_bytes: usize,
     /// Leading prompt bytes whose chain hash places an unseen prefix.
     pub anchor_bytes: usize,
+    /// Weight of the matched fraction of the prompt in the kv-aware score.
+    pub w_cache: f64,
+    /// Weight of the normalised load in the kv-aware score.
+    pub w_load: f64,
+    /// Weight of the replica's queued prefill (uncached prompt bytes of requests in
+    /// flight there that have not produced output yet) in the kv-aware score, which
+    /// charges `w_prefill · (queued / scale)²`, `scale` being the larger of this
+    /// request's prompt and `prefill_scale_bytes`. At 1.0 a queue of `scale` bytes
+    /// costs as much as holding the whole prompt is worth.
+    pub w_prefill: f64,
+    /// Queued prefill, in prompt bytes, that `w_prefill` weighs as one unit for
+    /// prompts shorter than this (longer prompts are their own unit). Roughly the
+    /// queue that delays a first token by more than the prefill it saves to keep a
+    /// conversation where its cache is: 128 KiB is ~32K tokens, a few seconds of
+    /// prefill on one GPU.
+    pub prefill_scale_bytes: usize,
     /// No replica takes more than `(1+epsilon)` times the mean load.
     pub epsilon: f64,
     /// A replica with fewer in-flight requests than this is never over the load
@@ -43,6 +59,10 @@ impl Default for RoutingConfig {
             policy: PolicyKind::KvAware,
             block_bytes: 128,
             anchor_bytes: 1024,
+            w_cache: 1.0,
+            w_load: 0.05,
+            w_prefill: 1.0,
+            prefill_scale_bytes: 128 << 10,
             epsilon: 0.5,
             load_floor: 8,
             session_header: "x-session-id".into(),
@@ -68,14 +88,21 @@ impl RoutingConfig {
                 ),
             );
         }
+        if self.prefill_scale_bytes == 0 {
+            return bad("prefill_scale_bytes", "must be at least 1".into());
+        }
         if self.anchor_bytes < self.block_bytes {
             return bad("anchor_bytes", "must be at least block_bytes".into());
         }
-        if !self.epsilon.is_finite() || self.epsilon < 0.0 {
-            return bad(
-                "epsilon",
-                format!("{} must be a finite number >= 0", self.epsilon),
-            );
+        for (key, v) in [
+            ("w_cache", self.w_cache),
+            ("w_load", self.w_load),
+            ("w_prefill", self.w_prefill),
+            ("epsilon", self.epsilon),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(key, format!("{v} must be a finite number >= 0"));
+            }
         }
         if self.session_header.is_empty() || !self.session_header.bytes().all(is_token_byte) {
             return bad("session_header", "must be a valid HTTP header name".into());
@@ -100,6 +127,10 @@ impl RoutingConfig {
         KvAwareParams {
             block_bytes: self.block_bytes,
             anchor_blocks: self.anchor_blocks(),
+            w_cache: self.w_cache,
+            w_load: self.w_load,
+            w_prefill: self.w_prefill,
+            prefill_scale_bytes: self.prefill_scale_bytes,
             epsilon: self.epsilon,
             load_floor: self.load_floor,
             session_ttl_ms: self.session_ttl_ms,

@@ -1,47 +1,39 @@
-//! The `kv-aware` policy: every candidate priced in seconds, as the time to first
-//! token the request would see there, under the `(1+ε)·mean` load bound so a hot
-//! prefix spills instead of melting one replica.
+//! The `kv-aware` policy: session affinity, then the replica holding the longest
+//! cached prefix (traded against load), then the sooner of the anchor's two
+//! rendezvous choices for a prefix no replica holds, all under the `(1+ε)·mean`
+//! load bound so a hot prefix spills instead of melting one replica.
 //!
-//! Predicted TTFT on a replica = its overhead + (the prefill work queued ahead of
-//! the request there + the request's own uncached prompt) / its prefill rate.
-//! The overlap the prefix index predicts sets the uncached part; the queue is
-//! this proxy's uncached work in flight there plus the engine's own waiting
-//! requests beyond ours; the rate and overhead are learned per replica from its
-//! first tokens ([`super::prefill_model`]). A replica whose requests have been
-//! waiting longer than its queue explains (stalled, swapping, restarting) is
-//! predicted at least that slow, so it is never predicted fast.
-//!
-//! Locality is priced in the same seconds: a conversation moved off the replica
-//! holding its earlier turns pays its whole prompt's prefill at the destination,
-//! which is what its predicted TTFT there contains; it moves only when that is
-//! still sooner. The same goes for a session pin, kept while no replica is
-//! predicted sooner. Unseen prefixes go to the sooner of their anchor's two
-//! rendezvous choices, so instances with no shared state agree while loads are
-//! alike and still steer around a queue; prompts with no anchor go to the
-//! soonest replica.
+//! It learns each replica's speed from the responses: the prefill rate and
+//! fixed overhead from its first tokens ([`super::prefill_model`]), and the
+//! prompt bytes per engine token from its usage reports
+//! ([`super::bytes_per_token`]). With them it predicts, for every candidate, the
+//! seconds to the request's first token: overhead + (what is left of this
+//! proxy's backlog there ([`super::backlog`]) + the engine's own waiting
+//! requests + the request's uncached prompt) / rate. A prompt that matches no
+//! cached prefix goes where that is soonest (with an anchor: the sooner of its
+//! two rendezvous choices, so instances with no shared state agree while loads
+//! are alike); every decision carries its prediction, checked against the
+//! observed first token and exported per replica.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
+
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::backlog::Backlogs;
 use super::bytes_per_token::BytesPerToken;
-use super::consistent::{hrw_score, url_key, Candidate, LoadBound};
+use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
 use super::{
     candidates, Decision, DecisionKind, LearnedSpeed, Prediction, ResponseReport, RouteRequest,
     Router,
 };
-use crate::index::{IndexConfig, PrefixIndex};
+use crate::index::{IndexConfig, PrefixIndex, SlotModel};
 use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
-
-/// The reuse share before any report: half, forgotten at [`REUSE_DECAY`] per report.
-const REUSE_PRIOR: f64 = 0.5;
-const REUSE_DECAY: f64 = 1.0 / 256.0;
 
 /// The prediction error before any learned prediction was checked: a quarter,
 /// forgotten at [`ERROR_DECAY`] per checked response.
@@ -49,15 +41,21 @@ const ERROR_PRIOR: f64 = 0.25;
 const ERROR_DECAY: f64 = 1.0 / 64.0;
 /// Errors past this are clamped: a margin of 1 would never move a request.
 const ERROR_MAX: f64 = 0.9;
-
-/// Predicted times closer than this share are a tie, broken by rendezvous order
-/// (deterministic across instances) rather than by float noise.
+/// Predicted times closer than this share are a tie.
 const TIE: f64 = 1e-3;
+
+/// Share of `load_norm` taken by the replica's KV usage; the rest is its load
+/// relative to what the bound allows it.
+const KV_USAGE_SHARE: f64 = 0.25;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvAwareParams {
     pub block_bytes: usize,
     pub anchor_blocks: usize,
+    pub w_cache: f64,
+    pub w_load: f64,
+    pub w_prefill: f64,
+    pub prefill_scale_bytes: usize,
     pub epsilon: f64,
     /// Below this many in-flight requests a replica is never over the bound.
     pub load_floor: u64,
@@ -86,8 +84,8 @@ pub struct KvAwareCounters {
     pub cached_tokens: u64,
     /// First tokens learned from (streamed responses with a usage report).
     pub ttft_observations: u64,
-    /// Reports not learned from: missing or zero prompt tokens, more cached than
-    /// prompt tokens, an implausible bytes-per-token ratio or timing.
+    /// Reports not learned from: zero prompt tokens, more cached than prompt
+    /// tokens, an implausible bytes-per-token ratio or timing.
     pub ignored_reports: u64,
 }
 
@@ -108,16 +106,6 @@ struct Counters {
     ignored_reports: AtomicU64,
 }
 
-/// One priced candidate of a decision.
-#[derive(Debug, Clone, Copy)]
-struct Priced {
-    matched: u32,
-    ttft_s: f64,
-    cost_s: f64,
-    queued_bytes: f64,
-    secs_per_byte: f64,
-}
-
 pub struct KvAware {
     p: KvAwareParams,
     index: PrefixIndex,
@@ -128,18 +116,11 @@ pub struct KvAware {
     /// Mean uncached bytes per routed request (`f64` bits), to price the engine's
     /// own waiting requests, whose prompts this proxy never saw.
     mean_prefill_bytes: AtomicU64,
-    /// Share of prompt tokens the replicas report cached (`f64` bits): how likely
-    /// a cached block is to be used again, which prices a duplicated one.
-    reuse: AtomicU64,
-    /// Mean milliseconds between routed requests (`f64` bits) and the last one's
-    /// time: the arrival rate that prices the wait a prefill imposes on others.
-    mean_gap_ms: AtomicU64,
-    last_arrival_ms: AtomicU64,
     /// Typical relative error of learned TTFT predictions (`f64` bits): the mean
-    /// `|ln(observed / predicted)|`. A candidate predicted sooner by less than
-    /// this is not taken over the preferred one: on a noisy fleet a small
-    /// predicted saving is a coin flip that spends cache and cross-instance
-    /// agreement.
+    /// `|ln(observed / predicted)|`. A new prefix leaves its first rendezvous
+    /// choice only for one predicted sooner by more than this: on a noisy fleet
+    /// a small predicted saving is a coin flip that costs agreement between
+    /// instances.
     prediction_error: AtomicU64,
     next: AtomicUsize,
     /// URL key per slot as of the last replica change (0: slot unused), to tell a
@@ -157,9 +138,6 @@ impl KvAware {
             backlogs: Backlogs::default(),
             bytes_per_token: BytesPerToken::default(),
             mean_prefill_bytes: AtomicU64::new(0),
-            reuse: AtomicU64::new(REUSE_PRIOR.to_bits()),
-            mean_gap_ms: AtomicU64::new(f64::INFINITY.to_bits()),
-            last_arrival_ms: AtomicU64::new(u64::MAX),
             prediction_error: AtomicU64::new(ERROR_PRIOR.to_bits()),
             next: AtomicUsize::new(0),
             known: Mutex::new([0; MAX_REPLICAS]),
@@ -207,16 +185,71 @@ impl KvAware {
         }
     }
 
-    /// Block budget mirroring a replica's KV capacity, when it is known, in
-    /// prompt blocks at the learned bytes per token.
+    /// Block budget mirroring a replica's KV capacity, when it is known; for a
+    /// slot-based replica that does not report one, what its slots and host
+    /// cache hold at most.
     pub fn replica_budget(&self, r: &Replica) -> u64 {
         match (r.spec.kv_blocks, r.spec.kv_block_tokens) {
             (Some(blocks), Some(tokens)) => {
-                let bytes = blocks as f64 * f64::from(tokens) * self.bytes_per_token.overall();
-                (bytes / self.p.block_bytes.max(1) as f64) as u64
+                self.token_blocks(blocks.saturating_mul(u64::from(tokens)))
             }
-            _ => self.p.index.default_budget,
+            _ => self
+                .slot_model(r)
+                .filter(|m| m.slot_blocks < u32::MAX)
+                .map_or(self.p.index.default_budget, |m| m.max_blocks()),
         }
+    }
+
+    /// Prompt blocks of `tokens` engine tokens, at the learned bytes per token.
+    fn token_blocks(&self, tokens: u64) -> u64 {
+        (tokens as f64 * self.bytes_per_token.overall() / self.p.block_bytes.max(1) as f64) as u64
+    }
+
+    /// The slot model of a replica that reports `kv_slots` (llama.cpp), in
+    /// prompt blocks.
+    pub fn slot_model(&self, r: &Replica) -> Option<SlotModel> {
+        let slots = r.spec.kv_slots.filter(|s| *s > 0)?;
+        let slot_blocks = r.spec.kv_slot_tokens.map_or(u32::MAX, |t| {
+            self.token_blocks(u64::from(t))
+                .clamp(1, u64::from(u32::MAX)) as u32
+        });
+        Some(SlotModel {
+            slots,
+            slot_blocks,
+            host_blocks: self.token_blocks(r.spec.kv_host_tokens.unwrap_or(0)),
+        })
+    }
+
+    /// `w_cache·matched/total − w_load·load_norm − w_prefill·(queued/scale)²`,
+    /// `load_norm` being the load as a fraction of what the bound allows, blended
+    /// with the replica's KV usage, `queued` the prefill bytes waiting there, and
+    /// `scale` the larger of this prompt and `prefill_scale_bytes`.
+    ///
+    /// Request counts alone treat a replica prefilling one 100 KiB prompt as idle
+    /// next to one decoding two short answers; the queued prefill is what delays a
+    /// newcomer's first token. Why squared, and not in units of this prompt alone:
+    /// a short queue delays the first token by less than the overlap it would give
+    /// up saves (and a conversation moved off its replica takes its later turns'
+    /// hits along), while the long queues are what the TTFT tail is made of. In
+    /// units of a small prompt, every queue looked long, and small requests were
+    /// scattered off their cache; the offline replay of the trace (`cargo xtask
+    /// bench routing --offline`) put this form half a point of hit ratio above
+    /// the linear one at the same TTFT p99.
+    fn score(
+        &self,
+        c: &Candidate<'_>,
+        matched: u32,
+        total: usize,
+        prompt_bytes: usize,
+        bound: &LoadBound,
+    ) -> f64 {
+        let cache = f64::from(matched) / total.max(1) as f64;
+        let relative = c.load as f64 / bound.capacity(c.weight) as f64;
+        let kv = f64::from(c.kv_usage).clamp(0.0, 1.0);
+        let load_norm = (1.0 - KV_USAGE_SHARE) * relative + KV_USAGE_SHARE * kv;
+        let scale = prompt_bytes.max(self.p.prefill_scale_bytes).max(1) as f64;
+        let queued = c.pending_prefill as f64 / scale;
+        self.p.w_cache * cache - self.p.w_load * load_norm - self.p.w_prefill * queued * queued
     }
 
     /// Prompt bytes a replica holding `matched` blocks still has to prefill.
@@ -225,60 +258,8 @@ impl KvAware {
     }
 
     /// Seconds from sending the request to `c` until its first token, if `c`
-    /// holds `matched` of its blocks.
-    /// What sending the request to `c` costs, in seconds, with its predicted
-    /// TTFT there: the TTFT, plus what its prefill costs the requests after it.
-    /// Prefill work added to a server at utilisation `ρ` delays the requests
-    /// that arrive while it drains by `ρ / (1 − ρ)` times its length in all
-    /// (the busy period it extends, M/G/1). At low load this vanishes and a
-    /// request goes where it is answered soonest; near capacity, re-prefilling
-    /// a prefix another replica holds is charged for the queue it builds.
-    fn cost_s(
-        &self,
-        c: &Candidate<'_>,
-        fit: Fit,
-        matched: u32,
-        best: u32,
-        pressure: f64,
-        req: &RouteRequest<'_>,
-    ) -> Priced {
-        let (ttft_s, queued) = self.predicted_ttft_s(c, fit, matched, req);
-        let prefill = self.prefill_bytes(req.prompt_bytes, matched) as f64 * fit.secs_per_byte;
-        let duplicated = f64::from(best.saturating_sub(matched)) * self.p.block_bytes as f64;
-        let reuse = f64::from_bits(self.reuse.load(Ordering::Relaxed));
-        Priced {
-            matched,
-            ttft_s,
-            cost_s: ttft_s
-                + prefill * pressure
-                + duplicated
-                    * (reuse / (1.0 - reuse).max(0.05))
-                    * std::env::var("KVR_DUP")
-                        .ok()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(1.0)
-                    * fit.secs_per_byte,
-            queued_bytes: queued,
-            secs_per_byte: fit.secs_per_byte,
-        }
-    }
-
-    /// `ρ / (1 − ρ)` for the fleet's prefill utilisation `ρ`: arrivals per second
-    /// times the mean uncached prefill's seconds, per replica. Capped at
-    /// `ρ = 0.95` (a factor of 19) since past it the estimate is noise.
-    fn pressure(&self, fleet: Fit, replicas: f64) -> f64 {
-        let gap_s = f64::from_bits(self.mean_gap_ms.load(Ordering::Relaxed)) / 1e3;
-        let mean_prefill = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
-        if !(gap_s > 0.0) || replicas <= 0.0 {
-            return 0.0;
-        }
-        let rho = (mean_prefill * fleet.secs_per_byte / gap_s / replicas).clamp(0.0, 0.95);
-        rho / (1.0 - rho)
-    }
-
-    /// Seconds from sending the request to `c` until its first token, if `c`
-    /// holds `matched` of its blocks, with the bytes queued ahead of it there.
-    fn predicted_ttft_s(
+    /// holds `matched` of its blocks, and the bytes queued ahead of it there.
+    fn predicted_ttft(
         &self,
         c: &Candidate<'_>,
         fit: Fit,
@@ -315,18 +296,22 @@ impl KvAware {
         self.counters
             .ignored_reports
             .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("kvroute_routing_reports_ignored_total").increment(1);
     }
 }
 
-/// Index of the cheapest of `among`, which callers order by preference: a later
-/// candidate displaces an earlier one only when cheaper by more than `margin`
-/// of its cost.
-fn soonest(priced: &[Priced], margin: f64, among: impl Iterator<Item = usize>) -> Option<usize> {
+/// The soonest of `among`, which callers order by preference: a later one
+/// displaces an earlier one only when predicted sooner by more than `margin`.
+fn soonest(
+    predictions: &[Prediction],
+    margin: f64,
+    among: impl Iterator<Item = usize>,
+) -> Option<usize> {
     let keep = 1.0 - margin.max(TIE);
     let mut best: Option<usize> = None;
     for i in among {
         match best {
-            Some(b) if priced[i].cost_s >= priced[b].cost_s * keep => {}
+            Some(b) if predictions[i].ttft_s >= predictions[b].ttft_s * keep => {}
             _ => best = Some(i),
         }
     }
@@ -351,126 +336,114 @@ impl Router for KvAware {
             .fold(0u128, |m, c| m | (1u128 << c.replica.slot));
         let matches = self.index.longest_match(req.block_hashes, mask);
         let best_blocks = matches.best();
-
         let own: SmallVec<[Option<Fit>; 16]> = cands
             .iter()
             .map(|c| self.fits.get(c.replica.slot))
             .collect();
         let known: SmallVec<[Fit; 16]> = own.iter().flatten().copied().collect();
-        let pressure = self.pressure(fit_or_prior(None, &known), cands.len() as f64);
-        let priced: SmallVec<[Priced; 16]> = cands
+        let predictions: SmallVec<[Prediction; 16]> = cands
             .iter()
             .zip(&own)
-            .map(|(c, fit)| {
-                let matched = matches.get(c.replica.slot);
-                self.cost_s(
-                    c,
-                    fit_or_prior(*fit, &known),
-                    matched,
-                    best_blocks,
-                    pressure,
-                    req,
-                )
+            .map(|(c, f)| {
+                let fit = fit_or_prior(*f, &known);
+                let (ttft_s, queued) =
+                    self.predicted_ttft(c, fit, matches.get(c.replica.slot), req);
+                Prediction {
+                    ttft_s,
+                    secs_per_byte: fit.secs_per_byte,
+                    learned: f.is_some(),
+                    queued_ahead_bytes: queued as u64,
+                }
             })
             .collect();
         let model_key = req.model.map_or(0, |m| xxh3_64(m.as_bytes()));
-        let decide = |i: usize, kind: DecisionKind| Decision {
-            replica: cands[i].replica.clone(),
-            kind,
-            predicted_blocks: priced[i].matched,
-            best_blocks,
-            prefill_bytes: self.prefill_bytes(req.prompt_bytes, priced[i].matched),
-            prompt_bytes: req.prompt_bytes as u64,
-            model_key,
-            prediction: Some(Prediction {
-                ttft_s: priced[i].ttft_s,
-                secs_per_byte: priced[i].secs_per_byte,
-                learned: own[i].is_some(),
-                queued_ahead_bytes: priced[i].queued_bytes as u64,
-            }),
+        let decide = |i: usize, kind: DecisionKind| {
+            let predicted_blocks = matches.get(cands[i].replica.slot);
+            Decision {
+                replica: cands[i].replica.clone(),
+                kind,
+                predicted_blocks,
+                best_blocks,
+                prefill_bytes: self.prefill_bytes(req.prompt_bytes, predicted_blocks),
+                prompt_bytes: req.prompt_bytes as u64,
+                model_key,
+                prediction: Some(predictions[i]),
+            }
         };
         let admitted = |i: &usize| bound.admits(&cands[*i]);
 
-        // Preference among equal predictions: rendezvous order of the anchor, so
-        // instances agree; without an anchor, a rotation.
-        let anchor = super::consistent::anchor(
+        if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
+            let pinned = cands
+                .iter()
+                .position(|c| c.replica.slot == pin.slot && c.url_key == pin.url_key);
+            if let Some(i) = pinned.filter(|&i| bound.admits(&cands[i])) {
+                return Some(decide(i, DecisionKind::Session));
+            }
+        }
+
+        let anchor = anchor(
             req.block_hashes,
             self.p.anchor_blocks,
             req.model,
             req.session,
         );
-        let mut order: SmallVec<[usize; 16]> = (0..cands.len()).collect();
-        match anchor {
-            Some(a) => {
-                let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
-                order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
-            }
-            None => {
-                let n = order.len();
-                order.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
-            }
-        }
-        let pin = req
-            .session
-            .and_then(|s| self.sessions.get(s, req.now_ms))
-            .and_then(|p| {
-                cands
-                    .iter()
-                    .position(|c| c.replica.slot == p.slot && c.url_key == p.url_key)
+        if best_blocks == 0 {
+            let margin = f64::from_bits(self.prediction_error.load(Ordering::Relaxed));
+            let mut order: SmallVec<[usize; 16]> = (0..cands.len()).collect();
+            return Some(match anchor {
+                // An unseen prefix: the sooner of its two rendezvous choices
+                // that the bound admits.
+                Some(a) => {
+                    let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
+                    order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
+                    let first = order[0];
+                    let two = order.iter().copied().filter(admitted).take(2);
+                    let chosen = soonest(&predictions, margin, two).unwrap_or(first);
+                    let kind = if chosen == first {
+                        DecisionKind::Consistent
+                    } else if !bound.admits(&cands[first]) {
+                        DecisionKind::Spill
+                    } else {
+                        DecisionKind::LeastLoaded
+                    };
+                    decide(chosen, kind)
+                }
+                // Nothing to place by: the soonest, from a rotating start so
+                // equal predictions spread.
+                None => {
+                    let n = order.len();
+                    order.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
+                    let first = order[0];
+                    let chosen =
+                        soonest(&predictions, margin, order.iter().copied().filter(admitted))
+                            .unwrap_or(first);
+                    decide(chosen, DecisionKind::LeastLoaded)
+                }
             });
-        // Where the prefix is held, its holders come first (most overlap first):
-        // a move off them must be confidently sooner.
-        if best_blocks > 0 {
-            order.sort_by_key(|&i| std::cmp::Reverse(priced[i].matched));
-        }
-        if let Some(p) = pin {
-            let at = order.iter().position(|&i| i == p).expect("a candidate");
-            order[..=at].rotate_right(1);
-        }
-        let margin = f64::from_bits(self.prediction_error.load(Ordering::Relaxed));
-
-        if best_blocks == 0 && pin.is_none() {
-            let first = order[0];
-            let (chosen, kind) = if anchor.is_some() {
-                // An unseen prefix: the sooner of its two rendezvous choices.
-                let two: SmallVec<[usize; 2]> =
-                    order.iter().copied().filter(admitted).take(2).collect();
-                let chosen = soonest(&priced, margin, two.into_iter()).unwrap_or(first);
-                let kind = if chosen == first {
-                    DecisionKind::Consistent
-                } else if !bound.admits(&cands[first]) {
-                    DecisionKind::Spill
-                } else {
-                    DecisionKind::LeastLoaded
-                };
-                (chosen, kind)
-            } else {
-                let chosen = soonest(&priced, margin, order.iter().copied().filter(admitted))
-                    .unwrap_or(first);
-                (chosen, DecisionKind::LeastLoaded)
-            };
-            return Some(decide(chosen, kind));
         }
 
-        let preferred = soonest(&priced, margin, order.iter().copied()).expect("candidates");
-        let chosen =
-            soonest(&priced, margin, order.iter().copied().filter(admitted)).unwrap_or(preferred);
-        if std::env::var_os("KVR_DBG").is_some() && priced[chosen].matched < best_blocks {
-            let h = (0..priced.len())
-                .find(|&i| priced[i].matched == best_blocks)
-                .unwrap();
-            eprintln!("DBG prompt {} best {} chosen m {} ttft {:.4} cost {:.4} q {:.0} | holder ttft {:.4} cost {:.4} q {:.0} aw {} admit {} press {:.3}",
-              req.prompt_bytes, best_blocks, priced[chosen].matched, priced[chosen].ttft_s, priced[chosen].cost_s, priced[chosen].queued_bytes,
-              priced[h].ttft_s, priced[h].cost_s, priced[h].queued_bytes, cands[h].replica.awaiting(), bound.admits(&cands[h]), pressure);
-        }
+        // Ties in score (equal overlap and load) go by rendezvous order, so they
+        // too are deterministic across instances.
+        let total = req.block_hashes.len();
+        let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
+        let (preferred, chosen) = best_admitted(&cands, &bound, |c| {
+            (
+                self.score(
+                    c,
+                    matches.get(c.replica.slot),
+                    total,
+                    req.prompt_bytes,
+                    &bound,
+                ),
+                tie(c),
+            )
+        })?;
         let kind = if chosen != preferred {
             DecisionKind::Spill
-        } else if Some(chosen) == pin {
-            DecisionKind::Session
-        } else if priced[chosen].matched > 0 {
+        } else if matches.get(cands[chosen].replica.slot) > 0 {
             DecisionKind::Prefix
         } else {
-            // A queue outweighed every replica's overlap.
+            // Load outweighed every replica's overlap.
             DecisionKind::LeastLoaded
         };
         Some(decide(chosen, kind))
@@ -492,17 +465,6 @@ impl Router for KvAware {
                 req.now_ms,
                 p.secs_per_byte,
             );
-        }
-        let last = self.last_arrival_ms.swap(req.now_ms, Ordering::Relaxed);
-        if last != u64::MAX {
-            let gap = req.now_ms.saturating_sub(last) as f64;
-            let g = f64::from_bits(self.mean_gap_ms.load(Ordering::Relaxed));
-            let g = if g.is_finite() {
-                g + (gap - g) / 64.0
-            } else {
-                gap
-            };
-            self.mean_gap_ms.store(g.to_bits(), Ordering::Relaxed);
         }
         // A running mean over about the last 64 requests; racing updates lose
         // one sample's share, which a mean of 64 does not notice.
@@ -551,7 +513,10 @@ impl Router for KvAware {
                 prompt_tokens,
             )
         {
+            // A token count no tokenizer gives for this prompt: its other
+            // numbers are not to be trusted either.
             self.ignore();
+            return;
         }
         let bpt = self.bytes_per_token.get(decision.model_key);
         if let Some(cached_tokens) = report.cached_tokens {
@@ -562,10 +527,6 @@ impl Router for KvAware {
             c.predicted_tokens
                 .fetch_add(predicted_tokens, Ordering::Relaxed);
             c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
-            let share = cached_tokens as f64 / prompt_tokens as f64;
-            let r = f64::from_bits(self.reuse.load(Ordering::Relaxed));
-            self.reuse
-                .store((r + (share - r) * REUSE_DECAY).to_bits(), Ordering::Relaxed);
             let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
                 (true, true) => Some((&c.hit_hit, "hit_hit")),
                 (true, false) => Some((&c.hit_miss, "hit_miss")),
@@ -633,6 +594,12 @@ impl Router for KvAware {
                 .set(self.index.tracked(r.slot) as f64);
             metrics::gauge!("kvroute_index_replica_budget_blocks", "replica" => url.clone())
                 .set(self.index.budget(r.slot) as f64);
+            if let Some(o) = self.index.slot_occupancy(r.slot) {
+                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "slot")
+                    .set(f64::from(o.in_slots));
+                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "host")
+                    .set(f64::from(o.in_host));
+            }
             if let Some(fit) = self.fits.get(r.slot) {
                 metrics::gauge!("kvroute_replica_prefill_rate_bytes_per_second", "replica" => url.clone())
                     .set(fit.rate_bytes_per_s());
@@ -648,9 +615,6 @@ impl Router for KvAware {
             }
         }
         metrics::gauge!("kvroute_bytes_per_token").set(self.bytes_per_token.overall());
-        let c = self.counters();
-        metrics::gauge!("kvroute_routing_ttft_observations").set(c.ttft_observations as f64);
-        metrics::gauge!("kvroute_routing_ignored_reports").set(c.ignored_reports as f64);
     }
 
     fn on_replicas_changed(&self, set: &ReplicaSet) {
@@ -670,6 +634,7 @@ impl Router for KvAware {
             }
         }
         for r in &set.replicas {
+            self.index.set_slot_model(r.slot, self.slot_model(r));
             let budget = self.replica_budget(r);
             if self.index.budget(r.slot) != budget {
                 self.index.set_budget(r.slot, budget);

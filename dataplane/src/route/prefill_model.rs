@@ -260,7 +260,7 @@ mod tests {
 
     fn learn(f: &mut ReplicaFit, rate: f64, overhead: f64, n: u64, from: u64) {
         for i in from..from + n {
-            let work = 1000.0 + 200_000.0 * noise(i);
+            let work = (1000.0 + 200_000.0 * noise(i)).round();
             f.observe(work as u64, overhead + work / rate).unwrap();
         }
     }

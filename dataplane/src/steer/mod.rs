@@ -158,7 +158,9 @@ struct Attached {
     /// What [`Steering::reclaim`] needs to take the group back after a failed
     /// upgrade; the listeners are dropped when this process starts draining.
     group: Mutex<Group>,
-    /// Keeps the program and map fds for the process's life.
+    /// The loaded program, which [`Steering::reclaim`] attaches again; its
+    /// maps are taken out, so what is left is its fd and a few KB of
+    /// instructions.
     ebpf: Ebpf,
 }
 
@@ -223,7 +225,15 @@ impl Steering {
             tracing::info!("steering: kernel SO_REUSEPORT hash (configured)");
             return Ok(());
         }
-        match self.try_attach(listen, listeners) {
+        let attached = self.try_attach(listen, listeners);
+        // aya's `EbpfLoader::new` parses the kernel's BTF
+        // (/sys/kernel/btf/vmlinux, ~13 MB of heap, ~23 MB at its peak)
+        // although this object has no CO-RE relocations to apply. It is freed
+        // once loading ends, attached or not, but the allocator keeps the pages
+        // until this thread (later the admin API's) allocates again, which an
+        // idle proxy does not do.
+        crate::sys::alloc::release_free_memory();
+        match attached {
             Ok(a) => {
                 tracing::info!(
                     mode = self.policy.name(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use kvroute_tests::load::synthetic::SharedPrefixConfig;
 use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
-use kvroute_tests::load::{report, run_until, ApiMode, LoadConfig, Workload};
+use kvroute_tests::load::{progress, report, run_until, ApiMode, LoadConfig, Workload};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Synthetic {
@@ -72,6 +72,16 @@ struct Args {
     /// Requests leaving later than this behind schedule are reported as lagged.
     #[arg(long, default_value_t = 50)]
     lag_threshold_ms: u64,
+    /// Progress on stderr while the run goes: a line redrawn in place on a terminal and plain
+    /// lines otherwise (auto), plain lines, JSON counters a line (for a parent process), or off.
+    #[arg(long, value_enum, env = progress::STYLE_ENV, default_value = "auto")]
+    progress: progress::Style,
+    /// Seconds between two plain or JSON progress lines.
+    #[arg(long, env = progress::INTERVAL_ENV, default_value = "10", value_parser = progress::parse_interval)]
+    progress_interval_s: Duration,
+    /// Names the run in its progress lines.
+    #[arg(long, default_value = "kvroute-load")]
+    progress_label: String,
     /// Synthetic: number of shared system prompts.
     #[arg(long, default_value_t = 4)]
     groups: u32,
@@ -158,6 +168,11 @@ async fn main() -> anyhow::Result<()> {
     cfg.concurrency_limit = args.concurrency_limit;
     cfg.request_timeout = Duration::from_secs_f64(args.timeout_s);
     cfg.lag_threshold = Duration::from_millis(args.lag_threshold_ms);
+    cfg.progress = progress::Options {
+        style: args.progress,
+        interval: args.progress_interval_s,
+    };
+    cfg.progress_label.clone_from(&args.progress_label);
     // Ctrl-C ends an hour-long replay with a summary of what was sent instead of nothing.
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {

@@ -1,4 +1,5 @@
-//! `kvroute-sim`: a simulated vLLM-like replica for kvroute's tests and benchmarks.
+//! `kvroute-sim`: a simulated vLLM-like (or llama.cpp-like, `--engine llamacpp`) replica for
+//! kvroute's tests and benchmarks.
 #![forbid(unsafe_code)]
 
 use clap::Parser;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::progress;
 use super::synthetic::SharedPrefixConfig;
 use super::trace::{self, LowerOptions};
 
@@ -65,6 +66,11 @@ pub struct LoadConfig {
     pub request_timeout: Duration,
     /// Requests that leave later than this behind schedule are counted as lagged.
     pub lag_threshold: Duration,
+    /// Live counts on stderr while the run goes (off by default: in-process callers and tests
+    /// report for themselves).
+    pub progress: progress::Options,
+    /// Names the run in its progress lines.
+    pub progress_label: String,
 }
 
 impl LoadConfig {
@@ -78,6 +84,8 @@ impl LoadConfig {
             concurrency_limit: None,
             request_timeout: Duration::from_secs(60),
             lag_threshold: Duration::from_millis(50),
+            progress: progress::Options::OFF,
+            progress_label: "kvroute-load".to_owned(),
         }
     }
 }

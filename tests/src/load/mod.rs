@@ -6,13 +6,15 @@
 //! Pipeline: a workload (`trace` or `synthetic`) becomes a list of [`plan::Session`]s made of
 //! [`plan::Segment`]s (id + length), `text` turns ids into deterministic bytes, `body` renders
 //! OpenAI requests, `runner` sends them on schedule through `client`, `stats` folds the
-//! per-request [`record::Record`]s into a [`stats::Summary`], `report` prints it.
+//! per-request [`record::Record`]s into a [`stats::Summary`], `report` prints it; `progress`
+//! shows the run's live counts on stderr meanwhile.
 
 pub mod body;
 pub mod client;
 pub mod config;
 pub mod ideal;
 pub mod plan;
+pub mod progress;
 pub mod record;
 pub mod report;
 pub mod runner;

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -13,6 +14,7 @@ use super::client::{Client, Outgoing};
 use super::config::{ApiMode, LoadConfig};
 use super::ideal::ideal_hit_ratio;
 use super::plan::{Plan, Session};
+use super::progress::{Counters, Job, Progress};
 use super::record::Record;
 use super::stats::{summarize, RunInfo, Summary};
 
@@ -51,6 +53,15 @@ pub async fn run_plan_until(
     );
     let stopping = Arc::new(AtomicBool::new(false));
     tokio::pin!(stop);
+    let counters = Counters::new();
+    let span = plan.sessions.last().map_or(Duration::ZERO, |s| s.start);
+    let progress = Progress::start(
+        Job::new(cfg.progress_label.clone())
+            .planned(plan.request_count() as u64)
+            .schedule(span),
+        counters.clone(),
+        cfg.progress,
+    );
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut records = Vec::with_capacity(plan.request_count());
@@ -73,6 +84,7 @@ pub async fn run_plan_until(
             client.clone(),
             limit.clone(),
             stopping.clone(),
+            counters.clone(),
             cfg.mode,
             cfg.model.clone(),
         ));
@@ -85,6 +97,7 @@ pub async fn run_plan_until(
         records.extend(done?);
     }
     let elapsed = start.elapsed();
+    progress.finish();
     let summary = summarize(
         &records,
         RunInfo {
@@ -113,6 +126,7 @@ async fn run_session(
     client: Client,
     limit: Option<Arc<Semaphore>>,
     stopping: Arc<AtomicBool>,
+    counters: Arc<Counters>,
     mode: ApiMode,
     model: String,
 ) -> Vec<Record> {
@@ -137,9 +151,11 @@ async fn run_session(
             session: (mode == ApiMode::Chat).then(|| session.id.clone()),
             target: pick_target(&session.id, turn, client.targets()),
         };
+        counters.sent();
         let mut rec = client.send(outgoing, scheduled).await;
         rec.sent = scheduled.saturating_duration_since(run_start) + rec.lag;
         let failed = rec.error.is_some();
+        counters.finished(!failed);
         out.push(rec);
         if failed {
             // A later turn resends history the server never answered; a real user would have

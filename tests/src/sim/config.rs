@@ -56,6 +56,32 @@ pub struct Config {
     /// Runtime threads; 1 runs everything on one current-thread runtime.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: u32,
+    /// Whose surface to serve: `vllm` (vLLM's metric names, KV events) or
+    /// `llamacpp` (llama.cpp's server: `llamacpp:` metrics, `/props`, `/slots`,
+    /// `/health` answering 503 while loading). The cache model is the
+    /// simulator's own either way.
+    #[arg(long, value_enum, default_value_t = SimEngine::Vllm)]
+    pub engine: SimEngine,
+    /// llamacpp: slots (`--parallel`); requests beyond them wait (deferred).
+    /// Each slot's context is the KV capacity divided among them.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub parallel: u32,
+    /// llamacpp: serve no `/metrics` (501, as without `--metrics`).
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// llamacpp: serve no `/slots` (501, as with `--no-slots`).
+    #[arg(long)]
+    pub no_slots: bool,
+    /// Answer every request with llama.cpp's 503 "Loading model" for this long
+    /// after start (real milliseconds).
+    #[arg(long, default_value_t = 0)]
+    pub loading_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SimEngine {
+    Vllm,
+    Llamacpp,
 }
 
 impl Config {
@@ -71,5 +97,18 @@ impl Config {
 
     pub fn block_tokens(&self) -> usize {
         self.block_tokens as usize
+    }
+
+    /// Sequences that run at once: llama.cpp's slots, or `--max-seqs`.
+    pub fn running_limit(&self) -> usize {
+        match self.engine {
+            SimEngine::Llamacpp => self.parallel as usize,
+            SimEngine::Vllm => self.max_seqs,
+        }
+    }
+
+    /// llamacpp: the tokens one slot holds.
+    pub fn slot_tokens(&self) -> usize {
+        self.kv_blocks * self.block_tokens() / self.parallel.max(1) as usize
     }
 }

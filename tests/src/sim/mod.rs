@@ -1,7 +1,8 @@
 //! `kvroute-sim`: a simulated vLLM-like replica.
 //!
 //! The cache model (`cache`) and timing model (`engine`) are pure and unit-tested; `replica`
-//! ties them to the clock and to the KV event publisher (`events`); `server` is the HTTP layer.
+//! ties them to the clock and to the KV event publisher (`events`); `server` is the HTTP layer,
+//! serving vLLM's surface (`metrics`) or llama.cpp's (`llamacpp`).
 
 pub mod body;
 pub mod cache;
@@ -10,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod events;
 pub mod fault;
+pub mod llamacpp;
 pub mod metrics;
 pub mod replica;
 pub mod request;

@@ -38,6 +38,8 @@ pub struct Counters {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub requests_finished: u64,
+    /// Longest prompt plus completion admitted (llama.cpp's `n_tokens_max`).
+    pub longest_sequence: u64,
 }
 
 struct Inner {
@@ -54,6 +56,9 @@ pub struct Replica {
     pub config: Config,
     inner: Mutex<Inner>,
     epoch: Instant,
+    /// Microseconds since the Unix epoch at start: new with every process, as
+    /// llama.cpp's `Process-Start-Time-Unix` header is.
+    pub started_us: u64,
     next_id: AtomicU64,
     events: Option<mpsc::UnboundedSender<Batch>>,
 }
@@ -67,7 +72,7 @@ pub struct Prefilled {
 
 impl Replica {
     pub fn new(config: Config, events: Option<mpsc::UnboundedSender<Batch>>) -> Arc<Self> {
-        let engine = Engine::new(config.timing(), config.max_seqs);
+        let engine = Engine::new(config.timing(), config.running_limit());
         let cache = KvCache::new(config.kv_blocks, config.block_tokens());
         Arc::new(Self {
             config,
@@ -80,6 +85,10 @@ impl Replica {
                 wakers: HashMap::new(),
             }),
             epoch: Instant::now(),
+            started_us: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
             next_id: AtomicU64::new(1),
             events,
         })
@@ -138,6 +147,8 @@ impl Replica {
         let blocks = (prompt_tokens + max_tokens as usize).div_ceil(bt);
         let rx = {
             let mut inner = self.lock();
+            let seq = (prompt_tokens + max_tokens as usize) as u64;
+            inner.counters.longest_sequence = inner.counters.longest_sequence.max(seq);
             match inner.engine.arrive(id) {
                 Admission::Running => None,
                 Admission::Waiting => {
@@ -246,6 +257,11 @@ impl Replica {
 
     pub fn stats(&self) -> Stats {
         self.lock().stats.clone()
+    }
+
+    /// True while `--loading-ms` has not passed since start.
+    pub fn loading(&self) -> bool {
+        self.epoch.elapsed() < Duration::from_millis(self.config.loading_ms)
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -20,8 +20,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::body::SimBody;
+use super::config::SimEngine;
 use super::error::SimError;
 use super::fault::{FaultMode, FaultRequest};
+use super::llamacpp;
 use super::metrics;
 use super::replica::Replica;
 use super::request::{Endpoint, SimRequest};
@@ -126,7 +128,36 @@ pub async fn serve(listener: TcpListener, replica: Arc<Replica>) -> io::Result<(
 /// `None` asks for the connection to be reset.
 async fn handle(replica: &Arc<Replica>, req: Request<Incoming>) -> Option<Response<SimBody>> {
     let path = req.uri().path();
+    if replica.loading() {
+        let mut r = json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            llamacpp::error_body(503, "Loading model"),
+        );
+        add_replica_header(replica, &mut r);
+        return Some(r);
+    }
+    let llama = replica.config.engine == SimEngine::Llamacpp;
     let mut resp = match (req.method(), path) {
+        (&Method::GET, "/health") if llama => json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+        (&Method::GET, "/metrics") if llama => llamacpp_metrics(replica),
+        (&Method::GET, "/props") if llama => json(
+            StatusCode::OK,
+            serde_json::to_vec(&llamacpp::props(&replica.config)).unwrap_or_default(),
+        ),
+        (&Method::GET, "/slots") if llama => {
+            if replica.config.no_slots {
+                not_supported(
+                    "This server does not support slots endpoint. Start it with `--slots`",
+                )
+            } else {
+                let running = replica.snapshot().running;
+                json(
+                    StatusCode::OK,
+                    serde_json::to_vec(&llamacpp::slots(&replica.config, running))
+                        .unwrap_or_default(),
+                )
+            }
+        }
         (&Method::POST, "/v1/completions") => {
             return inference(replica, req, Endpoint::Completions).await
         }
@@ -170,6 +201,30 @@ async fn handle(replica: &Arc<Replica>, req: Request<Incoming>) -> Option<Respon
     };
     add_replica_header(replica, &mut resp);
     Some(resp)
+}
+
+fn llamacpp_metrics(replica: &Replica) -> Response<SimBody> {
+    if replica.config.no_metrics {
+        return not_supported(
+            "This server does not support metrics endpoint. Start it with `--metrics`",
+        );
+    }
+    let mut r = Response::new(SimBody::full(llamacpp::render_metrics(&replica.snapshot())));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&replica.started_us.to_string()) {
+        r.headers_mut().insert("process-start-time-unix", v);
+    }
+    r
+}
+
+fn not_supported(message: &str) -> Response<SimBody> {
+    json(
+        StatusCode::NOT_IMPLEMENTED,
+        llamacpp::error_body(501, message),
+    )
 }
 
 async fn inference(

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvroute_tests::load::progress::Counters;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
@@ -24,6 +25,8 @@ pub struct Params {
     pub duration: Duration,
     pub connections: usize,
     pub request: Arc<Vec<u8>>,
+    /// Sent, completed and failed requests as the run goes (for its progress line).
+    pub counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -87,7 +90,7 @@ async fn run_async(p: &Params) -> anyhow::Result<Outcome> {
     for s in conns {
         let rx = rx.clone();
         let req = p.request.clone();
-        tasks.push(tokio::spawn(conn_loop(s, rx, req)));
+        tasks.push(tokio::spawn(conn_loop(s, rx, req, p.counters.clone())));
     }
     let mut out = Outcome {
         scheduled: total,
@@ -119,6 +122,7 @@ async fn conn_loop(
     mut s: TcpStream,
     rx: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
     req: Arc<Vec<u8>>,
+    counters: Arc<Counters>,
 ) -> (Vec<u64>, Vec<u64>, Vec<u64>, u64) {
     let mut lat = Vec::new();
     let mut svc = Vec::new();
@@ -134,8 +138,11 @@ async fn conn_loop(
             }
         };
         let sent = Instant::now();
+        counters.sent();
         lag.push(sent.saturating_duration_since(due).as_nanos() as u64);
-        match exchange(&mut s, &req, &mut buf).await {
+        let result = exchange(&mut s, &req, &mut buf).await;
+        counters.finished(result.is_ok());
+        match result {
             Ok(()) => {
                 let end = Instant::now();
                 lat.push(end.saturating_duration_since(due).as_nanos() as u64);

@@ -117,8 +117,38 @@ impl Child {
         log: &Path,
         stdout: Option<&Path>,
     ) -> anyhow::Result<Child> {
+        Self::spawn_inner(name, program.as_ref(), args, log, stdout, None)
+    }
+
+    /// Like [`Child::spawn_with_stdout`], with every stderr line offered to `take` first: the
+    /// lines it returns true for are its own (a child's progress counters), the rest go to `log`.
+    pub fn spawn_taking_stderr(
+        name: &str,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[String],
+        log: &Path,
+        stdout: Option<&Path>,
+        take: impl FnMut(&str) -> bool + Send + 'static,
+    ) -> anyhow::Result<Child> {
+        Self::spawn_inner(
+            name,
+            program.as_ref(),
+            args,
+            log,
+            stdout,
+            Some(Box::new(take)),
+        )
+    }
+
+    fn spawn_inner(
+        name: &str,
+        program: &std::ffi::OsStr,
+        args: &[String],
+        log: &Path,
+        stdout: Option<&Path>,
+        take: Option<LineFilter>,
+    ) -> anyhow::Result<Child> {
         install_signal_handler();
-        let program = program.as_ref();
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         }
@@ -135,12 +165,19 @@ impl Child {
             }
             None => Command::new(program),
         };
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
+        let forward = match take {
+            Some(take) => {
+                cmd.stderr(Stdio::piped());
+                Some((take, err))
+            }
+            None => {
+                cmd.stderr(Stdio::from(err));
+                None
+            }
+        };
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(out));
         let mut registry = live();
-        let inner = cmd.spawn().with_context(|| {
+        let mut inner = cmd.spawn().with_context(|| {
             format!(
                 "{name}: cannot start {} (log {})",
                 Path::new(program).display(),
@@ -148,6 +185,13 @@ impl Child {
             )
         })?;
         registry.push(inner.id());
+        if let (Some((take, log_file)), Some(pipe)) = (forward, inner.stderr.take()) {
+            // Ends at end of file, when the child exits (or is killed).
+            std::thread::Builder::new()
+                .name(format!("{name}-stderr"))
+                .spawn(move || forward_stderr(pipe, take, log_file))
+                .context("start the stderr reader")?;
+        }
         Ok(Child {
             inner,
             name: name.to_owned(),
@@ -233,6 +277,25 @@ impl Child {
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Decides whether a child's stderr line is taken by the parent (true) or logged.
+type LineFilter = Box<dyn FnMut(&str) -> bool + Send>;
+
+fn forward_stderr(pipe: std::process::ChildStderr, mut take: LineFilter, mut log: File) {
+    use std::io::{BufRead, Write};
+    let mut reader = std::io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !take(&String::from_utf8_lossy(&line)) {
+            let _ = log.write_all(&line);
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kvroute_tests::load::plan::Plan;
+use kvroute_tests::load::progress::{self, Counters, Job, Progress, Snapshot};
 use kvroute_tests::load::{ApiMode, Summary, Workload};
 use serde::Serialize;
 
@@ -123,15 +124,36 @@ pub fn measure(
     log_dir: &Path,
     tag: &str,
 ) -> anyhow::Result<Measured> {
+    let progress_opts = progress::Options::from_env()?;
     let mut args = load_args.to_vec();
     args.extend(["--target".into(), fleet.urls().join(","), "--json".into()]);
+    // The child sends its live counters as JSON lines on stderr; this process shows them, on
+    // its own stderr (a terminal or not), and logs the child's other lines as before.
+    args.extend(["--progress".into(), "json".into()]);
+    args.extend(["--progress-interval-s".into(), "0.5".into()]);
     let slug = fleet.label.replace([' ', '_'], "-");
     let log = log_dir.join(format!("{tag}-{slug}-kvroute-load.log"));
     let out = log_dir.join(format!("{tag}-{slug}-kvroute-load.json"));
-    let mut load = Child::spawn_with_stdout("kvroute-load", &bins.load, &args, &log, Some(&out))?;
+    let counters = Counters::new();
+    let seen = counters.clone();
+    let mut load = Child::spawn_taking_stderr(
+        "kvroute-load",
+        &bins.load,
+        &args,
+        &log,
+        Some(&out),
+        move |line| Snapshot::from_wire(line).map(|s| seen.set(s)).is_some(),
+    )?;
+    let span = plan.sessions.last().map_or(Duration::ZERO, |s| s.start);
+    let shown = Progress::start(
+        Job::new(format!("{tag} {}", fleet.label))
+            .planned(plan.request_count() as u64)
+            .schedule(span),
+        counters.clone(),
+        progress_opts,
+    );
     // The schedule, plus room for the last requests to finish and for a slow shared machine.
-    let span = plan.sessions.last().map_or(0.0, |s| s.start.as_secs_f64());
-    let st = load.wait_exit(Duration::from_secs_f64(span * 2.0 + 300.0))?;
+    let st = load.wait_exit(span * 2 + Duration::from_secs(300))?;
     anyhow::ensure!(
         st.success(),
         "kvroute-load exited with {st}; log {}:\n{}",
@@ -141,6 +163,14 @@ pub fn measure(
     let text = std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
     let client: Summary = serde_json::from_str(text.trim())
         .with_context(|| format!("kvroute-load summary in {}", out.display()))?;
+    // The final line shows the summary's counts: the child's last progress line may still be
+    // in the pipe.
+    counters.set(Snapshot {
+        sent: client.requests,
+        completed: client.requests.saturating_sub(client.errors),
+        errors: client.errors,
+    });
+    shown.finish();
     // A router or replica that died mid-run would otherwise show up only as a pile of errors.
     fleet.ensure_running()?;
     let fleet_counts = FleetCounts::from_stats(&fleet.sim_stats()?);
