@@ -731,7 +731,7 @@ async fn forward<R: Runtime>(
         };
         let replica = d.replica.clone();
         last_replica = Some(replica.clone());
-        let in_flight = replica.begin(d.prefill_bytes);
+        let in_flight = replica.begin_at(d.prefill_bytes, ctx.shared.now_ms());
         let started = Instant::now();
         match attempt::<R>(
             ctx,
@@ -1006,7 +1006,7 @@ async fn relay<R: Runtime>(
     // The first body byte is the replica's first output: its prefill is done (the
     // head alone is not: engines send it before they have scheduled the prompt).
     if !leftover.is_empty() {
-        in_flight.prefill_done();
+        in_flight.prefill_done_at(ctx.shared.now_ms());
     }
     let take = match tracker.advance(leftover) {
         Ok(t) => t,
@@ -1049,7 +1049,7 @@ async fn relay<R: Runtime>(
             Ok(Err(_)) | Err(_) => 0,
         };
         if read > 0 {
-            in_flight.prefill_done();
+            in_flight.prefill_done_at(ctx.shared.now_ms());
         }
         if read == 0 {
             if tracker.framing == ResponseFraming::UntilClose {
@@ -1107,10 +1107,13 @@ async fn relay<R: Runtime>(
     // Reached only with the body whole (a cut-off returned above); an until-close
     // body never got a recorder.
     tap.complete(rec);
-    if let Some((prompt, cached)) = tail.as_ref().and_then(|t| t.usage()) {
-        ctx.shared
-            .router
-            .on_usage_predicted(decision, prompt, cached);
+    if let Some(t) = tail.as_ref() {
+        let report = crate::route::ResponseReport {
+            prompt_tokens: t.prompt_tokens(),
+            cached_tokens: t.cached_tokens(),
+            ttft_ms: in_flight.ttft_ms().filter(|_| rhead.content_type_sse),
+        };
+        ctx.shared.router.on_response(decision, &report);
     }
     let reusable =
         rhead.keep_alive && clean_upstream && tracker.framing != ResponseFraming::UntilClose;

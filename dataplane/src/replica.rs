@@ -115,6 +115,9 @@ pub struct Replica {
     /// decides a newcomer's time to first token. Shared across spec changes like
     /// `in_flight`.
     pub pending_prefill: Arc<AtomicU64>,
+    /// This proxy's timed requests on the replica still waiting for their first
+    /// byte. Shared across spec changes like `in_flight`.
+    pub awaiting: Arc<AtomicU32>,
     /// Passive health: consecutive failed attempts (reset on success).
     pub consecutive_failures: Arc<AtomicU32>,
     pub healthy: AtomicBool,
@@ -147,12 +150,17 @@ impl Replica {
         *self.external.lock().unwrap_or_else(|e| e.into_inner()) = load;
     }
 
+    /// This proxy's requests on the replica waiting for their first byte.
+    pub fn awaiting(&self) -> u32 {
+        self.awaiting.load(Ordering::Relaxed)
+    }
+
     pub fn pending_prefill(&self) -> u64 {
         self.pending_prefill.load(Ordering::Relaxed)
     }
 
     /// Marks the start of a request that brings `prefill_bytes` of uncached prompt;
-    /// the guard ends it.
+    /// the guard ends it. Not timed: see [`Replica::begin_at`].
     pub fn begin(self: &Arc<Self>, prefill_bytes: u64) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.pending_prefill
@@ -161,7 +169,20 @@ impl Replica {
         InFlight {
             replica: self.clone(),
             prefill_bytes,
+            sent_ms: None,
+            first_byte_ms: None,
+            awaiting: false,
         }
+    }
+
+    /// [`Replica::begin`] for a request sent at `now_ms`: the guard records when its
+    /// first byte came, and until then it counts in `awaiting`.
+    pub fn begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> InFlight {
+        let mut g = self.begin(prefill_bytes);
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
+        g.sent_ms = Some(now_ms);
+        g.awaiting = true;
+        g
     }
 }
 
@@ -170,6 +191,10 @@ impl Replica {
 pub struct InFlight {
     replica: Arc<Replica>,
     prefill_bytes: u64,
+    sent_ms: Option<u64>,
+    first_byte_ms: Option<u64>,
+    /// Counted in the replica's `awaiting` until the first byte or the end.
+    awaiting: bool,
 }
 
 impl InFlight {
@@ -180,6 +205,24 @@ impl InFlight {
         if b > 0 {
             self.replica.pending_prefill.fetch_sub(b, Ordering::Relaxed);
         }
+        if std::mem::take(&mut self.awaiting) {
+            self.replica.awaiting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// [`InFlight::prefill_done`] at `now_ms`, which is kept as the first byte's
+    /// time (the first call counts).
+    pub fn prefill_done_at(&mut self, now_ms: u64) {
+        if self.awaiting {
+            self.first_byte_ms = Some(now_ms);
+        }
+        self.prefill_done();
+    }
+
+    /// Milliseconds from send to first byte, for a request begun with a time whose
+    /// first byte was seen with one.
+    pub fn ttft_ms(&self) -> Option<u64> {
+        Some(self.first_byte_ms?.saturating_sub(self.sent_ms?))
     }
 }
 
@@ -271,6 +314,7 @@ impl ReplicaTable {
                         authority: r.authority.clone(),
                         in_flight: r.in_flight.clone(),
                         pending_prefill: r.pending_prefill.clone(),
+                        awaiting: r.awaiting.clone(),
                         consecutive_failures: r.consecutive_failures.clone(),
                         healthy: AtomicBool::new(spec.healthy),
                         requests: r.requests.clone(),
@@ -299,6 +343,7 @@ impl ReplicaTable {
                 authority,
                 in_flight: Arc::default(),
                 pending_prefill: Arc::default(),
+                awaiting: Arc::default(),
                 consecutive_failures: Arc::default(),
                 requests: Arc::default(),
                 failures: Arc::default(),

@@ -258,3 +258,73 @@ fn queued_prefill_is_counted_until_the_first_output_byte() {
         replica(&k)
     );
 }
+
+/// kv-aware learns each replica's prefill speed from its streamed first tokens:
+/// of two replicas that differ 4x in prefill speed, `/state` and `/metrics`
+/// show the slow one's learned rate well under the fast one's, and each
+/// decision's prediction is checked against what came back.
+#[test]
+fn prefill_speed_is_learned_per_replica() {
+    let sim = |model: &str, tps: &str| {
+        Sim::start(
+            model,
+            &[
+                "--model",
+                model,
+                "--time-scale",
+                "1",
+                "--prefill-tps",
+                tps,
+                "--decode-tps",
+                "1000",
+            ],
+        )
+    };
+    let (fast, slow) = (sim("fast", "40000"), sim("slow", "10000"));
+    let k = Kvroute::start(&[
+        "--policy",
+        "kv-aware",
+        "--workers",
+        "1",
+        "--replica",
+        &format!("{}=fast", fast.url()),
+        "--replica",
+        &format!("{}=slow", slow.url()),
+    ]);
+    for i in 0..10usize {
+        for model in ["fast", "slow"] {
+            // 2–20 KB prompts (500–5,000 tokens), each new to the replica.
+            let prompt = filler_text(100 + i as u64, 2_000 * (i + 1));
+            let body = serde_json::json!({
+                "model": model, "prompt": format!("{model} {i} {prompt}"), "max_tokens": 2,
+                "stream": true, "stream_options": {"include_usage": true}
+            })
+            .to_string();
+            let r = post(k.addr, "/v1/completions", &body).unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    let state = k.admin_get("/state").json();
+    let rate = |url: String| {
+        let r = state["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["url"] == url.as_str())
+            .unwrap()
+            .clone();
+        r["learned"]["prefill_bytes_per_s"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("nothing learned: {r}"))
+    };
+    let (f, s) = (rate(fast.url()), rate(slow.url()));
+    assert!(f > 2.0 * s, "fast {f} B/s, slow {s} B/s");
+    let m = k.admin_get("/metrics").text();
+    for name in [
+        "kvroute_replica_prefill_rate_bytes_per_second{",
+        "kvroute_ttft_prediction_ratio_count{",
+        "kvroute_bytes_per_token ",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+}

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 
 use kvroute::prefix::analyze;
 use kvroute::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
-use kvroute::route::{DecisionKind, RoutingConfig};
+use kvroute::route::{Decision, DecisionKind, ResponseReport, RoutingConfig};
 
 use kvroute_tests::load::body;
 use kvroute_tests::load::plan::Plan;
@@ -114,6 +114,13 @@ struct Live {
     prompt_tokens: usize,
     max_tokens: u32,
     in_flight: InFlight,
+    decision: Decision,
+    cached_tokens: usize,
+}
+
+/// Simulated seconds on the millisecond clock routers are given.
+fn ms(t: f64) -> u64 {
+    (t * 1e3) as u64
 }
 
 /// Replays `plan` (completions API) through the policy `routing` configures.
@@ -172,9 +179,10 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
     let mut live: Vec<Option<Live>> = Vec::new();
 
     // Lookup and prefill of a running request; returns when its first token is out.
-    let start_prefill = |sim: &mut Sim, l: &Live, now: f64, out: &mut ReplayResult| -> f64 {
+    let start_prefill = |sim: &mut Sim, l: &mut Live, now: f64, out: &mut ReplayResult| -> f64 {
         let matched = sim.cache.lookup(&l.hashes);
         let cached = (matched * fleet.block_tokens).min(l.prompt_tokens);
+        l.cached_tokens = cached;
         out.prompt_tokens += l.prompt_tokens as u64;
         out.cached_tokens += cached as u64;
         sim.engine.prefill(now, l.prompt_tokens - cached)
@@ -187,7 +195,7 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 out.requests += 1;
                 let body = body::render(req, ApiMode::Completions, MODEL);
                 let analyzed = analyze(path, &body, &prefix).expect("rendered bodies parse");
-                let rr = analyzed.route_request(path, None, (now * 1e3) as u64);
+                let rr = analyzed.route_request(path, None, ms(now));
                 let Some(decision) = router.pick(&rr, &set, &[]) else {
                     out.unrouted += 1;
                     if turn + 1 < plan.sessions[session].requests.len() {
@@ -202,7 +210,6 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                     }
                     continue;
                 };
-                router.on_routed(&rr, &decision);
                 *out.decisions.entry(decision.kind.as_str()).or_default() += 1;
                 if decision.kind != DecisionKind::Session && !rr.block_hashes.is_empty() {
                     out.regret +=
@@ -216,7 +223,10 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 let prompt_tokens = sim_req.prompt_tokens();
                 let prompt = sim_req.prompt;
                 let hashes = block_hashes(&prompt, sims[replica].cache.block_bytes());
-                let in_flight = Replica::begin(&decision.replica, decision.prefill_bytes);
+                let in_flight =
+                    Replica::begin_at(&decision.replica, decision.prefill_bytes, ms(now));
+                // After `begin`, as the proxy does once the request is sent.
+                router.on_routed(&rr, &decision);
                 let id = live.len();
                 let l = Live {
                     session,
@@ -228,11 +238,14 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                     prompt_tokens,
                     max_tokens: req.max_tokens,
                     in_flight,
+                    decision,
+                    cached_tokens: 0,
                 };
                 let sim = &mut sims[replica];
+                let mut l = l;
                 match sim.engine.arrive(id as u64) {
                     Admission::Running => {
-                        let done = start_prefill(sim, &l, now, &mut out);
+                        let done = start_prefill(sim, &mut l, now, &mut out);
                         push(&mut heap, done, What::Prefilled { id });
                     }
                     // Started by the `Finish` that frees a running slot.
@@ -244,7 +257,7 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 let l = live[id].as_mut().expect("live until finished");
                 let sim = &mut sims[l.replica];
                 sim.cache.insert(&l.prompt, &l.hashes);
-                l.in_flight.prefill_done();
+                l.in_flight.prefill_done_at(ms(now));
                 ttft_ms.push((now - l.arrived) * 1e3);
                 let decode = f64::from(l.max_tokens.saturating_sub(1)) * sim.engine.decode_step();
                 push(&mut heap, now + decode, What::Finish { id });
@@ -254,10 +267,17 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
                 let sim = &mut sims[l.replica];
                 if let Some(next) = sim.engine.finish() {
                     let nid = next as usize;
-                    let nl = live[nid].as_ref().expect("a waiting request is live");
+                    let nl = live[nid].as_mut().expect("a waiting request is live");
                     let done = start_prefill(sim, nl, now, &mut out);
                     push(&mut heap, done, What::Prefilled { id: nid });
                 }
+                // What the proxy reports of a streamed response with usage.
+                let report = ResponseReport {
+                    prompt_tokens: Some(l.prompt_tokens as u64),
+                    cached_tokens: Some(l.cached_tokens as u64),
+                    ttft_ms: l.in_flight.ttft_ms(),
+                };
+                router.on_response(&l.decision, &report);
                 drop(l.in_flight);
                 if l.turn + 1 < plan.sessions[l.session].requests.len() {
                     push(

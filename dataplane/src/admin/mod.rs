@@ -181,4 +181,8 @@ pub struct ReplicaState {
     pub kv_slot_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_host_tokens: Option<u64>,
+    /// The replica's prefill speed as the routing policy learned it from its
+    /// first tokens (absent until it has enough of them).
+    #[serde(default)]
+    pub learned: Option<crate::route::LearnedSpeed>,
 }

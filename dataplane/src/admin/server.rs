@@ -378,6 +378,7 @@ pub fn state(shared: &Shared) -> State {
                 kv_slots: r.spec.kv_slots,
                 kv_slot_tokens: r.spec.kv_slot_tokens,
                 kv_host_tokens: r.spec.kv_host_tokens,
+                learned: shared.router.learned(r.slot),
             })
             .collect(),
         steering: shared.steering.state(),

@@ -25,11 +25,19 @@ impl UsageTail {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// `usage.prompt_tokens`, when the tail has it.
+    pub fn prompt_tokens(&self) -> Option<u64> {
+        last_number(&self.buf, b"\"prompt_tokens\"")
+    }
+
+    /// `cached_tokens` (in `prompt_tokens_details`), when the tail has it.
+    pub fn cached_tokens(&self) -> Option<u64> {
+        last_number(&self.buf, b"\"cached_tokens\"")
+    }
+
     /// `(prompt_tokens, cached_tokens)` when the tail reports both.
     pub fn usage(&self) -> Option<(u64, u64)> {
-        let prompt = last_number(&self.buf, b"\"prompt_tokens\"")?;
-        let cached = last_number(&self.buf, b"\"cached_tokens\"")?;
-        Some((prompt, cached))
+        Some((self.prompt_tokens()?, self.cached_tokens()?))
     }
 }
 

@@ -1,7 +1,19 @@
 //! The `kv-aware` policy: session affinity, then the replica holding the longest
-//! cached prefix (traded against load), then consistent hashing of the anchor,
-//! all under the `(1+ε)·mean` load bound so a hot prefix spills instead of
-//! melting one replica.
+//! cached prefix (traded against load), then the sooner of the anchor's two
+//! rendezvous choices for a prefix no replica holds, all under the `(1+ε)·mean`
+//! load bound so a hot prefix spills instead of melting one replica.
+//!
+//! It learns each replica's speed from the responses: the prefill rate and
+//! fixed overhead from its first tokens ([`super::prefill_model`]), and the
+//! prompt bytes per engine token from its usage reports
+//! ([`super::bytes_per_token`]). With them it predicts, for every candidate, the
+//! seconds to the request's first token: overhead + (what is left of this
+//! proxy's backlog there ([`super::backlog`]) + the engine's own waiting
+//! requests + the request's uncached prompt) / rate. A prompt that matches no
+//! cached prefix goes where that is soonest (with an anchor: the sooner of its
+//! two rendezvous choices, so instances with no shared state agree while loads
+//! are alike); every decision carries its prediction, checked against the
+//! observed first token and exported per replica.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -9,17 +21,28 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use parking_lot::Mutex;
 use smallvec::SmallVec;
 
-use super::consistent::{
-    anchor, best_admitted, hrw_score, place, rotate, url_key, Candidate, LoadBound,
-};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::backlog::Backlogs;
+use super::bytes_per_token::BytesPerToken;
+use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
+use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
-use super::{candidates, Decision, DecisionKind, RouteRequest, Router};
+use super::{
+    candidates, Decision, DecisionKind, LearnedSpeed, Prediction, ResponseReport, RouteRequest,
+    Router,
+};
 use crate::index::{IndexConfig, PrefixIndex, SlotModel};
 use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
 
-/// Bytes of prompt text per token, to turn a replica's KV capacity (tokens) into
-/// prompt blocks and predicted blocks into tokens comparable with `cached_tokens`.
-pub const BYTES_PER_TOKEN: u64 = 4;
+/// The prediction error before any learned prediction was checked: a quarter,
+/// forgotten at [`ERROR_DECAY`] per checked response.
+const ERROR_PRIOR: f64 = 0.25;
+const ERROR_DECAY: f64 = 1.0 / 64.0;
+/// Errors past this are clamped: a margin of 1 would never move a request.
+const ERROR_MAX: f64 = 0.9;
+/// Predicted times closer than this share are a tie.
+const TIE: f64 = 1e-3;
 
 /// Share of `load_norm` taken by the replica's KV usage; the rest is its load
 /// relative to what the bound allows it.
@@ -59,6 +82,11 @@ pub struct KvAwareCounters {
     pub predicted_miss_actual_hit: u64,
     pub predicted_tokens: u64,
     pub cached_tokens: u64,
+    /// First tokens learned from (streamed responses with a usage report).
+    pub ttft_observations: u64,
+    /// Reports not learned from: zero prompt tokens, more cached than prompt
+    /// tokens, an implausible bytes-per-token ratio or timing.
+    pub ignored_reports: u64,
 }
 
 #[derive(Default)]
@@ -74,12 +102,26 @@ struct Counters {
     miss_hit: AtomicU64,
     predicted_tokens: AtomicU64,
     cached_tokens: AtomicU64,
+    ttft_observations: AtomicU64,
+    ignored_reports: AtomicU64,
 }
 
 pub struct KvAware {
     p: KvAwareParams,
     index: PrefixIndex,
     sessions: SessionTable,
+    fits: FleetFits,
+    backlogs: Backlogs,
+    bytes_per_token: BytesPerToken,
+    /// Mean uncached bytes per routed request (`f64` bits), to price the engine's
+    /// own waiting requests, whose prompts this proxy never saw.
+    mean_prefill_bytes: AtomicU64,
+    /// Typical relative error of learned TTFT predictions (`f64` bits): the mean
+    /// `|ln(observed / predicted)|`. A new prefix leaves its first rendezvous
+    /// choice only for one predicted sooner by more than this: on a noisy fleet
+    /// a small predicted saving is a coin flip that costs agreement between
+    /// instances.
+    prediction_error: AtomicU64,
     next: AtomicUsize,
     /// URL key per slot as of the last replica change (0: slot unused), to tell a
     /// removed replica from a slot reused by another.
@@ -92,6 +134,11 @@ impl KvAware {
         KvAware {
             index: PrefixIndex::new(&p.index),
             sessions: SessionTable::new(p.session_capacity, p.session_ttl_ms),
+            fits: FleetFits::default(),
+            backlogs: Backlogs::default(),
+            bytes_per_token: BytesPerToken::default(),
+            mean_prefill_bytes: AtomicU64::new(0),
+            prediction_error: AtomicU64::new(ERROR_PRIOR.to_bits()),
             next: AtomicUsize::new(0),
             known: Mutex::new([0; MAX_REPLICAS]),
             counters: Counters::default(),
@@ -106,6 +153,16 @@ impl KvAware {
 
     pub fn sessions(&self) -> &SessionTable {
         &self.sessions
+    }
+
+    /// A replica's learned prefill speed, once it has enough first tokens.
+    pub fn fit(&self, slot: u16) -> Option<Fit> {
+        self.fits.get(slot)
+    }
+
+    /// The learned prompt bytes per engine token, over every model.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.bytes_per_token.overall()
     }
 
     pub fn counters(&self) -> KvAwareCounters {
@@ -123,6 +180,8 @@ impl KvAware {
             predicted_miss_actual_hit: r(&c.miss_hit),
             predicted_tokens: r(&c.predicted_tokens),
             cached_tokens: r(&c.cached_tokens),
+            ttft_observations: r(&c.ttft_observations),
+            ignored_reports: r(&c.ignored_reports),
         }
     }
 
@@ -141,9 +200,9 @@ impl KvAware {
         }
     }
 
-    /// Prompt blocks of `tokens` tokens.
+    /// Prompt blocks of `tokens` engine tokens, at the learned bytes per token.
     fn token_blocks(&self, tokens: u64) -> u64 {
-        tokens.saturating_mul(BYTES_PER_TOKEN) / self.p.block_bytes.max(1) as u64
+        (tokens as f64 * self.bytes_per_token.overall() / self.p.block_bytes.max(1) as f64) as u64
     }
 
     /// The slot model of a replica that reports `kv_slots` (llama.cpp), in
@@ -198,6 +257,29 @@ impl KvAware {
         (prompt_bytes as u64).saturating_sub(u64::from(matched) * self.p.block_bytes as u64)
     }
 
+    /// Seconds from sending the request to `c` until its first token, if `c`
+    /// holds `matched` of its blocks, and the bytes queued ahead of it there.
+    fn predicted_ttft(
+        &self,
+        c: &Candidate<'_>,
+        fit: Fit,
+        matched: u32,
+        req: &RouteRequest<'_>,
+    ) -> (f64, f64) {
+        let own = self.prefill_bytes(req.prompt_bytes, matched) as f64;
+        let ours = c.replica.awaiting();
+        let wait = self
+            .backlogs
+            .wait(c.replica.slot, ours, req.now_ms, fit.secs_per_byte);
+        // The engine's queue counts our requests too; only the rest are extra,
+        // at the mean prompt this proxy sees.
+        let others = c.replica.external_load().waiting.saturating_sub(ours);
+        let mean_prefill = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
+        let extra = f64::from(others) * mean_prefill;
+        let ttft = fit.overhead_s + wait.seconds + (extra + own) * fit.secs_per_byte;
+        (ttft, wait.queued_bytes + extra)
+    }
+
     fn count(&self, kind: DecisionKind) {
         let c = &self.counters;
         let counter = match kind {
@@ -209,6 +291,31 @@ impl KvAware {
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    fn ignore(&self) {
+        self.counters
+            .ignored_reports
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("kvroute_routing_reports_ignored_total").increment(1);
+    }
+}
+
+/// The soonest of `among`, which callers order by preference: a later one
+/// displaces an earlier one only when predicted sooner by more than `margin`.
+fn soonest(
+    predictions: &[Prediction],
+    margin: f64,
+    among: impl Iterator<Item = usize>,
+) -> Option<usize> {
+    let keep = 1.0 - margin.max(TIE);
+    let mut best: Option<usize> = None;
+    for i in among {
+        match best {
+            Some(b) if predictions[i].ttft_s >= predictions[b].ttft_s * keep => {}
+            _ => best = Some(i),
+        }
+    }
+    best
 }
 
 impl Router for KvAware {
@@ -229,6 +336,27 @@ impl Router for KvAware {
             .fold(0u128, |m, c| m | (1u128 << c.replica.slot));
         let matches = self.index.longest_match(req.block_hashes, mask);
         let best_blocks = matches.best();
+        let own: SmallVec<[Option<Fit>; 16]> = cands
+            .iter()
+            .map(|c| self.fits.get(c.replica.slot))
+            .collect();
+        let known: SmallVec<[Fit; 16]> = own.iter().flatten().copied().collect();
+        let predictions: SmallVec<[Prediction; 16]> = cands
+            .iter()
+            .zip(&own)
+            .map(|(c, f)| {
+                let fit = fit_or_prior(*f, &known);
+                let (ttft_s, queued) =
+                    self.predicted_ttft(c, fit, matches.get(c.replica.slot), req);
+                Prediction {
+                    ttft_s,
+                    secs_per_byte: fit.secs_per_byte,
+                    learned: f.is_some(),
+                    queued_ahead_bytes: queued as u64,
+                }
+            })
+            .collect();
+        let model_key = req.model.map_or(0, |m| xxh3_64(m.as_bytes()));
         let decide = |i: usize, kind: DecisionKind| {
             let predicted_blocks = matches.get(cands[i].replica.slot);
             Decision {
@@ -237,8 +365,12 @@ impl Router for KvAware {
                 predicted_blocks,
                 best_blocks,
                 prefill_bytes: self.prefill_bytes(req.prompt_bytes, predicted_blocks),
+                prompt_bytes: req.prompt_bytes as u64,
+                model_key,
+                prediction: Some(predictions[i]),
             }
         };
+        let admitted = |i: &usize| bound.admits(&cands[*i]);
 
         if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
             let pinned = cands
@@ -256,22 +388,37 @@ impl Router for KvAware {
             req.session,
         );
         if best_blocks == 0 {
+            let margin = f64::from_bits(self.prediction_error.load(Ordering::Relaxed));
+            let mut order: SmallVec<[usize; 16]> = (0..cands.len()).collect();
             return Some(match anchor {
+                // An unseen prefix: the sooner of its two rendezvous choices
+                // that the bound admits.
                 Some(a) => {
-                    let (i, spilled) = place(a, &cands, &bound)?;
-                    decide(
-                        i,
-                        if spilled {
-                            DecisionKind::Spill
-                        } else {
-                            DecisionKind::Consistent
-                        },
-                    )
+                    let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
+                    order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
+                    let first = order[0];
+                    let two = order.iter().copied().filter(admitted).take(2);
+                    let chosen = soonest(&predictions, margin, two).unwrap_or(first);
+                    let kind = if chosen == first {
+                        DecisionKind::Consistent
+                    } else if !bound.admits(&cands[first]) {
+                        DecisionKind::Spill
+                    } else {
+                        DecisionKind::LeastLoaded
+                    };
+                    decide(chosen, kind)
                 }
-                None => decide(
-                    rotate(&self.next, &cands, &bound)?,
-                    DecisionKind::RoundRobin,
-                ),
+                // Nothing to place by: the soonest, from a rotating start so
+                // equal predictions spread.
+                None => {
+                    let n = order.len();
+                    order.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
+                    let first = order[0];
+                    let chosen =
+                        soonest(&predictions, margin, order.iter().copied().filter(admitted))
+                            .unwrap_or(first);
+                    decide(chosen, DecisionKind::LeastLoaded)
+                }
             });
         }
 
@@ -310,6 +457,21 @@ impl Router for KvAware {
                 .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
         }
         self.count(decision.kind);
+        if let Some(p) = decision.prediction {
+            self.backlogs.push(
+                r.slot,
+                r.awaiting(),
+                decision.prefill_bytes,
+                req.now_ms,
+                p.secs_per_byte,
+            );
+        }
+        // A running mean over about the last 64 requests; racing updates lose
+        // one sample's share, which a mean of 64 does not notice.
+        let m = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
+        let m = m + (decision.prefill_bytes as f64 - m) / 64.0;
+        self.mean_prefill_bytes
+            .store(m.to_bits(), Ordering::Relaxed);
         if !req.block_hashes.is_empty() {
             let total = req.block_hashes.len() as f64;
             metrics::histogram!("kvroute_prefix_predicted_ratio")
@@ -321,32 +483,102 @@ impl Router for KvAware {
         }
     }
 
-    fn on_usage_predicted(&self, decision: &Decision, prompt_tokens: u64, cached_tokens: u64) {
-        let c = &self.counters;
-        let predicted_tokens =
-            u64::from(decision.predicted_blocks) * self.p.block_bytes as u64 / BYTES_PER_TOKEN;
-        c.usage_reports.fetch_add(1, Ordering::Relaxed);
-        c.predicted_tokens
-            .fetch_add(predicted_tokens, Ordering::Relaxed);
-        c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
-        let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
-            (true, true) => Some((&c.hit_hit, "hit_hit")),
-            (true, false) => Some((&c.hit_miss, "hit_miss")),
-            (false, true) => Some((&c.miss_hit, "miss_hit")),
-            (false, false) => None,
+    fn learned(&self, slot: u16) -> Option<LearnedSpeed> {
+        let fit = self.fits.get(slot)?;
+        Some(LearnedSpeed {
+            prefill_bytes_per_s: fit.rate_bytes_per_s(),
+            ttft_overhead_s: fit.overhead_s,
+            observations: self.fits.observations(slot),
+        })
+    }
+
+    fn on_response(&self, decision: &Decision, report: &ResponseReport) {
+        let Some(prompt_tokens) = report.prompt_tokens else {
+            return;
         };
-        if let Some((counter, label)) = outcome {
-            counter.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("kvroute_prefix_prediction_total", "outcome" => label).increment(1);
+        let c = &self.counters;
+        let impossible = prompt_tokens == 0
+            || report
+                .cached_tokens
+                .is_some_and(|cached| cached > prompt_tokens);
+        if impossible {
+            self.ignore();
+            return;
         }
         let replica = decision.replica.spec.url.clone();
-        metrics::histogram!("kvroute_prefix_predicted_tokens", "replica" => replica.clone())
-            .record(predicted_tokens as f64);
-        metrics::histogram!("kvroute_prefix_cached_tokens", "replica" => replica.clone())
-            .record(cached_tokens as f64);
-        if prompt_tokens > 0 {
-            metrics::histogram!("kvroute_prefix_cached_ratio", "replica" => replica)
+        if decision.prompt_bytes > 0
+            && !self.bytes_per_token.observe(
+                decision.model_key,
+                decision.prompt_bytes,
+                prompt_tokens,
+            )
+        {
+            // A token count no tokenizer gives for this prompt: its other
+            // numbers are not to be trusted either.
+            self.ignore();
+            return;
+        }
+        let bpt = self.bytes_per_token.get(decision.model_key);
+        if let Some(cached_tokens) = report.cached_tokens {
+            let predicted_tokens =
+                (f64::from(decision.predicted_blocks) * self.p.block_bytes as f64 / bpt)
+                    .min(prompt_tokens as f64) as u64;
+            c.usage_reports.fetch_add(1, Ordering::Relaxed);
+            c.predicted_tokens
+                .fetch_add(predicted_tokens, Ordering::Relaxed);
+            c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
+            let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
+                (true, true) => Some((&c.hit_hit, "hit_hit")),
+                (true, false) => Some((&c.hit_miss, "hit_miss")),
+                (false, true) => Some((&c.miss_hit, "miss_hit")),
+                (false, false) => None,
+            };
+            if let Some((counter, label)) = outcome {
+                counter.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("kvroute_prefix_prediction_total", "outcome" => label)
+                    .increment(1);
+            }
+            metrics::histogram!("kvroute_prefix_predicted_tokens", "replica" => replica.clone())
+                .record(predicted_tokens as f64);
+            metrics::histogram!("kvroute_prefix_cached_tokens", "replica" => replica.clone())
+                .record(cached_tokens as f64);
+            metrics::histogram!("kvroute_prefix_cached_ratio", "replica" => replica.clone())
                 .record(cached_tokens as f64 / prompt_tokens as f64);
+        }
+        let Some(ttft_ms) = report.ttft_ms else {
+            return;
+        };
+        // The replica's own count of what it prefilled, in prompt bytes; the
+        // prediction where it reports no cached tokens.
+        let uncached = match report.cached_tokens {
+            Some(cached) => {
+                decision.prompt_bytes as f64 * (prompt_tokens - cached) as f64
+                    / prompt_tokens as f64
+            }
+            None => decision.prefill_bytes as f64,
+        };
+        let Some(prediction) = decision.prediction else {
+            return;
+        };
+        let work = prediction.queued_ahead_bytes + uncached as u64;
+        // A millisecond clock: a first token inside it is taken at its middle.
+        let ttft_s = (ttft_ms as f64 + 0.5) / 1e3;
+        if self
+            .fits
+            .observe(decision.replica.slot, work, ttft_s)
+            .is_err()
+        {
+            self.ignore();
+            return;
+        }
+        c.ttft_observations.fetch_add(1, Ordering::Relaxed);
+        if prediction.learned && prediction.ttft_s > 0.0 {
+            let ratio = ttft_s / prediction.ttft_s;
+            metrics::histogram!("kvroute_ttft_prediction_ratio", "replica" => replica)
+                .record(ratio);
+            let e = f64::from_bits(self.prediction_error.load(Ordering::Relaxed));
+            let e = (e + (ratio.ln().abs() - e) * ERROR_DECAY).min(ERROR_MAX);
+            self.prediction_error.store(e.to_bits(), Ordering::Relaxed);
         }
     }
 
@@ -365,10 +597,24 @@ impl Router for KvAware {
             if let Some(o) = self.index.slot_occupancy(r.slot) {
                 metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "slot")
                     .set(f64::from(o.in_slots));
-                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url, "place" => "host")
+                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "host")
                     .set(f64::from(o.in_host));
             }
+            if let Some(fit) = self.fits.get(r.slot) {
+                metrics::gauge!("kvroute_replica_prefill_rate_bytes_per_second", "replica" => url.clone())
+                    .set(fit.rate_bytes_per_s());
+                metrics::gauge!("kvroute_replica_ttft_overhead_seconds", "replica" => url)
+                    .set(fit.overhead_s);
+            }
+            // Budgets follow the learned bytes per token; a drift under a tenth is
+            // not worth re-evicting for.
+            let budget = self.replica_budget(r);
+            let now = self.index.budget(r.slot);
+            if budget.abs_diff(now) * 10 > now {
+                self.index.set_budget(r.slot, budget);
+            }
         }
+        metrics::gauge!("kvroute_bytes_per_token").set(self.bytes_per_token.overall());
     }
 
     fn on_replicas_changed(&self, set: &ReplicaSet) {
@@ -383,6 +629,8 @@ impl Router for KvAware {
         for slot in 0..MAX_REPLICAS {
             if known[slot] != 0 && known[slot] != now[slot] {
                 self.index.clear(slot as u16);
+                self.fits.clear(slot as u16);
+                self.backlogs.clear(slot as u16);
             }
         }
         for r in &set.replicas {

@@ -5,10 +5,13 @@
 //! property-tested without processes. The proxy calls the hooks around `pick` so a
 //! policy can learn from what it decided and from what the replica reported.
 
+pub mod backlog;
+pub mod bytes_per_token;
 pub mod config;
 pub mod consistent;
 pub mod kv_aware;
 mod least_loaded;
+pub mod prefill_model;
 mod round_robin;
 pub mod session;
 
@@ -79,6 +82,39 @@ pub struct Decision {
     /// Prompt bytes the chosen replica is predicted to prefill (not hold); 0 from
     /// policies that do not predict.
     pub prefill_bytes: u64,
+    /// The request's prompt bytes (0 from policies that do not learn).
+    pub prompt_bytes: u64,
+    /// Hash of the request's model name (0: none), for what is learned per model.
+    pub model_key: u64,
+    /// What a policy that predicts time to first token expected of the chosen
+    /// replica (`None` from policies that do not).
+    pub prediction: Option<Prediction>,
+}
+
+/// A time-to-first-token prediction, carried from the decision to its response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// Predicted seconds from sending to the first token.
+    pub ttft_s: f64,
+    /// The replica's speed the prediction used (its own, or the fleet's prior).
+    pub secs_per_byte: f64,
+    /// Whether that speed was learned from the replica itself.
+    pub learned: bool,
+    /// Uncached prompt bytes predicted queued ahead of the request there.
+    pub queued_ahead_bytes: u64,
+}
+
+/// What a finished response told about its replica, for a policy to learn from.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ResponseReport {
+    /// `usage.prompt_tokens`, when the response reported usage.
+    pub prompt_tokens: Option<u64>,
+    /// `usage.prompt_tokens_details.cached_tokens`, when reported.
+    pub cached_tokens: Option<u64>,
+    /// Milliseconds from sending the request to the first body byte, for streamed
+    /// responses only: an unstreamed body's first byte comes after the whole
+    /// generation.
+    pub ttft_ms: Option<u64>,
 }
 
 impl Decision {
@@ -89,6 +125,9 @@ impl Decision {
             predicted_blocks: 0,
             best_blocks: 0,
             prefill_bytes: 0,
+            prompt_bytes: 0,
+            model_key: 0,
+            prediction: None,
         }
     }
 
@@ -97,6 +136,14 @@ impl Decision {
     pub fn regret_blocks(&self) -> u32 {
         self.best_blocks - self.predicted_blocks.min(self.best_blocks)
     }
+}
+
+/// A replica's prefill speed as a policy learned it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedSpeed {
+    pub prefill_bytes_per_s: f64,
+    pub ttft_overhead_s: f64,
+    pub observations: usize,
 }
 
 /// A routing policy. Implementations are shared by all workers.
@@ -110,14 +157,14 @@ pub trait Router: Send + Sync + 'static {
     /// Called once the request was sent to `decision.replica` (learn the blocks).
     fn on_routed(&self, _req: &RouteRequest<'_>, _decision: &Decision) {}
 
-    /// Called when a response reported its prompt and cached token counts.
-    fn on_usage(&self, _replica: &Replica, _prompt_tokens: u64, _cached_tokens: u64) {}
+    /// Called when a successful response ended, with the decision it answers and
+    /// what it reported (usage, time to first byte), so a policy can compare its
+    /// predictions with the replica's and learn the replica's speed.
+    fn on_response(&self, _decision: &Decision, _report: &ResponseReport) {}
 
-    /// Like `on_usage`, with the decision the response answers, so a policy can
-    /// compare its predicted overlap with the replica's `cached_tokens`. The proxy
-    /// should call this one; the default forwards to `on_usage`.
-    fn on_usage_predicted(&self, decision: &Decision, prompt_tokens: u64, cached_tokens: u64) {
-        self.on_usage(&decision.replica, prompt_tokens, cached_tokens)
+    /// What the policy learned of the replica in `slot`, for `/state`.
+    fn learned(&self, _slot: u16) -> Option<LearnedSpeed> {
+        None
     }
 
     /// Called after the replica set was replaced (drop state of removed replicas).

@@ -6,6 +6,8 @@ use super::*;
 use crate::prefix::{analyze, BlockHashes};
 use crate::replica::{InFlight, ReplicaSpec, ReplicaTable};
 use crate::route::RoutingConfig;
+use crate::route::{Prediction, ResponseReport};
+use std::sync::Arc;
 
 fn table(n: usize) -> ReplicaTable {
     ReplicaTable::new(
@@ -245,16 +247,210 @@ fn usage_reports_are_counted() {
     let r = router();
     let h = chat_hashes(30, "x");
     let d = route(&r, &set, &req(&h, None, 0));
-    r.on_usage_predicted(&d, 500, 0);
+    r.on_response(&d, &usage(500, 0));
     let d = route(&r, &set, &req(&h, None, 1));
     assert!(d.predicted_blocks > 0);
-    r.on_usage_predicted(&d, 500, 448);
+    r.on_response(&d, &usage(500, 448));
     let c = r.counters();
     assert_eq!(
         (c.usage_reports, c.predicted_hit_actual_hit, c.cached_tokens),
         (2, 1, 448)
     );
-    assert_eq!(c.predicted_tokens, u64::from(d.predicted_blocks) * 32);
+    // Predicted blocks in the engine's tokens, at the bytes per token learned
+    // from these two reports.
+    let bpt = r.bytes_per_token();
+    assert!(bpt != crate::route::bytes_per_token::PRIOR_BYTES_PER_TOKEN);
+    let want = (f64::from(d.predicted_blocks) * 128.0 / bpt) as u64;
+    assert_eq!(c.predicted_tokens, want.min(500));
+}
+
+fn usage(prompt: u64, cached: u64) -> ResponseReport {
+    ResponseReport {
+        prompt_tokens: Some(prompt),
+        cached_tokens: Some(cached),
+        ttft_ms: None,
+    }
+}
+
+/// A streamed response: usage and the time to its first byte.
+fn streamed(prompt: u64, cached: u64, ttft_ms: u64) -> ResponseReport {
+    ResponseReport {
+        ttft_ms: Some(ttft_ms),
+        ..usage(prompt, cached)
+    }
+}
+
+/// Reports no engine could make are ignored and counted, and move nothing.
+#[test]
+fn impossible_usage_is_ignored_and_counted() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    let h = chat_hashes(30, "x");
+    let d = route(&r, &set, &req(&h, None, 0));
+    let before = r.bytes_per_token();
+    for bad in [
+        usage(0, 0),
+        usage(100, 101),
+        // 30 blocks of 128 bytes as 2 tokens: no tokenizer.
+        usage(2, 0),
+        streamed(500, 0, 10_000_000),
+    ] {
+        r.on_response(&d, &bad);
+    }
+    let c = r.counters();
+    assert_eq!(c.ignored_reports, 4);
+    assert_eq!(c.ttft_observations, 0);
+    // The last one's usage was fine and counted; its timing was not.
+    assert_eq!(c.usage_reports, 1);
+    assert!(r.fit(d.replica.slot).is_none());
+    assert!((r.bytes_per_token() - before).abs() > 0.0);
+    // Without usage there is nothing to learn and nothing to count.
+    r.on_response(&d, &ResponseReport::default());
+    assert_eq!(r.counters().ignored_reports, 4);
+}
+
+/// First tokens teach the router each replica's prefill rate: a replica whose
+/// first tokens take 4x as long per uncached byte is learned as 4x slower.
+#[test]
+fn prefill_rates_are_learned_from_first_tokens() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    for i in 0..40u64 {
+        for (replica, ms_per_kib) in [(0usize, 2u64), (1, 8)] {
+            let h = chat_hashes(10 + i as usize % 30, &format!("user {i}"));
+            let rq = req(&h, None, i * 1000);
+            let mut d = r.pick(&rq, &set, &[]).unwrap();
+            d.replica = set.replicas[replica].clone();
+            let _g = d.replica.begin_at(d.prefill_bytes, rq.now_ms);
+            r.on_routed(&rq, &d);
+            let kib = rq.prompt_bytes as u64 / 1024;
+            r.on_response(
+                &d,
+                &streamed(rq.prompt_bytes as u64 / 4, 0, 5 + kib * ms_per_kib),
+            );
+        }
+    }
+    let fast = r.fit(set.replicas[0].slot).expect("learned");
+    let slow = r.fit(set.replicas[1].slot).expect("learned");
+    let ratio = fast.rate_bytes_per_s() / slow.rate_bytes_per_s();
+    assert!((3.0..5.0).contains(&ratio), "{fast:?} {slow:?}");
+    assert_eq!(r.counters().ttft_observations, 80);
+    assert!(r.learned(set.replicas[0].slot).is_some());
+}
+
+/// A prefix no replica holds goes to its first rendezvous choice while the
+/// replicas are alike, and to the second when the first is predicted busy.
+#[test]
+fn a_new_prefix_takes_the_sooner_of_two_rendezvous_choices() {
+    let t = table(4);
+    let set = t.load();
+    // The default load floor: one request in flight is never over the bound,
+    // so only the prediction moves the prefix.
+    let r = KvAware::new(RoutingConfig::default().kv_aware_params());
+    let h = chat_hashes(30, "fresh");
+    let rq = req(&h, None, 0);
+    let first = r.pick(&rq, &set, &[]).unwrap();
+    assert_eq!(first.kind, DecisionKind::Consistent);
+    // The first choice gets a long prefill queued (by this proxy), and has not
+    // answered it.
+    let busy = Arc::clone(&first.replica);
+    let _g = busy.begin_at(1 << 20, 0);
+    let big = Decision {
+        prefill_bytes: 1 << 20,
+        ..first.clone()
+    };
+    r.on_routed(&req(&[], None, 0), &big);
+    let then = r.pick(&req(&h, None, 1), &set, &[]).unwrap();
+    assert_ne!(then.replica.slot, busy.slot);
+    assert_eq!(then.kind, DecisionKind::LeastLoaded);
+    // Once it answered (nothing awaits), the prefix goes back to its place.
+    drop(_g);
+    let back = r.pick(&req(&h, None, 2), &set, &[]).unwrap();
+    assert_eq!(back.replica.slot, busy.slot);
+}
+
+/// A prompt with no anchor goes where it is answered soonest, not by rotation.
+#[test]
+fn an_unanchored_prompt_goes_to_the_soonest_replica() {
+    let t = table(3);
+    let set = t.load();
+    let r = router();
+    let mut guards = Vec::new();
+    for (i, bytes) in [(0usize, 1u64 << 20), (2, 1 << 16)] {
+        let rp = &set.replicas[i];
+        guards.push(rp.begin_at(bytes, 0));
+        let d = Decision {
+            prefill_bytes: bytes,
+            prediction: Some(Prediction {
+                ttft_s: 0.0,
+                secs_per_byte: 1.0,
+                learned: false,
+                queued_ahead_bytes: 0,
+            }),
+            ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
+        };
+        r.on_routed(&req(&[], None, 0), &d);
+    }
+    for now in 1..10 {
+        let d = r.pick(&req(&[], None, now), &set, &[]).unwrap();
+        assert_eq!(d.replica.slot, set.replicas[1].slot);
+        assert_eq!(d.kind, DecisionKind::LeastLoaded);
+    }
+}
+
+/// A replica that stops answering is predicted slower the longer it is silent,
+/// until a replica with a longer queue is preferred to it.
+#[test]
+fn a_silent_replica_is_never_predicted_fast() {
+    let t = table(2);
+    let set = t.load();
+    let r = router();
+    // Teach both replicas 1 MB/s.
+    for i in 0..10u64 {
+        for rp in &set.replicas {
+            let d = Decision {
+                prompt_bytes: 10_000,
+                prefill_bytes: 10_000,
+                prediction: Some(Prediction {
+                    ttft_s: 0.01,
+                    secs_per_byte: 1e-6,
+                    learned: false,
+                    queued_ahead_bytes: 0,
+                }),
+                ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
+            };
+            r.on_response(&d, &streamed(2_500, 0, 10 + i % 2));
+        }
+    }
+    let (a, b) = (&set.replicas[0], &set.replicas[1]);
+    // `a` gets 10 ms of work and never answers; `b` gets 100 ms of work.
+    let queue = |rp: &Arc<Replica>, bytes: u64| {
+        let g = rp.begin_at(bytes, 0);
+        let d = Decision {
+            prefill_bytes: bytes,
+            prediction: Some(Prediction {
+                ttft_s: 0.0,
+                secs_per_byte: 1e-6,
+                learned: true,
+                queued_ahead_bytes: 0,
+            }),
+            ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
+        };
+        r.on_routed(&req(&[], None, 0), &d);
+        g
+    };
+    let _ga = queue(a, 10_000);
+    let _gb = queue(b, 100_000);
+    assert_eq!(
+        r.pick(&req(&[], None, 5), &set, &[]).unwrap().replica.slot,
+        a.slot
+    );
+    // At 1 s, `b` should have answered long ago too, but `a` is 990 ms late
+    // against `b`'s 900: `b` is sooner.
+    let d = r.pick(&req(&[], None, 1000), &set, &[]).unwrap();
+    assert_eq!(d.replica.slot, b.slot);
 }
 
 proptest! {
