@@ -13,36 +13,14 @@ use hyper_util::rt::TokioExecutor;
 use kvroute_tests::harness::{free_port, request, Client, Kvroute, Sim, Upstream};
 use serde_json::{json, Value};
 
-macro_rules! both_io {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $name() { if super::uring_usable() { super::$name("uring") } })*
-        }
-        mod epoll {
-            $(#[test] fn $name() { super::$name("epoll") })*
-        }
-    };
-}
+#[macro_use]
+#[path = "common/io_runtimes.rs"]
+mod io_runtimes;
 
 both_io!(
     lists_the_union_of_the_healthy_fleet,
     answers_503_without_a_replica_that_answers
 );
-
-/// As in `proxy_e2e`: io_uring can be missing here; the skip says why, and
-/// `KVROUTE_REQUIRE_URING` (CI) turns it into a failure.
-fn uring_usable() -> bool {
-    match kvroute::io::uring_available() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("KVROUTE_REQUIRE_URING").is_some() => {
-            panic!("io_uring required (KVROUTE_REQUIRE_URING) but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: io_uring unavailable here ({e})");
-            false
-        }
-    }
-}
 
 /// kvroute on `io` (checked through `/state`, so a fallback cannot pass for it).
 fn start(io: &str, first_replica: &str) -> Kvroute {

@@ -8,16 +8,9 @@ use std::time::Duration;
 
 use kvroute_tests::harness::{free_port, post, request, wait_until, Client, Kvroute, Upstream};
 
-macro_rules! both_io {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $(#[test] fn $name() { if super::uring_usable() { super::$name("uring") } })*
-        }
-        mod epoll {
-            $(#[test] fn $name() { super::$name("epoll") })*
-        }
-    };
-}
+#[macro_use]
+#[path = "common/io_runtimes.rs"]
+mod io_runtimes;
 
 both_io!(
     forwards_non_streaming_and_rewrites_headers,
@@ -35,22 +28,6 @@ both_io!(
     rejects_bad_json_and_routes_by_model,
     holds_requests_while_replicas_restart,
 );
-
-/// io_uring can be missing (old kernel, Docker's seccomp profile,
-/// `kernel.io_uring_disabled`): the io_uring tests then skip and say why, unless
-/// `KVROUTE_REQUIRE_URING=1` (set by CI) turns the skip into a failure.
-fn uring_usable() -> bool {
-    match kvroute::io::uring_available() {
-        Ok(()) => true,
-        Err(e) if std::env::var_os("KVROUTE_REQUIRE_URING").is_some() => {
-            panic!("io_uring required (KVROUTE_REQUIRE_URING) but unavailable: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipped: io_uring unavailable here ({e})");
-            false
-        }
-    }
-}
 
 /// `--io uring` on a machine without io_uring would fail to start, so CI can tell
 /// a silent fallback from a real io_uring run: the admin state must say which ran.
