@@ -136,6 +136,8 @@ pub struct Opts {
     /// sweeping a weight before measuring it here for real.
     #[arg(long)]
     pub offline: Vec<String>,
+    #[command(flatten)]
+    pub engine: crate::llama_routing::EngineOpts,
 }
 
 #[derive(Serialize)]
@@ -187,6 +189,20 @@ type Candidate = (String, Result<RouterSpec, String>);
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let a = *args.opts;
+    if a.engine.engine == crate::llama_routing::Engine::LlamaCpp {
+        return crate::llama_routing::bench(
+            &a.engine,
+            &crate::llama_routing::BenchOpts {
+                policies: &a.policies,
+                sglang_policies: &a.sglang_policies,
+                python: &a.python,
+                kvroute_workers: a.kvroute_workers,
+                no_build: a.no_build,
+                json: a.json,
+                publish: a.publish,
+            },
+        );
+    }
     let started = Instant::now();
     anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");
     anyhow::ensure!(a.time_scale > 0.0, "--time-scale must be positive");

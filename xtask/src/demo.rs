@@ -40,6 +40,8 @@ pub struct Args {
     /// Use the binaries already in target/release.
     #[arg(long)]
     pub no_build: bool,
+    #[command(flatten)]
+    pub engine: crate::llama_routing::EngineOpts,
 }
 
 /// `--trace` if given, else the trace vendored in the repository; a clear error if missing.
@@ -59,6 +61,9 @@ pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.engine.engine == crate::llama_routing::Engine::LlamaCpp {
+        return crate::llama_routing::demo(&a.engine, a.kvroute_workers, a.no_build);
+    }
     let started = Instant::now();
     anyhow::ensure!(a.n >= 1, "--n must be at least 1");
     anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");

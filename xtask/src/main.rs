@@ -3,6 +3,8 @@
 //! - `build-ebpf [--check]`: the steering BPF object (committed) and its reproducibility check
 //! - `test`: the whole suite, as CI runs it (builds the binaries the end-to-end tests start)
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
+//!   (`--engine llama-cpp`: real llama.cpp replicas instead)
+//! - `llama`: llama.cpp's server and the test model, built once and cached
 //! - `bench proxy|routing|footprint`: the benchmarks whose figures the README quotes
 //! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
@@ -13,6 +15,8 @@ mod bench_routing;
 mod build_ebpf;
 mod demo;
 mod fleet;
+mod llama;
+mod llama_routing;
 mod package;
 mod procs;
 mod replay;
@@ -35,6 +39,8 @@ enum Cmd {
     Test(test::Args),
     /// Start simulated replicas and kvroute, replay a trace window, print a report.
     Demo(demo::Args),
+    /// Build llama.cpp's server and the random-weight test model (cached), and check them.
+    Llama(llama::Args),
     /// Build the .deb (binaries, systemd units, /etc/kvroute configs) and check it.
     Package(package::Args),
     /// Benchmarks.
@@ -59,6 +65,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf(a) => build_ebpf::run(a),
         Cmd::Test(a) => test::run(a),
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Llama(a) => llama::run(a),
         Cmd::Package(a) => package::run(a),
         Cmd::Bench {
             which: Bench::Proxy(a),

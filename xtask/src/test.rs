@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole suite, the same command CI runs.
 //!
-//! The end-to-end tests start the real binaries, so those are built first;
+//! The end-to-end tests start the real binaries, so those are built first, and
+//! llama.cpp's server with its test model (`cargo xtask llama`, cached);
 //! both I/O runtimes are exercised by the tests themselves. Then the block
 //! hash again on the software AES round, and the data plane's library tests
 //! built for aarch64 and run under `qemu-aarch64` where the cross tools are
@@ -36,6 +37,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut t = cargo();
     t.args(["test", "--workspace"]);
+    // The real-engine tests find llama-server and its model through these variables.
+    if let Some(llama) = llama_or_skip()? {
+        t.envs(llama.env());
+    }
     if !a.rest.is_empty() {
         t.arg("--").args(&a.rest);
     }
@@ -46,6 +51,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         aarch64_lib()?;
     }
     Ok(())
+}
+
+/// llama.cpp's server and the test model, built or found in the cache; `None` (the real-engine
+/// tests then skip, saying why) where they cannot be built, unless `KVROUTE_REQUIRE_LLAMA` (CI)
+/// makes that a failure.
+fn llama_or_skip() -> anyhow::Result<Option<crate::llama::Llama>> {
+    match crate::llama::ensure() {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if std::env::var_os("KVROUTE_REQUIRE_LLAMA").is_none() => {
+            eprintln!("xtask: llama.cpp tests will skip: {e:#}");
+            Ok(None)
+        }
+        Err(e) => Err(e.context("KVROUTE_REQUIRE_LLAMA is set")),
+    }
 }
 
 /// The block hash once more with the `aes` crate's software round in place of

@@ -3,6 +3,7 @@
 //! log file and every process stopped when the [`Fleet`] is dropped or xtask is interrupted.
 
 pub mod child;
+pub mod llama;
 pub mod measure;
 
 use std::collections::BTreeMap;
@@ -355,7 +356,7 @@ impl Fleet {
                 } => {
                     let (child, url, admin) = start_kvroute(
                         bins,
-                        spec,
+                        (spec.kv_blocks, spec.block_tokens),
                         &sims,
                         policy,
                         *workers,
@@ -444,19 +445,7 @@ impl Fleet {
     /// over instances, as one line for the progress log (empty for SGLang): where
     /// a policy's hits were won or lost.
     pub fn decision_summary(&self) -> String {
-        let mut sums = BTreeMap::new();
-        for admin in &self.admins {
-            if let Ok(r) = request(
-                *admin,
-                "GET /metrics HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n",
-            ) {
-                add_decision_counts(&r.text(), &mut sums);
-            }
-        }
-        sums.iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        decision_summary(&self.admins)
     }
 
     pub fn sim_stats(&self) -> anyhow::Result<Vec<SimStats>> {
@@ -552,6 +541,24 @@ fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Res
     }
 }
 
+/// kvroute's routing decisions by kind and its prediction outcomes, summed over the instances
+/// whose admin API is at `admins`, as one line for the progress log.
+fn decision_summary(admins: &[SocketAddr]) -> String {
+    let mut sums = BTreeMap::new();
+    for admin in admins {
+        if let Ok(r) = request(
+            *admin,
+            "GET /metrics HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n",
+        ) {
+            add_decision_counts(&r.text(), &mut sums);
+        }
+    }
+    sums.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn http_ok(addr: SocketAddr, path: &str) -> bool {
     request(
         addr,
@@ -560,10 +567,11 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
     .is_ok_and(|r| r.status == 200)
 }
 
+/// kvroute in front of `sims`, each given `capacity` (KV blocks, tokens per block).
 #[allow(clippy::too_many_arguments)]
 fn start_kvroute(
     bins: &Bins,
-    spec: &SimSpec,
+    capacity: (usize, u32),
     sims: &[Sim],
     policy: &str,
     workers: usize,
@@ -584,8 +592,8 @@ fn start_kvroute(
         toml.push_str(&format!(
             "\n[[replicas]]\nurl = \"{}\"\nmodels = [\"sim-model\"]\nkv_blocks = {}\nkv_block_tokens = {}\n",
             s.url(),
-            spec.kv_blocks,
-            spec.block_tokens
+            capacity.0,
+            capacity.1
         ));
     }
     // Tuning hook: extra `[routing]` keys (e.g. "w_load = 0.2") for weight sweeps,

@@ -1,0 +1,381 @@
+//! A fleet of real llama.cpp replicas (`llama-server` on the random-weight test model) behind one
+//! router, for `cargo xtask demo --engine llama-cpp` and the routing bench's real-engine cell.
+//!
+//! Every fleet starts its replicas fresh, so each router meets cold caches. What is measured
+//! comes from both ends: the client's wall-clock TTFT (`kvroute-load`), and the replicas' own
+//! prompt-token counters (`llamacpp:prompt_tokens_total`, `llamacpp:prompt_tokens_cached_total`),
+//! read before and after the run. llama-server counts no requests, so the balance is each
+//! replica's share of the prompt tokens it was sent.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use kvroute_tests::harness::{free_port, post};
+use kvroute_tests::llama::{self as engine, Counters, LlamaPaths};
+use kvroute_tests::load::plan::Plan;
+use kvroute_tests::load::Summary;
+use serde::Serialize;
+
+use super::child::Child;
+use super::{Bins, RouterSpec, Sim};
+use crate::llama::Llama;
+
+/// Tokens per KV block in the capacity kvroute is told each replica has.
+const BLOCK_TOKENS: u32 = 16;
+/// From "router listening" to "a request goes through" (SGLang registers workers after start).
+const FIRST_REQUEST: Duration = Duration::from_secs(60);
+
+/// How every replica is started.
+#[derive(Clone, Debug, Serialize)]
+pub struct LlamaSpec {
+    pub replicas: usize,
+    /// Context tokens of each replica, shared by its slots.
+    pub ctx: u32,
+    /// Slots of each replica (`--parallel`).
+    pub slots: u32,
+}
+
+impl LlamaSpec {
+    /// The KV capacity kvroute's config gives each replica: its whole context, in blocks.
+    fn capacity(&self) -> (usize, u32) {
+        ((self.ctx / BLOCK_TOKENS) as usize, BLOCK_TOKENS)
+    }
+}
+
+/// Starts `llama-server` as replica `name` and waits for `/health` (a replica that lost the race
+/// for its port is retried on another one).
+pub fn spawn_server(
+    llama: &Llama,
+    name: &str,
+    log: &Path,
+    spec: Option<&LlamaSpec>,
+) -> anyhow::Result<Sim> {
+    const ATTEMPTS: usize = 3;
+    let paths = LlamaPaths {
+        server: llama.server.clone(),
+        model: llama.model.clone(),
+    };
+    let (ctx, slots) = spec.map_or((engine::DEFAULT_CTX, engine::DEFAULT_SLOTS), |s| {
+        (s.ctx, s.slots)
+    });
+    let mut attempt = 1;
+    loop {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let args = engine::server_args(&paths, name, addr, ctx, slots);
+        let mut child = Child::spawn(&format!("llama-server {name}"), &llama.server, &args, log)?;
+        match child.wait_ready("GET /health", engine::READY, || engine::healthy(addr)) {
+            Ok(()) => {
+                return Ok(Sim {
+                    name: name.to_owned(),
+                    addr,
+                    child,
+                })
+            }
+            Err(e) if attempt < ATTEMPTS && child.exited().is_some() => {
+                eprintln!("xtask: llama-server {name} did not start on {addr}, retrying: {e:#}");
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The replicas' prompt tokens and cached tokens over one run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EngineCounts {
+    /// Σ cached / Σ prompt tokens over all replicas.
+    pub hit_ratio: f64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    /// Prompt tokens each replica was sent.
+    pub per_replica_prompt_tokens: BTreeMap<String, u64>,
+    /// max / mean of `per_replica_prompt_tokens`.
+    pub imbalance: f64,
+}
+
+impl EngineCounts {
+    pub fn from_counters(runs: &[(String, Counters)]) -> EngineCounts {
+        let prompt: u64 = runs.iter().map(|(_, c)| c.prompt()).sum();
+        let cached: u64 = runs.iter().map(|(_, c)| c.cached).sum();
+        let per: BTreeMap<String, u64> =
+            runs.iter().map(|(n, c)| (n.clone(), c.prompt())).collect();
+        let max = per.values().copied().max().unwrap_or(0);
+        EngineCounts {
+            hit_ratio: if prompt == 0 {
+                0.0
+            } else {
+                cached as f64 / prompt as f64
+            },
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            imbalance: if prompt == 0 {
+                0.0
+            } else {
+                max as f64 * per.len() as f64 / prompt as f64
+            },
+            per_replica_prompt_tokens: per,
+        }
+    }
+
+    /// Each replica's share of the prompt tokens, e.g. `48/52 %`.
+    pub fn shares(&self) -> String {
+        let total = self.prompt_tokens.max(1);
+        let parts: Vec<String> = self
+            .per_replica_prompt_tokens
+            .values()
+            .map(|n| format!("{:.0}", *n as f64 * 100.0 / total as f64))
+            .collect();
+        format!("{} %", parts.join("/"))
+    }
+}
+
+/// One measured run on real replicas.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineMeasured {
+    pub client: Summary,
+    pub replicas: EngineCounts,
+}
+
+/// llama.cpp replicas plus a router; dropping it stops all of them (router first).
+pub struct LlamaFleet {
+    routers: Vec<Child>,
+    urls: Vec<String>,
+    admins: Vec<SocketAddr>,
+    replicas: Vec<Sim>,
+    /// Each replica's counters once the fleet was proven to work, subtracted from the run's.
+    baseline: Vec<Counters>,
+    pub label: String,
+}
+
+impl LlamaFleet {
+    /// Starts `spec.replicas` servers and `router` in front of them, sends one request through
+    /// every router instance, then records the replicas' counters as the run's zero.
+    pub fn start(
+        bins: &Bins,
+        llama: &Llama,
+        spec: &LlamaSpec,
+        router: &RouterSpec,
+        log_dir: &Path,
+        tag: &str,
+    ) -> anyhow::Result<LlamaFleet> {
+        std::fs::create_dir_all(log_dir)
+            .with_context(|| format!("create {}", log_dir.display()))?;
+        let slug = router.label().replace([' ', '_'], "-");
+        let log = |what: &str| log_dir.join(format!("{tag}-{slug}-{what}.log"));
+        let mut replicas = Vec::with_capacity(spec.replicas);
+        for i in 0..spec.replicas {
+            let name = format!("r{i}");
+            replicas.push(spawn_server(llama, &name, &log(&name), Some(spec))?);
+        }
+        let mut routers = Vec::new();
+        let mut urls = Vec::new();
+        let mut admins = Vec::new();
+        for i in 0..router.instances() {
+            let suffix = if router.instances() > 1 {
+                format!("-{i}")
+            } else {
+                String::new()
+            };
+            let (child, url) = match router {
+                RouterSpec::Kvroute {
+                    policy, workers, ..
+                } => {
+                    let (child, url, admin) = super::start_kvroute(
+                        bins,
+                        spec.capacity(),
+                        &replicas,
+                        policy,
+                        *workers,
+                        &log(&format!("kvroute{suffix}")),
+                        log_dir,
+                        &format!("{tag}{suffix}"),
+                    )?;
+                    admins.push(admin);
+                    (child, url)
+                }
+                RouterSpec::Sglang { policy, python, .. } => super::start_sglang(
+                    python,
+                    &replicas,
+                    policy,
+                    &log(&format!("sglang-router{suffix}")),
+                )?,
+            };
+            routers.push(child);
+            urls.push(url);
+        }
+        let mut fleet = LlamaFleet {
+            routers,
+            urls,
+            admins,
+            replicas,
+            baseline: Vec::new(),
+            label: router.label(),
+        };
+        fleet.smoke()?;
+        fleet.baseline = fleet.counters()?;
+        Ok(fleet)
+    }
+
+    /// One short chat through every router instance until it succeeds.
+    fn smoke(&mut self) -> anyhow::Result<()> {
+        let body = serde_json::json!({
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "kvroute fleet smoke test"}],
+            "max_tokens": 1,
+        })
+        .to_string();
+        let label = self.label.clone();
+        for (router, url) in self.routers.iter_mut().zip(&self.urls) {
+            let addr: SocketAddr = url
+                .trim_start_matches("http://")
+                .parse()
+                .expect("router URL is http://ip:port");
+            let mut last = String::from("no answer");
+            let res = router.wait_ready("a first chat completion", FIRST_REQUEST, || {
+                match post(addr, "/v1/chat/completions", &body) {
+                    Ok(r) if r.status == 200 => true,
+                    Ok(r) => {
+                        last = format!("HTTP {}: {}", r.status, r.text().trim());
+                        std::thread::sleep(Duration::from_millis(200));
+                        false
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        false
+                    }
+                }
+            });
+            res.with_context(|| {
+                format!("{label}: a chat through the router at {url} failed (last: {last})")
+            })?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> anyhow::Result<Vec<Counters>> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                engine::counters(r.addr).with_context(|| format!("GET /metrics of {}", r.name))
+            })
+            .collect()
+    }
+
+    /// What the replicas counted since the fleet started.
+    pub fn counts(&self) -> anyhow::Result<EngineCounts> {
+        let now = self.counters()?;
+        let runs: Vec<(String, Counters)> = self
+            .replicas
+            .iter()
+            .zip(now.iter().zip(&self.baseline))
+            .map(|(r, (n, b))| (r.name.clone(), n.since(b)))
+            .collect();
+        Ok(EngineCounts::from_counters(&runs))
+    }
+
+    /// kvroute's decision and prediction counters as one line (empty for SGLang).
+    pub fn decision_summary(&self) -> String {
+        super::decision_summary(&self.admins)
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// Fails naming the first process that died, with its log.
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        for r in &mut self.routers {
+            r.ensure_running()?;
+        }
+        for s in &mut self.replicas {
+            s.child.ensure_running()?;
+        }
+        Ok(())
+    }
+
+    /// Log files of every process.
+    pub fn logs(&self) -> Vec<PathBuf> {
+        self.routers
+            .iter()
+            .map(|r| r.log.clone())
+            .chain(self.replicas.iter().map(|s| s.child.log.clone()))
+            .collect()
+    }
+}
+
+impl Drop for LlamaFleet {
+    fn drop(&mut self) {
+        // Routers first, so none sees its replicas vanish while it still serves.
+        self.routers.clear();
+    }
+}
+
+/// Replays a workload through `fleet` with the release `kvroute-load` and collects the client's
+/// and the replicas' views.
+pub fn measure(
+    bins: &Bins,
+    fleet: &mut LlamaFleet,
+    plan: &Plan,
+    load_args: &[String],
+    log_dir: &Path,
+    tag: &str,
+) -> anyhow::Result<EngineMeasured> {
+    let mut args = load_args.to_vec();
+    args.extend(["--target".into(), fleet.urls().join(","), "--json".into()]);
+    let slug = fleet.label.replace([' ', '_'], "-");
+    let log = log_dir.join(format!("{tag}-{slug}-kvroute-load.log"));
+    let out = log_dir.join(format!("{tag}-{slug}-kvroute-load.json"));
+    let mut load = Child::spawn_with_stdout("kvroute-load", &bins.load, &args, &log, Some(&out))?;
+    let span = plan.sessions.last().map_or(0.0, |s| s.start.as_secs_f64());
+    let st = load.wait_exit(Duration::from_secs_f64(span * 2.0 + 600.0))?;
+    anyhow::ensure!(
+        st.success(),
+        "kvroute-load exited with {st}; log {}:\n{}",
+        log.display(),
+        load.log_tail(15)
+    );
+    let text = std::fs::read_to_string(&out).with_context(|| format!("read {}", out.display()))?;
+    let client: Summary = serde_json::from_str(text.trim())
+        .with_context(|| format!("kvroute-load summary in {}", out.display()))?;
+    fleet.ensure_running()?;
+    let replicas = fleet.counts()?;
+    let decisions = fleet.decision_summary();
+    if !decisions.is_empty() {
+        eprintln!("   {}: {decisions}", fleet.label);
+    }
+    Ok(EngineMeasured { client, replicas })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_the_replicas_prompt_tokens() {
+        let c = EngineCounts::from_counters(&[
+            (
+                "r0".into(),
+                Counters {
+                    processed: 100,
+                    cached: 500,
+                },
+            ),
+            (
+                "r1".into(),
+                Counters {
+                    processed: 200,
+                    cached: 0,
+                },
+            ),
+        ]);
+        assert_eq!((c.prompt_tokens, c.cached_tokens), (800, 500));
+        assert_eq!(c.hit_ratio, 500.0 / 800.0);
+        // mean 400, max 600
+        assert_eq!(c.imbalance, 1.5);
+        assert_eq!(c.shares(), "75/25 %");
+        assert_eq!(EngineCounts::from_counters(&[]).imbalance, 0.0);
+    }
+}

@@ -1,0 +1,546 @@
+//! Routing on real llama.cpp replicas: `cargo xtask demo --engine llama-cpp` (round-robin
+//! against kv-aware) and the routing bench's real-engine cell (`cargo xtask bench routing
+//! --engine llama-cpp`: kvroute's policies and SGLang's router). Both replay the same chat
+//! conversations (shared system prompts, multi-turn histories) through a fresh fleet per router
+//! and report what the replicas themselves counted as cached, and the client's wall-clock TTFT.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::ValueEnum;
+use kvroute_tests::load::synthetic::SharedPrefixConfig;
+use kvroute_tests::load::{ApiMode, Workload};
+use serde::Serialize;
+
+use crate::fleet::llama::{measure, EngineMeasured, LlamaFleet, LlamaSpec};
+use crate::fleet::measure::load_args;
+use crate::fleet::{self, Bins, RouterSpec};
+use crate::llama::Llama;
+
+/// What the replicas are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// `kvroute-sim`, the simulated replica.
+    #[default]
+    Sim,
+    /// `llama-server` on the random-weight test model (`cargo xtask llama` builds both).
+    LlamaCpp,
+}
+
+/// The real-engine options shared by the demo and the bench.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineOpts {
+    /// What the replicas are: simulated, or real llama.cpp servers.
+    #[arg(long, value_enum, default_value = "sim")]
+    pub engine: Engine,
+    /// llama-cpp: replicas.
+    #[arg(long, default_value_t = 2)]
+    pub llama_replicas: usize,
+    /// llama-cpp: slots per replica (`--parallel`).
+    #[arg(long, default_value_t = 4)]
+    pub llama_slots: u32,
+    /// llama-cpp: context tokens per replica, shared by its slots.
+    #[arg(long, default_value_t = 16384)]
+    pub llama_ctx: u32,
+    /// llama-cpp: tenants, each with its own system prompt.
+    #[arg(long, default_value_t = 4)]
+    pub llama_groups: u32,
+    /// llama-cpp: users per tenant, each holding one conversation.
+    #[arg(long, default_value_t = 3)]
+    pub llama_users: u32,
+    /// llama-cpp: turns per conversation.
+    #[arg(long, default_value_t = 3)]
+    pub llama_turns: u32,
+    /// llama-cpp: bytes of each tenant's system prompt.
+    #[arg(long, default_value_t = 3000)]
+    pub llama_system_bytes: usize,
+    /// llama-cpp: new conversations per second.
+    #[arg(long, default_value_t = 1.0)]
+    pub llama_rate: f64,
+}
+
+impl EngineOpts {
+    fn spec(&self) -> LlamaSpec {
+        LlamaSpec {
+            replicas: self.llama_replicas,
+            ctx: self.llama_ctx,
+            slots: self.llama_slots,
+        }
+    }
+
+    fn workload(&self) -> SharedPrefixConfig {
+        SharedPrefixConfig {
+            groups: self.llama_groups,
+            users: self.llama_users,
+            turns: self.llama_turns,
+            system_bytes: self.llama_system_bytes,
+            question_bytes: 200,
+            answer_bytes: 200,
+            rate: self.llama_rate,
+            max_tokens: 16,
+            seed: 0,
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.llama_replicas >= 1,
+            "--llama-replicas must be at least 1"
+        );
+        anyhow::ensure!(self.llama_slots >= 1, "--llama-slots must be at least 1");
+        anyhow::ensure!(
+            self.llama_ctx >= 512 * self.llama_slots,
+            "--llama-ctx must leave each slot at least 512 tokens"
+        );
+        anyhow::ensure!(
+            self.llama_groups >= 1 && self.llama_users >= 1 && self.llama_turns >= 1,
+            "--llama-groups, --llama-users and --llama-turns must be at least 1"
+        );
+        Ok(())
+    }
+}
+
+/// One router's result, or why it has none.
+#[derive(Serialize)]
+pub struct Row {
+    pub router: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Box<EngineMeasured>),
+    Skipped { reason: String },
+    Failed { error: String },
+}
+
+/// Everything a run needs, prepared once.
+struct Setup {
+    bins: Bins,
+    llama: Llama,
+    spec: LlamaSpec,
+    cfg: SharedPrefixConfig,
+    headline: String,
+    ideal_hit_ratio: f64,
+}
+
+fn setup(o: &EngineOpts, no_build: bool) -> anyhow::Result<Setup> {
+    o.validate()?;
+    fleet::child::install_signal_handler();
+    let bins = Bins::prepare(no_build)?;
+    let llama = crate::llama::ensure()?;
+    let spec = o.spec();
+    let cfg = o.workload();
+    let stats = Workload::SharedPrefix(cfg.clone()).plan()?.stats();
+    let headline = format!(
+        "{} chat requests ({} system prompts of {} B x {} users x {} turns, {} new conversations/s) \
+         on {} llama-server {} replicas ({} slots, {}-token context, 1 thread each; random-weight \
+         llama model, Phi-3 tokenizer)",
+        stats.requests,
+        cfg.groups,
+        cfg.system_bytes,
+        cfg.users,
+        cfg.turns,
+        cfg.rate,
+        spec.replicas,
+        crate::llama::VERSION,
+        spec.slots,
+        spec.ctx
+    );
+    Ok(Setup {
+        bins,
+        llama,
+        spec,
+        cfg,
+        headline,
+        ideal_hit_ratio: stats.ideal_hit_ratio,
+    })
+}
+
+/// One fresh fleet behind `router`, the conversations replayed through it.
+fn one_row(s: &Setup, router: &RouterSpec, tag: &str) -> anyhow::Result<EngineMeasured> {
+    let log_dir = fleet::bench_dir().join("logs");
+    let workload = Workload::SharedPrefix(s.cfg.clone());
+    let plan = workload.plan()?;
+    let largs = load_args(&workload, ApiMode::Chat, Duration::from_secs(120));
+    let mut f = LlamaFleet::start(&s.bins, &s.llama, &s.spec, router, &log_dir, tag)
+        .with_context(|| format!("start the llama.cpp fleet for {}", router.label()))?;
+    let logs = f.logs();
+    measure(&s.bins, &mut f, &plan, &largs, &log_dir, tag).with_context(|| {
+        let shown: Vec<String> = logs.iter().map(|p| p.display().to_string()).collect();
+        format!(
+            "replay through {}; logs: {}",
+            router.label(),
+            shown.join(" ")
+        )
+    })
+}
+
+fn run_rows(s: &Setup, candidates: &[(String, Result<RouterSpec, String>)], tag: &str) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (label, spec) in candidates {
+        let outcome = match spec {
+            Err(reason) => {
+                eprintln!("   {label}: skipped: {reason}");
+                Outcome::Skipped {
+                    reason: reason.clone(),
+                }
+            }
+            Ok(spec) => {
+                let t = Instant::now();
+                eprintln!(
+                    "   {label}: starting {} llama-server replicas and replaying…",
+                    s.spec.replicas
+                );
+                match one_row(s, spec, tag) {
+                    Ok(m) => {
+                        eprintln!(
+                            "   {label}: replicas' hit {:.1} %, TTFT p50 {:.0} ms p99 {:.0} ms, {} errors ({:.0} s)",
+                            m.replicas.hit_ratio * 100.0,
+                            m.client.ttft_ms.p50,
+                            m.client.ttft_ms.p99,
+                            m.client.errors,
+                            t.elapsed().as_secs_f64()
+                        );
+                        Outcome::Ok(Box::new(m))
+                    }
+                    Err(e) => {
+                        eprintln!("   {label}: FAILED: {e:#}");
+                        Outcome::Failed {
+                            error: format!("{e:#}"),
+                        }
+                    }
+                }
+            }
+        };
+        rows.push(Row {
+            router: label.clone(),
+            outcome,
+        });
+    }
+    rows
+}
+
+fn kvroute_row(policy: &str, workers: usize) -> (String, Result<RouterSpec, String>) {
+    let spec = RouterSpec::Kvroute {
+        policy: policy.to_owned(),
+        workers,
+        instances: 1,
+    };
+    (spec.label(), Ok(spec))
+}
+
+/// `cargo xtask demo --engine llama-cpp`: round-robin, then kv-aware, side by side.
+pub fn demo(o: &EngineOpts, kvroute_workers: usize, no_build: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let s = setup(o, no_build)?;
+    eprintln!("demo: {}", s.headline);
+    let candidates = [
+        kvroute_row("round-robin", kvroute_workers),
+        kvroute_row("kv-aware", kvroute_workers),
+    ];
+    let rows = run_rows(&s, &candidates, "demo-llama");
+    println!("\n{}", side_by_side(&s.headline, s.ideal_hit_ratio, &rows));
+    eprintln!(
+        "demo: finished in {:.0} s; process logs under {}",
+        started.elapsed().as_secs_f64(),
+        fleet::bench_dir().join("logs").display()
+    );
+    ensure_no_failures(&rows)
+}
+
+fn ensure_no_failures(rows: &[Row]) -> anyhow::Result<()> {
+    let failed: Vec<&str> = rows
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Failed { .. }))
+        .map(|r| r.router.as_str())
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "failed: {}", failed.join(", "));
+    Ok(())
+}
+
+/// The bench's options that the real-engine cell uses too.
+pub struct BenchOpts<'a> {
+    pub policies: &'a [String],
+    pub sglang_policies: &'a [String],
+    pub python: &'a str,
+    pub kvroute_workers: usize,
+    pub no_build: bool,
+    pub json: bool,
+    pub publish: bool,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    generated: String,
+    git: String,
+    machine: String,
+    command: String,
+    llama_cpp: &'static str,
+    sglang_router: Option<String>,
+    workload: String,
+    ideal_hit_ratio: f64,
+    replicas: LlamaSpec,
+    rows: Vec<Row>,
+}
+
+/// `cargo xtask bench routing --engine llama-cpp`: every kvroute policy this build accepts and
+/// SGLang's router (where installed), each on a fresh fleet of real replicas.
+pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let s = setup(o, b.no_build)?;
+    eprintln!("\n== llama-cpp: {}", s.headline);
+    let supported = s.bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
+    let mut candidates = Vec::new();
+    for p in b.policies.iter().filter(|p| !p.is_empty()) {
+        let (label, spec) = kvroute_row(p, b.kvroute_workers);
+        let spec = spec.and_then(|spec| {
+            if supported.iter().any(|s| s == p) {
+                Ok(spec)
+            } else {
+                Err(format!(
+                    "this kvroute build does not accept --policy {p} (it accepts: {})",
+                    supported.join(", ")
+                ))
+            }
+        });
+        candidates.push((label, spec));
+    }
+    let mut sglang_router = None;
+    let sglang: Vec<&String> = b.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
+    if !sglang.is_empty() {
+        let available = fleet::sglang_router_available(b.python);
+        if let Ok(v) = &available {
+            eprintln!("sglang-router {v} found");
+            sglang_router = Some(v.clone());
+        }
+        for p in sglang {
+            let spec = RouterSpec::Sglang {
+                policy: p.clone(),
+                python: b.python.to_owned(),
+                instances: 1,
+            };
+            candidates.push((spec.label(), available.clone().map(|_| spec)));
+        }
+    }
+    let rows = run_rows(&s, &candidates, "routing-llama");
+    let report = BenchReport {
+        generated: crate::procs::capture(
+            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
+        )
+        .unwrap_or_default(),
+        git: crate::procs::capture(crate::procs::git().args(["rev-parse", "--short", "HEAD"]))
+            .unwrap_or_default(),
+        machine: format!(
+            "{} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        command: std::iter::once("cargo xtask".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        llama_cpp: crate::llama::VERSION,
+        sglang_router,
+        workload: s.headline.clone(),
+        ideal_hit_ratio: s.ideal_hit_ratio,
+        replicas: s.spec.clone(),
+        rows,
+    };
+    let out_dir = fleet::bench_dir();
+    std::fs::create_dir_all(&out_dir)?;
+    let md = markdown(&report);
+    let md_path = out_dir.join("routing-llama-cpp.md");
+    let json_path = out_dir.join("routing-llama-cpp.json");
+    std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&json_path, &json)?;
+    if b.json {
+        println!("{json}");
+    } else {
+        println!("\n{}", table(&report.rows, false));
+    }
+    eprintln!(
+        "wrote {} and {} ({:.0} s in all)",
+        md_path.display(),
+        json_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if b.publish {
+        let docs = crate::procs::root().join("docs/bench");
+        std::fs::create_dir_all(&docs)?;
+        std::fs::copy(&md_path, docs.join("routing-llama-cpp.md"))?;
+        eprintln!("published to {}", docs.display());
+    }
+    ensure_no_failures(&report.rows)
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1} %", x * 100.0)
+}
+
+const HEADERS: [&str; 9] = [
+    "router",
+    "hit ratio (replicas)",
+    "cached / prompt tokens",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "TTFT mean ms",
+    "e2e p99 ms",
+    "errors",
+    "prompt-token share",
+];
+
+fn cells(r: &Row) -> Vec<String> {
+    match &r.outcome {
+        Outcome::Ok(m) => vec![
+            r.router.clone(),
+            pct(m.replicas.hit_ratio),
+            format!(
+                "{} / {}",
+                m.replicas.cached_tokens, m.replicas.prompt_tokens
+            ),
+            format!("{:.0}", m.client.ttft_ms.p50),
+            format!("{:.0}", m.client.ttft_ms.p99),
+            format!("{:.0}", m.client.ttft_ms.mean),
+            format!("{:.0}", m.client.e2e_ms.p99),
+            m.client.errors.to_string(),
+            m.replicas.shares(),
+        ],
+        Outcome::Skipped { reason } => vec![r.router.clone(), format!("skipped: {reason}")],
+        Outcome::Failed { error } => {
+            let first = error.lines().next().unwrap_or_default();
+            vec![r.router.clone(), format!("FAILED: {first}")]
+        }
+    }
+}
+
+/// The rows as an aligned text table, or as a Markdown table.
+fn table(rows: &[Row], markdown: bool) -> String {
+    let cells: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    let mut o = String::new();
+    if markdown {
+        let _ = writeln!(o, "| {} |", HEADERS.join(" | "));
+        let _ = writeln!(o, "| --- |{}", " ---: |".repeat(HEADERS.len() - 1));
+        for c in &cells {
+            let mut c = c.clone();
+            c.resize(HEADERS.len(), String::new());
+            let _ = writeln!(o, "| {} |", c.join(" | "));
+        }
+        return o;
+    }
+    let mut width: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
+    for row in cells.iter().filter(|r| r.len() == HEADERS.len()) {
+        for (i, c) in row.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    width[0] = width[0].max(
+        cells
+            .iter()
+            .map(|r| r[0].chars().count())
+            .max()
+            .unwrap_or(0),
+    );
+    let headers = HEADERS.map(String::from);
+    for row in std::iter::once(&headers[..]).chain(cells.iter().map(Vec::as_slice)) {
+        let mut s = String::from(" ");
+        for (i, c) in row.iter().enumerate() {
+            if i == 0 {
+                let _ = write!(s, " {c:<w$}", w = width[0]);
+            } else if row.len() == HEADERS.len() {
+                let _ = write!(s, "  {c:>w$}", w = width[i]);
+            } else {
+                let _ = write!(s, "  {c}");
+            }
+        }
+        let _ = writeln!(o, "{}", s.trim_end());
+    }
+    o
+}
+
+fn markdown(r: &BenchReport) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# Routing quality on real llama.cpp replicas\n");
+    let _ = writeln!(
+        o,
+        "Generated by `{}` on {} ({}, commit {}). {}. Every row starts fresh replicas (cold \
+         caches) and replays the same conversations as streaming `/v1/chat/completions` with \
+         `stream_options.include_usage`. The hit ratio and the prompt-token share are the \
+         replicas' own counters (`llamacpp:prompt_tokens_cached_total` over all prompt tokens); \
+         TTFT and e2e are the client's wall-clock ms. One infinite cache would hit {} of the \
+         prompt bytes.\n",
+        r.command,
+        r.generated,
+        r.machine,
+        r.git,
+        r.workload,
+        pct(r.ideal_hit_ratio)
+    );
+    o.push_str(&table(&r.rows, true));
+    o
+}
+
+/// The demo's report: one column per policy.
+fn side_by_side(headline: &str, ideal: f64, rows: &[Row]) -> String {
+    const COL: usize = 16;
+    let mut o = String::new();
+    let _ = writeln!(o, "kvroute demo on real llama.cpp replicas: {headline}\n");
+    let _ = write!(o, "  {:<28}", "policy");
+    for r in rows {
+        let name = r.router.strip_prefix("kvroute ").unwrap_or(&r.router);
+        let _ = write!(o, "{name:>COL$}");
+    }
+    o.push('\n');
+    let mut line = |name: &str, f: &dyn Fn(&EngineMeasured) -> String, note: &str| {
+        let _ = write!(o, "  {name:<28}");
+        for r in rows {
+            let cell = match &r.outcome {
+                Outcome::Ok(m) => f(m),
+                Outcome::Skipped { .. } => "skipped".into(),
+                Outcome::Failed { .. } => "FAILED".into(),
+            };
+            let _ = write!(o, "{cell:>COL$}");
+        }
+        let _ = writeln!(o, "  {note}");
+    };
+    line(
+        "hit ratio (replicas' count)",
+        &|m| pct(m.replicas.hit_ratio),
+        &format!(
+            "(cached / prompt tokens as llama-server counts them; one infinite cache: {} of the bytes)",
+            pct(ideal)
+        ),
+    );
+    line(
+        "cached prompt tokens",
+        &|m| m.replicas.cached_tokens.to_string(),
+        "",
+    );
+    line(
+        "hit ratio (client's usage)",
+        &|m| pct(m.client.hit_ratio),
+        "(usage.prompt_tokens_details.cached_tokens in the streams)",
+    );
+    line(
+        "TTFT p50 ms",
+        &|m| format!("{:.0}", m.client.ttft_ms.p50),
+        "(wall clock)",
+    );
+    line(
+        "TTFT p99 ms",
+        &|m| format!("{:.0}", m.client.ttft_ms.p99),
+        "",
+    );
+    line(
+        "TTFT mean ms",
+        &|m| format!("{:.0}", m.client.ttft_ms.mean),
+        "",
+    );
+    line("e2e p99 ms", &|m| format!("{:.0}", m.client.e2e_ms.p99), "");
+    line("errors", &|m| m.client.errors.to_string(), "");
+    line("prompt-token share r0/r1/...", &|m| m.replicas.shares(), "");
+    o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+}
