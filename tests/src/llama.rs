@@ -221,12 +221,12 @@ pub fn counters(addr: SocketAddr) -> std::io::Result<Counters> {
 /// The `usage` object of a server-sent-event stream (the last event that has one), if any.
 pub fn stream_usage(sse: &str) -> Option<serde_json::Value> {
     sse.lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("data:"))
         .map(str::trim)
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-        .filter_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
-        .last()
+        .find_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
 }
 
 #[cfg(test)]

@@ -544,3 +544,74 @@ fn side_by_side(headline: &str, ideal: f64, rows: &[Row]) -> String {
     line("prompt-token share r0/r1/...", &|m| m.replicas.shares(), "");
     o.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::llama::EngineCounts;
+    use kvroute_tests::load::Summary;
+
+    fn row(router: &str, hit: f64, p99: f64) -> Row {
+        let mut client = Summary::default();
+        client.ttft_ms.p99 = p99;
+        Row {
+            router: router.into(),
+            outcome: Outcome::Ok(Box::new(EngineMeasured {
+                client,
+                replicas: EngineCounts {
+                    hit_ratio: hit,
+                    prompt_tokens: 1000,
+                    cached_tokens: (hit * 1000.0) as u64,
+                    ..Default::default()
+                },
+            })),
+        }
+    }
+
+    /// One column per policy, the replicas' count first, a skipped router named as such.
+    #[test]
+    fn demo_report_sets_policies_side_by_side() {
+        let rows = [
+            row("kvroute round-robin", 0.41, 900.0),
+            row("kvroute kv-aware", 0.72, 300.0),
+            Row {
+                router: "sglang-router cache_aware".into(),
+                outcome: Outcome::Skipped {
+                    reason: "not installed".into(),
+                },
+            },
+        ];
+        let out = side_by_side("h", 0.8, &rows);
+        let line = |name: &str| {
+            out.lines()
+                .find(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} row in\n{out}"))
+                .to_owned()
+        };
+        let header = line("policy");
+        assert!(
+            header.contains("round-robin") && header.contains("kv-aware"),
+            "{header}"
+        );
+        let hit = line("hit ratio (replicas' count)");
+        assert!(hit.contains("41.0 %") && hit.contains("72.0 %"), "{hit}");
+        assert!(
+            hit.contains("skipped") && hit.contains("80.0 % of the bytes"),
+            "{hit}"
+        );
+        let p99 = line("TTFT p99 ms");
+        assert!(p99.contains("900") && p99.contains("300"), "{p99}");
+        assert!(line("cached prompt tokens").contains("720"), "{out}");
+    }
+
+    #[test]
+    fn markdown_table_has_a_cell_per_header() {
+        let md = table(&[row("kvroute kv-aware", 0.5, 10.0)], true);
+        let lines: Vec<&str> = md.lines().collect();
+        assert_eq!(lines.len(), 3, "{md}");
+        for l in &lines {
+            assert_eq!(l.matches('|').count(), HEADERS.len() + 1, "{l}");
+        }
+        assert!(lines[2].contains("500 / 1000"), "{md}");
+    }
+}
