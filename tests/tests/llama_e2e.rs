@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvroute_tests::harness::{filler_text, Client, Kvroute};
+use kvroute_tests::harness::{filler_text, wait_until, Client, Kvroute};
 use kvroute_tests::llama::{paths_or_skip, stream_usage, LlamaPaths, LlamaServer};
 use serde_json::{json, Value};
 
@@ -233,10 +233,19 @@ fn streaming_chat_usage_is_passed_through_and_learned_from() {
         );
     }
     // kvroute read each stream's usage: what it recorded as cached is what the replica said.
-    let m = k.admin_get("/metrics").text();
-    let learned = metric_sum(&m, "kvroute_prefix_cached_tokens_sum");
+    // It records a stream's usage once the stream is through, so the last one may land just
+    // after the client has read it.
     let said: u64 = reported.iter().map(|(_, c)| c).sum();
-    assert_eq!(learned, said as f64, "{reported:?}\n{m}");
+    let mut m = String::new();
+    let learned_all = wait_until(Duration::from_secs(5), || {
+        m = k.admin_get("/metrics").text();
+        metric_sum(&m, "kvroute_prefix_cached_tokens_sum") == said as f64
+            && metric_sum(&m, "kvroute_prefix_cached_tokens_count") == reported.len() as f64
+    });
+    assert!(
+        learned_all,
+        "the streams reported {reported:?}; kvroute:\n{m}"
+    );
     let confirmed = metric_sum(&m, "kvroute_prefix_prediction_total{outcome=\"hit_hit\"}");
     assert!(confirmed >= 2.0, "confirmed predictions {confirmed}:\n{m}");
 }
