@@ -56,7 +56,7 @@ pub struct EngineOpts {
     #[arg(long, default_value_t = 3000)]
     pub llama_system_bytes: usize,
     /// llama-cpp: new conversations per second.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.5)]
     pub llama_rate: f64,
 }
 
