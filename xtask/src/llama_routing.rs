@@ -58,6 +58,10 @@ pub struct EngineOpts {
     /// llama-cpp: new conversations per second.
     #[arg(long, default_value_t = 0.5)]
     pub llama_rate: f64,
+    /// llama-cpp bench: times to run every router, the order rotated each time; the summary
+    /// is the mean over runs (a real engine on a shared machine varies from run to run).
+    #[arg(long, default_value_t = 1)]
+    pub llama_runs: usize,
 }
 
 impl EngineOpts {
@@ -284,7 +288,108 @@ struct BenchReport {
     workload: String,
     ideal_hit_ratio: f64,
     replicas: LlamaSpec,
-    rows: Vec<Row>,
+    /// Per router, over the runs.
+    summary: Vec<Summarized>,
+    /// Every run's rows, in the same router order.
+    runs: Vec<Vec<Row>>,
+}
+
+/// One router over all runs: means of the per-run figures, and the spread of the hit ratio.
+#[derive(Serialize)]
+struct Summarized {
+    router: String,
+    /// Runs that produced figures.
+    runs: usize,
+    /// Why there are none, when no run did.
+    note: Option<String>,
+    hit_ratio: f64,
+    hit_ratio_min: f64,
+    hit_ratio_max: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    ttft_mean_ms: f64,
+    errors: u64,
+    /// Prompt-token share per replica, each run's shares (e.g. `25/75 %`).
+    shares: Vec<String>,
+}
+
+fn summarize(
+    candidates: &[(String, Result<RouterSpec, String>)],
+    runs: &[Vec<Row>],
+) -> Vec<Summarized> {
+    candidates
+        .iter()
+        .map(|(label, _)| {
+            let rows: Vec<&Row> = runs
+                .iter()
+                .flatten()
+                .filter(|r| r.router == *label)
+                .collect();
+            let ok: Vec<&EngineMeasured> = rows
+                .iter()
+                .filter_map(|r| match &r.outcome {
+                    Outcome::Ok(m) => Some(m.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            let note = rows.iter().find_map(|r| match &r.outcome {
+                Outcome::Skipped { reason } => Some(format!("skipped: {reason}")),
+                Outcome::Failed { error } => Some(format!(
+                    "FAILED: {}",
+                    error.lines().next().unwrap_or_default()
+                )),
+                Outcome::Ok(_) => None,
+            });
+            let mean = |f: &dyn Fn(&EngineMeasured) -> f64| {
+                ok.iter().map(|m| f(m)).sum::<f64>() / ok.len().max(1) as f64
+            };
+            let hits = ok.iter().map(|m| m.replicas.hit_ratio);
+            Summarized {
+                router: label.clone(),
+                runs: ok.len(),
+                note: if ok.is_empty() { note } else { None },
+                hit_ratio: mean(&|m| m.replicas.hit_ratio),
+                hit_ratio_min: hits.clone().fold(f64::INFINITY, f64::min).min(1.0),
+                hit_ratio_max: hits.fold(0.0, f64::max),
+                ttft_p50_ms: mean(&|m| m.client.ttft_ms.p50),
+                ttft_p99_ms: mean(&|m| m.client.ttft_ms.p99),
+                ttft_mean_ms: mean(&|m| m.client.ttft_ms.mean),
+                errors: ok.iter().map(|m| m.client.errors).sum(),
+                shares: ok.iter().map(|m| m.replicas.shares()).collect(),
+            }
+        })
+        .collect()
+}
+
+const SUMMARY_HEADERS: [&str; 8] = [
+    "router",
+    "runs",
+    "hit ratio (replicas), mean",
+    "min–max",
+    "TTFT p50 ms",
+    "TTFT p99 ms",
+    "TTFT mean ms",
+    "errors",
+];
+
+fn summary_table(rows: &[Summarized], markdown: bool) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| match &r.note {
+            Some(note) => vec![r.router.clone(), note.clone()],
+            None => vec![
+                r.router.clone(),
+                r.runs.to_string(),
+                pct(r.hit_ratio),
+                format!("{}–{}", pct(r.hit_ratio_min), pct(r.hit_ratio_max)),
+                format!("{:.0}", r.ttft_p50_ms),
+                format!("{:.0}", r.ttft_p99_ms),
+                format!("{:.0}", r.ttft_mean_ms),
+                r.errors.to_string(),
+            ],
+        })
+        .collect();
+    render(&SUMMARY_HEADERS, &cells, markdown)
 }
 
 /// `cargo xtask bench routing --engine llama-cpp`: every kvroute policy this build accepts and
@@ -326,7 +431,21 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
             candidates.push((spec.label(), available.clone().map(|_| spec)));
         }
     }
-    let rows = run_rows(&s, &candidates, "routing-llama");
+    anyhow::ensure!(o.llama_runs >= 1, "--llama-runs must be at least 1");
+    let mut runs = Vec::new();
+    for run in 0..o.llama_runs {
+        let mut order = candidates.clone();
+        let n = order.len().max(1);
+        order.rotate_left(run % n);
+        if o.llama_runs > 1 {
+            eprintln!("-- run {} of {}", run + 1, o.llama_runs);
+        }
+        let mut rows = run_rows(&s, &order, &format!("routing-llama-{run}"));
+        // Each run's rows in the candidates' order, whatever order they ran in.
+        rows.sort_by_key(|r| candidates.iter().position(|(l, _)| *l == r.router));
+        runs.push(rows);
+    }
+    let summary = summarize(&candidates, &runs);
     let report = BenchReport {
         generated: crate::procs::capture(
             std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -347,7 +466,8 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
         workload: s.headline.clone(),
         ideal_hit_ratio: s.ideal_hit_ratio,
         replicas: s.spec.clone(),
-        rows,
+        summary,
+        runs,
     };
     let out_dir = fleet::bench_dir();
     std::fs::create_dir_all(&out_dir)?;
@@ -360,7 +480,7 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
     if b.json {
         println!("{json}");
     } else {
-        println!("\n{}", table(&report.rows, false));
+        println!("\n{}", summary_table(&report.summary, false));
     }
     eprintln!(
         "wrote {} and {} ({:.0} s in all)",
@@ -374,7 +494,10 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
         std::fs::copy(&md_path, docs.join("routing-llama-cpp.md"))?;
         eprintln!("published to {}", docs.display());
     }
-    ensure_no_failures(&report.rows)
+    for rows in &report.runs {
+        ensure_no_failures(rows)?;
+    }
+    Ok(())
 }
 
 fn pct(x: f64) -> String {
@@ -420,19 +543,25 @@ fn cells(r: &Row) -> Vec<String> {
 /// The rows as an aligned text table, or as a Markdown table.
 fn table(rows: &[Row], markdown: bool) -> String {
     let cells: Vec<Vec<String>> = rows.iter().map(cells).collect();
+    render(&HEADERS, &cells, markdown)
+}
+
+/// `cells` under `headers`; a row shorter than the headers (a skip, a failure) is printed as
+/// it is.
+fn render(headers: &[&str], cells: &[Vec<String>], markdown: bool) -> String {
     let mut o = String::new();
     if markdown {
-        let _ = writeln!(o, "| {} |", HEADERS.join(" | "));
-        let _ = writeln!(o, "| --- |{}", " ---: |".repeat(HEADERS.len() - 1));
-        for c in &cells {
+        let _ = writeln!(o, "| {} |", headers.join(" | "));
+        let _ = writeln!(o, "| --- |{}", " ---: |".repeat(headers.len() - 1));
+        for c in cells {
             let mut c = c.clone();
-            c.resize(HEADERS.len(), String::new());
+            c.resize(headers.len(), String::new());
             let _ = writeln!(o, "| {} |", c.join(" | "));
         }
         return o;
     }
-    let mut width: Vec<usize> = HEADERS.iter().map(|h| h.chars().count()).collect();
-    for row in cells.iter().filter(|r| r.len() == HEADERS.len()) {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in cells.iter().filter(|r| r.len() == headers.len()) {
         for (i, c) in row.iter().enumerate() {
             width[i] = width[i].max(c.chars().count());
         }
@@ -444,13 +573,13 @@ fn table(rows: &[Row], markdown: bool) -> String {
             .max()
             .unwrap_or(0),
     );
-    let headers = HEADERS.map(String::from);
+    let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
     for row in std::iter::once(&headers[..]).chain(cells.iter().map(Vec::as_slice)) {
         let mut s = String::from(" ");
         for (i, c) in row.iter().enumerate() {
             if i == 0 {
                 let _ = write!(s, " {c:<w$}", w = width[0]);
-            } else if row.len() == HEADERS.len() {
+            } else if row.len() == headers.len() {
                 let _ = write!(s, "  {c:>w$}", w = width[i]);
             } else {
                 let _ = write!(s, "  {c}");
@@ -479,7 +608,19 @@ fn markdown(r: &BenchReport) -> String {
         r.workload,
         pct(r.ideal_hit_ratio)
     );
-    o.push_str(&table(&r.rows, true));
+    if r.runs.len() > 1 {
+        let _ = writeln!(
+            o,
+            "Over {} runs, the order of the routers rotated each run (figures are means of the \
+             runs' figures):\n",
+            r.runs.len()
+        );
+    }
+    o.push_str(&summary_table(&r.summary, true));
+    for (i, rows) in r.runs.iter().enumerate() {
+        let _ = writeln!(o, "\n### Run {}\n", i + 1);
+        o.push_str(&table(rows, true));
+    }
     o
 }
 
@@ -602,6 +743,39 @@ mod tests {
         let p99 = line("TTFT p99 ms");
         assert!(p99.contains("900") && p99.contains("300"), "{p99}");
         assert!(line("cached prompt tokens").contains("720"), "{out}");
+    }
+
+    #[test]
+    fn summary_is_the_mean_over_runs() {
+        let candidates = vec![
+            kvroute_row("kv-aware", 1),
+            (
+                "sglang-router cache_aware".to_owned(),
+                Err("not installed".to_owned()),
+            ),
+        ];
+        let skipped = || Row {
+            router: "sglang-router cache_aware".into(),
+            outcome: Outcome::Skipped {
+                reason: "not installed".into(),
+            },
+        };
+        let runs = vec![
+            vec![row("kvroute kv-aware", 0.5, 100.0), skipped()],
+            vec![row("kvroute kv-aware", 0.7, 300.0), skipped()],
+        ];
+        let s = summarize(&candidates, &runs);
+        assert_eq!(s[0].runs, 2);
+        assert!((s[0].hit_ratio - 0.6).abs() < 1e-9, "{}", s[0].hit_ratio);
+        assert_eq!((s[0].hit_ratio_min, s[0].hit_ratio_max), (0.5, 0.7));
+        assert_eq!(s[0].ttft_p99_ms, 200.0);
+        assert_eq!(s[1].runs, 0);
+        assert_eq!(s[1].note.as_deref(), Some("skipped: not installed"));
+        let text = summary_table(&s, false);
+        assert!(
+            text.contains("60.0 %") && text.contains("50.0 %–70.0 %"),
+            "{text}"
+        );
     }
 
     #[test]
