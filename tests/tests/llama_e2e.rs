@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use kvroute_tests::harness::{filler_text, wait_until, Client, Kvroute};
+use kvroute::admin::{ReplicaState, State};
+use kvroute_tests::harness::{filler_text, free_port, request, wait_until, Client, Kvroute, Proc};
 use kvroute_tests::llama::{paths_or_skip, stream_usage, LlamaPaths, LlamaServer};
 use serde_json::{json, Value};
 
@@ -315,4 +316,112 @@ fn a_replica_killed_mid_stream_ends_the_stream_and_the_next_request_goes_elsewhe
     let mut c = Client::connect(k.addr).unwrap();
     let (r, ..) = chat(&mut c, &messages, None);
     assert_ne!(r, serving, "the next request went to the killed replica");
+}
+
+/// `kvroute-control` in front of the data plane, engine detection left to it (`auto`): it
+/// recognises both replicas as llama.cpp, pushes their slot shape (4 slots of 2,048 tokens,
+/// from `/props`) into the data plane's index, and their load (`llamacpp:requests_processing`
+/// and `requests_deferred`) into its routing.
+#[test]
+fn the_control_daemon_pushes_the_real_engines_load_and_slot_shape() {
+    let Some(paths) = paths_or_skip() else { return };
+    let replicas = two_replicas(&paths);
+    let dp = Kvroute::start(&["--workers", "1"]);
+    let dir = std::env::temp_dir().join(format!(
+        "kvroute-llama-control-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut config = format!(
+        "dataplanes = [\"{}\"]\nlisten = \"{listen}\"\nname = \"ctl-llama\"\n\
+         [health]\ninterval_ms = 100\ntimeout_ms = 1000\nrise = 2\nfall = 2\n\
+         [scrape]\ninterval_ms = 100\ntimeout_ms = 1000\n[push]\nresync_ms = 100\n",
+        dp.admin
+    );
+    for r in &replicas {
+        config.push_str(&format!("[[replicas]]\nurl = \"{}\"\n", r.url()));
+    }
+    let config_path = dir.join("control.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let _ctl = Proc::spawn(
+        "kvroute-control",
+        &["--config".to_string(), config_path.display().to_string()],
+    );
+    let state = |url: &str| -> Option<ReplicaState> {
+        let r = dp.admin_get("/state");
+        let s: State = serde_json::from_slice(&r.body).ok()?;
+        s.replicas.into_iter().find(|r| r.url == url)
+    };
+    // 8,192 context tokens over 4 slots; the host cache defaults to the slots' total.
+    let shaped = |r: &ReplicaState| {
+        r.healthy
+            && r.kv_slots == Some(4)
+            && r.kv_slot_tokens == Some(2048)
+            && r.kv_host_tokens == Some(8192)
+            && r.kv_blocks == Some(2 * 8192)
+            && r.kv_block_tokens == Some(1)
+    };
+    for r in &replicas {
+        assert!(
+            wait_until(Duration::from_secs(15), || state(&r.url())
+                .is_some_and(|s| shaped(&s))),
+            "{}'s slot shape not pushed: {:?}",
+            r.name,
+            state(&r.url())
+        );
+    }
+    let status = request(
+        listen.parse().unwrap(),
+        "GET /status HTTP/1.1\r\nHost: c\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap()
+    .json();
+    for r in &replicas {
+        let engine = status["replicas"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["url"] == r.url()))
+            .map(|x| x["detected_engine"].clone());
+        assert_eq!(engine, Some(json!("llamacpp")), "{status}");
+    }
+    // Six long generations straight to r0: its four slots run four, two wait.
+    let busy = &replicas[0];
+    let body = json!({
+        "messages": [user("count slowly".into())],
+        "max_tokens": 1500,
+        "ignore_eos": true,
+        "stream": true,
+    });
+    let streams: Vec<Client> = (0..6)
+        .map(|_| {
+            let mut c = Client::connect(busy.addr).unwrap();
+            send_chat(&mut c, &body, None);
+            c
+        })
+        .collect();
+    let loaded = wait_until(Duration::from_secs(15), || {
+        state(&busy.url())
+            .is_some_and(|s| s.external_load.running == 4 && s.external_load.waiting == 2)
+    });
+    assert!(
+        loaded,
+        "r0's load not pushed: {:?}",
+        state(&busy.url()).map(|s| s.external_load)
+    );
+    assert!(state(&replicas[1].url()).is_some_and(|s| s.external_load.running == 0));
+    // The clients go away; llama-server cancels their generations and the load drains.
+    drop(streams);
+    assert!(
+        wait_until(Duration::from_secs(15), || state(&busy.url()).is_some_and(
+            |s| s.external_load.running == 0 && s.external_load.waiting == 0
+        )),
+        "r0's load did not drain: {:?}",
+        state(&busy.url()).map(|s| s.external_load)
+    );
+    // The pushed replicas serve through the data plane.
+    let mut c = Client::connect(dp.addr).unwrap();
+    let (r, ..) = chat(&mut c, &[user("hello".into())], None);
+    assert!(r == "r0" || r == "r1", "{r}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

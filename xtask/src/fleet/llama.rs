@@ -23,8 +23,6 @@ use super::child::Child;
 use super::{Bins, RouterSpec, Sim};
 use crate::llama::Llama;
 
-/// Tokens per KV block in the capacity kvroute is told each replica has.
-const BLOCK_TOKENS: u32 = 16;
 /// From "router listening" to "a request goes through" (SGLang registers workers after start).
 const FIRST_REQUEST: Duration = Duration::from_secs(60);
 
@@ -39,9 +37,18 @@ pub struct LlamaSpec {
 }
 
 impl LlamaSpec {
-    /// The KV capacity kvroute's config gives each replica: its whole context, in blocks.
-    fn capacity(&self) -> (usize, u32) {
-        ((self.ctx / BLOCK_TOKENS) as usize, BLOCK_TOKENS)
+    /// What kvroute's config says of each replica's cache, as kvroute-control pushes it from
+    /// `/props`: its slots and each slot's context, plus a host prompt cache the size of the
+    /// slots' total (the daemon's default; llama-server's `--cache-ram` holds at least that).
+    fn capacity(&self) -> String {
+        let slot_tokens = self.ctx / self.slots.max(1);
+        let host = u64::from(self.ctx);
+        format!(
+            "kv_slots = {}\nkv_slot_tokens = {slot_tokens}\nkv_host_tokens = {host}\n\
+             kv_blocks = {}\nkv_block_tokens = 1\n",
+            self.slots,
+            u64::from(self.ctx) + host
+        )
     }
 }
 
@@ -185,7 +192,7 @@ impl LlamaFleet {
                 } => {
                     let (child, url, admin) = super::start_kvroute(
                         bins,
-                        spec.capacity(),
+                        &spec.capacity(),
                         &replicas,
                         policy,
                         *workers,

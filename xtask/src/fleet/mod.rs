@@ -356,7 +356,10 @@ impl Fleet {
                 } => {
                     let (child, url, admin) = start_kvroute(
                         bins,
-                        (spec.kv_blocks, spec.block_tokens),
+                        &format!(
+                            "kv_blocks = {}\nkv_block_tokens = {}\n",
+                            spec.kv_blocks, spec.block_tokens
+                        ),
                         &sims,
                         policy,
                         *workers,
@@ -567,11 +570,12 @@ fn http_ok(addr: SocketAddr, path: &str) -> bool {
     .is_ok_and(|r| r.status == 200)
 }
 
-/// kvroute in front of `sims`, each given `capacity` (KV blocks, tokens per block).
+/// kvroute in front of `sims`, each replica's entry given the `capacity` keys (its KV blocks
+/// and block size; for a slot-based engine, its slots too).
 #[allow(clippy::too_many_arguments)]
 fn start_kvroute(
     bins: &Bins,
-    capacity: (usize, u32),
+    capacity: &str,
     sims: &[Sim],
     policy: &str,
     workers: usize,
@@ -590,10 +594,8 @@ fn start_kvroute(
     );
     for s in sims {
         toml.push_str(&format!(
-            "\n[[replicas]]\nurl = \"{}\"\nmodels = [\"sim-model\"]\nkv_blocks = {}\nkv_block_tokens = {}\n",
+            "\n[[replicas]]\nurl = \"{}\"\nmodels = [\"sim-model\"]\n{capacity}",
             s.url(),
-            capacity.0,
-            capacity.1
         ));
     }
     // Tuning hook: extra `[routing]` keys (e.g. "w_load = 0.2") for weight sweeps,
