@@ -58,9 +58,8 @@ pub struct Opts {
     /// Trace lines to skip first.
     #[arg(long, default_value_t = 0)]
     pub skip: usize,
-    /// Trace replay speed-up (timestamps divided by this). 20x is the knee with the default
-    /// replicas: measured with round-robin on 1000 requests, TTFT p50 was 48 ms at 10x, 66 ms
-    /// at 20x, 206 ms at 30x, and at 40x the fleet fell behind the schedule.
+    /// Trace replay speed-up (timestamps divided by this). The default puts the default fleet
+    /// near its knee, where queueing starts to show in TTFT but the fleet keeps up.
     #[arg(long, default_value_t = 20.0)]
     pub speed: f64,
     /// Bytes of prompt per 512-token trace block.

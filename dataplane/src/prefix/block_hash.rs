@@ -2,7 +2,7 @@
 //! build theirs, defined here bit for bit so that every kvroute computes the
 //! same value whatever its CPU.
 //!
-//! Why not xxh3 (the previous block hash) or gxhash: xxh3's path for 17–128
+//! Why not xxh3 or gxhash: xxh3's path for 17–128
 //! bytes is eight 64×64→128-bit multiplies and ~40 other scalar steps per 128
 //! bytes, 29 % of a 128 KiB chat request's routing; one AES round mixes 16
 //! bytes in one instruction. gxhash has this design but will not compile

@@ -51,7 +51,7 @@ impl Default for PrefixConfig {
 /// The chain step: the previous hash and this block's own hash, mixed.
 ///
 /// Why a rotate, xor and one multiply, not another xxh3 round (seeded with
-/// `prev`, the previous form): this step is the chain's only serial part, so its
+/// `prev`): this step is the chain's only serial part, so its
 /// latency bounds a long prompt; xxh3 of 8 bytes is ~18 cycles of dependent
 /// multiplies and shifts, this is ~5. The block hash is uniform, and for a fixed
 /// `prev` (or block hash) the map is a bijection, so two chains meet only where

@@ -9,29 +9,18 @@
 //! it (simd-json parses in place, so it needs a copy first), and routing reads a
 //! handful of fields, so a full DOM or tape is wasted work. sonic-rs's lazy
 //! iterators fit the zero-copy design but were slower here: without `-C target-cpu`
-//! (a shipped binary cannot assume AVX2) its SIMD paths fall back. Same bodies, same
-//! block hasher, one criterion run (`cargo bench -p kvroute --bench routing_core --
-//! --measurement-time 2 --warm-up-time 1`, group `extract`, chat bodies with an
-//! escape every ~30 bytes; 2-core VM shared with other builds, load average ~5, so
-//! absolute figures are about 2x a quiet machine's; compare the columns):
-//!
-//! | chat body | scanner + hash | sonic-rs lazy + hash | simd-json (copy + parse) + hash |
-//! | --------- | -------------- | -------------------- | ------------------------------- |
-//! | 1 KiB     | 1.31 µs        | 3.20 µs              | 2.23 µs                         |
-//! | 4 KiB     | 2.52 µs        | 4.69 µs              | 4.57 µs                         |
-//! | 32 KiB    | 22.3 µs        | 55.1 µs              | 45.9 µs                         |
-//! | 128 KiB   | 80.4 µs        | 232.9 µs             | 177.1 µs                        |
-//! | 512 KiB   | 532 µs         | 1222 µs              | 922 µs                          |
+//! (a shipped binary cannot assume AVX2) its SIMD paths fall back. The scanner is
+//! the fastest of the three at every body size in the routing-core bench (group
+//! `extract`; figures in docs/bench/routing-core.md).
 //!
 //! Strings are scanned 64 bytes at a time as bit masks of quotes, backslashes and
 //! control bytes (`scanner::chunk_masks`, SSE2/NEON through `wide`, or AVX-512 /
 //! AVX2 in `crate::sys` when the CPU has it); the escaped bytes come from the
 //! backslash mask by simdjson's carry trick, so there is no branch per escape, and
 //! the AVX kernels check every escaped byte of a chunk at once with a nibble-table
-//! lookup. Stopping at each special with a bytewise search or `memchr2`
-//! ran 2-5x slower on escape-dense text; the previous multiply-packed mask with a
-//! step per special ran ~5.5 GB/s, this one ~8.5 GB/s on the bench's prose (one
-//! escape every ~30 bytes) and ~12 GB/s on plain text.
+//! lookup. Stopping at each special with a bytewise search or `memchr2` is
+//! several times slower on escape-dense text, such as prompts with a `\n` or `\"`
+//! every few dozen bytes.
 #![forbid(unsafe_code)]
 
 mod extract;

@@ -64,7 +64,7 @@ fn movemask4(v: [u8x16; 4]) -> u64 {
 /// Why `wide` and not a byte search: a string scan must stop at quotes and
 /// backslashes and reject control bytes. `memchr2` stops at every escape (a
 /// `\n` or `\"` every ~30 bytes of real prompt text) and still needs a separate
-/// control-byte pass; a portable multiply-pack "movemask" (the previous version)
+/// control-byte pass; a portable multiply-pack "movemask"
 /// spends ~8 multiplies per mask. SSE2/NEON compares plus one `pmovmskb` per 16
 /// bytes, through `wide`'s safe wrappers (the crate stays free of `unsafe`), give
 /// all three masks; control bytes are exceptional, so their exact mask is only
