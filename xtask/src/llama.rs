@@ -112,6 +112,19 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 pub fn ensure() -> anyhow::Result<Llama> {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // One build at a time per cache directory: two xtask runs sharing a machine's cache (CI
+    // beside a developer's run) would otherwise configure and compile into the same tree.
+    let lock_path = dir.join(".lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("create {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        eprintln!(
+            "xtask: another process holds {}; waiting for its llama.cpp build",
+            lock_path.display()
+        );
+        lock.lock()
+            .with_context(|| format!("lock {}", lock_path.display()))?;
+    }
     let server = dir.join("llama-server");
     if server.is_file() {
         eprintln!(
