@@ -31,6 +31,8 @@ pub struct Candidate<'s> {
     pub kv_usage: f32,
     /// See [`Replica::pending_prefill`].
     pub pending_prefill: u64,
+    /// Requests the replica itself reports waiting (all proxies').
+    pub waiting: u32,
 }
 
 impl<'s> Candidate<'s> {
@@ -45,6 +47,7 @@ impl<'s> Candidate<'s> {
             url_key: url_key(&replica.spec.url),
             kv_usage: ext.kv_usage,
             pending_prefill: replica.pending_prefill(),
+            waiting: ext.waiting,
         }
     }
 }

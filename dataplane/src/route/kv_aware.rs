@@ -273,7 +273,7 @@ impl KvAware {
             .wait(c.replica.slot, ours, req.now_ms, fit.secs_per_byte);
         // The engine's queue counts our requests too; only the rest are extra,
         // at the mean prompt this proxy sees.
-        let others = c.replica.external_load().waiting.saturating_sub(ours);
+        let others = c.waiting.saturating_sub(ours);
         let mean_prefill = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
         let extra = f64::from(others) * mean_prefill;
         let ttft = fit.overhead_s + wait.seconds + (extra + own) * fit.secs_per_byte;
