@@ -98,9 +98,15 @@ impl Proc {
 
     /// Like [`Proc::spawn`], with extra environment variables.
     pub fn spawn_env(bin: &str, args: &[String], env: &[(&str, &str)]) -> Proc {
-        let child = Command::new(workspace_bin(bin))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut cmd = Command::new(workspace_bin(bin));
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn_command(cmd, bin)
+    }
+
+    /// Starts `cmd` with no stdin or stdout, and its stderr shown only under
+    /// `KVROUTE_TEST_LOG`; `name` names it in messages.
+    pub fn spawn_command(mut cmd: Command, name: &str) -> Proc {
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
@@ -109,10 +115,10 @@ impl Proc {
                 Stdio::null()
             })
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc {
             child,
-            name: bin.into(),
+            name: name.into(),
         }
     }
 

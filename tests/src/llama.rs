@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{free_port, request, wait_until, Proc};
@@ -128,21 +128,9 @@ impl LlamaServer {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let mut args = server_args(paths, name, addr, DEFAULT_CTX, DEFAULT_SLOTS);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = Command::new(&paths.server)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", paths.server.display()));
-        let mut proc = Proc {
-            child,
-            name: format!("llama-server {name}"),
-        };
+        let mut cmd = Command::new(&paths.server);
+        cmd.args(&args);
+        let mut proc = Proc::spawn_command(cmd, &format!("llama-server {name}"));
         let up = wait_until(READY, || {
             healthy(addr) || proc.child.try_wait().ok().flatten().is_some()
         });

@@ -129,13 +129,7 @@ impl EngineCounts {
 
     /// Each replica's share of the prompt tokens, e.g. `48/52 %`.
     pub fn shares(&self) -> String {
-        let total = self.prompt_tokens.max(1);
-        let parts: Vec<String> = self
-            .per_replica_prompt_tokens
-            .values()
-            .map(|n| format!("{:.0}", *n as f64 * 100.0 / total as f64))
-            .collect();
-        format!("{} %", parts.join("/"))
+        super::measure::percent_shares(self.per_replica_prompt_tokens.values().copied())
     }
 }
 

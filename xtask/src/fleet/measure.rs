@@ -54,14 +54,17 @@ impl FleetCounts {
 
     /// Each replica's share of the requests, e.g. `24/26/25/25 %`.
     pub fn shares(&self) -> String {
-        let total: u64 = self.per_replica.values().sum::<u64>().max(1);
-        let parts: Vec<String> = self
-            .per_replica
-            .values()
-            .map(|n| format!("{:.0}", *n as f64 * 100.0 / total as f64))
-            .collect();
-        format!("{} %", parts.join("/"))
+        percent_shares(self.per_replica.values().copied())
     }
+}
+
+/// Counts as whole-percent shares of their sum, e.g. `24/26/25/25 %`.
+pub fn percent_shares(counts: impl Iterator<Item = u64> + Clone) -> String {
+    let total = counts.clone().sum::<u64>().max(1);
+    let parts: Vec<String> = counts
+        .map(|n| format!("{:.0}", n as f64 * 100.0 / total as f64))
+        .collect();
+    format!("{} %", parts.join("/"))
 }
 
 #[derive(Clone, Debug, Serialize)]
