@@ -5,13 +5,14 @@
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
 //!   (`--engine llama-cpp`: real llama.cpp replicas instead)
 //! - `llama`: llama.cpp's server and the test model, built once and cached
-//! - `bench proxy|routing|footprint`: the benchmarks whose figures the README quotes
+//! - `bench proxy|routing|footprint|tls`: the benchmarks whose figures the README quotes
 //! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
 mod bench_footprint;
 mod bench_proxy;
 mod bench_routing;
+mod bench_tls;
 mod build_ebpf;
 mod demo;
 mod fleet;
@@ -58,6 +59,8 @@ enum Bench {
     Routing(bench_routing::Args),
     /// Edge footprint: binary size, start-to-ready, memory idle, at the index cap and under load, vs nginx and HAProxy.
     Footprint(bench_footprint::Args),
+    /// TLS termination: handshakes and keep-alive requests per second, CPU per request, vs nginx.
+    Tls(bench_tls::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,5 +79,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             which: Bench::Footprint(a),
         } => bench_footprint::run(a),
+        Cmd::Bench {
+            which: Bench::Tls(a),
+        } => bench_tls::run(a),
     }
 }

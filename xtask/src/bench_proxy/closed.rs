@@ -22,12 +22,19 @@ pub struct WrkResult {
 }
 
 pub fn write_script(path: &Path) -> anyhow::Result<()> {
+    write_script_with(path, "")
+}
+
+/// The script with `extra_headers` (Lua statements setting `wrk.headers[...]`),
+/// e.g. `Connection: close` so every request opens a new connection.
+pub fn write_script_with(path: &Path, extra_headers: &str) -> anyhow::Result<()> {
     let body = REQUEST_BODY.replace('\'', "\\'");
     let lua = format!(
         r#"wrk.method = "POST"
 wrk.path = "/v1/completions"
 wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
+{extra_headers}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("XTASK requests=%d duration_us=%d errors=%d p50=%d p99=%d p999=%d\n",
@@ -47,6 +54,24 @@ pub fn run(
     conns: usize,
     duration: Duration,
 ) -> anyhow::Result<WrkResult> {
+    run_url(
+        cpus,
+        script,
+        &format!("http://127.0.0.1:{port}/"),
+        conns,
+        duration,
+    )
+}
+
+/// [`run`] against any base URL (`https://` makes wrk speak TLS; it does not verify
+/// the certificate and does not resume sessions, so a new connection is a full handshake).
+pub fn run_url(
+    cpus: &str,
+    script: &Path,
+    url: &str,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<WrkResult> {
     let secs = duration.as_secs().max(1);
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", cpus, "wrk", "-t1"])
@@ -56,7 +81,7 @@ pub fn run(
         .arg("5s")
         .arg("-s")
         .arg(script)
-        .arg(format!("http://127.0.0.1:{port}/"));
+        .arg(url);
     let out = cmd.output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

@@ -307,6 +307,95 @@ pub fn kvroute(env: &Env, bin: &Path, io: &str, upstream: u16) -> anyhow::Result
     kvroute_with(env, bin, io, upstream, "", "")
 }
 
+/// A certificate and key (PEM) both TLS terminators present, and the CA that signed it.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// nginx terminating TLS with `tls`'s certificate in front of `upstream`, otherwise
+/// configured as [`nginx_proxy`]. Session caches and tickets are off, as they are
+/// for a client that never resumes: every new connection is a full handshake.
+pub fn nginx_tls_proxy(env: &Env, upstream: u16, tls: &TlsFiles) -> anyhow::Result<Target> {
+    let port = free_port()?;
+    let pool = env.upstream_pool;
+    let server = format!(
+        "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
+         server {{\n listen 127.0.0.1:{port} ssl reuseport backlog=4096;\n\
+         ssl_certificate {cert};\n ssl_certificate_key {key};\n\
+         ssl_protocols TLSv1.2 TLSv1.3;\n ssl_session_cache off;\n ssl_session_tickets off;\n\
+         location / {{ proxy_pass http://replicas; proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\"; proxy_set_header Host $host; }}\n}}\n",
+        cert = tls.cert.display(),
+        key = tls.key.display(),
+    );
+    let (mut p, log) = start_nginx(env, "nginx-tls", &env.proxy_cpus, &server)?;
+    wait_ready_tls(&mut p, port, &tls.ca, &log, Duration::from_secs(10))?;
+    Ok(Target {
+        name: "nginx TLS".into(),
+        port,
+        proc: Some(p),
+    })
+}
+
+/// kvroute terminating TLS with `tls`'s certificate.
+pub fn kvroute_tls(
+    env: &Env,
+    bin: &Path,
+    io: &str,
+    upstream: u16,
+    tls: &TlsFiles,
+) -> anyhow::Result<Target> {
+    let section = format!(
+        "\n[tls]\ncert = {:?}\nkey = {:?}\n",
+        tls.cert.display().to_string(),
+        tls.key.display().to_string()
+    );
+    let tag = "-tls";
+    let (mut p, port, log) = start_kvroute(env, bin, io, upstream, &section, tag)?;
+    wait_ready_tls(&mut p, port, &tls.ca, &log, Duration::from_secs(15))?;
+    Ok(Target {
+        name: format!("kvroute TLS ({io})"),
+        port,
+        proc: Some(p),
+    })
+}
+
+/// Waits until `GET /health` over TLS (verified against `ca`) answers 200.
+pub fn wait_ready_tls(
+    p: &mut Proc,
+    port: u16,
+    ca: &Path,
+    log: &Path,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    let url = format!("https://127.0.0.1:{port}/health");
+    loop {
+        p.check_alive(log)?;
+        let ok = Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "2", "--cacert"])
+            .arg(ca)
+            .arg(&url)
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} did not answer 200 on {url} within {limit:?} (log: {})",
+                p.name,
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// kvroute with its prediction cache on: the request is deterministic
 /// (`temperature: 0`), so after the first one every request is a hit, and the row
 /// measures a hit against the direct call and against the plain kvroute row (the
@@ -332,6 +421,25 @@ fn kvroute_with(
     extra_toml: &str,
     tag: &str,
 ) -> anyhow::Result<Target> {
+    let (mut p, port, log) = start_kvroute(env, bin, io, upstream, extra_toml, tag)?;
+    wait_ready(&mut p, port, "/health", &log, Duration::from_secs(15))?;
+    Ok(Target {
+        name: format!("kvroute ({io})"),
+        port,
+        proc: Some(p),
+    })
+}
+
+/// kvroute with one worker on the proxy CPUs in front of `upstream`: the process,
+/// its port and its log.
+fn start_kvroute(
+    env: &Env,
+    bin: &Path,
+    io: &str,
+    upstream: u16,
+    extra_toml: &str,
+    tag: &str,
+) -> anyhow::Result<(Proc, u16, PathBuf)> {
     let port = free_port()?;
     let admin = free_port()?;
     // Upstream pools are sized equally for every proxy (`--upstream-pool`).
@@ -362,13 +470,8 @@ fn kvroute_with(
     ];
     let name = format!("kvroute-{io}{tag}");
     let log = env.log(&name);
-    let mut p = spawn(&name, &env.proxy_cpus, &argv, &log)?;
-    wait_ready(&mut p, port, "/health", &log, Duration::from_secs(15))?;
-    Ok(Target {
-        name: format!("kvroute ({io})"),
-        port,
-        proc: Some(p),
-    })
+    let p = spawn(&name, &env.proxy_cpus, &argv, &log)?;
+    Ok((p, port, log))
 }
 
 /// SGLang's router, or why it cannot run here.
