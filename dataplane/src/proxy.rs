@@ -813,15 +813,17 @@ async fn forward<R: Runtime>(
                             kind: ErrorKind::GatewayTimeout,
                             message: "upstream replica did not respond in time".into(),
                             replica: last_replica,
-                        }
+                        };
                     }
                     AttemptError::BadResponse(why) => {
-                        replica.last_error.store(Some(Arc::new(format!("invalid response: {why}"))));
+                        replica
+                            .last_error
+                            .store(Some(Arc::new(format!("invalid response: {why}"))));
                         return Outcome::Failed {
                             kind: ErrorKind::BadGateway,
                             message: format!("invalid response from upstream replica: {why}"),
                             replica: last_replica,
-                        }
+                        };
                     }
                 }
             }

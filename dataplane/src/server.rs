@@ -322,7 +322,9 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     }
     match (&shared.tls, &fresh.tls) {
         (Some(running), Some(files)) => match running.reload(files) {
-            Ok(()) => tracing::info!(cert = %files.cert.display(), "SIGHUP: TLS certificate reloaded"),
+            Ok(()) => {
+                tracing::info!(cert = %files.cert.display(), "SIGHUP: TLS certificate reloaded")
+            }
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: TLS certificate rejected, keeping the running one")
             }

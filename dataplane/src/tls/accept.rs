@@ -46,6 +46,9 @@ pub async fn accept<C: Conn>(
     match timeout_at(deadline, io.read(&mut first, FIRST_READ)).await {
         Err(_) => {
             fail("timeout", &"no ClientHello before limits.head_timeout_ms");
+            // The FIN now: on io_uring the abandoned read keeps the socket open
+            // until it completes.
+            io.shutdown_write();
             return None;
         }
         Ok(Ok(0)) => {
@@ -78,10 +81,15 @@ pub async fn accept<C: Conn>(
         }
         Ok(Err(e)) => {
             fail(reason(&e), &e);
+            conn.shutdown_write();
             None
         }
         Err(_) => {
-            fail("timeout", &"handshake not finished before limits.head_timeout_ms");
+            fail(
+                "timeout",
+                &"handshake not finished before limits.head_timeout_ms",
+            );
+            conn.shutdown_write();
             None
         }
     }
@@ -105,7 +113,10 @@ async fn answer_plain_http<C: Conn>(mut io: C, deadline: Instant) {
     metrics::counter!(m::ERRORS, "kind" => ErrorKind::BadRequest.code()).increment(1);
     let n = out.len();
     let write_until = deadline.max(Instant::now() + LINGER);
-    if timeout_at(write_until, io.write_all(out, 0..n)).await.is_err() {
+    if timeout_at(write_until, io.write_all(out, 0..n))
+        .await
+        .is_err()
+    {
         return;
     }
     io.shutdown_write();

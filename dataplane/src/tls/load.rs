@@ -49,7 +49,12 @@ pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_problem(key, path, "certificate", e))?;
     if certs.is_empty() {
-        return Err(pem_problem(key, path, "certificate", pem::Error::NoItemsFound));
+        return Err(pem_problem(
+            key,
+            path,
+            "certificate",
+            pem::Error::NoItemsFound,
+        ));
     }
     Ok(certs)
 }
@@ -59,7 +64,13 @@ pub fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Error> {
     let chain = read_certs("tls.cert", &tls.cert)?;
     let not_after = x509_parser::parse_x509_certificate(&chain[0])
-        .map_err(|e| problem("tls.cert", &tls.cert, format!("not an X.509 certificate: {e}")))?
+        .map_err(|e| {
+            problem(
+                "tls.cert",
+                &tls.cert,
+                format!("not an X.509 certificate: {e}"),
+            )
+        })?
         .1
         .validity()
         .not_after;
@@ -140,8 +151,7 @@ pub(crate) mod tests {
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = KeyPair::generate().unwrap();
         let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         if let Some((from, to)) = validity {
             params.not_before = rcgen::date_time_ymd(from, 1, 1);
             params.not_after = rcgen::date_time_ymd(to, 1, 1);
@@ -224,18 +234,27 @@ pub(crate) mod tests {
             cert: garbage.clone(),
             key: key.clone(),
         });
-        assert!(e.contains("garbage.pem") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("garbage.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let e = err(&TlsConfig {
             cert: cert.clone(),
             key: garbage,
         });
-        assert!(e.contains("garbage.pem") && e.contains("no PEM private key"), "{e}");
+        assert!(
+            e.contains("garbage.pem") && e.contains("no PEM private key"),
+            "{e}"
+        );
         // A key where the certificate belongs, and the other way round.
         let e = err(&TlsConfig {
             cert: key.clone(),
             key: key.clone(),
         });
-        assert!(e.contains("tls.cert") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("tls.cert") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let bad_block = write(
             &d,
             "block.pem",

@@ -272,7 +272,11 @@ mod tests {
             .await
         }
 
-        async fn write_all(&mut self, buf: Vec<u8>, range: Range<usize>) -> (io::Result<()>, Vec<u8>) {
+        async fn write_all(
+            &mut self,
+            buf: Vec<u8>,
+            range: Range<usize>,
+        ) -> (io::Result<()>, Vec<u8>) {
             let mut p = self.tx.borrow_mut();
             p.bytes.extend(&buf[range]);
             if let Some(w) = p.waker.take() {
@@ -299,7 +303,8 @@ mod tests {
             key: w(&d, "key.pem", &p.key_pem),
         })
         .unwrap();
-        let client = crate::tls::upstream::client_config(Some(&w(&d, "ca.pem", &p.ca_pem))).unwrap();
+        let client =
+            crate::tls::upstream::client_config(Some(&w(&d, "ca.pem", &p.ca_pem))).unwrap();
         let _ = std::fs::remove_dir_all(d);
         (server, client)
     }

@@ -67,8 +67,7 @@ pub async fn connect<C: Conn>(
     config: Arc<rustls::ClientConfig>,
     name: &ServerName<'static>,
 ) -> Result<MaybeTls<C>, HandshakeError> {
-    let tls =
-        rustls::ClientConnection::new(config, name.clone()).map_err(HandshakeError::Tls)?;
+    let tls = rustls::ClientConnection::new(config, name.clone()).map_err(HandshakeError::Tls)?;
     let mut conn = TlsConn::client(io, tls, name.clone());
     conn.handshake().await?;
     Ok(MaybeTls::Tls(Box::new(conn)))
@@ -85,10 +84,16 @@ mod tests {
         let e = client_config(Some(&d.join("nope.pem")))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("upstream.ca_file") && e.contains("nope.pem"), "{e}");
+        assert!(
+            e.contains("upstream.ca_file") && e.contains("nope.pem"),
+            "{e}"
+        );
         let g = write(&d, "g.pem", "garbage");
         let e = client_config(Some(&g)).unwrap_err().to_string();
-        assert!(e.contains("g.pem") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("g.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         client_config(None).unwrap();
         let _ = std::fs::remove_dir_all(d);
     }
@@ -99,7 +104,10 @@ mod tests {
             server_name("127.0.0.1").unwrap(),
             ServerName::IpAddress(_)
         ));
-        assert!(matches!(server_name("[::1]").unwrap(), ServerName::IpAddress(_)));
+        assert!(matches!(
+            server_name("[::1]").unwrap(),
+            ServerName::IpAddress(_)
+        ));
         assert!(matches!(
             server_name("replica-0.example").unwrap(),
             ServerName::DnsName(_)
