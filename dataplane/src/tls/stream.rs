@@ -51,8 +51,8 @@ pub struct TlsConn<C> {
     outgoing: Vec<u8>,
     /// `io` reached end of stream.
     eof: bool,
-    /// The name an upstream connection was verified for (`None` on the server side
-    /// and for an IP address without SNI it still is `Some`).
+    /// The name an upstream connection was verified for (an IP address too,
+    /// though it is sent as no SNI); `None` on the server side.
     server_name: Option<ServerName<'static>>,
 }
 
@@ -96,11 +96,10 @@ impl<C: Conn> TlsConn<C> {
             if !self.tls.wants_read() {
                 return Err(HandshakeError::Tls(rustls::Error::HandshakeNotComplete));
             }
-            if self.incoming.is_empty() {
-                if self.io.read(&mut self.incoming, READ_CHUNK).await? == 0 {
-                    self.eof = true;
-                    return Err(HandshakeError::Closed);
-                }
+            if self.incoming.is_empty() && self.io.read(&mut self.incoming, READ_CHUNK).await? == 0
+            {
+                self.eof = true;
+                return Err(HandshakeError::Closed);
             }
             if let Err(e) = self.feed() {
                 // The alert rustls queued tells the peer why.
