@@ -94,6 +94,11 @@ pub struct UpstreamConfig {
     pub queue_timeout_ms: u64,
     /// Most requests one worker holds that way; more get 503 at once.
     pub queue_max: usize,
+    /// PEM bundle of the CAs that verify `https://` replicas. When set, only
+    /// these are trusted (not the system roots as well: a fleet behind a
+    /// private CA should not also accept a public certificate for its names).
+    /// Unset (the default): the system's roots. Read at start.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -107,6 +112,7 @@ impl Default for UpstreamConfig {
             retries: 1,
             queue_timeout_ms: 5_000,
             queue_max: 1024,
+            ca_file: None,
         }
     }
 }
@@ -140,6 +146,9 @@ pub struct Config {
     pub steering_mode: SteeringPolicy,
     /// Exact-match answers for deterministic requests (`[prediction_cache]`).
     pub prediction_cache: crate::cache::PredictionCacheConfig,
+    /// `[tls]`: TLS on the client listener (`cert`, `key`: PEM paths, re-read
+    /// on SIGHUP). Absent (the default), the listener speaks plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -162,6 +171,7 @@ impl Default for Config {
             steering: SteeringKind::default(),
             steering_mode: SteeringPolicy::default(),
             prediction_cache: Default::default(),
+            tls: None,
         }
     }
 }
@@ -305,7 +315,7 @@ impl Config {
             }
         }
         for (i, r) in self.replicas.iter().enumerate() {
-            crate::replica::parse_http_url(&r.url)
+            crate::replica::Endpoint::parse(&r.url)
                 .map_err(|e| Error::Config(format!("replicas[{i}].url: {e}")))?;
             if r.weight == 0 {
                 return bad(&format!("replicas[{i}].weight"), "must be at least 1");

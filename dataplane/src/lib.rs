@@ -28,6 +28,7 @@ pub mod route;
 pub mod server;
 pub mod steer;
 mod sys;
+pub mod tls;
 pub mod worker;
 
 pub use error::Error;

@@ -30,14 +30,6 @@ fn main() {
             }
         }
     }
-    if cli.check_config {
-        println!(
-            "kvroute: configuration ok ({} replicas, {} workers)",
-            cfg.replicas.len(),
-            cfg.worker_count()
-        );
-        return;
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log));
     tracing_subscriber::fmt()
@@ -45,6 +37,20 @@ fn main() {
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
+    if cli.check_config {
+        // The files the configuration names are part of it (and an expired
+        // certificate's warning shows here too).
+        if let Err(e) = kvroute::server::load_tls(&cfg) {
+            eprintln!("kvroute: {e}");
+            std::process::exit(2);
+        }
+        println!(
+            "kvroute: configuration ok ({} replicas, {} workers)",
+            cfg.replicas.len(),
+            cfg.worker_count()
+        );
+        return;
+    }
     match kvroute::server::run(cfg, cli.config.clone()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

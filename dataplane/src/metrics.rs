@@ -19,6 +19,11 @@ pub const POOL: &str = "kvroute_upstream_pool_total";
 pub const RETRIES: &str = "kvroute_upstream_retries_total";
 pub const DECISIONS: &str = "kvroute_routing_decisions_total";
 pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
+// TLS on the client listener.
+/// Handshakes completed.
+pub const TLS_HANDSHAKES: &str = "kvroute_tls_handshakes_total";
+/// `reason`: timeout, closed, plain_http, alert_received, incompatible, protocol or io.
+pub const TLS_HANDSHAKE_FAILURES: &str = "kvroute_tls_handshake_failures_total";
 // Prediction cache.
 /// `result`: hit, miss or bypass; `source` of a hit: memory, backend or single_flight.
 pub const CACHE_REQUESTS: &str = "kvroute_prediction_cache_requests_total";

@@ -3,6 +3,7 @@
 //!
 //! Generic over [`Runtime`], so io_uring and epoll run exactly this code.
 
+use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -21,7 +22,11 @@ use crate::io::{Conn, Runtime};
 use crate::metrics as m;
 use crate::replica::Replica;
 use crate::route::{Decision, RouteRequest};
+use crate::tls::MaybeTls;
 use crate::worker::WorkerCtx;
+
+/// A connection on either side: plain, or TLS (a TLS listener, an `https://` replica).
+pub type Stream<R> = MaybeTls<<R as Runtime>::Conn>;
 
 /// Read granularity: big enough for a typical prompt in one read, small enough
 /// that thousands of idle connections cost little.
@@ -66,6 +71,17 @@ pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketA
     let stats = &ctx.shared.workers[ctx.id];
     let _open = Gauge::up(&stats.connections);
     let _live = ctx.shared.steering.open(ctx.id);
+    let limits = &ctx.shared.cfg.limits;
+    let io = match &ctx.shared.tls {
+        None => MaybeTls::Plain(io),
+        Some(tls) => {
+            let limit = Duration::from_millis(limits.head_timeout_ms);
+            match crate::tls::accept::accept(io, tls.current(), limit, peer).await {
+                Some(t) => MaybeTls::Tls(Box::new(t)),
+                None => return,
+            }
+        }
+    };
     let mut client = Client {
         io,
         buf: Vec::with_capacity(READ_CHUNK),
@@ -73,7 +89,11 @@ pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketA
         shutdown: ctx.shared.shutdown.subscribe(),
     };
     while handle_one(&ctx, &mut client).await == Next::KeepAlive {}
-    client.io.shutdown_write();
+    // A TLS client gets its close_notify, unless it stopped reading.
+    let write_limit = Duration::from_millis(limits.write_timeout_ms);
+    if timeout(write_limit, client.io.close()).await.is_err() {
+        client.io.shutdown_write();
+    }
 }
 
 /// An error the proxy answers itself; the connection closes after it unless noted.
@@ -138,7 +158,7 @@ async fn send_error<C: Conn>(
 /// out between requests (nothing to answer).
 async fn read_head<R: Runtime>(
     ctx: &WorkerCtx<R>,
-    client: &mut Client<R::Conn>,
+    client: &mut Client<Stream<R>>,
 ) -> Result<Option<RequestHead>, Reject> {
     let lim = &ctx.shared.cfg.limits;
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -199,7 +219,7 @@ enum Body {
 /// Reads the body; returns it and where the request ends in the client buffer.
 async fn read_body<R: Runtime>(
     ctx: &WorkerCtx<R>,
-    client: &mut Client<R::Conn>,
+    client: &mut Client<Stream<R>>,
     head: &RequestHead,
 ) -> Result<(Body, usize), Reject> {
     let lim = &ctx.shared.cfg.limits;
@@ -276,7 +296,7 @@ async fn read_body_bytes<C: Conn>(
 
 async fn write_continue<R: Runtime>(
     ctx: &WorkerCtx<R>,
-    client: &mut Client<R::Conn>,
+    client: &mut Client<Stream<R>>,
 ) -> Result<(), Reject> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
     let limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
@@ -285,7 +305,7 @@ async fn write_continue<R: Runtime>(
 }
 
 /// Handles one request on the connection.
-async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<R::Conn>) -> Next {
+async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stream<R>>) -> Next {
     let shared = &ctx.shared;
     let write_limit = Duration::from_millis(shared.cfg.limits.write_timeout_ms);
     let head = match read_head(ctx, client).await {
@@ -648,7 +668,7 @@ async fn hold<'c, R: Runtime>(
 /// Why an attempt at one replica failed before any response byte.
 enum AttemptError {
     /// Safe to retry (nothing was processed as far as we can tell).
-    Retryable(&'static str),
+    Retryable(Cow<'static, str>),
     /// The replica may be working on it; don't double the GPU work.
     Timeout,
     /// Bytes came back but they were not HTTP.
@@ -658,7 +678,7 @@ enum AttemptError {
 #[allow(clippy::too_many_arguments)]
 async fn forward<R: Runtime>(
     ctx: &Rc<WorkerCtx<R>>,
-    client: &mut Client<R::Conn>,
+    client: &mut Client<Stream<R>>,
     req: &RouteRequest<'_>,
     upstream_head: &[u8],
     body: &mut Vec<u8>,
@@ -747,6 +767,9 @@ async fn forward<R: Runtime>(
         {
             Ok((conn, rhead)) => {
                 replica.consecutive_failures.store(0, Ordering::Relaxed);
+                if replica.last_error.load().is_some() {
+                    replica.last_error.store(None);
+                }
                 ctx.metrics.decision(d.kind.as_str());
                 shared.router.on_routed(req, &d);
                 break (conn, rhead, d, in_flight, started);
@@ -758,7 +781,7 @@ async fn forward<R: Runtime>(
                     AttemptError::Retryable(why) if reused && !fresh_only => {
                         // A pooled connection the replica had already closed: not the
                         // replica's fault, so retry it on a fresh one without using a retry.
-                        tracing::debug!(replica = %replica.spec.url, why, "stale pooled connection");
+                        tracing::debug!(replica = %replica.spec.url, why = %why, "stale pooled connection");
                         replica.failures.fetch_sub(1, Ordering::Relaxed);
                         replica.consecutive_failures.fetch_sub(1, Ordering::Relaxed);
                         fresh_only = true;
@@ -767,7 +790,8 @@ async fn forward<R: Runtime>(
                     }
                     AttemptError::Retryable(why) => {
                         metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
-                        tracing::warn!(replica = %replica.spec.url, why, "upstream attempt failed");
+                        tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
+                        replica.last_error.store(Some(Arc::new(why.to_string())));
                         exclude.push(replica.slot);
                         fresh_only = false;
                         attempts -= 1;
@@ -783,18 +807,23 @@ async fn forward<R: Runtime>(
                         metrics::counter!(m::RETRIES).increment(1);
                     }
                     AttemptError::Timeout => {
+                        let why = "no response before first_byte_timeout_ms";
+                        replica.last_error.store(Some(Arc::new(why.into())));
                         return Outcome::Failed {
                             kind: ErrorKind::GatewayTimeout,
                             message: "upstream replica did not respond in time".into(),
                             replica: last_replica,
-                        }
+                        };
                     }
                     AttemptError::BadResponse(why) => {
+                        replica
+                            .last_error
+                            .store(Some(Arc::new(format!("invalid response: {why}"))));
                         return Outcome::Failed {
                             kind: ErrorKind::BadGateway,
                             message: format!("invalid response from upstream replica: {why}"),
                             replica: last_replica,
-                        }
+                        };
                     }
                 }
             }
@@ -836,12 +865,17 @@ async fn attempt<R: Runtime>(
     is_head: bool,
     fresh_only: bool,
     ubuf: &mut Vec<u8>,
-) -> Result<(R::Conn, ResponseHead), (AttemptError, bool)> {
+) -> Result<(Stream<R>, ResponseHead), (AttemptError, bool)> {
     let up_cfg = &ctx.shared.cfg.upstream;
     let pooled = if fresh_only {
         None
     } else {
-        ctx.pool.borrow_mut().take(replica.addr, Instant::now())
+        // One made for another scheme or TLS name at this address (the replica's
+        // URL changed, or virtual hosts share it) is not this replica's: dropped.
+        ctx.pool
+            .borrow_mut()
+            .take(replica.addr, Instant::now())
+            .filter(|c| c.server_name() == replica.tls.as_ref())
     };
     let reused = pooled.is_some();
     let mut conn = match pooled {
@@ -851,23 +885,13 @@ async fn attempt<R: Runtime>(
         }
         None => {
             ctx.metrics.pool_new.increment(1);
-            let t = Instant::now();
-            match timeout(
-                Duration::from_millis(up_cfg.connect_timeout_ms),
-                R::connect(replica.addr),
-            )
-            .await
-            {
-                Ok(Ok(c)) => {
-                    ctx.metrics.connect.record(t.elapsed().as_secs_f64());
-                    c
-                }
-                Ok(Err(_)) => return Err((AttemptError::Retryable("connect refused"), false)),
-                Err(_) => return Err((AttemptError::Retryable("connect timeout"), false)),
+            match connect_upstream(ctx, replica).await {
+                Ok(c) => c,
+                Err(why) => return Err((AttemptError::Retryable(why), false)),
             }
         }
     };
-    let fail = |why| Err((AttemptError::Retryable(why), reused));
+    let fail = |why: &'static str| Err((AttemptError::Retryable(why.into()), reused));
     // Request head (+ small body) in one write.
     let mut out =
         Vec::with_capacity(upstream_head.len() + 64 + body_range.len().min(COALESCE_BODY));
@@ -928,12 +952,44 @@ async fn attempt<R: Runtime>(
     }
 }
 
+/// A new connection to `replica`, with its TLS handshake for an `https://` URL,
+/// both within `connect_timeout_ms` (and in the connect-time histogram). A
+/// certificate the replica presents that does not verify fails it like a
+/// refused connection, with the reason.
+async fn connect_upstream<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    replica: &Replica,
+) -> Result<Stream<R>, Cow<'static, str>> {
+    let limit = Duration::from_millis(ctx.shared.cfg.upstream.connect_timeout_ms);
+    let t = Instant::now();
+    let deadline = tokio::time::Instant::now() + limit;
+    let tcp = match tokio::time::timeout_at(deadline, R::connect(replica.addr)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(_)) => return Err("connect refused".into()),
+        Err(_) => return Err("connect timeout".into()),
+    };
+    let conn = match &replica.tls {
+        None => MaybeTls::Plain(tcp),
+        Some(name) => {
+            let config = ctx.shared.upstream_tls.clone();
+            let handshake = crate::tls::upstream::connect(tcp, config, name);
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(e.to_string().into()),
+                Err(_) => return Err("TLS handshake timeout".into()),
+            }
+        }
+    };
+    ctx.metrics.connect.record(t.elapsed().as_secs_f64());
+    Ok(conn)
+}
+
 /// Streams the response to the client as it arrives.
 #[allow(clippy::too_many_arguments)]
 async fn relay<R: Runtime>(
     ctx: &WorkerCtx<R>,
-    client: &mut Client<R::Conn>,
-    up: &mut R::Conn,
+    client: &mut Client<Stream<R>>,
+    up: &mut Stream<R>,
     rhead: ResponseHead,
     mut ubuf: Vec<u8>,
     decision: &Decision,

@@ -31,7 +31,8 @@ pub enum Pool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicaSpec {
-    /// `http://host:port` (plain HTTP/1.1; TLS terminates elsewhere).
+    /// `http://host:port`, or `https://host:port` for a replica behind TLS
+    /// (verified against `[upstream] ca_file` or the system roots).
     pub url: String,
     /// Model names it serves; empty means "any model".
     #[serde(default)]
@@ -106,6 +107,11 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// `host:port` as written in the URL, for the upstream `Host` header.
     pub authority: String,
+    /// For an `https://` URL, the name its certificate is verified for.
+    pub tls: Option<rustls::pki_types::ServerName<'static>>,
+    /// Why the latest attempt at this replica failed (`None` once one
+    /// succeeds), for `/state`. Shared across spec changes like the counters.
+    pub last_error: Arc<arc_swap::ArcSwapOption<String>>,
     /// Requests this proxy has sent and not yet finished (all workers). Shared
     /// with the replica's previous `Replica` object after a spec change, since the
     /// requests begun on that object end (and decrement) there.
@@ -312,6 +318,8 @@ impl ReplicaTable {
                         slot: r.slot,
                         addr: r.addr,
                         authority: r.authority.clone(),
+                        tls: r.tls.clone(),
+                        last_error: r.last_error.clone(),
                         in_flight: r.in_flight.clone(),
                         pending_prefill: r.pending_prefill.clone(),
                         awaiting: r.awaiting.clone(),
@@ -333,7 +341,11 @@ impl ReplicaTable {
                 replicas.push(r);
                 continue;
             }
-            let (addr, authority) = parse_http_url(&spec.url)?;
+            let Endpoint {
+                addr,
+                authority,
+                tls,
+            } = Endpoint::parse(&spec.url)?;
             let slot = free.next().expect("checked count above") as u16;
             replicas.push(Arc::new(Replica {
                 healthy: AtomicBool::new(spec.healthy),
@@ -341,6 +353,8 @@ impl ReplicaTable {
                 slot,
                 addr,
                 authority,
+                tls,
+                last_error: Arc::default(),
                 in_flight: Arc::default(),
                 pending_prefill: Arc::default(),
                 awaiting: Arc::default(),
@@ -359,31 +373,73 @@ impl ReplicaTable {
     }
 }
 
-/// Parses `http://host:port[/]` into a socket address and the authority string.
-/// Host names are resolved once here; the control daemon owns re-resolution.
-pub fn parse_http_url(url: &str) -> Result<(SocketAddr, String), Error> {
-    let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| bad("must start with http://"))?;
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        return Err(bad("expected http://host:port with no path"));
+/// Where a replica URL points and how to speak to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `host:port` as written, for the `Host` header.
+    pub authority: String,
+    /// `https://`: the name the replica's certificate must be valid for.
+    pub tls: Option<rustls::pki_types::ServerName<'static>>,
+}
+
+impl Endpoint {
+    /// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443
+    /// when left out). Host names are resolved once here; the control daemon
+    /// owns re-resolution.
+    pub fn parse(url: &str) -> Result<Endpoint, Error> {
+        let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
+        let (rest, default_port, tls) = if let Some(r) = url.strip_prefix("http://") {
+            (r, 80, false)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (r, 443, true)
+        } else {
+            return Err(bad("must start with http:// or https://"));
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(bad("expected http(s)://host:port with no path"));
+        }
+        let (host, with_port) = match authority.rsplit_once(':') {
+            Some((h, p))
+                if !h.is_empty()
+                    && !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (!h.contains(':') || h.ends_with(']')) =>
+            {
+                (h, authority.to_string())
+            }
+            _ => (authority, format!("{authority}:{default_port}")),
+        };
+        let tls = if tls {
+            Some(crate::tls::upstream::server_name(host).map_err(|e| bad(&e))?)
+        } else {
+            None
+        };
+        use std::net::ToSocketAddrs;
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| bad("resolved to no address"))?;
+        Ok(Endpoint {
+            addr,
+            authority: authority.to_string(),
+            tls,
+        })
     }
-    let with_port = if authority.rsplit_once(':').is_some_and(|(h, p)| {
-        !h.is_empty() && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
-    }) {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    use std::net::ToSocketAddrs;
-    let addr = with_port
-        .to_socket_addrs()
-        .map_err(|e| bad(&format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| bad("resolved to no address"))?;
-    Ok((addr, authority.to_string()))
+}
+
+/// Parses a plain `http://host:port[/]` URL into a socket address and the
+/// authority string (for the control daemon, whose own requests are plain HTTP).
+pub fn parse_http_url(url: &str) -> Result<(SocketAddr, String), Error> {
+    if !url.starts_with("http://") {
+        return Err(Error::Config(format!(
+            "replica url {url:?}: must start with http://"
+        )));
+    }
+    let e = Endpoint::parse(url)?;
+    Ok((e.addr, e.authority))
 }
 
 #[cfg(test)]
@@ -431,6 +487,23 @@ mod tests {
         let (a, auth) = parse_http_url("http://127.0.0.1:8001/").unwrap();
         assert_eq!(a.port(), 8001);
         assert_eq!(auth, "127.0.0.1:8001");
+        let e = Endpoint::parse("https://127.0.0.1:8443/").unwrap();
+        assert_eq!(e.addr.port(), 8443);
+        assert_eq!(e.authority, "127.0.0.1:8443");
+        assert!(matches!(
+            e.tls,
+            Some(rustls::pki_types::ServerName::IpAddress(_))
+        ));
+        let e = Endpoint::parse("https://localhost").unwrap();
+        assert_eq!(e.addr.port(), 443);
+        assert_eq!(e.authority, "localhost");
+        assert!(matches!(
+            e.tls,
+            Some(rustls::pki_types::ServerName::DnsName(_))
+        ));
+        assert_eq!(Endpoint::parse("https://[::1]:9").unwrap().addr.port(), 9);
+        assert_eq!(Endpoint::parse("http://127.0.0.1:1").unwrap().tls, None);
+        assert!(Endpoint::parse("ftp://x:1").is_err());
         let t = ReplicaTable::default();
         assert!(t
             .replace(vec![

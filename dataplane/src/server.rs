@@ -41,6 +41,10 @@ pub struct Shared {
     pub steering: Arc<crate::steer::Steering>,
     /// `None` unless `[prediction_cache] enabled`.
     pub cache: Option<Arc<crate::cache::PredictionCache>>,
+    /// `[tls]`: what new client handshakes use; `None` for a plain listener.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Verifies `https://` replicas (`[upstream] ca_file` or the system roots).
+    pub upstream_tls: Arc<rustls::ClientConfig>,
     started: Instant,
 }
 
@@ -50,7 +54,10 @@ impl Shared {
         let router = cfg.routing.build();
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();
+        let (tls, upstream_tls) = load_tls(&cfg)?;
         Ok(Arc::new(Shared {
+            tls,
+            upstream_tls,
             table,
             router,
             hot: Default::default(),
@@ -83,6 +90,20 @@ impl Shared {
             .map(|w| w.connections.load(Ordering::Relaxed))
             .sum()
     }
+}
+
+/// The TLS state `cfg` asks for: refuses a certificate, key or CA file that
+/// does not load, naming the file. Also what `--check-config` runs.
+pub fn load_tls(
+    cfg: &Config,
+) -> Result<(Option<crate::tls::ServerTls>, Arc<rustls::ClientConfig>), Error> {
+    let server = cfg
+        .tls
+        .as_ref()
+        .map(crate::tls::ServerTls::load)
+        .transpose()?;
+    let client = crate::tls::upstream::client_config(cfg.upstream.ca_file.as_deref())?;
+    Ok((server, client))
 }
 
 /// Binds `n` listeners on one address with SO_REUSEPORT, so the kernel (or the
@@ -266,7 +287,7 @@ async fn control_loop(
 }
 
 /// SIGHUP: re-reads the config file and applies what can change without a
-/// restart (the replica set); connections are untouched. Keys that need a
+/// restart (the replica set, the TLS certificate and key); connections are untouched. Keys that need a
 /// restart are reported, not half-applied.
 fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     let Some(path) = path else {
@@ -298,6 +319,18 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
     }
     if fresh.limits != old.limits || fresh.upstream != old.upstream {
         tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");
+    }
+    match (&shared.tls, &fresh.tls) {
+        (Some(running), Some(files)) => match running.reload(files) {
+            Ok(()) => {
+                tracing::info!(cert = %files.cert.display(), "SIGHUP: TLS certificate reloaded")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS certificate rejected, keeping the running one")
+            }
+        },
+        (None, None) => {}
+        _ => tracing::warn!("SIGHUP: adding or removing [tls] takes effect on restart"),
     }
     match shared.table.replace(fresh.replicas) {
         Ok(set) => {

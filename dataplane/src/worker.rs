@@ -16,7 +16,7 @@ use crate::server::Shared;
 pub struct WorkerCtx<R: Runtime> {
     pub shared: Arc<Shared>,
     pub id: usize,
-    pub pool: RefCell<UpstreamPool<R::Conn>>,
+    pub pool: RefCell<UpstreamPool<crate::proxy::Stream<R>>>,
     /// Replica-set generation the pool was last pruned for.
     pub pool_generation: std::cell::Cell<u64>,
     pub metrics: crate::metrics::WorkerMetrics,

@@ -167,6 +167,10 @@ pub struct ReplicaState {
     pub requests_total: u64,
     /// Failed attempts (connect/reset/timeout), the passive health signal.
     pub failures_total: u64,
+    /// Why the latest attempt failed (`connect refused`, `certificate verify
+    /// failed: UnknownIssuer`, ...); absent once an attempt succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     pub external_load: ExternalLoad,
     /// Cache clears reported for this replica URL (`POST /replicas/clear`).
     #[serde(default)]

@@ -371,6 +371,7 @@ pub fn state(shared: &Shared) -> State {
                 pending_prefill_bytes: r.pending_prefill(),
                 requests_total: r.requests.load(Ordering::Relaxed),
                 failures_total: r.failures.load(Ordering::Relaxed),
+                last_error: r.last_error.load_full().map(|e| e.to_string()),
                 external_load: r.external_load(),
                 clears_total: with_log(|log| log.clears.get(&r.spec.url).copied().unwrap_or(0)),
                 kv_blocks: r.spec.kv_blocks,

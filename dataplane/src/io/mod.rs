@@ -47,6 +47,13 @@ pub trait Conn: 'static {
 
     /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
     fn shutdown_write(&mut self);
+
+    /// Ends the connection politely: a TLS connection sends its close_notify
+    /// first; a plain one just half-closes.
+    fn close(&mut self) -> impl Future<Output = ()> {
+        self.shutdown_write();
+        std::future::ready(())
+    }
 }
 
 /// A runtime flavour: how to run a worker, accept and connect.

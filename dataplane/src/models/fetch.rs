@@ -7,11 +7,14 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::merge::{parse_listing, Listing};
 use crate::http::{parse_response_head, ChunkedDecoder, ResponseFraming};
 use crate::io::{Conn, Runtime};
+use crate::tls::MaybeTls;
+use rustls::pki_types::ServerName;
 
 /// Largest model list accepted from one replica (a vLLM with hundreds of LoRA
 /// adapters lists a few hundred KiB).
@@ -24,6 +27,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// `host:port` for the `Host` header.
     pub authority: String,
+    /// An `https://` replica's TLS name, and what verifies it.
+    pub tls: Option<(ServerName<'static>, Arc<rustls::ClientConfig>)>,
 }
 
 /// Asks the replica at `target` for its models within `limit`. `credentials`
@@ -38,7 +43,13 @@ pub async fn fetch<R: Runtime>(target: Target, credentials: Rc<[u8]>, limit: Dur
 
 /// Request out, status and whole body back; `None` on any transport or framing error.
 async fn exchange<R: Runtime>(target: &Target, credentials: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let mut conn = R::connect(target.addr).await.ok()?;
+    let tcp = R::connect(target.addr).await.ok()?;
+    let mut conn = match &target.tls {
+        None => MaybeTls::Plain(tcp),
+        Some((name, config)) => crate::tls::upstream::connect(tcp, config.clone(), name)
+            .await
+            .ok()?,
+    };
     let mut req = Vec::with_capacity(160 + credentials.len());
     req.extend_from_slice(b"GET /v1/models HTTP/1.1\r\nhost: ");
     req.extend_from_slice(target.authority.as_bytes());

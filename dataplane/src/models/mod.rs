@@ -162,7 +162,7 @@ pub async fn answer<R: Runtime>(
     let fleet = entry
         .merged
         .get_or_init(|| async {
-            let fleet = fetch_fleet::<R>(&set, credentials.lines).await;
+            let fleet = fetch_fleet::<R>(&set, credentials.lines, &ctx.shared.upstream_tls).await;
             (Instant::now(), Rc::new(fleet))
         })
         .await
@@ -176,7 +176,11 @@ pub async fn answer<R: Runtime>(
 }
 
 /// Asks every available replica at once and merges the answers.
-async fn fetch_fleet<R: Runtime>(set: &ReplicaSet, credentials: Rc<[u8]>) -> Fleet {
+async fn fetch_fleet<R: Runtime>(
+    set: &ReplicaSet,
+    credentials: Rc<[u8]>,
+    upstream_tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Fleet {
     let available: Vec<_> = set.replicas.iter().filter(|r| r.is_available()).collect();
     // Local tasks on this worker's runtime; dropped (aborted) with the set.
     let mut tasks = tokio::task::JoinSet::new();
@@ -184,6 +188,7 @@ async fn fetch_fleet<R: Runtime>(set: &ReplicaSet, credentials: Rc<[u8]>) -> Fle
         let target = fetch::Target {
             addr: r.addr,
             authority: r.authority.clone(),
+            tls: r.tls.clone().map(|n| (n, upstream_tls.clone())),
         };
         let credentials = credentials.clone();
         tasks.spawn_local(async move {
