@@ -94,6 +94,12 @@ pub struct UpstreamConfig {
     pub queue_timeout_ms: u64,
     /// Most requests one worker holds that way; more get 503 at once.
     pub queue_max: usize,
+    /// Sent to every replica as `Authorization: Bearer <api_key>` (replacing a
+    /// client's), whether or not `[auth]` is on. Read at start.
+    pub api_key: Option<crate::auth::Secret>,
+    /// A file whose first line is that key, so the secret need not sit in
+    /// this file; exclusive with `api_key`.
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -107,6 +113,8 @@ impl Default for UpstreamConfig {
             retries: 1,
             queue_timeout_ms: 5_000,
             queue_max: 1024,
+            api_key: None,
+            api_key_file: None,
         }
     }
 }
@@ -140,6 +148,8 @@ pub struct Config {
     pub steering_mode: SteeringPolicy,
     /// Exact-match answers for deterministic requests (`[prediction_cache]`).
     pub prediction_cache: crate::cache::PredictionCacheConfig,
+    /// API keys with per-key limits (`[auth]`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -162,6 +172,7 @@ impl Default for Config {
             steering: SteeringKind::default(),
             steering_mode: SteeringPolicy::default(),
             prediction_cache: Default::default(),
+            auth: Default::default(),
         }
     }
 }
@@ -298,6 +309,12 @@ impl Config {
         }
         self.routing.validate()?;
         self.prediction_cache.validate()?;
+        if self.upstream.api_key.is_some() && self.upstream.api_key_file.is_some() {
+            return bad(
+                "upstream.api_key_file",
+                "api_key and api_key_file are exclusive; set one",
+            );
+        }
         AdminAddr::parse(&self.admin)?;
         if let Some(a) = self.admin_tcp {
             if !a.ip().is_loopback() {

@@ -31,6 +31,11 @@ fn main() {
         }
     }
     if cli.check_config {
+        // The keys file and the upstream key file are read here too.
+        if let Err(e) = kvroute::auth::Auth::new(&cfg.auth, &cfg.upstream) {
+            eprintln!("kvroute: {e}");
+            std::process::exit(2);
+        }
         println!(
             "kvroute: configuration ok ({} replicas, {} workers)",
             cfg.replicas.len(),

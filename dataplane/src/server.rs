@@ -41,6 +41,8 @@ pub struct Shared {
     pub steering: Arc<crate::steer::Steering>,
     /// `None` unless `[prediction_cache] enabled`.
     pub cache: Option<Arc<crate::cache::PredictionCache>>,
+    /// API keys (`[auth]`) and the credentials sent to replicas.
+    pub auth: crate::auth::Auth,
     started: Instant,
 }
 
@@ -61,6 +63,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
             cache: crate::cache::PredictionCache::new(&cfg.prediction_cache)?,
+            auth: crate::auth::Auth::new(&cfg.auth, &cfg.upstream)?,
             started: Instant::now(),
             cfg,
         }))
@@ -265,10 +268,12 @@ async fn control_loop(
     }
 }
 
-/// SIGHUP: re-reads the config file and applies what can change without a
-/// restart (the replica set); connections are untouched. Keys that need a
-/// restart are reported, not half-applied.
+/// SIGHUP: re-reads the API keys file (whether or not the config changed) and
+/// the config file, and applies what can change without a restart (the keys,
+/// the replica set); connections are untouched. Keys that need a restart are
+/// reported, not half-applied.
 fn reload(shared: &Shared, path: Option<&std::path::Path>) {
+    shared.auth.reload();
     let Some(path) = path else {
         tracing::info!("SIGHUP: no config file to reload");
         return;
@@ -296,8 +301,10 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
             "SIGHUP: listen, workers, io, [routing] and steering changes take effect on restart"
         );
     }
-    if fresh.limits != old.limits || fresh.upstream != old.upstream {
-        tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");
+    if fresh.limits != old.limits || fresh.upstream != old.upstream || fresh.auth != old.auth {
+        tracing::warn!(
+            "SIGHUP: [limits], [upstream] and [auth] changes take effect on restart (the keys file's content is reloaded)"
+        );
     }
     match shared.table.replace(fresh.replicas) {
         Ok(set) => {
