@@ -277,6 +277,16 @@ mod tests {
         assert_eq!(e, "k:1: not UTF-8");
     }
 
+    /// The shipped example is the documentation of the syntax: it must parse.
+    #[test]
+    fn shipped_example_parses() {
+        let specs = ok(include_str!("../../../deploy/keys.example"));
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["alice", "batch-job", "ci"]);
+        assert_eq!(specs[1].rps, Some(0.5));
+        assert_eq!(specs[0].prompt_bytes_per_s, Some(200000.0));
+    }
+
     #[test]
     fn debug_shows_no_key_material() {
         let s = &ok("alice sk-alice-0001 rps=1\n")[0];
