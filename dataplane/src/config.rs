@@ -99,6 +99,12 @@ pub struct UpstreamConfig {
     /// private CA should not also accept a public certificate for its names).
     /// Unset (the default): the system's roots. Read at start.
     pub ca_file: Option<PathBuf>,
+    /// Sent to every replica as `Authorization: Bearer <api_key>` (replacing a
+    /// client's), whether or not `[auth]` is on. Read at start.
+    pub api_key: Option<crate::auth::Secret>,
+    /// A file whose first line is that key, so the secret need not sit in
+    /// this file; exclusive with `api_key`.
+    pub api_key_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamConfig {
@@ -113,6 +119,8 @@ impl Default for UpstreamConfig {
             queue_timeout_ms: 5_000,
             queue_max: 1024,
             ca_file: None,
+            api_key: None,
+            api_key_file: None,
         }
     }
 }
@@ -149,6 +157,8 @@ pub struct Config {
     /// `[tls]`: TLS on the client listener (`cert`, `key`: PEM paths, re-read
     /// on SIGHUP). Absent (the default), the listener speaks plain HTTP.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// API keys with per-key limits (`[auth]`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 pub const DEFAULT_ADMIN: &str = "/run/kvroute/admin.sock";
@@ -172,6 +182,7 @@ impl Default for Config {
             steering_mode: SteeringPolicy::default(),
             prediction_cache: Default::default(),
             tls: None,
+            auth: Default::default(),
         }
     }
 }
@@ -308,6 +319,12 @@ impl Config {
         }
         self.routing.validate()?;
         self.prediction_cache.validate()?;
+        if self.upstream.api_key.is_some() && self.upstream.api_key_file.is_some() {
+            return bad(
+                "upstream.api_key_file",
+                "api_key and api_key_file are exclusive; set one",
+            );
+        }
         AdminAddr::parse(&self.admin)?;
         if let Some(a) = self.admin_tcp {
             if !a.ip().is_loopback() {

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -44,6 +44,11 @@ fn main() {
             eprintln!("kvroute: {e}");
             std::process::exit(2);
         }
+        // The keys file and the upstream key file too.
+        if let Err(e) = kvroute::auth::Auth::new(&cfg.auth, &cfg.upstream) {
+            eprintln!("kvroute: {e}");
+            std::process::exit(2);
+        }
         println!(
             "kvroute: configuration ok ({} replicas, {} workers)",
             cfg.replicas.len(),
@@ -51,7 +56,7 @@ fn main() {
         );
         return;
     }
-    match kvroute::server::run(cfg, cli.config.clone()) {
+    match kvroute::server::run(cfg, cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             tracing::error!("{e}");

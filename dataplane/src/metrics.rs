@@ -24,6 +24,12 @@ pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
 pub const TLS_HANDSHAKES: &str = "kvroute_tls_handshakes_total";
 /// `reason`: timeout, closed, plain_http, alert_received, incompatible, protocol or io.
 pub const TLS_HANDSHAKE_FAILURES: &str = "kvroute_tls_handshake_failures_total";
+// API keys.
+/// `reason`: missing_key, invalid_key, model_not_allowed, rate_requests or
+/// rate_prompt_bytes; `key`: the key's name once it was valid, else "none".
+pub const AUTH_REJECTIONS: &str = "kvroute_auth_rejections_total";
+/// Keys in the loaded keys file.
+pub const AUTH_KEYS: &str = "kvroute_auth_keys";
 // Prediction cache.
 /// `result`: hit, miss or bypass; `source` of a hit: memory, backend or single_flight.
 pub const CACHE_REQUESTS: &str = "kvroute_prediction_cache_requests_total";
@@ -137,9 +143,13 @@ pub struct WorkerMetrics {
     durations: std::cell::RefCell<std::collections::HashMap<&'static str, metrics::Histogram>>,
 }
 
-/// (route, status, replica slot) → (replica URL the handle was made for, handle).
-type RequestCounters =
-    std::collections::HashMap<(&'static str, &'static str, u16), (String, metrics::Counter)>;
+/// (route, status, replica slot) → key name → (replica URL the handle was made
+/// for, handle). Key names come from the keys file (or are "none"), so the
+/// label stays as bounded as that file.
+type RequestCounters = std::collections::HashMap<
+    (&'static str, &'static str, u16),
+    std::collections::HashMap<std::sync::Arc<str>, (String, metrics::Counter)>,
+>;
 
 /// Slot value for requests that reached no replica.
 const NO_REPLICA: u16 = u16::MAX;
@@ -169,25 +179,29 @@ impl WorkerMetrics {
             .increment(1);
     }
 
-    /// Counts a finished request; `replica` is `(slot, url)` when one was chosen.
-    pub fn request(&self, route: &'static str, status: u16, replica: Option<(u16, &str)>) {
+    /// Counts a finished request; `replica` is `(slot, url)` when one was
+    /// chosen, `key` the API key's name (`"none"` without one).
+    pub fn request(
+        &self,
+        route: &'static str,
+        status: u16,
+        replica: Option<(u16, &str)>,
+        key: &str,
+    ) {
         let status = status_label(status);
         let (slot, url) = replica.unwrap_or((NO_REPLICA, "none"));
+        let register = || metrics::counter!(REQUESTS, "route" => route, "status" => status, "replica" => url.to_owned(), "key" => key.to_owned());
         let mut map = self.requests.borrow_mut();
-        let entry = map.entry((route, status, slot)).or_insert_with(|| {
-            (
-                url.to_owned(),
-                metrics::counter!(REQUESTS, "route" => route, "status" => status, "replica" => url.to_owned()),
-            )
-        });
-        // A slot is reused by another replica after a swap: re-register under its URL.
-        if entry.0 != url {
-            *entry = (
-                url.to_owned(),
-                metrics::counter!(REQUESTS, "route" => route, "status" => status, "replica" => url.to_owned()),
-            );
+        let by_key = map.entry((route, status, slot)).or_default();
+        match by_key.get_mut(key) {
+            // A slot is reused by another replica after a swap: re-register under its URL.
+            Some(entry) if entry.0 != url => *entry = (url.to_owned(), register()),
+            Some(_) => {}
+            None => {
+                by_key.insert(key.into(), (url.to_owned(), register()));
+            }
         }
-        entry.1.increment(1);
+        by_key.get(key).expect("present").1.increment(1);
     }
 
     pub fn duration(&self, route: &'static str, secs: f64) {

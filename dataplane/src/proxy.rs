@@ -147,11 +147,71 @@ async fn send_error<C: Conn>(
     close: bool,
     limit: Duration,
 ) {
+    send_error_with(client, kind, message, "", close, limit).await
+}
+
+/// [`send_error`] with extra header lines.
+async fn send_error_with<C: Conn>(
+    client: &mut Client<C>,
+    kind: ErrorKind,
+    message: &str,
+    extra_headers: &str,
+    close: bool,
+    limit: Duration,
+) {
     metrics::counter!(m::ERRORS, "kind" => kind.code()).increment(1);
     let mut out = Vec::with_capacity(256);
-    ErrorResponse::write(&mut out, kind, message, close);
+    ErrorResponse::write_with(&mut out, kind, message, close, extra_headers);
     let len = out.len();
     let _ = write_client(&mut client.io, out, 0..len, limit).await;
+}
+
+async fn send_denial<C: Conn>(
+    client: &mut Client<C>,
+    d: &crate::auth::Denial,
+    close: bool,
+    limit: Duration,
+) {
+    send_error_with(client, d.kind, &d.message, &d.headers(), close, limit).await
+}
+
+/// Answers a request `[auth]` refused on its head alone. Its body is still
+/// read (within `[limits]`) and dropped, so the client reads the answer
+/// rather than a reset, and the connection can carry on; a client waiting for
+/// `100 Continue` never gets it and the connection closes instead.
+async fn refuse_unread<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &mut Client<Stream<R>>,
+    head: &RequestHead,
+    route: &'static str,
+    denial: crate::auth::Denial,
+) -> Next {
+    let write_limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
+    let status = denial.kind.status();
+    let next = if head.expect_continue && client.buf.len() == head.len {
+        send_denial(client, &denial, true, write_limit).await;
+        Next::Close
+    } else {
+        match read_body(ctx, client, head).await {
+            Ok((_, consumed)) => {
+                ctx.metrics.bytes_in.increment(consumed as u64);
+                let keep_alive = head.keep_alive && !ctx.shared.draining.load(Ordering::Relaxed);
+                send_denial(client, &denial, !keep_alive, write_limit).await;
+                client.buf.drain(..consumed.min(client.buf.len()));
+                if keep_alive {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
+            }
+            Err(_) => {
+                send_denial(client, &denial, true, write_limit).await;
+                Next::Close
+            }
+        }
+    };
+    ctx.metrics.request(route, status, None, denial.label());
+    next
 }
 
 /// Waits for a complete request head. `Ok(None)`: the connection ended or idled
@@ -321,12 +381,19 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let route = m::route_label(head.path(&client.buf));
+    // Auth, phase 1: the key, before any body work.
+    let caller = match shared.auth.admit(&head, &client.buf, Instant::now()) {
+        Ok(c) => c,
+        Err(denial) => return refuse_unread(ctx, client, &head, route, denial).await,
+    };
+    let key_label = caller.label();
 
     let (body, consumed) = match read_body(ctx, client, &head).await {
         Ok(b) => b,
         Err(rej) => {
             send_error(client, rej.kind, &rej.message, true, write_limit).await;
-            ctx.metrics.request(route, rej.kind.status(), None);
+            ctx.metrics
+                .request(route, rej.kind.status(), None, key_label);
             return Next::Close;
         }
     };
@@ -341,14 +408,15 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
     let is_head = head.is_head;
 
     if let Some(query) = crate::models::Query::of(head.method(&client.buf), &path) {
-        let credentials = crate::models::Credentials::of(&head, &client.buf);
+        let credentials =
+            crate::models::Credentials::of(&head, &client.buf, shared.auth.forwarding());
         client.buf.drain(..consumed.min(client.buf.len()));
         let (out, status) =
-            crate::models::answer(ctx, &query, credentials, keep_alive, is_head).await;
+            crate::models::answer(ctx, &query, credentials, &caller, keep_alive, is_head).await;
         let (sent, next) = write_local(client, out, keep_alive, write_limit).await;
         ctx.metrics.bytes_out.increment(sent as u64);
         let fleet = crate::models::METRICS_REPLICA;
-        ctx.metrics.request(route, status, Some(fleet));
+        ctx.metrics.request(route, status, Some(fleet), key_label);
         ctx.metrics.duration(route, started.elapsed().as_secs_f64());
         return next;
     }
@@ -359,40 +427,54 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         Body::InBuf(r) => &client.buf[r.clone()],
         Body::Decoded(v) => v,
     };
-    let (model, hashes, prompt_bytes, user, cache_plan) =
-        match crate::prefix::analyze(&path, body_bytes, &shared.prefix) {
-            Ok(a) => {
-                let plan = match &shared.cache {
-                    Some(c) => c.plan(&head, &client.buf, &path, &a, body_bytes),
-                    None => crate::cache::Plan::Off,
-                };
-                (
-                    a.fields.model.map(str::to_owned),
-                    a.hashes,
-                    a.prompt_bytes,
-                    a.fields.user.map(|u| u.as_bytes().to_vec()),
-                    plan,
-                )
-            }
-            Err(e) => {
-                let kind = ErrorKind::BadRequest;
-                send_error(
-                    client,
-                    kind,
-                    &format!("invalid request body: {e}"),
-                    !keep_alive,
-                    write_limit,
-                )
-                .await;
-                client.buf.drain(..consumed.min(client.buf.len()));
-                ctx.metrics.request(route, 400, None);
-                return if keep_alive {
-                    Next::KeepAlive
-                } else {
-                    Next::Close
-                };
-            }
-        };
+    let next_local = if keep_alive {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    };
+    let a = match crate::prefix::analyze(&path, body_bytes, &shared.prefix) {
+        Ok(a) => a,
+        Err(e) => {
+            let kind = ErrorKind::BadRequest;
+            send_error(
+                client,
+                kind,
+                &format!("invalid request body: {e}"),
+                !keep_alive,
+                write_limit,
+            )
+            .await;
+            client.buf.drain(..consumed.min(client.buf.len()));
+            ctx.metrics.request(route, 400, None, key_label);
+            return next_local;
+        }
+    };
+    // Auth, phase 2: the model and the prompt bytes, before the cache and
+    // routing. Bodies whose prompt kvroute does not extract count whole.
+    let charged = if a.endpoint == crate::prompt::Endpoint::Other {
+        body_len
+    } else {
+        a.prompt_bytes
+    };
+    if let Err(d) = shared
+        .auth
+        .check_body(&caller, a.fields.model, charged, Instant::now())
+    {
+        send_denial(client, &d, !keep_alive, write_limit).await;
+        client.buf.drain(..consumed.min(client.buf.len()));
+        ctx.metrics.request(route, d.kind.status(), None, key_label);
+        return next_local;
+    }
+    let cache_plan = match &shared.cache {
+        Some(c) => c.plan(&head, &client.buf, &path, &a, body_bytes, caller.tenant()),
+        None => crate::cache::Plan::Off,
+    };
+    let (model, hashes, prompt_bytes, user) = (
+        a.fields.model.map(str::to_owned),
+        a.hashes,
+        a.prompt_bytes,
+        a.fields.user.map(|u| u.as_bytes().to_vec()),
+    );
     // Sampled for pre-warming standbys: the anchor (the system prompt's blocks)
     // and one request body that starts with it.
     if !hashes.is_empty() && matches!(route, "completions" | "chat_completions") {
@@ -428,7 +510,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
                 ctx.metrics.bytes_out.increment(sent as u64);
                 // Answered from the prediction cache: its own "replica" label.
                 ctx.metrics
-                    .request(route, 200, Some((u16::MAX - 1, "cache")));
+                    .request(route, 200, Some((u16::MAX - 1, "cache")), key_label);
                 metrics::histogram!(m::REQUEST_DURATION, "route" => route)
                     .record(started.elapsed().as_secs_f64());
                 return next;
@@ -437,7 +519,13 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         }
     }
     let tap = crate::cache::Tap::new(shared.cache.as_ref(), cache_plan);
-    let upstream_head = build_upstream_head(&head, &client.buf, client.peer, body_len);
+    let upstream_head = build_upstream_head(
+        &head,
+        &client.buf,
+        client.peer,
+        body_len,
+        shared.auth.forwarding(),
+    );
 
     // The body moves out of the client buffer only for the duration of forwarding.
     let (mut body_buf, body_range, in_client_buf) = match body {
@@ -511,6 +599,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         replica_label
             .as_deref()
             .map(|r| (r.slot, r.spec.url.as_str())),
+        key_label,
     );
     ctx.metrics.duration(route, started.elapsed().as_secs_f64());
     next
@@ -579,11 +668,13 @@ enum Outcome {
 
 /// Request line and end-to-end headers for the replica, without `host` (added per
 /// attempt, since a retry may go to another replica) and without the final CRLF.
+/// `fwd` says which client credential headers stay back and what kvroute adds.
 fn build_upstream_head(
     head: &RequestHead,
     buf: &[u8],
     peer: SocketAddr,
     body_len: usize,
+    fwd: &crate::auth::Forwarding,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len + 128);
     out.extend_from_slice(head.method(buf).as_bytes());
@@ -604,6 +695,7 @@ fn build_upstream_head(
             || n.eq_ignore_ascii_case("host")
             || n.eq_ignore_ascii_case("content-length")
             || n.eq_ignore_ascii_case("expect")
+            || fwd.drops(n)
         {
             continue;
         }
@@ -622,6 +714,7 @@ fn build_upstream_head(
         out.extend_from_slice(b", ");
     }
     let _ = write!(out, "{}\r\n", peer.ip());
+    out.extend_from_slice(fwd.lines());
     if body_len > 0 || !matches!(head.framing, BodyFraming::None) || head.method(buf) == "POST" {
         let _ = write!(out, "content-length: {body_len}\r\n");
     }

@@ -45,6 +45,8 @@ pub struct Shared {
     pub tls: Option<crate::tls::ServerTls>,
     /// Verifies `https://` replicas (`[upstream] ca_file` or the system roots).
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// API keys (`[auth]`) and the credentials sent to replicas.
+    pub auth: crate::auth::Auth,
     started: Instant,
 }
 
@@ -68,6 +70,7 @@ impl Shared {
             shutdown: watch::channel(false).0,
             steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
             cache: crate::cache::PredictionCache::new(&cfg.prediction_cache)?,
+            auth: crate::auth::Auth::new(&cfg.auth, &cfg.upstream)?,
             started: Instant::now(),
             cfg,
         }))
@@ -191,7 +194,7 @@ pub fn start_workers(
 }
 
 /// Runs the whole data plane until a signal drains it. Returns the exit code.
-pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, Error> {
+pub fn run(cfg: Config, cli: crate::config::Cli) -> Result<i32, Error> {
     crate::metrics::install();
     let io = resolve_io(cfg.io)?;
     let listeners = bind_listeners(cfg.listen, cfg.worker_count())?;
@@ -213,16 +216,13 @@ pub fn run(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<i32, 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let code = rt.block_on(control_loop(shared.clone(), config_path));
+    let code = rt.block_on(control_loop(shared.clone(), cli));
     shared.steering.cleanup();
     code
 }
 
 /// The main thread: admin API, signals, and the drain that ends the process.
-async fn control_loop(
-    shared: Arc<Shared>,
-    config_path: Option<std::path::PathBuf>,
-) -> Result<i32, Error> {
+async fn control_loop(shared: Arc<Shared>, cli: crate::config::Cli) -> Result<i32, Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let explicit_admin = shared.cfg.admin != crate::config::DEFAULT_ADMIN;
     let mut admin_addrs = vec![AdminAddr::parse(&shared.cfg.admin)?];
@@ -263,7 +263,7 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 crate::notify::reloading();
-                reload(&shared, config_path.as_deref());
+                reload(&shared, &cli);
                 crate::notify::ready(&shared);
             }
         }
@@ -286,18 +286,19 @@ async fn control_loop(
     }
 }
 
-/// SIGHUP: re-reads the config file and applies what can change without a
-/// restart (the replica set, the TLS certificate and key); connections are untouched. Keys that need a
-/// restart are reported, not half-applied.
-fn reload(shared: &Shared, path: Option<&std::path::Path>) {
-    let Some(path) = path else {
+/// SIGHUP: re-reads the API keys file (whether or not the config changed),
+/// the TLS certificate and key, and the config file, and applies what can
+/// change without a restart (the keys, the certificate, the replica set);
+/// connections are untouched. Keys that need a restart are reported, not
+/// half-applied. The command line's overrides (`--replica` and the rest) are
+/// applied to the file again, as at start, so a reload never drops them.
+fn reload(shared: &Shared, cli: &crate::config::Cli) {
+    shared.auth.reload();
+    if cli.config.is_none() {
         tracing::info!("SIGHUP: no config file to reload");
         return;
-    };
-    let fresh = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-        .and_then(|t| Config::from_toml(&t))
-        .and_then(|c| c.validate().map(|_| c));
+    }
+    let fresh = Config::load(cli);
     let fresh = match fresh {
         Ok(c) => c,
         Err(e) => {
@@ -317,8 +318,10 @@ fn reload(shared: &Shared, path: Option<&std::path::Path>) {
             "SIGHUP: listen, workers, io, [routing] and steering changes take effect on restart"
         );
     }
-    if fresh.limits != old.limits || fresh.upstream != old.upstream {
-        tracing::warn!("SIGHUP: limits and upstream changes take effect on restart");
+    if fresh.limits != old.limits || fresh.upstream != old.upstream || fresh.auth != old.auth {
+        tracing::warn!(
+            "SIGHUP: [limits], [upstream] and [auth] changes take effect on restart (the keys file's content is reloaded)"
+        );
     }
     match (&shared.tls, &fresh.tls) {
         (Some(running), Some(files)) => match running.reload(files) {

@@ -105,15 +105,28 @@ impl Proc {
 
     /// Starts `cmd` with no stdin or stdout, and its stderr shown only under
     /// `KVROUTE_TEST_LOG`; `name` names it in messages.
-    pub fn spawn_command(mut cmd: Command, name: &str) -> Proc {
+    pub fn spawn_command(cmd: Command, name: &str) -> Proc {
+        let stderr = if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        Self::spawn_with_stderr(cmd, name, stderr)
+    }
+
+    /// Like [`Proc::spawn_command`], with stderr written to the file `log`, for
+    /// tests that read what the process logged.
+    pub fn spawn_command_logged(cmd: Command, name: &str, log: &std::path::Path) -> Proc {
+        let file =
+            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        Self::spawn_with_stderr(cmd, name, Stdio::from(file))
+    }
+
+    fn spawn_with_stderr(mut cmd: Command, name: &str, stderr: Stdio) -> Proc {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("KVROUTE_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Proc {
@@ -187,16 +200,33 @@ impl Kvroute {
     /// Starts kvroute on free ports with `extra` arguments and waits until it serves.
     pub fn start(extra: &[&str]) -> Kvroute {
         let k = Kvroute::spawn_on(free_port(), free_port(), extra, &[]);
+        k.wait_ready();
+        k
+    }
+
+    /// Spawns kvroute on free ports with `extra` arguments and `env`, its
+    /// stderr written to the file `log`, without waiting for it.
+    pub fn spawn_logged(extra: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> Kvroute {
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(workspace_bin("kvroute"));
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .envs(env.iter().copied());
+        Kvroute::on(Proc::spawn_command_logged(cmd, "kvroute", log), port, admin)
+    }
+
+    /// Waits until the admin API answers `/healthz`.
+    pub fn wait_ready(&self) {
         let up = wait_until(Duration::from_secs(10), || {
             request(
-                k.admin,
+                self.admin,
                 "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
             )
             .map(|r| r.status == 200)
             .unwrap_or(false)
         });
         assert!(up, "kvroute did not become ready");
-        k
     }
 
     pub fn admin_get(&self, path: &str) -> Response {

@@ -17,8 +17,8 @@ pub struct BodyFacts {
     pub logprobs: bool,
 }
 
-/// Key of a request: `scope` is the tenant (the Authorization value) or `None`
-/// when entries are shared across tenants.
+/// Key of a request: `scope` is the tenant (the API key's name, else the
+/// credential headers) or `None` when entries are shared across tenants.
 pub fn cache_key(
     path: &str,
     scope: Option<&[u8]>,

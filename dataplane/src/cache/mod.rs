@@ -51,8 +51,8 @@ pub struct PredictionCacheConfig {
     pub greedy_by_default: bool,
     /// Cache requests asking for logprobs too.
     pub allow_logprobs: bool,
-    /// Share entries across Authorization (and x-api-key, api-key) values: one
-    /// tenant, or public answers.
+    /// Share entries across Authorization (and x-api-key, api-key) values, or
+    /// across API keys with `[auth]` on: one tenant, or public answers.
     pub shared: bool,
     pub ttl_ms: u64,
     /// Memory budget of the local store, entry bookkeeping included.
@@ -243,6 +243,8 @@ impl PredictionCache {
     }
 
     /// Decides for one request whose body `analyze` already accepted.
+    /// `tenant` is the API key's name when `[auth]` is on: the scope then,
+    /// instead of the credential headers.
     pub fn plan(
         &self,
         head: &RequestHead,
@@ -250,8 +252,9 @@ impl PredictionCache {
         path: &str,
         a: &Analyzed<'_>,
         body: &[u8],
+        tenant: Option<&str>,
     ) -> Plan {
-        let p = self.decide(head, buf, path, a, body);
+        let p = self.decide(head, buf, path, a, body, tenant);
         match p {
             Plan::Bypass(why) => {
                 metrics::counter!(m::CACHE_REQUESTS, "result" => "bypass", "reason" => why)
@@ -273,6 +276,7 @@ impl PredictionCache {
         path: &str,
         a: &Analyzed<'_>,
         body: &[u8],
+        tenant: Option<&str>,
     ) -> Plan {
         if head.method(buf) != "POST"
             || !matches!(
@@ -304,11 +308,18 @@ impl PredictionCache {
         if f.n.is_some_and(|n| n > 1) {
             return Plan::Bypass("n");
         }
-        // Every credential header a replica or a gateway in front of it may read
-        // (OpenAI's Authorization, Anthropic/Azure-style api keys); requests
-        // without any share the anonymous scope.
+        // With API keys on, the key's name: one key's answers are found again
+        // by that key whichever header carried it, and never by another.
+        // Else every credential header a replica or a gateway in front of it
+        // may read (OpenAI's Authorization, Anthropic/Azure-style api keys);
+        // requests without any share the anonymous scope. The two kinds never
+        // collide: a header scope holds NUL bytes (its u32 lengths), a key
+        // name never does.
         let mut scope_buf = Vec::new();
-        if !self.cfg.shared {
+        if let (false, Some(name)) = (self.cfg.shared, tenant) {
+            scope_buf.push(b'k');
+            scope_buf.extend_from_slice(name.as_bytes());
+        } else if !self.cfg.shared {
             for name in TENANT_HEADERS {
                 let v = head.header(buf, name).unwrap_or(b"");
                 scope_buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
@@ -424,6 +435,15 @@ mod tests {
     use crate::prefix::{analyze, PrefixConfig};
 
     fn plan_of(cfg: &PredictionCacheConfig, headers: &str, body: &str) -> Plan {
+        plan_for(cfg, headers, body, None)
+    }
+
+    fn plan_for(
+        cfg: &PredictionCacheConfig,
+        headers: &str,
+        body: &str,
+        tenant: Option<&str>,
+    ) -> Plan {
         let c = PredictionCache::new(&PredictionCacheConfig {
             enabled: true,
             ..cfg.clone()
@@ -438,7 +458,7 @@ mod tests {
         let head = parse_request_head(&buf, 1 << 16, 100).unwrap().unwrap();
         let body = &buf[head.len..];
         let a = analyze("/v1/chat/completions", body, &PrefixConfig::default()).unwrap();
-        c.plan(&head, &buf, "/v1/chat/completions", &a, body)
+        c.plan(&head, &buf, "/v1/chat/completions", &a, body, tenant)
     }
 
     fn used(p: Plan) -> bool {
@@ -522,10 +542,28 @@ mod tests {
         let b = key(&d, "Authorization: Bearer b\r\n");
         let x = key(&d, "x-api-key: a\r\n");
         assert!(anon != a && a != b && a != x && anon != x);
-        let shared = PredictionCacheConfig { shared: true, ..d };
+        let shared = PredictionCacheConfig {
+            shared: true,
+            ..d.clone()
+        };
         assert_eq!(
             key(&shared, "Authorization: Bearer a\r\n"),
             key(&shared, "Authorization: Bearer b\r\n")
+        );
+        // With API keys, the key's name is the tenant, whatever header carried it.
+        let by_key =
+            |cfg: &PredictionCacheConfig, h: &str, t: &str| match plan_for(cfg, h, body, Some(t)) {
+                Plan::Use { key, .. } => key,
+                p => panic!("{p:?}"),
+            };
+        let alice = by_key(&d, "Authorization: Bearer sk-1\r\n", "alice");
+        assert_eq!(alice, by_key(&d, "x-api-key: sk-1\r\n", "alice"));
+        assert_ne!(alice, by_key(&d, "Authorization: Bearer sk-1\r\n", "bob"));
+        assert!(alice != anon && alice != a);
+        assert_eq!(
+            by_key(&shared, "", "alice"),
+            by_key(&shared, "", "bob"),
+            "shared: across keys too"
         );
     }
 

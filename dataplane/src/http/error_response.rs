@@ -7,7 +7,14 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     BadRequest,
+    /// A missing or invalid API key (also: every replica refused the client's).
     Unauthorized,
+    /// The API key may not use the model the request names.
+    ModelNotAllowed,
+    /// The API key's requests per second are used up.
+    RateLimitedRequests,
+    /// The API key's prompt bytes per second are used up.
+    RateLimitedPromptBytes,
     NotFound,
     ModelNotFound,
     Timeout,
@@ -24,6 +31,8 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => 400,
             ErrorKind::Unauthorized => 401,
+            ErrorKind::ModelNotAllowed => 403,
+            ErrorKind::RateLimitedRequests | ErrorKind::RateLimitedPromptBytes => 429,
             ErrorKind::NotFound | ErrorKind::ModelNotFound => 404,
             ErrorKind::Timeout => 408,
             ErrorKind::TooLarge => 413,
@@ -37,6 +46,12 @@ impl ErrorKind {
 
     /// OpenAI's `error.type`.
     pub fn error_type(self) -> &'static str {
+        match self {
+            // OpenAI's own 429s say which limit: requests or tokens.
+            ErrorKind::RateLimitedRequests => return "requests",
+            ErrorKind::RateLimitedPromptBytes => return "tokens",
+            _ => {}
+        }
         match self.status() {
             400..=499 => "invalid_request_error",
             _ => "server_error",
@@ -48,6 +63,10 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::Unauthorized => "invalid_api_key",
+            ErrorKind::ModelNotAllowed => "model_not_allowed",
+            ErrorKind::RateLimitedRequests | ErrorKind::RateLimitedPromptBytes => {
+                "rate_limit_exceeded"
+            }
             ErrorKind::NotFound => "not_found",
             ErrorKind::ModelNotFound => "model_not_found",
             ErrorKind::Timeout => "request_timeout",
@@ -81,6 +100,13 @@ pub struct ErrorResponse;
 impl ErrorResponse {
     /// Serialises status line, headers and JSON body into `out`.
     pub fn write(out: &mut Vec<u8>, kind: ErrorKind, message: &str, close: bool) {
+        Self::write_with(out, kind, message, close, "")
+    }
+
+    /// Like [`ErrorResponse::write`], with `extra` header lines (each ending in
+    /// CRLF) such as `retry-after`. A 401 always carries `www-authenticate:
+    /// Bearer` (RFC 9110 §15.5.2).
+    pub fn write_with(out: &mut Vec<u8>, kind: ErrorKind, message: &str, close: bool, extra: &str) {
         let body = serde_json::to_vec(&Body {
             error: Inner {
                 message,
@@ -94,9 +120,14 @@ impl ErrorResponse {
         use std::io::Write;
         let _ = write!(
             out,
-            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{extra}{}\r\n",
             super::reason_phrase(status),
             body.len(),
+            if kind == ErrorKind::Unauthorized {
+                "www-authenticate: Bearer\r\n"
+            } else {
+                ""
+            },
             if close { "connection: close\r\n" } else { "" }
         );
         out.extend_from_slice(&body);
@@ -119,5 +150,46 @@ mod tests {
         assert_eq!(v["error"]["code"], "no_healthy_replica");
         assert_eq!(v["error"]["type"], "server_error");
         assert_eq!(v["error"]["message"], "no healthy replica");
+    }
+
+    fn parts(out: Vec<u8>) -> (String, serde_json::Value) {
+        let s = String::from_utf8(out).unwrap();
+        let (head, body) = s.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), serde_json::from_str(body).unwrap())
+    }
+
+    #[test]
+    fn auth_errors_carry_their_headers() {
+        let mut out = Vec::new();
+        ErrorResponse::write(&mut out, ErrorKind::Unauthorized, "invalid API key", false);
+        let (head, v) = parts(out);
+        assert!(head.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{head}");
+        assert!(head.contains("\r\nwww-authenticate: Bearer"), "{head}");
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "invalid API key",
+                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        );
+        let mut out = Vec::new();
+        let kind = ErrorKind::RateLimitedRequests;
+        ErrorResponse::write_with(&mut out, kind, "slow down", true, "retry-after: 2\r\n");
+        let (head, v) = parts(out);
+        assert!(
+            head.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.contains("\r\nretry-after: 2\r\nconnection: close"),
+            "{head}"
+        );
+        assert!(!head.contains("www-authenticate"));
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(v["error"]["type"], "requests");
+        let mut out = Vec::new();
+        ErrorResponse::write(&mut out, ErrorKind::ModelNotAllowed, "no", false);
+        let (head, v) = parts(out);
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+        assert_eq!(v["error"]["code"], "model_not_allowed");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
     }
 }

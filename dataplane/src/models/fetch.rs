@@ -32,8 +32,9 @@ pub struct Target {
 }
 
 /// Asks the replica at `target` for its models within `limit`. `credentials`
-/// are the client's credential header lines, passed on so a replica that
-/// requires an API key answers as it would to the client.
+/// are the credential header lines a forwarded request would carry (the
+/// client's, `[upstream] api_key`), so a replica that requires an API key
+/// answers as it would to a forwarded request.
 pub async fn fetch<R: Runtime>(target: Target, credentials: Rc<[u8]>, limit: Duration) -> Listing {
     match tokio::time::timeout(limit, exchange::<R>(&target, &credentials)).await {
         Ok(Some((status, body))) => parse_listing(status, &body),

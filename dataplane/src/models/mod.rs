@@ -78,18 +78,24 @@ impl Query {
     }
 }
 
-/// The client's credential headers, passed on to the replicas so one that
-/// requires an API key answers as it would to the client. Lists are cached per
-/// credential set, so one client's list is never another's answer.
+/// The credential headers a forwarded request would carry: the client's (but
+/// those `[auth]` keeps back) and `[upstream] api_key`, passed on to the
+/// replicas so one that requires an API key answers as it would to the
+/// request. Lists are cached per credential set, so one client's list is never
+/// another's answer; with `[auth]` on, each key's list is then filtered down
+/// to the models it may use.
 pub struct Credentials {
     scope: u128,
     lines: Rc<[u8]>,
 }
 
 impl Credentials {
-    pub fn of(head: &RequestHead, buf: &[u8]) -> Credentials {
+    pub fn of(head: &RequestHead, buf: &[u8], fwd: &crate::auth::Forwarding) -> Credentials {
         let mut lines = Vec::new();
         for name in crate::cache::TENANT_HEADERS {
+            if fwd.drops(name) {
+                continue;
+            }
             if let Some(v) = head.header(buf, name) {
                 lines.extend_from_slice(name.as_bytes());
                 lines.extend_from_slice(b": ");
@@ -97,6 +103,7 @@ impl Credentials {
                 lines.extend_from_slice(b"\r\n");
             }
         }
+        lines.extend_from_slice(fwd.lines());
         Credentials {
             scope: xxh3_128(&lines),
             lines: lines.into(),
@@ -148,10 +155,12 @@ impl ModelsCache {
 }
 
 /// Answers `query` from the fleet: the complete response and its status.
+/// `caller` sees only the models its API key may use (others are not found).
 pub async fn answer<R: Runtime>(
     ctx: &WorkerCtx<R>,
     query: &Query,
     credentials: Credentials,
+    caller: &crate::auth::Caller,
     keep_alive: bool,
     is_head: bool,
 ) -> (Vec<u8>, u16) {
@@ -168,7 +177,7 @@ pub async fn answer<R: Runtime>(
         .await
         .1
         .clone();
-    let (out, status, error) = render(&fleet, query, keep_alive, is_head);
+    let (out, status, error) = render(&fleet, query, &|m| caller.may_use(m), keep_alive, is_head);
     if let Some(kind) = error {
         metrics::counter!(m::ERRORS, "kind" => kind.code()).increment(1);
     }
@@ -217,20 +226,25 @@ async fn fetch_fleet<R: Runtime>(
     )
 }
 
-/// The response to `query` given what the fleet serves, its status, and the
-/// error it is, if one.
+/// The response to `query` given what the fleet serves (of it, only the models
+/// `visible` passes), its status, and the error it is, if one.
 fn render(
     fleet: &Fleet,
     query: &Query,
+    visible: &dyn Fn(&str) -> bool,
     keep_alive: bool,
     is_head: bool,
 ) -> (Vec<u8>, u16, Option<ErrorKind>) {
     let body = match (fleet, query) {
         (Fleet::Models(list), Query::List) => Ok(serde_json::json!({
             "object": "list",
-            "data": list.iter().map(merge::Model::to_json).collect::<Vec<_>>(),
+            "data": list
+                .iter()
+                .filter(|m| visible(&m.id))
+                .map(merge::Model::to_json)
+                .collect::<Vec<_>>(),
         })),
-        (Fleet::Models(_), Query::Model(id)) => match fleet.find(id) {
+        (Fleet::Models(_), Query::Model(id)) => match fleet.find(id).filter(|m| visible(&m.id)) {
             Some(model) => Ok(model.to_json()),
             None => Err((
                 ErrorKind::ModelNotFound,
@@ -296,6 +310,24 @@ mod tests {
         assert_eq!(Query::of("GET", "/v1/completions"), None);
     }
 
+    const ALL: &dyn Fn(&str) -> bool = &|_| true;
+
+    #[test]
+    fn a_key_sees_only_its_models() {
+        let fleet = Fleet::Models(vec![Model::configured("m1"), Model::configured("m2")]);
+        let only_m2: &dyn Fn(&str) -> bool = &|m| m == "m2";
+        let (out, status, _) = render(&fleet, &Query::List, only_m2, true, false);
+        let (_, v) = parts(&out);
+        assert_eq!(status, 200);
+        assert_eq!(v["data"].as_array().unwrap().len(), 1);
+        assert_eq!(v["data"][0]["id"], "m2");
+        let (out, status, err) = render(&fleet, &Query::Model("m1".into()), only_m2, true, false);
+        assert_eq!((status, err), (404, Some(ErrorKind::ModelNotFound)));
+        assert_eq!(parts(&out).1["error"]["code"], "model_not_found");
+        let (_, status, _) = render(&fleet, &Query::Model("m2".into()), only_m2, true, false);
+        assert_eq!(status, 200);
+    }
+
     fn parts(out: &[u8]) -> (String, serde_json::Value) {
         let s = String::from_utf8(out.to_vec()).unwrap();
         let (head, body) = s.split_once("\r\n\r\n").unwrap();
@@ -305,7 +337,7 @@ mod tests {
     #[test]
     fn renders_list_model_and_errors_in_openai_shape() {
         let fleet = Fleet::Models(vec![Model::configured("m1"), Model::configured("m2")]);
-        let (out, status, err) = render(&fleet, &Query::List, true, false);
+        let (out, status, err) = render(&fleet, &Query::List, ALL, true, false);
         assert_eq!((status, err), (200, None));
         let (head, v) = parts(&out);
         assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
@@ -314,22 +346,28 @@ mod tests {
         assert_eq!(v["data"][1]["id"], "m2");
         assert_eq!(v["data"][1]["object"], "model");
 
-        let (out, status, _) = render(&fleet, &Query::Model("m2".into()), false, false);
+        let (out, status, _) = render(&fleet, &Query::Model("m2".into()), ALL, false, false);
         let (head, v) = parts(&out);
         assert_eq!(status, 200);
         assert!(head.contains("connection: close"));
         assert_eq!(v, Model::configured("m2").to_json());
 
-        let (out, status, err) = render(&fleet, &Query::Model("m3".into()), true, false);
+        let (out, status, err) = render(&fleet, &Query::Model("m3".into()), ALL, true, false);
         assert_eq!((status, err), (404, Some(ErrorKind::ModelNotFound)));
         let (_, v) = parts(&out);
         assert_eq!(v["error"]["code"], "model_not_found");
         assert_eq!(v["error"]["type"], "invalid_request_error");
 
-        let (out, status, _) = render(&Fleet::NoReplica, &Query::List, true, false);
+        let (out, status, _) = render(&Fleet::NoReplica, &Query::List, ALL, true, false);
         assert_eq!(status, 503);
         assert_eq!(parts(&out).1["error"]["code"], "no_healthy_replica");
-        let (out, status, _) = render(&Fleet::Refused, &Query::Model("m1".into()), true, false);
+        let (out, status, _) = render(
+            &Fleet::Refused,
+            &Query::Model("m1".into()),
+            ALL,
+            true,
+            false,
+        );
         assert_eq!(status, 401);
         assert_eq!(parts(&out).1["error"]["code"], "invalid_api_key");
     }
@@ -337,8 +375,8 @@ mod tests {
     #[test]
     fn head_gets_the_get_head_without_body() {
         let fleet = Fleet::Models(vec![Model::configured("m1")]);
-        let (get, _, _) = render(&fleet, &Query::List, true, false);
-        let (head, _, _) = render(&fleet, &Query::List, true, true);
+        let (get, _, _) = render(&fleet, &Query::List, ALL, true, false);
+        let (head, _, _) = render(&fleet, &Query::List, ALL, true, true);
         assert!(head.ends_with(b"\r\n\r\n"));
         assert!(get.starts_with(&head) && get.len() > head.len());
     }
