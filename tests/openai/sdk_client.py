@@ -12,13 +12,13 @@ the script exit non-zero with the exception on stderr.
 import json
 import sys
 
-import httpx
 import openai
 
 
 def main() -> None:
     base_url, ca_file, api_key, model = sys.argv[1:5]
-    http = httpx.Client(verify=ca_file, timeout=30.0)
+    # The SDK's own default HTTP client, trusting only the test CA.
+    http = openai.DefaultHttpx2Client(verify=ca_file, timeout=30.0)
     client = openai.OpenAI(base_url=base_url, api_key=api_key, http_client=http, max_retries=0)
     messages = [
         {"role": "system", "content": "You are a terse assistant."},

@@ -116,3 +116,46 @@ fn sighup_reloads_replicas_without_dropping_connections() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sighup_keeps_the_command_lines_replicas() {
+    // `--replica` overrides the file's (empty) replica list at start, and a
+    // reload applies the command line to the re-read file again: the replica
+    // set stays the command line's instead of becoming the file's.
+    let n = Notify::new();
+    let a = Upstream::start("a");
+    let dir = std::env::temp_dir().join(format!(
+        "kvroute-hup-cli-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("kvroute.toml");
+    std::fs::write(&cfg, "[limits]\nmax_headers = 100\n").unwrap();
+    let (p, addr) = start(
+        &n,
+        &[
+            "--config".into(),
+            cfg.to_str().unwrap().into(),
+            "--replica".into(),
+            a.url(),
+        ],
+        &[],
+    );
+    let _ = n.collect(Duration::from_secs(10), |m| m.contains("READY=1"));
+    let mut c = Client::connect(addr).unwrap();
+    c.send(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(c.read_response(false).unwrap().status, 200);
+
+    p.signal("HUP");
+    let msgs = n.collect(Duration::from_secs(5), |m| m.contains("READY=1"));
+    assert!(msgs.iter().any(|m| m.contains("RELOADING=1")), "{msgs:?}");
+    for path in ["/two", "/three"] {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        let r = c.read_response(false).unwrap();
+        assert_eq!(r.status, 200, "after SIGHUP: {}", r.text());
+        assert_eq!(r.header("x-upstream"), Some("a"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvroute_tests::harness::{
-    free_port, post, request, wait_until, workspace_bin, Kvroute, NotifySocket, Proc, Sim,
+    free_port, post, request, wait_until, workspace_bin, Kvroute, NotifySocket, Proc, Sim, TempDir,
 };
+use kvroute_tests::pki::Pki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -28,91 +29,6 @@ both_io!(
     sighup_reloads_the_certificate,
     https_replicas_behind_nginx,
 );
-
-// ---------------------------------------------------------------- certificates
-
-/// A test CA and a server certificate it signed for 127.0.0.1 and localhost.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-impl Pki {
-    fn new(tag: &str) -> Pki {
-        Pki::with_validity(tag, None)
-    }
-
-    fn with_validity(tag: &str, years: Option<(i32, i32)>) -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Distinct names per CA, so another CA is an unknown issuer.
-        ca.distinguished_name.push(
-            DnType::CommonName,
-            format!("kvroute test CA {tag} {}", free_port()),
-        );
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        if let Some((from, to)) = years {
-            params.not_before = rcgen::date_time_ymd(from, 1, 1);
-            params.not_after = rcgen::date_time_ymd(to, 1, 1);
-        }
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        Pki {
-            ca_pem: ca_cert.pem(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
-    }
-
-    fn cert_der(&self) -> CertificateDer<'static> {
-        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap()
-    }
-
-    /// Writes ca.pem, cert.pem and key.pem into `dir` (replacing them atomically).
-    fn write(&self, dir: &Path) {
-        for (name, text) in [
-            ("ca.pem", &self.ca_pem),
-            ("cert.pem", &self.cert_pem),
-            ("key.pem", &self.key_pem),
-        ] {
-            write_atomic(&dir.join(name), text);
-        }
-    }
-}
-
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A fresh directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!(
-            "kvroute-tls-e2e-{tag}-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // ---------------------------------------------------------------- a TLS client
 
