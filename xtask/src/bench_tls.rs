@@ -55,6 +55,10 @@ pub struct Args {
     /// Nice value for every benchmark process (needs root; 0 leaves priorities alone).
     #[arg(long, default_value_t = -20, allow_hyphen_values = true)]
     nice: i32,
+    /// The certificate's key: `ec` (ECDSA P-256) or `rsa` (RSA 2048, whose signature
+    /// makes each handshake several times costlier for the server).
+    #[arg(long, default_value = "ec", value_parser = ["ec", "rsa"])]
+    key_type: String,
     /// Copy the report to docs/bench/tls.md.
     #[arg(long)]
     publish: bool,
@@ -108,7 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = root().join("target/bench/tls");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let tls = make_certificate(&dir)?;
+    let tls = make_certificate(&dir, &a.key_type)?;
     if a.nice != 0 {
         if let Err(e) = sh(Command::new("renice")
             .args([
@@ -141,6 +145,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     if !a.skips("plain") {
         list.push((targets::kvroute(&env, &bin, "uring", up)?, false));
+        if !a.skips("epoll") {
+            list.push((targets::kvroute(&env, &bin, "epoll", up)?, false));
+        }
         if !a.skips("nginx") {
             list.push((targets::nginx_proxy(&env, up)?, false));
         }
@@ -231,16 +238,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     std::fs::write(&out, &md)?;
     eprintln!("xtask: wrote {}", out.display());
     if a.publish {
-        let docs = root().join("docs/bench/tls.md");
+        let docs = root().join(if a.key_type == "rsa" {
+            "docs/bench/tls-rsa.md"
+        } else {
+            "docs/bench/tls.md"
+        });
         std::fs::write(&docs, &md)?;
         eprintln!("xtask: wrote {}", docs.display());
     }
     Ok(())
 }
 
-/// A test CA and an ECDSA P-256 server certificate for 127.0.0.1 it signs (what
-/// most TLS edges present today), made with the openssl command-line tool.
-fn make_certificate(dir: &Path) -> anyhow::Result<TlsFiles> {
+/// A test CA and a server certificate for 127.0.0.1 it signs, with an ECDSA
+/// P-256 key (`ec`) or an RSA 2048 one (`rsa`), made with the openssl
+/// command-line tool.
+fn make_certificate(dir: &Path, key_type: &str) -> anyhow::Result<TlsFiles> {
     let p = |name: &str| -> PathBuf { dir.join(name) };
     let ossl = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("openssl")
@@ -256,17 +268,21 @@ fn make_certificate(dir: &Path) -> anyhow::Result<TlsFiles> {
         );
         Ok(())
     };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let new_key: &[&str] = if key_type == "rsa" {
+        &["-newkey", "rsa:2048", "-nodes"]
+    } else {
+        &[
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ]
+    };
     ossl(
         &[
             &["req", "-x509"],
-            &ec[..],
+            new_key,
             &[
                 "-keyout",
                 "ca.key",
@@ -283,7 +299,7 @@ fn make_certificate(dir: &Path) -> anyhow::Result<TlsFiles> {
     ossl(
         &[
             &["req"],
-            &ec[..],
+            new_key,
             &[
                 "-keyout",
                 "server.key",
@@ -329,10 +345,15 @@ fn render(a: &Args, rows: &[Row]) -> String {
     s.push_str(&generated_line());
     let _ = writeln!(
         s,
-        "Same ECDSA P-256 certificate, same upstream (nginx `return 200`), TLS 1.3 as wrk \
+        "Same {} certificate, same upstream (nginx `return 200`), TLS 1.3 as wrk \
          ({}) negotiates it, {} rounds of {} s per target and phase (medians). The proxy runs \
          alone on CPU {}, wrk and the upstream on CPU {}. CPU µs per request is the proxy's \
          user + system time over the requests it served. {}.\n",
+        if a.key_type == "rsa" {
+            "RSA 2048"
+        } else {
+            "ECDSA P-256"
+        },
         tool_version(&["wrk", "-v"]),
         a.rounds,
         a.duration,
@@ -383,7 +404,11 @@ fn render(a: &Args, rows: &[Row]) -> String {
         }
         s.push('\n');
     }
-    let _ = writeln!(s, "Command: `cargo xtask bench tls`.");
+    let _ = writeln!(
+        s,
+        "The plain rows are the same proxies without TLS, for the \"TLS adds\" column \
+         (TLS row's CPU per request minus the plain row's, same phase, same run)."
+    );
     s
 }
 
