@@ -29,7 +29,12 @@ pub fn pick<'a, D: Driver, T>(d: &mut D, items: &'a [T]) -> Option<&'a T> {
 }
 
 /// Up to `max` bytes drawn from `alphabet`.
-pub fn from_alphabet<D: Driver>(d: &mut D, alphabet: &[u8], min: usize, max: usize) -> Option<Vec<u8>> {
+pub fn from_alphabet<D: Driver>(
+    d: &mut D,
+    alphabet: &[u8],
+    min: usize,
+    max: usize,
+) -> Option<Vec<u8>> {
     let n = min + below(d, max - min + 1)?;
     (0..n).map(|_| pick(d, alphabet).copied()).collect()
 }

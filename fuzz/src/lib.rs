@@ -38,7 +38,11 @@ pub fn tests_target_dir(name: &str) -> PathBuf {
 pub fn expect_corpus(dir: &Path) {
     let corpus = dir.join("corpus");
     let seeds = std::fs::read_dir(&corpus)
-        .map(|d| d.filter_map(Result::ok).filter(|e| e.path().is_file()).count())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.path().is_file())
+                .count()
+        })
         .unwrap_or(0);
     assert!(seeds > 0, "no seed files in {}", corpus.display());
 }
@@ -110,4 +114,47 @@ pub fn pieces<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
 /// list of numbers nobody can read as HTTP or JSON).
 pub fn show(bytes: &[u8]) -> String {
     format!("b\"{}\"", bytes.escape_ascii())
+}
+
+/// How a target's inputs came out, printed after its run: a generator that
+/// stopped reaching the accepting paths would otherwise go unnoticed, since
+/// every property still holds for inputs that are all refused early.
+pub struct Tally {
+    labels: &'static [&'static str],
+    counts: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Tally {
+    pub fn new(labels: &'static [&'static str]) -> Self {
+        Tally {
+            labels,
+            counts: labels.iter().map(|_| Default::default()).collect(),
+        }
+    }
+
+    /// Counts one input under `labels[i]`.
+    pub fn add(&self, i: usize) {
+        self.counts[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One line, `name: label share% ...`, on stderr (shown with `--nocapture`).
+    pub fn report(&self, name: &str) {
+        let counts: Vec<u64> = self
+            .counts
+            .iter()
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        let total = counts.iter().sum::<u64>().max(1);
+        let shares: Vec<String> = self
+            .labels
+            .iter()
+            .zip(&counts)
+            .map(|(l, c)| format!("{l} {:.1}%", *c as f64 * 100.0 / total as f64))
+            .collect();
+        eprintln!(
+            "{name}: {} inputs: {}",
+            counts.iter().sum::<u64>(),
+            shares.join(", ")
+        );
+    }
 }
