@@ -70,12 +70,27 @@ fn check(body: &[u8], cuts: &[usize], expect: Option<(&[u8], usize)>) -> usize {
     let split = feed(&kvroute_fuzz::pieces(body, cuts), true);
     assert_eq!(split, whole, "split at {cuts:?} differs: {}", show(body));
     let bytes: Vec<&[u8]> = body.chunks(1).collect();
-    assert_eq!(feed(&bytes, true), whole, "byte by byte differs: {}", show(body));
+    assert_eq!(
+        feed(&bytes, true),
+        whole,
+        "byte by byte differs: {}",
+        show(body)
+    );
     let tracked = feed(&kvroute_fuzz::pieces(body, cuts), false);
-    assert_eq!(tracked.1, whole.1, "tracking differs from decoding: {}", show(body));
+    assert_eq!(
+        tracked.1,
+        whole.1,
+        "tracking differs from decoding: {}",
+        show(body)
+    );
     assert!(tracked.0.is_empty());
     if let Some((data, len)) = expect {
-        assert_eq!(res, &Ok((len, true)), "well-formed message not decoded: {}", show(body));
+        assert_eq!(
+            res,
+            &Ok((len, true)),
+            "well-formed message not decoded: {}",
+            show(body)
+        );
         assert_eq!(out, data, "decoded data differs: {}", show(body));
     }
     match res {
@@ -109,7 +124,15 @@ impl std::fmt::Debug for Case {
     }
 }
 
-const EXTENSIONS: &[&str] = &["", ";a=b", ";name=\"quoted;\\\"\"", " ;x", "\t;y", ";", "; a = b "];
+const EXTENSIONS: &[&str] = &[
+    "",
+    ";a=b",
+    ";name=\"quoted;\\\"\"",
+    " ;x",
+    "\t;y",
+    ";",
+    "; a = b ",
+];
 /// Size lines no decoder may accept: a prefix, a sign, 16 digits (over 2^60),
 /// a bare LF, junk.
 const BAD_SIZES: &[&str] = &[
@@ -170,7 +193,9 @@ impl TypeGenerator for Case {
         bytes.extend_from_slice(gen::pick(d, EXTENSIONS)?.as_bytes());
         bytes.extend_from_slice(b"\r\n");
         for _ in 0..gen::below(d, 3)? {
-            bytes.extend_from_slice(gen::pick(d, &["X-Trailer: 1", "Checksum: abc", "X: a: b"])?.as_bytes());
+            bytes.extend_from_slice(
+                gen::pick(d, &["X-Trailer: 1", "Checksum: abc", "X: a: b"])?.as_bytes(),
+            );
             bytes.extend_from_slice(b"\r\n");
         }
         bytes.extend_from_slice(b"\r\n");
