@@ -79,7 +79,13 @@ fn fuzz() -> anyhow::Result<()> {
     };
     let runs: [&[&str]; 2] = [
         &["-p", "kvroute-fuzz"],
-        &["-p", "kvroute-control", "--bin", "kvroute-control", CONTROL_FUZZ],
+        &[
+            "-p",
+            "kvroute-control",
+            "--bin",
+            "kvroute-control",
+            CONTROL_FUZZ,
+        ],
     ];
     for args in runs {
         let mut t = cargo();
