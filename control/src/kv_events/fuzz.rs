@@ -58,10 +58,10 @@ fn check(payload: &[u8], expect: Option<&Expect>) {
     };
     let mut more = payload[..end].to_vec();
     more.extend_from_slice(&[0x93, 0xc0, 0x90, 0xc0]);
-    assert_eq!(
-        decode_batch(&more).ok().as_ref(),
-        Some(&(batch.clone(), *bad))
-    );
+    // By the bits of ts: a NaN one is still the same batch.
+    let key = |b: &super::EventBatch, bad: u32| (b.ts.to_bits(), b.events.clone(), b.dp_rank, bad);
+    let (again, again_bad) = decode_batch(&more).expect("the same batch with bytes after it");
+    assert_eq!(key(&again, again_bad), key(batch, *bad));
     for k in kvroute_fuzz::splits_from(&payload[..end], 3) {
         assert!(
             decode_batch(&payload[..k]).is_err(),
