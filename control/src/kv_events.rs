@@ -138,11 +138,18 @@ pub fn decode_event(v: &Value) -> Result<KvEvent> {
     }
 }
 
+/// Nesting a batch may have, counted as rmpv does (a container and each value
+/// in it take one level each): a batch of events with their hash lists needs
+/// under ten. rmpv's default (1024) recurses deep enough to overflow a
+/// thread's stack on a payload of nested array headers.
+const MAX_DEPTH: usize = 32;
+
 /// Decodes a batch. Events that fail alone are dropped and counted in the
 /// second value; only a batch whose frame is unreadable is an error.
 pub fn decode_batch(payload: &[u8]) -> Result<(EventBatch, u32)> {
     let mut rd = payload;
-    let v = rmpv::decode::read_value(&mut rd).map_err(|e| dec(format!("msgpack: {e}")))?;
+    let v = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH)
+        .map_err(|e| dec(format!("msgpack: {e}")))?;
     let (ts, events, rank) = match &v {
         Value::Array(a) => (a.first(), a.get(1), a.get(2)),
         Value::Map(m) => (
@@ -461,6 +468,9 @@ fn apply(url: &str, payload: &[u8], stats: &KvStats, clears: &mpsc::UnboundedSen
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde::Serialize;
@@ -658,6 +668,8 @@ mod tests {
         assert!(decode_batch(&enc(&"just a string")).is_err());
         assert!(decode_batch(&[0xc1]).is_err());
         assert!(decode_batch(&enc(&(1.0f64,))).is_err());
+        // Nested array headers: refused, not a stack overflow.
+        assert!(decode_batch(&[0x91; 4000]).is_err());
     }
 
     #[test]

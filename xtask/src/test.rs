@@ -5,7 +5,8 @@
 //! both I/O runtimes are exercised by the tests themselves. Then the block
 //! hash again on the software AES round, and the data plane's library tests
 //! built for aarch64 and run under `qemu-aarch64` where the cross tools are
-//! installed (`.ci/run` installs them).
+//! installed (`.ci/run` installs them). The fuzz targets run last, each for a
+//! bounded time (`KVROUTE_FUZZ_SECONDS`), not at `cargo test`'s default second.
 
 use crate::procs::{cargo, sh};
 
@@ -14,6 +15,9 @@ pub struct Args {
     /// Also run clippy with warnings denied and check formatting.
     #[arg(long)]
     pub lint: bool,
+    /// Run only the fuzz targets, each for `KVROUTE_FUZZ_SECONDS` (default 6).
+    #[arg(long)]
+    pub fuzz_only: bool,
     /// Extra arguments passed to `cargo test` (after `--`).
     #[arg(last = true)]
     pub rest: Vec<String>,
@@ -31,24 +35,65 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
+    if a.fuzz_only {
+        return fuzz();
+    }
     // The committed BPF object must match its source wherever clang-19 is
     // installed; without it the check skips with a note (building needs no clang).
     crate::build_ebpf::check(true)?;
     sh(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut t = cargo();
-    t.args(["test", "--workspace"]);
+    // The fuzz targets run on their own below, for longer.
+    t.args(["test", "--workspace", "--exclude", "kvroute-fuzz"]);
     // The real-engine tests find llama-server and its model through these variables.
     if let Some(llama) = llama_or_skip()? {
         t.envs(llama.env());
     }
-    if !a.rest.is_empty() {
-        t.arg("--").args(&a.rest);
-    }
+    t.args(["--", "--skip", CONTROL_FUZZ]).args(&a.rest);
     vllm_venv(&mut t);
     sh(&mut t)?;
     if a.rest.is_empty() {
         software_block_hash()?;
         aarch64_lib()?;
+        fuzz()?;
+    }
+    Ok(())
+}
+
+/// The control daemon's fuzz targets (unit tests of its binary crate).
+const CONTROL_FUZZ: &str = "kv_events::fuzz::";
+/// Seconds each fuzz target generates inputs for: ten targets, about a minute.
+const FUZZ_SECONDS: u64 = 6;
+
+/// The bolero fuzz targets (fuzz/tests/ and the control daemon's KV-event
+/// decoder), each replaying its committed corpus, then generating inputs for
+/// `KVROUTE_FUZZ_SECONDS`. One at a time, with their output shown: bolero's
+/// line per target says how many corpus and generated inputs it ran, and each
+/// generated target adds how its inputs came out.
+fn fuzz() -> anyhow::Result<()> {
+    let secs = match std::env::var("KVROUTE_FUZZ_SECONDS") {
+        Ok(s) => s
+            .parse::<u64>()
+            .map_err(|e| anyhow::anyhow!("KVROUTE_FUZZ_SECONDS={s:?}: {e}"))?,
+        Err(_) => FUZZ_SECONDS,
+    };
+    let runs: [&[&str]; 2] = [
+        &["-p", "kvroute-fuzz"],
+        &[
+            "-p",
+            "kvroute-control",
+            "--bin",
+            "kvroute-control",
+            CONTROL_FUZZ,
+        ],
+    ];
+    for args in runs {
+        let mut t = cargo();
+        t.arg("test")
+            .args(args)
+            .env("BOLERO_RANDOM_TEST_TIME_MS", (secs * 1000).to_string())
+            .args(["--", "--nocapture", "--test-threads=1"]);
+        sh(&mut t)?;
     }
     Ok(())
 }

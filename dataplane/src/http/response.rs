@@ -44,6 +44,11 @@ pub fn parse_response_head(
         }
         return Ok(None);
     };
+    // Also when complete: otherwise a head over the limit would pass or fail
+    // depending on how much of it the first read happened to bring.
+    if end > max_head {
+        return Err("response head too large");
+    }
     let head = &buf[..end];
     if has_bare_lf(head) {
         return Err("bare LF in response head");
@@ -174,5 +179,16 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(parse_response_head(b"garbage\r\n\r\n", 8192, false).is_err());
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_refused_whole_or_in_pieces() {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let max = head.len() - 1;
+        assert!(parse_response_head(&head[..max + 1], max, false).is_err());
+        assert!(parse_response_head(head, max, false).is_err());
+        assert!(parse_response_head(head, head.len(), false)
+            .unwrap()
+            .is_some());
     }
 }
