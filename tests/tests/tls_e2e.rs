@@ -722,17 +722,28 @@ fn https_replicas_behind_nginx(io: &str) {
     let dir = TempDir::new("nginx");
     let good = Pki::new("replica");
     let rogue = Pki::new("rogue");
-    std::fs::write(dir.0.join("replica-ca.pem"), &good.ca_pem).unwrap();
+    // Signed by a CA in ca_file, but its validity ended in 2001.
+    let expired = Pki::with_validity("expired", Some((2000, 2001)));
+    std::fs::write(
+        dir.0.join("replica-ca.pem"),
+        format!("{}{}", good.ca_pem, expired.ca_pem),
+    )
+    .unwrap();
     let sim = Sim::start("s0", &[]);
-    let (good_port, rogue_port) = (free_port(), free_port());
+    let (good_port, rogue_port, expired_port) = (free_port(), free_port(), free_port());
     let nginx = Nginx::start(
         bin,
         &dir.0,
         sim.addr,
-        &[(good_port, &good, "good"), (rogue_port, &rogue, "rogue")],
+        &[
+            (good_port, &good, "good"),
+            (rogue_port, &rogue, "rogue"),
+            (expired_port, &expired, "expired"),
+        ],
     );
     let good_url = format!("https://127.0.0.1:{good_port}");
     let rogue_url = format!("https://127.0.0.1:{rogue_port}");
+    let expired_url = format!("https://127.0.0.1:{expired_port}");
     let upstream = format!(
         "[upstream]\nca_file = {:?}\n",
         dir.0.join("replica-ca.pem").display().to_string()
@@ -818,4 +829,29 @@ fn https_replicas_behind_nginx(io: &str) {
         "{e}"
     );
     assert_eq!(e["type"], "server_error");
+    drop(k);
+
+    // An expired replica certificate from a trusted CA: refused the same way,
+    // and the reason says it expired.
+    let k = start_kvroute(
+        &dir.0,
+        io,
+        &format!(
+            "[upstream]\nretries = 0\nca_file = {:?}\n{}",
+            dir.0.join("replica-ca.pem").display().to_string(),
+            replicas(std::slice::from_ref(&expired_url))
+        ),
+        &[],
+    );
+    let r = post(k.addr, "/v1/completions", COMPLETION).unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    let state = k.admin_get("/state").json();
+    let reason = state["replicas"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        reason.contains("certificate verify failed") && reason.contains("expired"),
+        "{state}"
+    );
 }
