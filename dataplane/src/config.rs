@@ -438,6 +438,19 @@ weight = 2
         assert_eq!(c, expected);
     }
 
+    /// The example configs under deploy/sidecar/ parse and validate as shipped
+    /// (their TLS and key files are the operator's to provide).
+    #[test]
+    fn shipped_example_configs_are_valid() {
+        for (name, text) in [
+            ("edge.toml", include_str!("../../deploy/sidecar/edge.toml")),
+            ("kvroute.toml", include_str!("../../deploy/sidecar/kvroute.toml")),
+        ] {
+            let c = Config::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
     #[test]
     fn cli_replica_with_models() {
         let r = parse_replica_arg("http://127.0.0.1:1=a,b");
