@@ -444,7 +444,10 @@ weight = 2
     fn shipped_example_configs_are_valid() {
         for (name, text) in [
             ("edge.toml", include_str!("../../deploy/sidecar/edge.toml")),
-            ("kvroute.toml", include_str!("../../deploy/sidecar/kvroute.toml")),
+            (
+                "kvroute.toml",
+                include_str!("../../deploy/sidecar/kvroute.toml"),
+            ),
         ] {
             let c = Config::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -807,17 +807,22 @@ fn https_replicas_behind_nginx(io: &str) {
     assert!(replica(&good_url).get("last_error").is_none());
     drop(k);
 
+    // kvroute with `url` as its only replica and no retry.
+    let only = |url: &str| {
+        start_kvroute(
+            &dir.0,
+            io,
+            &format!(
+                "[upstream]\nretries = 0\nca_file = {:?}\n{}",
+                dir.0.join("replica-ca.pem").display().to_string(),
+                replicas(&[url.to_string()])
+            ),
+            &[],
+        )
+    };
+
     // With only that replica: an OpenAI-shaped 502 naming the reason.
-    let k = start_kvroute(
-        &dir.0,
-        io,
-        &format!(
-            "[upstream]\nretries = 0\nca_file = {:?}\n{}",
-            dir.0.join("replica-ca.pem").display().to_string(),
-            replicas(std::slice::from_ref(&rogue_url))
-        ),
-        &[],
-    );
+    let k = only(&rogue_url);
     let r = post(k.addr, "/v1/completions", COMPLETION).unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     let e = &r.json()["error"];
@@ -833,16 +838,7 @@ fn https_replicas_behind_nginx(io: &str) {
 
     // An expired replica certificate from a trusted CA: refused the same way,
     // and the reason says it expired.
-    let k = start_kvroute(
-        &dir.0,
-        io,
-        &format!(
-            "[upstream]\nretries = 0\nca_file = {:?}\n{}",
-            dir.0.join("replica-ca.pem").display().to_string(),
-            replicas(std::slice::from_ref(&expired_url))
-        ),
-        &[],
-    );
+    let k = only(&expired_url);
     let r = post(k.addr, "/v1/completions", COMPLETION).unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     let state = k.admin_get("/state").json();

@@ -135,20 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    // Children (servers, wrk) and threads created from here on inherit the priority.
-    if a.nice != 0 {
-        if let Err(e) = sh(Command::new("renice")
-            .args([
-                "-n",
-                &a.nice.to_string(),
-                "-p",
-                &std::process::id().to_string(),
-            ])
-            .stdout(Stdio::null()))
-        {
-            eprintln!("xtask: running at default priority: {e:#}");
-        }
-    }
+    renice(a.nice);
 
     // Before the pinning below: this section spreads over every core.
     let mut steering_md = None;
@@ -463,6 +450,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 const NOTES_MARKER: &str = "<!-- notes: kept by --publish -->";
+
+/// Gives this process (and the servers, wrk and threads it starts from here on,
+/// which inherit it) nice value `nice`; 0 leaves priorities alone. Needs root
+/// for a negative value, and says so instead of failing.
+pub(crate) fn renice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    if let Err(e) = sh(Command::new("renice")
+        .args([
+            "-n",
+            &nice.to_string(),
+            "-p",
+            &std::process::id().to_string(),
+        ])
+        .stdout(Stdio::null()))
+    {
+        eprintln!("xtask: running at default priority: {e:#}");
+    }
+}
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

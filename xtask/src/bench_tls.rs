@@ -14,13 +14,13 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::bench_proxy::targets::{self, Env, Target, TlsFiles};
-use crate::bench_proxy::{closed, ensure_tools, generated_line, median, tool_version};
+use crate::bench_proxy::{closed, ensure_tools, generated_line, median, renice, tool_version};
 use crate::procs::{cargo, root, sh};
 
 #[derive(clap::Args)]
@@ -113,19 +113,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let tls = make_certificate(&dir, &a.key_type)?;
-    if a.nice != 0 {
-        if let Err(e) = sh(Command::new("renice")
-            .args([
-                "-n",
-                &a.nice.to_string(),
-                "-p",
-                &std::process::id().to_string(),
-            ])
-            .stdout(Stdio::null()))
-        {
-            eprintln!("xtask: running at default priority: {e:#}");
-        }
-    }
+    renice(a.nice);
     let env = Env {
         dir: dir.clone(),
         upstream_pool: a.concurrency.max(a.handshake_concurrency),

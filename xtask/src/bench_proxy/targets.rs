@@ -146,15 +146,29 @@ pub fn wait_ready(
     limit: Duration,
 ) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_until_ready(p, &format!("{addr}{path}"), log, limit, || {
+        probe(addr, path).unwrap_or(false)
+    })
+}
+
+/// Polls `ready` until it holds, failing with the log's tail if `p` exits and
+/// with `what` named once `limit` has passed.
+fn wait_until_ready(
+    p: &mut Proc,
+    what: &str,
+    log: &Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         p.check_alive(log)?;
-        if probe(addr, path).unwrap_or(false) {
+        if ready() {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not answer 200 on {addr}{path} within {limit:?} (log: {})",
+                "{} did not answer 200 on {what} within {limit:?} (log: {})",
                 p.name,
                 log.display()
             );
@@ -370,30 +384,16 @@ pub fn wait_ready_tls(
     log: &Path,
     limit: Duration,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
     let url = format!("https://127.0.0.1:{port}/health");
-    loop {
-        p.check_alive(log)?;
-        let ok = Command::new("curl")
+    wait_until_ready(p, &url, log, limit, || {
+        Command::new("curl")
             .args(["-sf", "-o", "/dev/null", "--max-time", "2", "--cacert"])
             .arg(ca)
             .arg(&url)
             .stderr(Stdio::null())
             .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not answer 200 on {url} within {limit:?} (log: {})",
-                p.name,
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+            .is_ok_and(|s| s.success())
+    })
 }
 
 /// kvroute with its prediction cache on: the request is deterministic
