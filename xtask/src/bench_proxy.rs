@@ -122,18 +122,8 @@ impl Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     ensure_tools(a.perf)?;
     targets::cleanup_on_signal()?;
-    if !a.no_build {
-        sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
-    }
-    let bin = root().join("target/release/kvroute");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} missing (build it or drop --no-build)",
-        bin.display()
-    );
-    let dir = root().join("target/bench/proxy");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let bin = release_kvroute(a.no_build)?;
+    let dir = fresh_bench_dir("proxy")?;
 
     renice(a.nice);
 
@@ -450,6 +440,28 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 const NOTES_MARKER: &str = "<!-- notes: kept by --publish -->";
+
+/// target/release/kvroute, built first unless `no_build`.
+pub(crate) fn release_kvroute(no_build: bool) -> anyhow::Result<std::path::PathBuf> {
+    if !no_build {
+        sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
+    }
+    let bin = root().join("target/release/kvroute");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing (build it or drop --no-build)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// target/bench/NAME, emptied: one run's configs, logs and reports.
+pub(crate) fn fresh_bench_dir(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = root().join("target/bench").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
 
 /// Gives this process (and the servers, wrk and threads it starts from here on,
 /// which inherit it) nice value `nice`; 0 leaves priorities alone. Needs root

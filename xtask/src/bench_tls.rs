@@ -20,8 +20,11 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::bench_proxy::targets::{self, Env, Target, TlsFiles};
-use crate::bench_proxy::{closed, ensure_tools, generated_line, median, renice, tool_version};
-use crate::procs::{cargo, root, sh};
+use crate::bench_proxy::{
+    closed, ensure_tools, fresh_bench_dir, generated_line, median, release_kvroute, renice,
+    tool_version,
+};
+use crate::procs::root;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -100,18 +103,8 @@ struct Row {
 pub fn run(a: Args) -> anyhow::Result<()> {
     ensure_tools(false)?;
     targets::cleanup_on_signal()?;
-    if !a.no_build {
-        sh(cargo().args(["build", "--release", "-p", "kvroute"]))?;
-    }
-    let bin = root().join("target/release/kvroute");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} missing (build it or drop --no-build)",
-        bin.display()
-    );
-    let dir = root().join("target/bench/tls");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
+    let bin = release_kvroute(a.no_build)?;
+    let dir = fresh_bench_dir("tls")?;
     let tls = make_certificate(&dir, &a.key_type)?;
     renice(a.nice);
     let env = Env {
