@@ -122,6 +122,11 @@ pub struct ReplicaConfig {
     /// memory lasts.
     #[serde(default)]
     pub host_cache_tokens: Option<u64>,
+    /// Pushed as the replica's `max_in_flight`: the most requests each data
+    /// plane keeps in flight on it (near the engine's `max_num_seqs`). Unset:
+    /// the data plane's `[upstream] max_in_flight_per_replica`.
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
 }
 
 fn one() -> u32 {

@@ -864,6 +864,7 @@ impl Daemon {
                     kv_slots: r.slot_shape().map(|s| s.slots),
                     kv_slot_tokens: r.slot_shape().map(|s| s.slot_tokens),
                     kv_host_tokens: r.slot_shape().map(|s| s.host_tokens),
+                    max_in_flight: r.cfg.max_in_flight,
                 })
                 .collect(),
         )

@@ -208,6 +208,7 @@ pub fn replicas_for(d: &DnsConfig, addrs: &[(IpAddr, u16)]) -> Vec<ReplicaConfig
                 dp_ranks: 1,
                 health_path: None,
                 host_cache_tokens: None,
+                max_in_flight: None,
             }
         })
         .collect()

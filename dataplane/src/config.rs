@@ -90,10 +90,16 @@ pub struct UpstreamConfig {
     /// Attempts on another replica when one fails before any response byte.
     pub retries: u32,
     /// When a model's replicas all are unavailable for a moment (a rolling
-    /// restart), requests wait up to this long for one instead of a 503 at once.
+    /// restart) or all are at their `max_in_flight`, requests wait up to this
+    /// long in the admission queue instead of a 503 at once. 0: no queue.
     pub queue_timeout_ms: u64,
-    /// Most requests one worker holds that way; more get 503 at once.
+    /// Most requests the admission queue holds, over all workers and both
+    /// reasons to wait; more get 503 (`overloaded`, with `Retry-After`) at once.
     pub queue_max: usize,
+    /// `max_in_flight` of a replica whose spec sets none: the most requests
+    /// this proxy keeps in flight on it. 0 (the default): unbounded, every
+    /// request goes straight to the replica and waits in the engine's queue.
+    pub max_in_flight_per_replica: u32,
     /// PEM bundle of the CAs that verify `https://` replicas. When set, only
     /// these are trusted (not the system roots as well: a fleet behind a
     /// private CA should not also accept a public certificate for its names).
@@ -118,6 +124,7 @@ impl Default for UpstreamConfig {
             retries: 1,
             queue_timeout_ms: 5_000,
             queue_max: 1024,
+            max_in_flight_per_replica: 0,
             ca_file: None,
             api_key: None,
             api_key_file: None,

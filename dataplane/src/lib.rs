@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod cache;
 pub mod config;

@@ -19,6 +19,13 @@ pub const POOL: &str = "kvroute_upstream_pool_total";
 pub const RETRIES: &str = "kvroute_upstream_retries_total";
 pub const DECISIONS: &str = "kvroute_routing_decisions_total";
 pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
+// Admission (`max_in_flight`, the queue).
+/// `reason`: queue_full, queue_timeout or queue_share.
+pub const OVERLOAD_REJECTIONS: &str = "kvroute_overload_rejections_total";
+/// Requests in the admission queue (all workers), at scrape time.
+pub const QUEUE_DEPTH: &str = "kvroute_queue_depth";
+/// Time a request spent in the admission queue, however it left.
+pub const QUEUE_WAIT: &str = "kvroute_queue_wait_seconds";
 // TLS on the client listener.
 /// Handshakes completed.
 pub const TLS_HANDSHAKES: &str = "kvroute_tls_handshakes_total";

@@ -20,6 +20,7 @@ use crate::http::{
 };
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
+use crate::admission::Refusal;
 use crate::replica::Replica;
 use crate::route::{Decision, RouteRequest};
 use crate::tls::MaybeTls;
@@ -553,6 +554,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         is_head,
         keep_alive,
         &tap,
+        caller.tenant(),
     )
     .await;
     if in_client_buf {
@@ -580,7 +582,8 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
             message,
             replica,
         } => {
-            send_error(client, kind, &message, !keep_alive, write_limit).await;
+            let extra = crate::admission::retry_after_header(&shared.table.admission, kind);
+            send_error_with(client, kind, &message, &extra, !keep_alive, write_limit).await;
             (
                 kind.status(),
                 replica,
@@ -721,41 +724,105 @@ fn build_upstream_head(
     out
 }
 
-/// A place in the worker's bounded queue of requests waiting for a replica.
-struct WaitSlot<'a>(&'a std::cell::Cell<usize>);
-
-impl Drop for WaitSlot<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-/// How often a held request looks for an available replica again.
-const HOLD_POLL: Duration = Duration::from_millis(20);
-
-/// Waits one poll interval for a replica to come back. False once the request
-/// has waited `queue_timeout_ms`, or when the worker's queue is full (then it
-/// fails at once: a bounded queue must not turn an outage into a memory leak).
-async fn hold<'c, R: Runtime>(
-    ctx: &'c WorkerCtx<R>,
-    held: &mut Option<(tokio::time::Instant, WaitSlot<'c>)>,
-) -> bool {
-    let up = &ctx.shared.cfg.upstream;
-    if held.is_none() {
-        if up.queue_timeout_ms == 0 || ctx.waiting.get() >= up.queue_max {
-            return false;
+/// Waits in the admission queue for room on a replica of `req`'s model: the
+/// first call takes a place (or refuses at once: queue full, the key's share
+/// used), later ones wait for a wakeup. `behind`: the request queues behind
+/// others of its model without having looked for a replica. `Ok`: look for a
+/// replica again. `Err`: answer with this, having left the queue.
+async fn wait_for_room<R: Runtime>(
+    ctx: &WorkerCtx<R>,
+    client: &Client<Stream<R>>,
+    stay: &mut Option<crate::admission::Stay>,
+    req: &RouteRequest<'_>,
+    key: Option<&str>,
+    set: &crate::replica::ReplicaSet,
+    behind: bool,
+) -> Result<(), Outcome> {
+    let admission = &ctx.shared.table.admission;
+    // No replica of the model up (a rolling restart, a health flap), rather
+    // than all of them busy: answered as before, 503 no_healthy_replica.
+    let none_up = || {
+        !set
+            .replicas
+            .iter()
+            .any(|r| r.is_available() && r.serves(req.model))
+    };
+    let refuse = |kind: ErrorKind, reason: &'static str, message: String| {
+        metrics::counter!(m::OVERLOAD_REJECTIONS, "reason" => reason).increment(1);
+        Err(Outcome::Failed {
+            kind,
+            message,
+            replica: None,
+        })
+    };
+    if stay.is_none() {
+        match admission.enter(key, req.model) {
+            Ok(t) => {
+                if none_up() {
+                    metrics::counter!(m::ERRORS, "kind" => "queued_no_replica").increment(1);
+                }
+                *stay = Some(crate::admission::Stay::new(t, admission.timeout()));
+                // A slot freed between the look and taking the place woke
+                // nobody: look once more before waiting. A request that queued
+                // behind others of its model without looking waits its turn.
+                if !behind {
+                    return Ok(());
+                }
+            }
+            // Queueing off: a missing replica is refused as it always was.
+            Err(_) if !admission.enabled() && none_up() => {
+                return Err(Outcome::Failed {
+                    kind: ErrorKind::NoReplica,
+                    message: "no healthy replica available".into(),
+                    replica: None,
+                })
+            }
+            Err(Refusal::QueueFull) if none_up() => {
+                return refuse(
+                    ErrorKind::NoReplica,
+                    Refusal::QueueFull.reason(),
+                    "no healthy replica available, and the queue is full".into(),
+                )
+            }
+            Err(Refusal::QueueFull) => {
+                return refuse(
+                    ErrorKind::Overloaded,
+                    Refusal::QueueFull.reason(),
+                    "every replica is at capacity and the queue is full; retry later".into(),
+                )
+            }
+            Err(Refusal::QueueShare) => {
+                return refuse(
+                    ErrorKind::QueueShareExceeded,
+                    Refusal::QueueShare.reason(),
+                    "this API key holds its share of the request queue; retry later".into(),
+                )
+            }
         }
-        ctx.waiting.set(ctx.waiting.get() + 1);
-        let until = tokio::time::Instant::now() + Duration::from_millis(up.queue_timeout_ms);
-        *held = Some((until, WaitSlot(&ctx.waiting)));
-        metrics::counter!(m::ERRORS, "kind" => "queued_no_replica").increment(1);
     }
-    let until = held.as_ref().map(|h| h.0).expect("set above");
-    if tokio::time::Instant::now() >= until {
-        return false;
+    let s = stay.as_ref().expect("entered above");
+    let ticket = s.ticket.as_ref().expect("held until admitted");
+    if tokio::time::Instant::now() >= s.until {
+        let (kind, message) = if none_up() {
+            (ErrorKind::NoReplica, "no healthy replica available")
+        } else {
+            (
+                ErrorKind::Overloaded,
+                "every replica stayed at capacity for queue_timeout_ms; retry later",
+            )
+        };
+        return refuse(kind, "queue_timeout", message.into());
     }
-    tokio::time::sleep(HOLD_POLL.min(until - tokio::time::Instant::now())).await;
-    true
+    let _ = tokio::time::timeout_at(s.until, ticket.woken()).await;
+    if client.io.peer_closed() {
+        // The client left: its place goes to the next one, nothing to answer.
+        return Err(Outcome::ClientGone {
+            status: 499,
+            replica: None,
+        });
+    }
+    ticket.rearm();
+    Ok(())
 }
 
 /// Why an attempt at one replica failed before any response byte.
@@ -779,6 +846,7 @@ async fn forward<R: Runtime>(
     is_head: bool,
     client_keep_alive: bool,
     tap: &crate::cache::Tap,
+    key: Option<&str>,
 ) -> Outcome {
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
@@ -796,22 +864,39 @@ async fn forward<R: Runtime>(
     let mut fresh_only = false;
     let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut held: Option<(tokio::time::Instant, WaitSlot<'_>)> = None;
+    // A place in the admission queue while no replica has room.
+    let mut stay: Option<crate::admission::Stay> = None;
     let (mut up, rhead, chosen, mut in_flight, connect_started) = loop {
         let d = match decision.take() {
             Some(d) => d,
+            // FIFO: a newcomer does not overtake requests already waiting for
+            // its model; it queues behind them.
+            None if stay.is_none()
+                && exclude.is_empty()
+                && shared.table.admission.has_waiters_for(req.model)
+                && set.any_serves(req.model) =>
+            {
+                match wait_for_room(ctx, client, &mut stay, req, key, &set, true).await {
+                    Ok(()) => {
+                        set = shared.table.load();
+                        continue;
+                    }
+                    Err(outcome) => return outcome,
+                }
+            }
             None => match shared.router.pick(req, &set, &exclude) {
                 Some(d) => d,
-                // Replicas of this model exist but none is available (a rolling
-                // restart, a health flap): hold the request briefly in a bounded
-                // queue instead of failing it at once.
-                None if exclude.is_empty()
-                    && set.any_serves(req.model)
-                    && !set.replicas.is_empty()
-                    && hold(ctx, &mut held).await =>
-                {
-                    set = shared.table.load();
-                    continue;
+                // Replicas of this model exist but none has room (all at their
+                // `max_in_flight`) or none is available (a rolling restart, a
+                // health flap): wait in the bounded admission queue.
+                None if exclude.is_empty() && set.any_serves(req.model) => {
+                    match wait_for_room(ctx, client, &mut stay, req, key, &set, false).await {
+                        Ok(()) => {
+                            set = shared.table.load();
+                            continue;
+                        }
+                        Err(outcome) => return outcome,
+                    }
                 }
                 None if exclude.is_empty() => {
                     let kind = if set.replicas.is_empty()
@@ -843,8 +928,16 @@ async fn forward<R: Runtime>(
             },
         };
         let replica = d.replica.clone();
+        // Another worker may have taken the last slot since the pick: look again.
+        let Some(in_flight) = replica.try_begin_at(d.prefill_bytes, ctx.shared.now_ms()) else {
+            continue;
+        };
+        if let Some(mut s) = stay.take() {
+            if let Some(t) = s.ticket.take() {
+                t.admitted();
+            }
+        }
         last_replica = Some(replica.clone());
-        let in_flight = replica.begin_at(d.prefill_bytes, ctx.shared.now_ms());
         let started = Instant::now();
         match attempt::<R>(
             ctx,

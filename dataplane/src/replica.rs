@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
+use crate::admission::Admission;
 use crate::error::Error;
 
 /// Most replicas one data plane tracks at once: the prefix index keeps one bit
@@ -63,6 +64,12 @@ pub struct ReplicaSpec {
     /// (llama.cpp's `--cache-ram` prompt cache); unset or 0: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_host_tokens: Option<u64>,
+    /// Most requests this proxy keeps in flight on the replica at once; a
+    /// replica at its bound is skipped by routing and requests wait in the
+    /// admission queue. Unset: `[upstream] max_in_flight_per_replica`; 0:
+    /// unbounded. Set near the engine's batch size (vLLM `max_num_seqs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -85,6 +92,7 @@ impl ReplicaSpec {
             kv_slots: None,
             kv_slot_tokens: None,
             kv_host_tokens: None,
+            max_in_flight: None,
         }
     }
 }
@@ -129,6 +137,11 @@ pub struct Replica {
     pub healthy: AtomicBool,
     pub requests: Arc<AtomicU64>,
     pub failures: Arc<AtomicU64>,
+    /// The bound on `in_flight` in force: the spec's, else the fleet default;
+    /// 0 is unbounded.
+    pub max_in_flight: u32,
+    /// Told when one of this replica's requests ends, to wake a waiter.
+    admission: Arc<Admission>,
     external: Mutex<ExternalLoad>,
 }
 
@@ -146,6 +159,12 @@ impl Replica {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether one more request fits under `max_in_flight` right now (routing
+    /// skips a replica without room; [`Replica::try_begin_at`] enforces it).
+    pub fn has_capacity(&self) -> bool {
+        self.max_in_flight == 0 || self.in_flight() < self.max_in_flight
     }
 
     pub fn external_load(&self) -> ExternalLoad {
@@ -184,7 +203,36 @@ impl Replica {
     /// [`Replica::begin`] for a request sent at `now_ms`: the guard records when its
     /// first byte came, and until then it counts in `awaiting`.
     pub fn begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> InFlight {
-        let mut g = self.begin(prefill_bytes);
+        let g = self.begin(prefill_bytes);
+        self.timed(g, now_ms)
+    }
+
+    /// [`Replica::begin_at`] if the replica is under its `max_in_flight`, taken
+    /// atomically: workers racing for the last slot cannot both get it.
+    pub fn try_begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> Option<InFlight> {
+        if self.max_in_flight > 0 {
+            let max = self.max_in_flight;
+            self.in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .ok()?;
+            self.pending_prefill
+                .fetch_add(prefill_bytes, Ordering::Relaxed);
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let g = InFlight {
+                replica: self.clone(),
+                prefill_bytes,
+                sent_ms: None,
+                first_byte_ms: None,
+                awaiting: false,
+            };
+            return Some(self.timed(g, now_ms));
+        }
+        Some(self.begin_at(prefill_bytes, now_ms))
+    }
+
+    fn timed(&self, mut g: InFlight, now_ms: u64) -> InFlight {
         self.awaiting.fetch_add(1, Ordering::Relaxed);
         g.sent_ms = Some(now_ms);
         g.awaiting = true;
@@ -235,7 +283,8 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.prefill_done();
-        self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.replica.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.replica.admission.released(&self.replica);
     }
 }
 
@@ -261,14 +310,15 @@ pub struct ReplicaTable {
     current: ArcSwap<ReplicaSet>,
     /// Serialises writers so slot allocation and the swap are one step.
     write: Mutex<()>,
+    /// `max_in_flight` for a spec that sets none (0: unbounded).
+    default_max_in_flight: u32,
+    /// Where requests wait for a replica with room; told of releases and swaps.
+    pub admission: Arc<Admission>,
 }
 
 impl Default for ReplicaTable {
     fn default() -> Self {
-        ReplicaTable {
-            current: ArcSwap::from_pointee(ReplicaSet::default()),
-            write: Mutex::new(()),
-        }
+        ReplicaTable::with_admission(0, Arc::new(Admission::disabled()))
     }
 }
 
@@ -277,6 +327,17 @@ impl ReplicaTable {
         let t = ReplicaTable::default();
         t.replace(specs)?;
         Ok(t)
+    }
+
+    /// An empty table whose replicas are bounded by `default_max_in_flight`
+    /// unless their spec says otherwise, with waiters in `admission`.
+    pub fn with_admission(default_max_in_flight: u32, admission: Arc<Admission>) -> Self {
+        ReplicaTable {
+            current: ArcSwap::from_pointee(ReplicaSet::default()),
+            write: Mutex::new(()),
+            default_max_in_flight,
+            admission,
+        }
     }
 
     pub fn load(&self) -> Arc<ReplicaSet> {
@@ -327,6 +388,8 @@ impl ReplicaTable {
                         healthy: AtomicBool::new(spec.healthy),
                         requests: r.requests.clone(),
                         failures: r.failures.clone(),
+                        max_in_flight: spec.max_in_flight.unwrap_or(self.default_max_in_flight),
+                        admission: self.admission.clone(),
                         external: Mutex::new(r.external_load()),
                     };
                     next.push(Some(Arc::new(fresh)));
@@ -347,6 +410,7 @@ impl ReplicaTable {
                 tls,
             } = Endpoint::parse(&spec.url)?;
             let slot = free.next().expect("checked count above") as u16;
+            let max_in_flight = spec.max_in_flight.unwrap_or(self.default_max_in_flight);
             replicas.push(Arc::new(Replica {
                 healthy: AtomicBool::new(spec.healthy),
                 spec,
@@ -361,6 +425,8 @@ impl ReplicaTable {
                 consecutive_failures: Arc::default(),
                 requests: Arc::default(),
                 failures: Arc::default(),
+                max_in_flight,
+                admission: self.admission.clone(),
                 external: Mutex::new(ExternalLoad::default()),
             }));
         }
@@ -369,6 +435,7 @@ impl ReplicaTable {
             generation: old.generation + 1,
         });
         self.current.store(set.clone());
+        self.admission.replicas_changed();
         Ok(set)
     }
 }

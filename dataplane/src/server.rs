@@ -52,7 +52,16 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(cfg: Config) -> Result<Arc<Shared>, Error> {
-        let table = Arc::new(ReplicaTable::new(cfg.replicas.clone())?);
+        let up = &cfg.upstream;
+        let admission = Arc::new(crate::admission::Admission::new(
+            up.queue_max,
+            Duration::from_millis(up.queue_timeout_ms),
+        ));
+        let table = Arc::new(ReplicaTable::with_admission(
+            up.max_in_flight_per_replica,
+            admission,
+        ));
+        table.replace(cfg.replicas.clone())?;
         let router = cfg.routing.build();
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();

@@ -20,8 +20,6 @@ pub struct WorkerCtx<R: Runtime> {
     /// Replica-set generation the pool was last pruned for.
     pub pool_generation: std::cell::Cell<u64>,
     pub metrics: crate::metrics::WorkerMetrics,
-    /// Requests held waiting for an available replica (bounded by `upstream.queue_max`).
-    pub waiting: std::cell::Cell<usize>,
     /// Requests seen for hot-prefix sampling.
     pub sampled: std::cell::Cell<u64>,
     /// The fleet's merged `/v1/models` lists, briefly reused.
@@ -44,7 +42,6 @@ pub fn run<R: Runtime>(
             )),
             pool_generation: std::cell::Cell::new(0),
             metrics: crate::metrics::WorkerMetrics::default(),
-            waiting: std::cell::Cell::new(0),
             sampled: std::cell::Cell::new(0),
             models: Default::default(),
             shared: shared.clone(),

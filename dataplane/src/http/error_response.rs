@@ -24,6 +24,11 @@ pub enum ErrorKind {
     BadGateway,
     NoReplica,
     GatewayTimeout,
+    /// Every replica is at its `max_in_flight` and the admission queue is full
+    /// (or the request waited its `queue_timeout_ms` there).
+    Overloaded,
+    /// The API key already holds its share of the admission queue.
+    QueueShareExceeded,
 }
 
 impl ErrorKind {
@@ -32,14 +37,16 @@ impl ErrorKind {
             ErrorKind::BadRequest => 400,
             ErrorKind::Unauthorized => 401,
             ErrorKind::ModelNotAllowed => 403,
-            ErrorKind::RateLimitedRequests | ErrorKind::RateLimitedPromptBytes => 429,
+            ErrorKind::RateLimitedRequests
+            | ErrorKind::RateLimitedPromptBytes
+            | ErrorKind::QueueShareExceeded => 429,
             ErrorKind::NotFound | ErrorKind::ModelNotFound => 404,
             ErrorKind::Timeout => 408,
             ErrorKind::TooLarge => 413,
             ErrorKind::HeadTooLarge => 431,
             ErrorKind::NotImplemented => 501,
             ErrorKind::BadGateway => 502,
-            ErrorKind::NoReplica => 503,
+            ErrorKind::NoReplica | ErrorKind::Overloaded => 503,
             ErrorKind::GatewayTimeout => 504,
         }
     }
@@ -48,7 +55,7 @@ impl ErrorKind {
     pub fn error_type(self) -> &'static str {
         match self {
             // OpenAI's own 429s say which limit: requests or tokens.
-            ErrorKind::RateLimitedRequests => return "requests",
+            ErrorKind::RateLimitedRequests | ErrorKind::QueueShareExceeded => return "requests",
             ErrorKind::RateLimitedPromptBytes => return "tokens",
             _ => {}
         }
@@ -76,6 +83,8 @@ impl ErrorKind {
             ErrorKind::BadGateway => "upstream_error",
             ErrorKind::NoReplica => "no_healthy_replica",
             ErrorKind::GatewayTimeout => "upstream_timeout",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::QueueShareExceeded => "queue_share_exceeded",
         }
     }
 }
@@ -191,5 +200,22 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
         assert_eq!(v["error"]["code"], "model_not_allowed");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    #[test]
+    fn overload_errors() {
+        let mut out = Vec::new();
+        let kind = ErrorKind::Overloaded;
+        ErrorResponse::write_with(&mut out, kind, "busy", false, "retry-after: 5\r\n");
+        let (head, v) = parts(out);
+        assert!(head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{head}");
+        assert!(head.contains("\r\nretry-after: 5"), "{head}");
+        assert_eq!(v["error"]["code"], "overloaded");
+        assert_eq!(v["error"]["type"], "server_error");
+        let mut out = Vec::new();
+        ErrorResponse::write(&mut out, ErrorKind::QueueShareExceeded, "share", false);
+        let (head, v) = parts(out);
+        assert!(head.starts_with("HTTP/1.1 429 "), "{head}");
+        assert_eq!(v["error"]["code"], "queue_share_exceeded");
+        assert_eq!(v["error"]["type"], "requests");
     }
 }

@@ -26,6 +26,11 @@ impl Conn for EpollConn {
     fn shutdown_write(&mut self) {
         let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Write);
     }
+
+    fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        crate::sys::peer::peer_closed(self.0.as_raw_fd())
+    }
 }
 
 impl Runtime for Epoll {

@@ -48,6 +48,12 @@ pub trait Conn: 'static {
     /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
     fn shutdown_write(&mut self);
 
+    /// Whether the peer has closed or reset the connection, checked without
+    /// reading (bytes it sent stay unread). False when it cannot tell.
+    fn peer_closed(&self) -> bool {
+        false
+    }
+
     /// Ends the connection politely: a TLS connection sends its close_notify
     /// first; a plain one just half-closes.
     fn close(&mut self) -> impl Future<Output = ()> {

@@ -193,7 +193,9 @@ pub fn candidates<'s>(
 ) -> impl Iterator<Item = &'s Arc<Replica>> + 's {
     set.replicas
         .iter()
-        .filter(move |r| r.is_available() && r.serves(model) && !exclude.contains(&r.slot))
+        .filter(move |r| {
+            r.is_available() && r.has_capacity() && r.serves(model) && !exclude.contains(&r.slot)
+        })
 }
 
 /// Routing policy names accepted by `--policy` / `policy =`.

@@ -47,6 +47,13 @@ impl<C: Conn> Conn for MaybeTls<C> {
         }
     }
 
+    fn peer_closed(&self) -> bool {
+        match self {
+            MaybeTls::Plain(c) => c.peer_closed(),
+            MaybeTls::Tls(t) => t.peer_closed(),
+        }
+    }
+
     async fn close(&mut self) {
         match self {
             MaybeTls::Plain(c) => c.close().await,

@@ -211,6 +211,13 @@ impl<C: Conn> Conn for TlsConn<C> {
         self.io.shutdown_write();
     }
 
+    /// The socket's view: a reset or a bare FIN shows; a close_notify still
+    /// unread counts as data, so that close is noticed only once its FIN is
+    /// the last thing left.
+    fn peer_closed(&self) -> bool {
+        self.eof || self.io.peer_closed()
+    }
+
     async fn close(&mut self) {
         self.tls.send_close_notify();
         let _ = self.flush().await;
