@@ -319,6 +319,7 @@ fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
 /// Gauges read from atomics at scrape time rather than updated per request.
 fn refresh_gauges(shared: &Shared) {
     shared.router.export_gauges(&shared.table.load());
+    metrics::gauge!(m::QUEUE_DEPTH).set(shared.table.admission.depth() as f64);
     if let Some(c) = &shared.cache {
         c.export_gauges();
     }
