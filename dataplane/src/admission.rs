@@ -189,9 +189,10 @@ impl Admission {
             return;
         }
         let q = self.lock();
-        let next = q.waiters.iter().find(|w| {
-            !w.woken.load(Ordering::Relaxed) && replica.serves(w.model.as_deref())
-        });
+        let next = q
+            .waiters
+            .iter()
+            .find(|w| !w.woken.load(Ordering::Relaxed) && replica.serves(w.model.as_deref()));
         if let Some(w) = next {
             w.woken.store(true, Ordering::Relaxed);
             w.notify.notify_one();
@@ -261,11 +262,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let a = &self.admission;
         let mut q = a.lock();
-        if let Some(i) = q
-            .waiters
-            .iter()
-            .position(|w| Arc::ptr_eq(w, &self.waiter))
-        {
+        if let Some(i) = q.waiters.iter().position(|w| Arc::ptr_eq(w, &self.waiter)) {
             q.waiters.remove(i);
         }
         a.depth.store(q.waiters.len(), Ordering::Relaxed);
@@ -362,7 +359,10 @@ mod tests {
         let q = Arc::new(Admission::new(4, Duration::ZERO));
         assert!(!q.enabled());
         assert_eq!(q.retry_after_s(), 1);
-        assert_eq!(Admission::new(4, Duration::from_millis(2500)).retry_after_s(), 3);
+        assert_eq!(
+            Admission::new(4, Duration::from_millis(2500)).retry_after_s(),
+            3
+        );
     }
 
     #[test]
@@ -374,7 +374,10 @@ mod tests {
         let qwen = replica(&["qwen"]);
         q.released(&qwen);
         assert!(!a.is_woken(), "a qwen slot does not wake a llama waiter");
-        assert!(b.is_woken() && !c.is_woken(), "FIFO: the oldest qwen waiter");
+        assert!(
+            b.is_woken() && !c.is_woken(),
+            "FIFO: the oldest qwen waiter"
+        );
         // A second release skips the waiter already woken.
         q.released(&qwen);
         assert!(c.is_woken());

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
+use crate::admission::Refusal;
 use crate::http::{
     self, parse_request_head, parse_response_head, BodyFraming, ChunkedDecoder, ErrorKind,
     ErrorResponse, HeadError, RequestHead, ResponseFraming, ResponseHead,
 };
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
-use crate::admission::Refusal;
 use crate::replica::Replica;
 use crate::route::{Decision, RouteRequest};
 use crate::tls::MaybeTls;
@@ -742,8 +742,7 @@ async fn wait_for_room<R: Runtime>(
     // No replica of the model up (a rolling restart, a health flap), rather
     // than all of them busy: answered as before, 503 no_healthy_replica.
     let none_up = || {
-        !set
-            .replicas
+        !set.replicas
             .iter()
             .any(|r| r.is_available() && r.serves(req.model))
     };

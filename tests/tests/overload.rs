@@ -154,7 +154,11 @@ fn sheds_beyond_the_queue_and_serves_the_rest(io: &str) {
     std::thread::sleep(Duration::from_millis(200));
     collect_finished(&mut handles, &refused);
     let refused = refused.into_inner().unwrap();
-    assert_eq!(refused.len(), 14, "only what is beyond the queue is refused");
+    assert_eq!(
+        refused.len(),
+        14,
+        "only what is beyond the queue is refused"
+    );
     for r in &refused {
         assert_refused(r, 503, "overloaded");
     }
@@ -187,11 +191,7 @@ fn one_key_cannot_fill_the_queue(io: &str) {
     let toml = "[upstream]\nqueue_max = 4\nqueue_timeout_ms = 60000\n\
                 [auth]\nkeys_file = \"{dir}/keys\"\n";
     let dir = tempdir();
-    std::fs::write(
-        dir.join("keys"),
-        format!("alice {ALICE}\nbob {BOB}\n"),
-    )
-    .unwrap();
+    std::fs::write(dir.join("keys"), format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
     let toml = toml.replace("{dir}", dir.to_str().unwrap());
     let (k, _d) = start(io, &toml, &up, 2);
     let alice = format!("Authorization: Bearer {ALICE}\r\n");
@@ -286,7 +286,8 @@ fn memory_stays_flat_under_ten_times_overload(io: &str) {
     );
     // 2×: every slot streaming, the queue full.
     let mut handles: Vec<_> = (0..2 * CAP).map(|_| stream(&k, "")).collect();
-    assert!(wait_until(Duration::from_secs(10), || queue_depth(&k) == CAP as f64
+    assert!(wait_until(Duration::from_secs(10), || queue_depth(&k)
+        == CAP as f64
         && up.seen().len() == CAP));
     let at_2x = rss_kb(&k);
     // 10×, and then wave after wave of refused requests on top.
@@ -370,7 +371,11 @@ fn queued_requests_leave_on_disconnect_and_timeout(io: &str) {
     let t = std::time::Instant::now();
     let r = stream(&k, "").join().unwrap().response.unwrap();
     assert_refused(&r, 503, "overloaded");
-    assert!(t.elapsed() >= Duration::from_millis(1000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(
         metric(
             &k,

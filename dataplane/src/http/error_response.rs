@@ -207,7 +207,10 @@ mod tests {
         let kind = ErrorKind::Overloaded;
         ErrorResponse::write_with(&mut out, kind, "busy", false, "retry-after: 5\r\n");
         let (head, v) = parts(out);
-        assert!(head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
         assert!(head.contains("\r\nretry-after: 5"), "{head}");
         assert_eq!(v["error"]["code"], "overloaded");
         assert_eq!(v["error"]["type"], "server_error");

@@ -191,11 +191,9 @@ pub fn candidates<'s>(
     model: Option<&'s str>,
     exclude: &'s [u16],
 ) -> impl Iterator<Item = &'s Arc<Replica>> + 's {
-    set.replicas
-        .iter()
-        .filter(move |r| {
-            r.is_available() && r.has_capacity() && r.serves(model) && !exclude.contains(&r.slot)
-        })
+    set.replicas.iter().filter(move |r| {
+        r.is_available() && r.has_capacity() && r.serves(model) && !exclude.contains(&r.slot)
+    })
 }
 
 /// Routing policy names accepted by `--policy` / `policy =`.

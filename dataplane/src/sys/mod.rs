@@ -6,9 +6,9 @@
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod aes;
 pub(crate) mod alloc;
-pub(crate) mod peer;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub(crate) mod peer;
 pub(crate) mod steer;
