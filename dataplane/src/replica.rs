@@ -548,6 +548,49 @@ mod tests {
     }
 
     #[test]
+    fn max_in_flight_is_a_hard_bound_across_threads() {
+        let spec = ReplicaSpec {
+            max_in_flight: Some(3),
+            ..ReplicaSpec::new("http://127.0.0.1:8001")
+        };
+        let t = ReplicaTable::new(vec![spec, ReplicaSpec::new("http://127.0.0.1:8002")]).unwrap();
+        let set = t.load();
+        let (bounded, free) = (&set.replicas[0], &set.replicas[1]);
+        assert_eq!((bounded.max_in_flight, free.max_in_flight), (3, 0));
+        // Eight threads race for three slots: exactly three win.
+        let won: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| bounded.try_begin_at(0, 0)))
+                .collect();
+            let guards: Vec<_> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            assert!(!bounded.has_capacity());
+            guards.len()
+        });
+        assert_eq!(won, 3);
+        assert!(bounded.has_capacity() && bounded.in_flight() == 0);
+        // Unbounded: always room.
+        let gs: Vec<_> = (0..100).map(|_| free.try_begin_at(0, 0).unwrap()).collect();
+        assert!(free.has_capacity());
+        drop(gs);
+        // The fleet default applies where the spec sets none; the spec wins.
+        let t = ReplicaTable::with_admission(
+            5,
+            Arc::new(crate::admission::Admission::disabled()),
+        );
+        let set = t
+            .replace(vec![
+                ReplicaSpec::new("http://127.0.0.1:8001"),
+                ReplicaSpec {
+                    max_in_flight: Some(0),
+                    ..ReplicaSpec::new("http://127.0.0.1:8002")
+                },
+            ])
+            .unwrap();
+        assert_eq!(set.replicas[0].max_in_flight, 5);
+        assert_eq!(set.replicas[1].max_in_flight, 0);
+    }
+
+    #[test]
     fn rejects_bad_urls_and_duplicates() {
         assert!(parse_http_url("https://x:1").is_err());
         assert!(parse_http_url("http://127.0.0.1:1/v1").is_err());

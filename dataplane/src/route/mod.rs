@@ -150,8 +150,9 @@ pub struct LearnedSpeed {
 pub trait Router: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
-    /// Chooses a replica among the available ones serving the request's model,
-    /// skipping slots in `exclude` (replicas already tried for this request).
+    /// Chooses a replica among the available ones with room that serve the
+    /// request's model ([`candidates`]), skipping slots in `exclude` (replicas
+    /// already tried for this request).
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision>;
 
     /// Called once the request was sent to `decision.replica` (learn the blocks).
@@ -185,7 +186,8 @@ pub trait Router: Send + Sync + 'static {
     }
 }
 
-/// The replicas a request may go to, in snapshot order.
+/// The replicas a request may go to, in snapshot order: available, under
+/// their `max_in_flight`, serving the model, not already tried.
 pub fn candidates<'s>(
     set: &'s ReplicaSet,
     model: Option<&'s str>,
@@ -233,5 +235,45 @@ pub(crate) mod test_util {
                 .collect(),
         )
         .unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::{ReplicaSpec, ReplicaTable};
+
+    /// A replica at its `max_in_flight` is no candidate for any policy, and is
+    /// one again once a request ends.
+    #[test]
+    fn full_replicas_are_skipped_by_every_policy() {
+        let specs = (0..2)
+            .map(|i| ReplicaSpec {
+                max_in_flight: Some(1),
+                ..ReplicaSpec::new(format!("http://127.0.0.1:{}", 9100 + i))
+            })
+            .collect();
+        let t = ReplicaTable::new(specs).unwrap();
+        let set = t.load();
+        let busy = set.replicas[0].try_begin_at(0, 0).unwrap();
+        let cfg = RoutingConfig::default();
+        for kind in [
+            PolicyKind::RoundRobin,
+            PolicyKind::LeastLoaded,
+            PolicyKind::KvAware,
+            PolicyKind::ConsistentHash,
+        ] {
+            let router = kind.build(&cfg);
+            router.on_replicas_changed(&set);
+            for _ in 0..4 {
+                let d = router.pick(&RouteRequest::default(), &set, &[]).unwrap();
+                assert_eq!(d.replica.slot, set.replicas[1].slot, "{kind:?}");
+            }
+            let other = set.replicas[1].try_begin_at(0, 0).unwrap();
+            assert!(router.pick(&RouteRequest::default(), &set, &[]).is_none());
+            drop(other);
+        }
+        drop(busy);
+        assert_eq!(candidates(&set, None, &[]).count(), 2);
     }
 }
