@@ -496,7 +496,7 @@ mod tests {
     fn engines_default_to_auto_and_llamacpp_has_its_keys() {
         let c = parse(
             "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:2\"\n\
-             [[replicas]]\nurl=\"http://127.0.0.1:3\"\nengine=\"llamacpp\"\nhost_cache_tokens=0\n\
+             [[replicas]]\nurl=\"http://127.0.0.1:3\"\nengine=\"llamacpp\"\nhost_cache_tokens=0\nmax_in_flight=4\n\
              [[replicas]]\nurl=\"http://127.0.0.1:4\"\nengine=\"llama.cpp\"\n",
         )
         .unwrap();
@@ -507,6 +507,8 @@ mod tests {
         );
         assert_eq!(c.replicas[1].engine, Engine::Llamacpp);
         assert_eq!(c.replicas[1].host_cache_tokens, Some(0));
+        assert_eq!(c.replicas[1].max_in_flight, Some(4));
+        assert_eq!(c.replicas[0].max_in_flight, None);
         assert_eq!(c.replicas[2].engine, Engine::Llamacpp);
         let d = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\nport=1\n").unwrap();
         assert_eq!(d.dns[0].engine, Engine::Auto);

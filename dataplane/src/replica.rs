@@ -573,10 +573,7 @@ mod tests {
         assert!(free.has_capacity());
         drop(gs);
         // The fleet default applies where the spec sets none; the spec wins.
-        let t = ReplicaTable::with_admission(
-            5,
-            Arc::new(crate::admission::Admission::disabled()),
-        );
+        let t = ReplicaTable::with_admission(5, Arc::new(crate::admission::Admission::disabled()));
         let set = t
             .replace(vec![
                 ReplicaSpec::new("http://127.0.0.1:8001"),

@@ -164,6 +164,10 @@ fn sheds_beyond_the_queue_and_serves_the_rest(io: &str) {
     }
     assert_eq!(up.seen().len(), 2, "the replica got more than its bound");
     assert_eq!(queue_depth(&k), 4.0);
+    let state = k.admin_get("/state").json();
+    assert_eq!(state["queue_depth"], 4);
+    assert_eq!(state["replicas"][0]["max_in_flight"], 2);
+    assert_eq!(state["replicas"][0]["in_flight"], 2);
     assert_eq!(
         metric(
             &k,
@@ -256,6 +260,11 @@ fn rolling_restart_and_capacity_share_one_bound(io: &str) {
     assert_eq!(up.seen().len(), 2, "nothing reached a draining replica");
     // Back from the restart, the streams end and every waiter is served.
     assert_eq!(k.admin_put("/replicas", &spec(true)).status, 200);
+    // The bound came with the pushed spec: still two in flight, four waiting.
+    let state = k.admin_get("/state").json();
+    assert_eq!(state["replicas"][0]["max_in_flight"], 2);
+    assert_eq!(state["queue_depth"], 4);
+    assert_eq!(up.seen().len(), 2);
     up.release();
     for h in handles {
         assert_whole_stream(&h.join().unwrap().response.unwrap());

@@ -134,6 +134,10 @@ pub struct State {
     pub draining: bool,
     pub workers: Vec<WorkerState>,
     pub replicas: Vec<ReplicaState>,
+    /// Requests in the admission queue (all workers), waiting for a replica
+    /// with room or for one to come back.
+    #[serde(default)]
+    pub queue_depth: usize,
     /// Connection steering: mode, whether the BPF program is attached, live streams per worker.
     #[serde(default)]
     pub steering: crate::steer::SteeringState,
@@ -160,6 +164,9 @@ pub struct ReplicaState {
     pub pool: Pool,
     pub healthy: bool,
     pub in_flight: u32,
+    /// The bound on `in_flight` in force (the spec's or the fleet default); 0: none.
+    #[serde(default)]
+    pub max_in_flight: u32,
     /// Prompt bytes of in-flight requests the replica was predicted not to hold
     /// and has not started answering: its queued prefill, as kv-aware scores it.
     #[serde(default)]

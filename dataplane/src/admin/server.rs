@@ -359,6 +359,7 @@ pub fn state(shared: &Shared) -> State {
                 requests_total: w.requests.load(Ordering::Relaxed),
             })
             .collect(),
+        queue_depth: shared.table.admission.depth(),
         replicas: set
             .replicas
             .iter()
@@ -369,6 +370,7 @@ pub fn state(shared: &Shared) -> State {
                 pool: r.spec.pool,
                 healthy: r.healthy.load(Ordering::Relaxed),
                 in_flight: r.in_flight(),
+                max_in_flight: r.max_in_flight,
                 pending_prefill_bytes: r.pending_prefill(),
                 requests_total: r.requests.load(Ordering::Relaxed),
                 failures_total: r.failures.load(Ordering::Relaxed),
