@@ -29,3 +29,41 @@ pub fn peer_closed(fd: RawFd) -> bool {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn tells_a_closed_peer_from_a_quiet_or_talking_one() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        assert!(
+            !super::peer_closed(server.as_raw_fd()),
+            "quiet is not closed"
+        );
+        client.write_all(b"x").unwrap();
+        // Pending bytes: not closed, and still there to read.
+        let pending = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            server.peek(&mut [0u8; 1]).is_ok_and(|n| n == 1)
+        });
+        assert!(pending);
+        assert!(!super::peer_closed(server.as_raw_fd()));
+        drop(client);
+        assert!(
+            !super::peer_closed(server.as_raw_fd()),
+            "the byte is unread"
+        );
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &server, &mut buf).unwrap(), 1);
+        let closed = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            super::peer_closed(server.as_raw_fd())
+        });
+        assert!(closed, "FIN not seen");
+    }
+}
