@@ -210,8 +210,9 @@ impl Admission {
         }
     }
 
-    /// Hands a wakeup its holder did not use to the next waiter of a model
-    /// `waiter`'s wakeup could serve (the same model, or any for `None`).
+    /// Hands a wakeup its holder (a waiter for `model`) did not use to the next
+    /// unwoken waiter for the same model, or to the next at all for `None`
+    /// (whose wakeup came from a replica that may serve anything).
     fn pass_on(q: &Queue, model: Option<&str>) {
         let next = q.waiters.iter().find(|w| {
             !w.woken.load(Ordering::Relaxed) && (model.is_none() || w.model.as_deref() == model)

@@ -188,6 +188,34 @@ impl Replica {
     /// the guard ends it. Not timed: see [`Replica::begin_at`].
     pub fn begin(self: &Arc<Self>, prefill_bytes: u64) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started(prefill_bytes)
+    }
+
+    /// [`Replica::begin`] for a request sent at `now_ms`: the guard records when its
+    /// first byte came, and until then it counts in `awaiting`.
+    pub fn begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> InFlight {
+        let g = self.begin(prefill_bytes);
+        self.timed(g, now_ms)
+    }
+
+    /// [`Replica::begin_at`] if the replica is under its `max_in_flight`, the
+    /// slot taken atomically: workers racing for the last one cannot both get it.
+    pub fn try_begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> Option<InFlight> {
+        if self.max_in_flight == 0 {
+            return Some(self.begin_at(prefill_bytes, now_ms));
+        }
+        let max = self.max_in_flight;
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        let g = self.started(prefill_bytes);
+        Some(self.timed(g, now_ms))
+    }
+
+    /// The guard of a request already counted in `in_flight`.
+    fn started(self: &Arc<Self>, prefill_bytes: u64) -> InFlight {
         self.pending_prefill
             .fetch_add(prefill_bytes, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -198,38 +226,6 @@ impl Replica {
             first_byte_ms: None,
             awaiting: false,
         }
-    }
-
-    /// [`Replica::begin`] for a request sent at `now_ms`: the guard records when its
-    /// first byte came, and until then it counts in `awaiting`.
-    pub fn begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> InFlight {
-        let g = self.begin(prefill_bytes);
-        self.timed(g, now_ms)
-    }
-
-    /// [`Replica::begin_at`] if the replica is under its `max_in_flight`, taken
-    /// atomically: workers racing for the last slot cannot both get it.
-    pub fn try_begin_at(self: &Arc<Self>, prefill_bytes: u64, now_ms: u64) -> Option<InFlight> {
-        if self.max_in_flight > 0 {
-            let max = self.max_in_flight;
-            self.in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                    (n < max).then_some(n + 1)
-                })
-                .ok()?;
-            self.pending_prefill
-                .fetch_add(prefill_bytes, Ordering::Relaxed);
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let g = InFlight {
-                replica: self.clone(),
-                prefill_bytes,
-                sent_ms: None,
-                first_byte_ms: None,
-                awaiting: false,
-            };
-            return Some(self.timed(g, now_ms));
-        }
-        Some(self.begin_at(prefill_bytes, now_ms))
     }
 
     fn timed(&self, mut g: InFlight, now_ms: u64) -> InFlight {
