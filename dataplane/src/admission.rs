@@ -211,11 +211,13 @@ impl Admission {
     }
 
     /// Hands a wakeup its holder (a waiter for `model`) did not use to the next
-    /// unwoken waiter for the same model, or to the next at all for `None`
-    /// (whose wakeup came from a replica that may serve anything).
+    /// unwoken waiter the freed replica surely serves too: one for the same
+    /// model or for none. A holder for `None` may have been woken by any
+    /// replica: it passes to the next waiter at all, which looks and may wait on.
     fn pass_on(q: &Queue, model: Option<&str>) {
         let next = q.waiters.iter().find(|w| {
-            !w.woken.load(Ordering::Relaxed) && (model.is_none() || w.model.as_deref() == model)
+            !w.woken.load(Ordering::Relaxed)
+                && (model.is_none() || w.model.is_none() || w.model.as_deref() == model)
         });
         if let Some(w) = next {
             w.woken.store(true, Ordering::Relaxed);
