@@ -57,6 +57,9 @@ fn start(io: &str, toml: &str, up: &Upstream, max_in_flight: u32) -> (Kvroute, P
         "--config",
         cfg.to_str().unwrap(),
     ]);
+    // No silent fallback: the runtime asked for is the one that runs.
+    let expected = if io == "uring" { "io_uring" } else { "epoll" };
+    assert_eq!(k.admin_get("/state").json()["io"], expected);
     (k, dir)
 }
 
