@@ -12,6 +12,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod ejection;
 pub mod error;
 pub mod hot;
 pub mod http;

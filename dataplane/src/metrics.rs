@@ -19,6 +19,10 @@ pub const POOL: &str = "kvroute_upstream_pool_total";
 pub const RETRIES: &str = "kvroute_upstream_retries_total";
 pub const DECISIONS: &str = "kvroute_routing_decisions_total";
 pub const REPLICA_HEALTHY: &str = "kvroute_replica_healthy";
+/// 1 while passive health keeps the replica out of rotation.
+pub const REPLICA_EJECTED: &str = "kvroute_replica_ejected";
+/// Times passive health took the replica out of rotation.
+pub const REPLICA_EJECTIONS: &str = "kvroute_replica_ejections_total";
 // TLS on the client listener.
 /// Handshakes completed.
 pub const TLS_HANDSHAKES: &str = "kvroute_tls_handshakes_total";

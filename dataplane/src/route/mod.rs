@@ -185,15 +185,16 @@ pub trait Router: Send + Sync + 'static {
     }
 }
 
-/// The replicas a request may go to, in snapshot order.
+/// The replicas a request at `now_ms` may go to, in snapshot order.
 pub fn candidates<'s>(
     set: &'s ReplicaSet,
     model: Option<&'s str>,
     exclude: &'s [u16],
+    now_ms: u64,
 ) -> impl Iterator<Item = &'s Arc<Replica>> + 's {
-    set.replicas
-        .iter()
-        .filter(move |r| r.is_available() && r.serves(model) && !exclude.contains(&r.slot))
+    set.replicas.iter().filter(move |r| {
+        r.takes_traffic(now_ms) && r.serves(model) && !exclude.contains(&r.slot)
+    })
 }
 
 /// Routing policy names accepted by `--policy` / `policy =`.
