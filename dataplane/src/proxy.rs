@@ -1206,7 +1206,7 @@ async fn relay<R: Runtime>(
                     replica: replica_label,
                 },
                 false,
-            )
+            );
         }
     };
     let mut clean_upstream = take == leftover.len();

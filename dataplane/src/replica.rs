@@ -148,7 +148,11 @@ impl Replica {
     fn shares_a_model(&self, other: &Replica) -> bool {
         self.spec.models.is_empty()
             || other.spec.models.is_empty()
-            || self.spec.models.iter().any(|m| other.spec.models.contains(m))
+            || self
+                .spec
+                .models
+                .iter()
+                .any(|m| other.spec.models.contains(m))
     }
 
     pub fn serves(&self, model: Option<&str>) -> bool {

@@ -62,9 +62,13 @@ fn start(replicas: &[&str], dir: &TempDir) -> Kvroute {
 }
 
 fn completion(k: &Kvroute) -> u16 {
-    post(k.addr, "/v1/completions", r#"{"model":"m","prompt":"hello"}"#)
-        .map(|r| r.status)
-        .unwrap_or(0)
+    post(
+        k.addr,
+        "/v1/completions",
+        r#"{"model":"m","prompt":"hello"}"#,
+    )
+    .map(|r| r.status)
+    .unwrap_or(0)
 }
 
 /// The `/state` entry of the replica at `url`.

@@ -333,7 +333,8 @@ fn refresh_gauges(shared: &Shared) {
             0.0
         });
         let ejected = r.ejection.is_ejected(shared.now_ms());
-        metrics::gauge!(m::REPLICA_EJECTED, "replica" => url.clone()).set(f64::from(u8::from(ejected)));
+        metrics::gauge!(m::REPLICA_EJECTED, "replica" => url.clone())
+            .set(f64::from(u8::from(ejected)));
         metrics::counter!(m::REPLICA_EJECTIONS, "replica" => url).absolute(r.ejection.total());
     }
     for (i, w) in shared.workers.iter().enumerate() {

@@ -192,9 +192,9 @@ pub fn candidates<'s>(
     exclude: &'s [u16],
     now_ms: u64,
 ) -> impl Iterator<Item = &'s Arc<Replica>> + 's {
-    set.replicas.iter().filter(move |r| {
-        r.takes_traffic(now_ms) && r.serves(model) && !exclude.contains(&r.slot)
-    })
+    set.replicas
+        .iter()
+        .filter(move |r| r.takes_traffic(now_ms) && r.serves(model) && !exclude.contains(&r.slot))
 }
 
 /// Routing policy names accepted by `--policy` / `policy =`.
