@@ -12,7 +12,7 @@ use std::time::Duration;
 pub struct Garbage {
     pub addr: SocketAddr,
     on: Arc<AtomicBool>,
-    /// Inference requests it answered with garbage.
+    /// Requests under `/v1/` it answered with garbage.
     answered: Arc<AtomicU64>,
 }
 
@@ -69,6 +69,9 @@ fn serve(mut s: TcpStream, on: &AtomicBool, answered: &AtomicU64) {
         } else {
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         }
+    } else if !path.starts_with("/v1/") {
+        // The control daemon's engine probes (`/props`): not what the drill is about.
+        b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     } else if answered.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
         NOT_HTTP
     } else {
