@@ -592,7 +592,7 @@ fn render(a: &Args, rows: &[Row], idle_kb: u64, table: &str) -> String {
     let mut notes = String::new();
     for r in rows {
         notes.push_str(&format!(
-            "- **{}**: {}. {}.\n",
+            "- **{}**: {}; {}.\n",
             r.drill.name(),
             r.drill.what(a),
             r.note
