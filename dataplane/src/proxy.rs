@@ -912,8 +912,8 @@ async fn forward<R: Runtime>(
                     // dropping its connection aborts the request there, so the
                     // retry costs at most a prefill that was lost anyway, and
                     // the client gets an answer instead of a 502.
-                    AttemptError::BadResponse(why) => {
-                        let why = format!("invalid response: {why}");
+                    AttemptError::BadResponse(reason) => {
+                        let why = format!("invalid response: {reason}");
                         tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
                         replica.last_error.store(Some(Arc::new(why.clone())));
                         passive_failure(ctx, &replica, &why);
@@ -923,7 +923,9 @@ async fn forward<R: Runtime>(
                         if attempts == 0 {
                             return Outcome::Failed {
                                 kind: ErrorKind::BadGateway,
-                                message: format!("{why} from upstream replica"),
+                                message: format!(
+                                    "invalid response from upstream replica: {reason}"
+                                ),
                                 replica: last_replica,
                             };
                         }
