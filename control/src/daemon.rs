@@ -728,7 +728,8 @@ impl Daemon {
     }
 
     /// The data planes' failure counts are a second opinion: `fall` reads in a
-    /// row with new failed attempts take the replica out even while `/health`
+    /// row with new failed attempts (or with the replica ejected by a data
+    /// plane's passive health) take the replica out even while `/health`
     /// answers (an engine that accepts probes but resets requests), and `rise`
     /// quiet reads bring it back, so it is retried as nginx's fail_timeout does.
     fn passive(&mut self, rep: DpReport) {
@@ -744,7 +745,9 @@ impl Daemon {
             if !self.cfg.health.passive {
                 continue;
             }
-            let failed = s.failures_total > p;
+            // A replica the data plane ejected gets no traffic to fail on:
+            // the ejection itself is the failing signal while it lasts.
+            let failed = s.failures_total > p || s.ejection.ejected;
             if failed {
                 tracing::debug!(replica = %s.url, failures = s.failures_total - p, "passive failures");
             }

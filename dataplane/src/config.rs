@@ -111,6 +111,27 @@ pub struct UpstreamConfig {
     /// A file whose first line is that key, so the secret need not sit in
     /// this file; exclusive with `api_key`.
     pub api_key_file: Option<PathBuf>,
+    /// Passive health: consecutive failed attempts (refused or reset
+    /// connection, invalid response, first-byte timeout, a body cut off) that
+    /// take a replica out of rotation; 0 turns ejection off.
+    pub eject_after_failures: u32,
+    /// How long the first ejection lasts; each one that follows without a
+    /// success in between lasts twice as long, up to `eject_max_ms`.
+    pub eject_base_ms: u64,
+    pub eject_max_ms: u64,
+    /// Most of the active replicas ejected at once, in percent (at least one
+    /// may always be); the last replica serving a model is never ejected.
+    pub eject_max_percent: u32,
+}
+
+impl UpstreamConfig {
+    pub fn ejection(&self) -> crate::ejection::EjectionPolicy {
+        crate::ejection::EjectionPolicy {
+            after_failures: self.eject_after_failures,
+            base_ms: self.eject_base_ms,
+            max_ms: self.eject_max_ms,
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -128,6 +149,10 @@ impl Default for UpstreamConfig {
             ca_file: None,
             api_key: None,
             api_key_file: None,
+            eject_after_failures: 3,
+            eject_base_ms: 5_000,
+            eject_max_ms: 60_000,
+            eject_max_percent: 50,
         }
     }
 }
@@ -322,6 +347,18 @@ impl Config {
         ] {
             if v == 0 {
                 return bad(k, "must be greater than 0");
+            }
+        }
+        let up = &self.upstream;
+        if up.eject_after_failures > 0 {
+            if up.eject_base_ms == 0 {
+                return bad("upstream.eject_base_ms", "must be greater than 0");
+            }
+            if up.eject_max_ms < up.eject_base_ms {
+                return bad("upstream.eject_max_ms", "must be at least eject_base_ms");
+            }
+            if up.eject_max_percent > 100 {
+                return bad("upstream.eject_max_percent", "at most 100");
             }
         }
         self.routing.validate()?;

@@ -13,6 +13,7 @@ pub mod admission;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod ejection;
 pub mod error;
 pub mod hot;
 pub mod http;

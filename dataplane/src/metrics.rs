@@ -26,6 +26,10 @@ pub const OVERLOAD_REJECTIONS: &str = "kvroute_overload_rejections_total";
 pub const QUEUE_DEPTH: &str = "kvroute_queue_depth";
 /// Time a request spent in the admission queue, however it left.
 pub const QUEUE_WAIT: &str = "kvroute_queue_wait_seconds";
+/// 1 while passive health keeps the replica out of rotation.
+pub const REPLICA_EJECTED: &str = "kvroute_replica_ejected";
+/// Times passive health took the replica out of rotation.
+pub const REPLICA_EJECTIONS: &str = "kvroute_replica_ejections_total";
 // TLS on the client listener.
 /// Handshakes completed.
 pub const TLS_HANDSHAKES: &str = "kvroute_tls_handshakes_total";

@@ -724,6 +724,21 @@ fn build_upstream_head(
     out
 }
 
+/// Whether a replica not yet tried for this request serves its model, takes
+/// traffic, and is only at its `max_in_flight` bound.
+fn untried_but_full(
+    set: &crate::replica::ReplicaSet,
+    req: &RouteRequest<'_>,
+    exclude: &[u16],
+) -> bool {
+    set.replicas.iter().any(|r| {
+        !exclude.contains(&r.slot)
+            && r.serves(req.model)
+            && r.takes_traffic(req.now_ms)
+            && !r.has_capacity()
+    })
+}
+
 /// Waits in the admission queue for room on a replica of `req`'s model: the
 /// first call takes a place (or refuses at once: queue full, the key's share
 /// used), later ones wait for a wakeup. `behind`: the request queues behind
@@ -897,6 +912,18 @@ async fn forward<R: Runtime>(
                         Err(outcome) => return outcome,
                     }
                 }
+                // A retry whose remaining replicas are up but all at their
+                // bound waits for room like a first attempt would, rather
+                // than turning another replica's failure into a 502.
+                None if !exclude.is_empty() && untried_but_full(&set, req, &exclude) => {
+                    match wait_for_room(ctx, client, &mut stay, req, key, &set, false).await {
+                        Ok(()) => {
+                            set = shared.table.load();
+                            continue;
+                        }
+                        Err(outcome) => return outcome,
+                    }
+                }
                 None if exclude.is_empty() => {
                     let kind = if set.replicas.is_empty()
                         || set.any_serves(req.model)
@@ -951,7 +978,6 @@ async fn forward<R: Runtime>(
         .await
         {
             Ok((conn, rhead)) => {
-                replica.consecutive_failures.store(0, Ordering::Relaxed);
                 if replica.last_error.load().is_some() {
                     replica.last_error.store(None);
                 }
@@ -961,14 +987,12 @@ async fn forward<R: Runtime>(
             }
             Err((e, reused)) => {
                 replica.failures.fetch_add(1, Ordering::Relaxed);
-                replica.consecutive_failures.fetch_add(1, Ordering::Relaxed);
                 match e {
                     AttemptError::Retryable(why) if reused && !fresh_only => {
                         // A pooled connection the replica had already closed: not the
                         // replica's fault, so retry it on a fresh one without using a retry.
                         tracing::debug!(replica = %replica.spec.url, why = %why, "stale pooled connection");
                         replica.failures.fetch_sub(1, Ordering::Relaxed);
-                        replica.consecutive_failures.fetch_sub(1, Ordering::Relaxed);
                         fresh_only = true;
                         decision = Some(d);
                         continue;
@@ -977,6 +1001,7 @@ async fn forward<R: Runtime>(
                         metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
                         tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
                         replica.last_error.store(Some(Arc::new(why.to_string())));
+                        passive_failure(ctx, &replica, &why);
                         exclude.push(replica.slot);
                         fresh_only = false;
                         attempts -= 1;
@@ -994,21 +1019,36 @@ async fn forward<R: Runtime>(
                     AttemptError::Timeout => {
                         let why = "no response before first_byte_timeout_ms";
                         replica.last_error.store(Some(Arc::new(why.into())));
+                        passive_failure(ctx, &replica, why);
                         return Outcome::Failed {
                             kind: ErrorKind::GatewayTimeout,
                             message: "upstream replica did not respond in time".into(),
                             replica: last_replica,
                         };
                     }
-                    AttemptError::BadResponse(why) => {
-                        replica
-                            .last_error
-                            .store(Some(Arc::new(format!("invalid response: {why}"))));
-                        return Outcome::Failed {
-                            kind: ErrorKind::BadGateway,
-                            message: format!("invalid response from upstream replica: {why}"),
-                            replica: last_replica,
-                        };
+                    // Retried on another replica, like a connection closed
+                    // before the response: this one answered nothing usable and
+                    // dropping its connection aborts the request there, so the
+                    // retry costs at most a prefill that was lost anyway, and
+                    // the client gets an answer instead of a 502.
+                    AttemptError::BadResponse(reason) => {
+                        let why = format!("invalid response: {reason}");
+                        tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
+                        replica.last_error.store(Some(Arc::new(why.clone())));
+                        passive_failure(ctx, &replica, &why);
+                        exclude.push(replica.slot);
+                        fresh_only = false;
+                        attempts -= 1;
+                        if attempts == 0 {
+                            return Outcome::Failed {
+                                kind: ErrorKind::BadGateway,
+                                message: format!(
+                                    "invalid response from upstream replica: {reason}"
+                                ),
+                                replica: last_replica,
+                            };
+                        }
+                        metrics::counter!(m::RETRIES).increment(1);
                     }
                 }
             }
@@ -1052,6 +1092,10 @@ async fn attempt<R: Runtime>(
     ubuf: &mut Vec<u8>,
 ) -> Result<(Stream<R>, ResponseHead), (AttemptError, bool)> {
     let up_cfg = &ctx.shared.cfg.upstream;
+    // Half-open after an ejection, this request is the probe.
+    replica
+        .ejection
+        .on_attempt(ctx.shared.now_ms(), up_cfg.eject_base_ms);
     let pooled = if fresh_only {
         None
     } else {
@@ -1134,6 +1178,29 @@ async fn attempt<R: Runtime>(
             Ok(None) => continue,
             Err(why) => return Err((AttemptError::BadResponse(why), reused)),
         }
+    }
+}
+
+/// Counts a failed attempt, or a response cut off, against `replica`'s passive
+/// health, and takes it out of rotation when that is due and the rest of the
+/// fleet can take its share.
+fn passive_failure<R: Runtime>(ctx: &WorkerCtx<R>, replica: &Replica, why: &str) {
+    let shared = &ctx.shared;
+    let up = &shared.cfg.upstream;
+    let now = shared.now_ms();
+    let verdict = replica.ejection.on_failure(now, &up.ejection(), why, || {
+        shared
+            .table
+            .load()
+            .may_eject(replica, now, up.eject_max_percent)
+    });
+    if let crate::ejection::Verdict::Ejected { until_ms } = verdict {
+        tracing::warn!(
+            replica = %replica.spec.url,
+            why = %why,
+            for_ms = until_ms - now,
+            "replica ejected after consecutive failures"
+        );
     }
 }
 
@@ -1252,6 +1319,7 @@ async fn relay<R: Runtime>(
     let take = match tracker.advance(leftover) {
         Ok(t) => t,
         Err(_) => {
+            passive_failure(ctx, replica, "invalid chunked framing");
             return (
                 Outcome::Failed {
                     kind: ErrorKind::BadGateway,
@@ -1259,7 +1327,7 @@ async fn relay<R: Runtime>(
                     replica: replica_label,
                 },
                 false,
-            )
+            );
         }
     };
     let mut clean_upstream = take == leftover.len();
@@ -1299,6 +1367,7 @@ async fn relay<R: Runtime>(
             // The replica died mid-stream: end the client's stream cleanly and close.
             metrics::counter!(m::ERRORS, "kind" => "upstream_midstream").increment(1);
             replica.failures.fetch_add(1, Ordering::Relaxed);
+            passive_failure(ctx, replica, "response cut off mid-body");
             if tracker.framing == ResponseFraming::Chunked {
                 let fin = b"0\r\n\r\n".to_vec();
                 let _ = write_client(&mut client.io, fin, 0..5, write_limit).await;
@@ -1315,6 +1384,7 @@ async fn relay<R: Runtime>(
             Ok(t) => t,
             Err(_) => {
                 metrics::counter!(m::ERRORS, "kind" => "upstream_framing").increment(1);
+                passive_failure(ctx, replica, "invalid chunked framing");
                 return (
                     Outcome::ClientGone {
                         status,
@@ -1347,6 +1417,7 @@ async fn relay<R: Runtime>(
     }
     // Reached only with the body whole (a cut-off returned above); an until-close
     // body never got a recorder.
+    replica.ejection.on_success(ctx.shared.now_ms());
     tap.complete(rec);
     if let Some(t) = tail.as_ref() {
         let report = crate::route::ResponseReport {

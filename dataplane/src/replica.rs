@@ -132,8 +132,9 @@ pub struct Replica {
     /// This proxy's timed requests on the replica still waiting for their first
     /// byte. Shared across spec changes like `in_flight`.
     pub awaiting: Arc<AtomicU32>,
-    /// Passive health: consecutive failed attempts (reset on success).
-    pub consecutive_failures: Arc<AtomicU32>,
+    /// Passive health: failures counted and, past a threshold, the replica out
+    /// of rotation for a while. Shared across spec changes like the counters.
+    pub ejection: Arc<crate::ejection::Ejection>,
     pub healthy: AtomicBool,
     pub requests: Arc<AtomicU64>,
     pub failures: Arc<AtomicU64>,
@@ -148,6 +149,23 @@ pub struct Replica {
 impl Replica {
     pub fn is_available(&self) -> bool {
         self.spec.pool == Pool::Active && self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// [`Replica::is_available`] and not ejected by passive health at `now_ms`:
+    /// whether the router may send it a request.
+    pub fn takes_traffic(&self, now_ms: u64) -> bool {
+        self.is_available() && self.ejection.admits(now_ms)
+    }
+
+    /// Serves some model `other` serves (either serving any model counts).
+    fn shares_a_model(&self, other: &Replica) -> bool {
+        self.spec.models.is_empty()
+            || other.spec.models.is_empty()
+            || self
+                .spec
+                .models
+                .iter()
+                .any(|m| other.spec.models.contains(m))
     }
 
     pub fn serves(&self, model: Option<&str>) -> bool {
@@ -299,6 +317,31 @@ impl ReplicaSet {
     pub fn any_serves(&self, model: Option<&str>) -> bool {
         self.replicas.iter().any(|r| r.serves(model))
     }
+
+    /// Whether passive health may take `replica` out of rotation at `now_ms`:
+    /// another replica taking traffic serves one of its models (ejecting the
+    /// last one standing would turn some failures into a certain 503), and the
+    /// ejected stay within `max_percent` of the active replicas, at least one.
+    pub fn may_eject(&self, replica: &Replica, now_ms: u64, max_percent: u32) -> bool {
+        let others_up = self.replicas.iter().any(|r| {
+            r.slot != replica.slot && r.takes_traffic(now_ms) && r.shares_a_model(replica)
+        });
+        if !others_up {
+            return false;
+        }
+        let active = self
+            .replicas
+            .iter()
+            .filter(|r| r.spec.pool == Pool::Active)
+            .count();
+        let ejected = self
+            .replicas
+            .iter()
+            .filter(|r| r.slot != replica.slot && r.ejection.is_ejected(now_ms))
+            .count();
+        let cap = (active * max_percent.min(100) as usize / 100).max(1);
+        ejected < cap
+    }
 }
 
 /// The shared, swappable replica set.
@@ -380,7 +423,7 @@ impl ReplicaTable {
                         in_flight: r.in_flight.clone(),
                         pending_prefill: r.pending_prefill.clone(),
                         awaiting: r.awaiting.clone(),
-                        consecutive_failures: r.consecutive_failures.clone(),
+                        ejection: r.ejection.clone(),
                         healthy: AtomicBool::new(spec.healthy),
                         requests: r.requests.clone(),
                         failures: r.failures.clone(),
@@ -418,7 +461,7 @@ impl ReplicaTable {
                 in_flight: Arc::default(),
                 pending_prefill: Arc::default(),
                 awaiting: Arc::default(),
-                consecutive_failures: Arc::default(),
+                ejection: Arc::default(),
                 requests: Arc::default(),
                 failures: Arc::default(),
                 max_in_flight,

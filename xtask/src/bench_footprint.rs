@@ -86,7 +86,8 @@ impl Mem {
     }
 }
 
-fn field_kb(path: &str, key: &str) -> u64 {
+/// A `key:  N kB` field of a /proc file (`VmRSS:` of `/proc/PID/status`), 0 when absent.
+pub fn field_kb(path: &str, key: &str) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -96,7 +97,7 @@ fn field_kb(path: &str, key: &str) -> u64 {
 }
 
 /// `root` and its descendants, from /proc/*/stat parent links.
-fn tree(root: u32) -> Vec<u32> {
+pub fn tree(root: u32) -> Vec<u32> {
     let mut parents = Vec::new();
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {

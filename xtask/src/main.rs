@@ -5,10 +5,11 @@
 //! - `demo`: simulated replicas + data plane + a real workload, with a printed report
 //!   (`--engine llama-cpp`: real llama.cpp replicas instead)
 //! - `llama`: llama.cpp's server and the test model, built once and cached
-//! - `bench proxy|routing|footprint|tls`: the benchmarks whose figures the README quotes
+//! - `bench proxy|routing|footprint|tls|drills`: the benchmarks whose figures the README quotes
 //! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
+mod bench_drills;
 mod bench_footprint;
 mod bench_proxy;
 mod bench_routing;
@@ -61,6 +62,8 @@ enum Bench {
     Footprint(bench_footprint::Args),
     /// TLS termination: handshakes and keep-alive requests per second, CPU per request, vs nginx.
     Tls(bench_tls::Args),
+    /// Drills under load: a replica killed, the control daemon killed, a rolling upgrade, a connection flood, a garbage replica.
+    Drills(bench_drills::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,5 +85,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench {
             which: Bench::Tls(a),
         } => bench_tls::run(a),
+        Cmd::Bench {
+            which: Bench::Drills(a),
+        } => bench_drills::run(a),
     }
 }

@@ -196,4 +196,7 @@ pub struct ReplicaState {
     /// first tokens (absent until it has enough of them).
     #[serde(default)]
     pub learned: Option<crate::route::LearnedSpeed>,
+    /// Passive health: out of rotation after consecutive failures, and why.
+    #[serde(default)]
+    pub ejection: crate::ejection::EjectionState,
 }

@@ -328,11 +328,15 @@ fn refresh_gauges(shared: &Shared) {
         metrics::gauge!(m::IN_FLIGHT, "replica" => url.clone()).set(r.in_flight() as f64);
         metrics::gauge!(m::PENDING_PREFILL, "replica" => url.clone())
             .set(r.pending_prefill() as f64);
-        metrics::gauge!(m::REPLICA_HEALTHY, "replica" => url).set(if r.is_available() {
+        metrics::gauge!(m::REPLICA_HEALTHY, "replica" => url.clone()).set(if r.is_available() {
             1.0
         } else {
             0.0
         });
+        let ejected = r.ejection.is_ejected(shared.now_ms());
+        metrics::gauge!(m::REPLICA_EJECTED, "replica" => url.clone())
+            .set(f64::from(u8::from(ejected)));
+        metrics::counter!(m::REPLICA_EJECTIONS, "replica" => url).absolute(r.ejection.total());
     }
     for (i, w) in shared.workers.iter().enumerate() {
         metrics::gauge!(m::CONNECTIONS, "worker" => i.to_string())
@@ -383,6 +387,7 @@ pub fn state(shared: &Shared) -> State {
                 kv_slot_tokens: r.spec.kv_slot_tokens,
                 kv_host_tokens: r.spec.kv_host_tokens,
                 learned: shared.router.learned(r.slot),
+                ejection: r.ejection.state(shared.now_ms()),
             })
             .collect(),
         steering: shared.steering.state(),

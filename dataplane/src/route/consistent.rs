@@ -207,7 +207,7 @@ impl Router for ConsistentHash {
     }
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
-        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
+        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude, req.now_ms)
             .map(Candidate::new)
             .collect();
         let bound = LoadBound::new(&cands, self.epsilon, self.load_floor);

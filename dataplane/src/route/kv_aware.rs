@@ -324,7 +324,7 @@ impl Router for KvAware {
     }
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
-        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude)
+        let cands: SmallVec<[Candidate<'_>; 16]> = candidates(set, req.model, exclude, req.now_ms)
             .map(Candidate::new)
             .collect();
         if cands.is_empty() {

@@ -12,7 +12,7 @@ impl Router for LeastLoaded {
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
         let n = set.replicas.len().max(1);
-        let best = candidates(set, req.model, exclude).min_by_key(|r| {
+        let best = candidates(set, req.model, exclude, req.now_ms).min_by_key(|r| {
             let w = r.spec.weight.max(1) as u64;
             // in_flight / weight compared without division; then rotate ties.
             let load = (r.in_flight() as u64 * 1_000_000) / w;

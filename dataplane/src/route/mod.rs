@@ -186,15 +186,17 @@ pub trait Router: Send + Sync + 'static {
     }
 }
 
-/// The replicas a request may go to, in snapshot order: available, under
-/// their `max_in_flight`, serving the model, not already tried.
+/// The replicas a request at `now_ms` may go to, in snapshot order: available,
+/// not ejected by passive health, under their `max_in_flight`, serving the
+/// model, not already tried.
 pub fn candidates<'s>(
     set: &'s ReplicaSet,
     model: Option<&'s str>,
     exclude: &'s [u16],
+    now_ms: u64,
 ) -> impl Iterator<Item = &'s Arc<Replica>> + 's {
     set.replicas.iter().filter(move |r| {
-        r.is_available() && r.has_capacity() && r.serves(model) && !exclude.contains(&r.slot)
+        r.takes_traffic(now_ms) && r.has_capacity() && r.serves(model) && !exclude.contains(&r.slot)
     })
 }
 
@@ -274,6 +276,6 @@ mod tests {
             drop(other);
         }
         drop(busy);
-        assert_eq!(candidates(&set, None, &[]).count(), 2);
+        assert_eq!(candidates(&set, None, &[], 0).count(), 2);
     }
 }

@@ -15,12 +15,12 @@ impl Router for RoundRobin {
     }
 
     fn pick(&self, req: &RouteRequest<'_>, set: &ReplicaSet, exclude: &[u16]) -> Option<Decision> {
-        let n = candidates(set, req.model, exclude).count();
+        let n = candidates(set, req.model, exclude, req.now_ms).count();
         if n == 0 {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let r = candidates(set, req.model, exclude).nth(i)?;
+        let r = candidates(set, req.model, exclude, req.now_ms).nth(i)?;
         Some(Decision::simple(r.clone(), DecisionKind::RoundRobin))
     }
 }

@@ -499,10 +499,25 @@ impl Fleet {
 /// free, and a dozen fleets come and go in one benchmark: a replica that lost the race for
 /// its port is retried on another one instead of failing the row.
 fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Result<Sim> {
+    start_sim_on(bins, spec, name, log, None)
+}
+
+/// One replica on `at` (a replica started again where the fleet knows it), or
+/// on a free port, tried again on another when that one was taken meanwhile.
+pub fn start_sim_on(
+    bins: &Bins,
+    spec: &SimSpec,
+    name: &str,
+    log: &Path,
+    at: Option<SocketAddr>,
+) -> anyhow::Result<Sim> {
     const ATTEMPTS: usize = 3;
     let mut attempt = 1;
     loop {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let addr: SocketAddr = match at {
+            Some(a) => a,
+            None => format!("127.0.0.1:{}", free_port()).parse()?,
+        };
         let args: Vec<String> = [
             "--listen",
             &addr.to_string(),
@@ -535,7 +550,7 @@ fn start_sim(bins: &Bins, spec: &SimSpec, name: &str, log: &Path) -> anyhow::Res
                     child,
                 })
             }
-            Err(e) if attempt < ATTEMPTS && child.exited().is_some() => {
+            Err(e) if at.is_none() && attempt < ATTEMPTS && child.exited().is_some() => {
                 eprintln!("xtask: kvroute-sim {name} did not start on {addr}, retrying: {e:#}");
                 attempt += 1;
             }
@@ -562,7 +577,7 @@ fn decision_summary(admins: &[SocketAddr]) -> String {
         .join(", ")
 }
 
-fn http_ok(addr: SocketAddr, path: &str) -> bool {
+pub fn http_ok(addr: SocketAddr, path: &str) -> bool {
     request(
         addr,
         &format!("GET {path} HTTP/1.1\r\nHost: fleet\r\nConnection: close\r\n\r\n"),
