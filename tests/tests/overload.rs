@@ -22,6 +22,7 @@ both_io!(
     rolling_restart_and_capacity_share_one_bound,
     memory_stays_flat_under_ten_times_overload,
     queued_requests_leave_on_disconnect_and_timeout,
+    a_retry_waits_for_a_full_replica,
 );
 
 /// Events in each held stream; the last one proves the stream arrived whole.
@@ -406,4 +407,32 @@ fn queued_requests_leave_on_disconnect_and_timeout(io: &str) {
     assert_eq!(up.seen().len(), 1, "the one who left was never sent");
     up.release();
     assert_whole_stream(&held.join().unwrap().response.unwrap());
+}
+
+/// A retry whose only untried replica is at its bound waits in the queue for
+/// it, rather than answering 502: the first replica refuses connections, the
+/// second is full with a held stream; once that stream ends, the retried
+/// request is served there.
+fn a_retry_waits_for_a_full_replica(io: &str) {
+    let up = Upstream::start("a");
+    let dead = free_port();
+    let toml = format!(
+        "[upstream]\nqueue_max = 4\nqueue_timeout_ms = 60000\nretries = 1\n\
+         [[replicas]]\nurl = \"http://127.0.0.1:{dead}\"\nmax_in_flight = 4\n"
+    );
+    let (k, _dir) = start(io, &toml, &up, 1);
+    let held = stream(&k, "");
+    assert!(wait_until(Duration::from_secs(10), || up.seen().len() == 1));
+    // Only the dead replica has room: the request tries it, fails, and waits.
+    let retried = stream(&k, "");
+    assert!(
+        wait_until(Duration::from_secs(10), || queue_depth(&k) == 1.0),
+        "the retry did not queue: depth {}",
+        queue_depth(&k)
+    );
+    assert!(!retried.is_finished(), "answered before room was made");
+    up.release();
+    assert_whole_stream(&held.join().unwrap().response.unwrap());
+    assert_whole_stream(&retried.join().unwrap().response.unwrap());
+    assert_eq!(up.seen().len(), 2);
 }
