@@ -24,6 +24,8 @@ pub enum ErrorKind {
     BadGateway,
     NoReplica,
     GatewayTimeout,
+    /// The connection budget is spent: a new connection is refused.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::BadGateway => 502,
             ErrorKind::NoReplica => 503,
             ErrorKind::GatewayTimeout => 504,
+            ErrorKind::Overloaded => 503,
         }
     }
 
@@ -50,6 +53,7 @@ impl ErrorKind {
             // OpenAI's own 429s say which limit: requests or tokens.
             ErrorKind::RateLimitedRequests => return "requests",
             ErrorKind::RateLimitedPromptBytes => return "tokens",
+            ErrorKind::Overloaded => return "overloaded",
             _ => {}
         }
         match self.status() {
@@ -76,6 +80,7 @@ impl ErrorKind {
             ErrorKind::BadGateway => "upstream_error",
             ErrorKind::NoReplica => "no_healthy_replica",
             ErrorKind::GatewayTimeout => "upstream_timeout",
+            ErrorKind::Overloaded => "too_many_connections",
         }
     }
 }

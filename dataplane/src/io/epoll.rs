@@ -23,8 +23,16 @@ impl Conn for EpollConn {
         (r, buf)
     }
 
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<()> {
+        self.0.readable().await
+    }
+
     fn shutdown_write(&mut self) {
         let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Write);
+    }
+
+    fn abort(&mut self) {
+        let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Both);
     }
 }
 

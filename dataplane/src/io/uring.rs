@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use tokio_uring::buf::BoundedBuf;
 
-use super::{reserve, Conn, Runtime};
+use super::{reserve, Conn, Runtime, SMALL_READ};
 
 /// tokio-uring: reads and writes are io_uring submissions on owned buffers.
 pub struct Uring;
@@ -43,8 +43,20 @@ impl Conn for UringConn {
         (res, slice.into_inner())
     }
 
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
+        if small.capacity() == small.len() {
+            small.reserve_exact(SMALL_READ);
+        }
+        let room = small.capacity() - small.len();
+        self.read(small, room).await.map(|_| ())
+    }
+
     fn shutdown_write(&mut self) {
         let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn abort(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 

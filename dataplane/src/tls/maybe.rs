@@ -40,10 +40,24 @@ impl<C: Conn> Conn for MaybeTls<C> {
         }
     }
 
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
+        match self {
+            MaybeTls::Plain(c) => c.wait_readable(small).await,
+            MaybeTls::Tls(t) => t.wait_readable(small).await,
+        }
+    }
+
     fn shutdown_write(&mut self) {
         match self {
             MaybeTls::Plain(c) => c.shutdown_write(),
             MaybeTls::Tls(t) => t.shutdown_write(),
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            MaybeTls::Plain(c) => c.abort(),
+            MaybeTls::Tls(t) => t.abort(),
         }
     }
 

@@ -207,8 +207,28 @@ impl<C: Conn> Conn for TlsConn<C> {
         (Ok(()), buf)
     }
 
+    /// Ready at once with ciphertext or plaintext already buffered (or the
+    /// transport ended); else waits on the transport, whose io_uring bytes
+    /// land in `incoming`, where [`Conn::read`] looks first.
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<()> {
+        if !self.incoming.is_empty() || self.eof {
+            return Ok(());
+        }
+        match self.tls.process_new_packets() {
+            Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {}
+            // Buffered plaintext, the peer's close_notify, or an error that the
+            // next read reports.
+            _ => return Ok(()),
+        }
+        self.io.wait_readable(&mut self.incoming).await
+    }
+
     fn shutdown_write(&mut self) {
         self.io.shutdown_write();
+    }
+
+    fn abort(&mut self) {
+        self.io.abort();
     }
 
     async fn close(&mut self) {
@@ -282,6 +302,10 @@ mod tests {
                 w.wake();
             }
             (Ok(()), buf)
+        }
+
+        async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
+            self.read(small, 1).await.map(|_| ())
         }
 
         fn shutdown_write(&mut self) {
