@@ -92,8 +92,7 @@ pub async fn serve<R: Runtime>(
         None => MaybeTls::Plain(io),
         Some(tls) => {
             let limit = Duration::from_millis(limits.head_timeout_ms);
-            let accept =
-                crate::tls::accept::accept(io, tls.current(), limit, peer, member.shed());
+            let accept = crate::tls::accept::accept(io, tls.current(), limit, peer, member.shed());
             match Box::pin(accept).await {
                 Some(t) => MaybeTls::Tls(Box::new(t)),
                 None => return,
@@ -123,9 +122,15 @@ pub async fn serve<R: Runtime>(
         }
     }
     if !client.member.is_shed() {
-        // A TLS client gets its close_notify, unless it stopped reading.
-        let write_limit = Duration::from_millis(limits.write_timeout_ms);
-        let _ = timeout(write_limit, client.io.close()).await;
+        match &mut client.io {
+            // A TLS client gets its close_notify, unless it stopped reading
+            // (boxed: the flush's state would otherwise be part of every task).
+            MaybeTls::Tls(t) => {
+                let write_limit = Duration::from_millis(limits.write_timeout_ms);
+                let _ = timeout(write_limit, Box::pin(t.close())).await;
+            }
+            MaybeTls::Plain(c) => c.shutdown_write(),
+        }
     }
     client.io.abort();
     ctx.buffers.give(std::mem::take(&mut client.buf));

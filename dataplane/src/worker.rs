@@ -140,9 +140,7 @@ impl AcceptBackoff {
         if reason == "aborted" {
             return None;
         }
-        let d = self
-            .current
-            .map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        let d = self.current.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
         self.current = Some(d);
         Some(d)
     }

@@ -41,7 +41,10 @@ fn start(io: &str, up: &Upstream, dir: &TempDir) -> Kvroute {
         &up.url(),
     ]);
     let state = k.admin_get("/state").json();
-    assert_eq!(state["io"], if io == "uring" { "io_uring" } else { "epoll" });
+    assert_eq!(
+        state["io"],
+        if io == "uring" { "io_uring" } else { "epoll" }
+    );
     let b = &state["connection_budget"];
     assert_eq!(b["max_connections"], CAP);
     assert_eq!(b["per_worker"], CAP);
@@ -60,7 +63,11 @@ fn counts(k: &Kvroute) -> (u64, u64, u64) {
 
 fn wait_counts(k: &Kvroute, want: (u64, u64, u64)) {
     let ok = wait_until(Duration::from_secs(10), || counts(k) == want);
-    assert!(ok, "connections by state: {:?}, expected {want:?}", counts(k));
+    assert!(
+        ok,
+        "connections by state: {:?}, expected {want:?}",
+        counts(k)
+    );
 }
 
 /// A connection that sends nothing.
@@ -195,7 +202,8 @@ fn refuses_with_503_when_nothing_can_be_shed(io: &str) {
     let mut streams: Vec<Client> = (0..CAP).map(|_| active_stream(k.addr)).collect();
     wait_counts(&k, (0, 0, CAP as u64));
     let mut c = Client::connect(k.addr).unwrap();
-    c.send(b"GET /v1/models HTTP/1.1\r\nHost: k\r\n\r\n").unwrap();
+    c.send(b"GET /v1/models HTTP/1.1\r\nHost: k\r\n\r\n")
+        .unwrap();
     let r = c.read_response(false).unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));

@@ -824,7 +824,9 @@ fn flood_sections(bin: &Path, dir: &Path, up: SocketAddr, a: &Args) -> anyhow::R
     let mut note = String::new();
     match kvroute::io::uring_available() {
         Ok(()) => ios.push("uring"),
-        Err(e) => note = format!("\nio_uring is unavailable here ({e}): only epoll was measured.\n"),
+        Err(e) => {
+            note = format!("\nio_uring is unavailable here ({e}): only epoll was measured.\n")
+        }
     }
     ios.push("epoll");
     let mut rows = Vec::new();

@@ -34,7 +34,11 @@ pub async fn run(registry: Rc<Registry>, buffers: Rc<BufferPool>) {
             buffers.trim();
             crate::sys::alloc::release_free_memory();
             registry.reset_peak();
-            tracing::debug!(peak, open, "returned free memory after a drop in connections");
+            tracing::debug!(
+                peak,
+                open,
+                "returned free memory after a drop in connections"
+            );
         }
     }
 }

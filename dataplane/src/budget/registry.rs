@@ -346,7 +346,9 @@ mod tests {
         let n9 = r.admit().unwrap();
         n9.set(ConnState::Active);
         assert!(r.admit().is_none());
-        assert!([&m[1], &n5, &n6, &n7, &n8, &n9].iter().all(|x| !x.is_shed()));
+        assert!([&m[1], &n5, &n6, &n7, &n8, &n9]
+            .iter()
+            .all(|x| !x.is_shed()));
         assert_eq!(counts.active.load(Ordering::Relaxed), 6);
     }
 

@@ -64,7 +64,13 @@ pub struct CapRow {
     pub peak_open: u64,
 }
 
-fn start(bin: &Path, dir: &Path, up: SocketAddr, io: &str, max_connections: usize) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
+fn start(
+    bin: &Path,
+    dir: &Path,
+    up: SocketAddr,
+    io: &str,
+    max_connections: usize,
+) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
     let listen = free_addr()?;
     let admin = free_addr()?;
     let cfg = dir.join(format!("flood-{io}.toml"));
@@ -77,11 +83,19 @@ fn start(bin: &Path, dir: &Path, up: SocketAddr, io: &str, max_connections: usiz
         ),
     )?;
     let log = dir.join(format!("flood-{io}.log"));
-    let mut c = Child::spawn("kvroute", bin, &["--config".into(), cfg.display().to_string()], &log)?;
+    let mut c = Child::spawn(
+        "kvroute",
+        bin,
+        &["--config".into(), cfg.display().to_string()],
+        &log,
+    )?;
     let end = Instant::now() + Duration::from_secs(10);
     while !http_200(admin, "/healthz") {
         c.ensure_running()?;
-        anyhow::ensure!(Instant::now() < end, "kvroute --io {io} not ready after 10 s");
+        anyhow::ensure!(
+            Instant::now() < end,
+            "kvroute --io {io} not ready after 10 s"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok((c, listen, admin))
@@ -116,7 +130,11 @@ fn one_request(addr: SocketAddr) -> anyhow::Result<()> {
     )?;
     let mut out = Vec::new();
     s.read_to_end(&mut out)?;
-    anyhow::ensure!(out.starts_with(b"HTTP/1.1 200"), "answer: {}", String::from_utf8_lossy(&out[..out.len().min(200)]));
+    anyhow::ensure!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "answer: {}",
+        String::from_utf8_lossy(&out[..out.len().min(200)])
+    );
     Ok(())
 }
 
@@ -128,7 +146,13 @@ fn open_silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 }
 
 /// Idle cost and memory return under `io` with `conns` silent connections.
-pub fn measure_flood(bin: &Path, dir: &Path, up: SocketAddr, io: &'static str, conns: usize) -> anyhow::Result<FloodRow> {
+pub fn measure_flood(
+    bin: &Path,
+    dir: &Path,
+    up: SocketAddr,
+    io: &'static str,
+    conns: usize,
+) -> anyhow::Result<FloodRow> {
     eprintln!("xtask: footprint: flood of {conns} idle connections, --io {io}");
     // A cap above the flood: this section measures memory, not shedding.
     let (mut child, listen, admin) = start(bin, dir, up, io, 2 * conns + 64)?;
@@ -173,8 +197,17 @@ pub fn measure_flood(bin: &Path, dir: &Path, up: SocketAddr, io: &'static str, c
 
 /// A flood of `flood` silent connections past `max_connections` while a good
 /// client sends a request every 50 ms.
-pub fn measure_cap(bin: &Path, dir: &Path, up: SocketAddr, io: &'static str, max_connections: usize, flood: usize) -> anyhow::Result<CapRow> {
-    eprintln!("xtask: footprint: flood of {flood} past max_connections = {max_connections}, --io {io}");
+pub fn measure_cap(
+    bin: &Path,
+    dir: &Path,
+    up: SocketAddr,
+    io: &'static str,
+    max_connections: usize,
+    flood: usize,
+) -> anyhow::Result<CapRow> {
+    eprintln!(
+        "xtask: footprint: flood of {flood} past max_connections = {max_connections}, --io {io}"
+    );
     let (mut child, listen, admin) = start(bin, dir, up, io, max_connections)?;
     one_request(listen)?;
     let stop = Arc::new(AtomicBool::new(false));
