@@ -92,8 +92,16 @@ pub async fn serve<R: Runtime>(
         None => MaybeTls::Plain(io),
         Some(tls) => {
             let limit = Duration::from_millis(limits.head_timeout_ms);
-            let accept = crate::tls::accept::accept(io, tls.current(), limit, peer, member.shed());
-            match Box::pin(accept).await {
+            // Boxed in a statement of its own, so no unboxed copy of the
+            // handshake's state stays part of this task's.
+            let accept = Box::pin(crate::tls::accept::accept(
+                io,
+                tls.current(),
+                limit,
+                peer,
+                member.shed(),
+            ));
+            match accept.await {
                 Some(t) => MaybeTls::Tls(Box::new(t)),
                 None => return,
             }
@@ -110,7 +118,8 @@ pub async fn serve<R: Runtime>(
         if client.buf.is_empty() && !await_request(&ctx, &mut client).await {
             break;
         }
-        if Box::pin(handle_one(&ctx, &mut client)).await == Next::Close {
+        let request = Box::pin(handle_one(&ctx, &mut client));
+        if request.await == Next::Close {
             break;
         }
         if client.buf.is_empty() {

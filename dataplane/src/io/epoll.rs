@@ -23,8 +23,13 @@ impl Conn for EpollConn {
         (r, buf)
     }
 
+    /// A one-byte peek rather than `readable()`: a socket tokio has just
+    /// registered reports itself readable once whether or not it is, and a
+    /// buffer taken on that word would be held through the whole idle wait.
+    /// The peek clears a false readiness and waits again.
     async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<()> {
-        self.0.readable().await
+        let mut probe = [0u8; 1];
+        self.0.peek(&mut probe).await.map(|_| ())
     }
 
     fn shutdown_write(&mut self) {

@@ -291,20 +291,28 @@ pub fn render(rows: &[FloodRow], caps: &[CapRow]) -> String {
          it, each second for 20 s once `/state` counts no connection. Run alone with \
          `cargo xtask bench footprint --flood-only` (the bench raises its own and kvroute raises \
          its open-file limit to the hard limit).\n\n\
-         | io | N | RSS idle MiB | RSS with N open MiB | bytes per idle connection | RSS 20 s after close MiB | back within 10 % of idle after | kvroute fds open / after |\n\
+         | io | N | RSS idle MiB | RSS with N open MiB | bytes per idle connection | RSS 2 s / 5 s / 20 s after close MiB | back within 10 % of idle after | kvroute fds open / after |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let back = r
             .back_within_10pct()
             .map_or("not within 20 s".to_string(), |t| format!("{t} s"));
+        let at = |t: u64| {
+            r.after
+                .iter()
+                .find(|(s, _)| *s == t)
+                .map_or("-".to_string(), |(_, m)| mib(m.rss_kb))
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.0} | {} | {back} | {} / {} |\n",
+            "| {} | {} | {} | {} | {:.0} | {} / {} / {} | {back} | {} / {} |\n",
             r.io,
             r.conns,
             mib(r.idle.rss_kb),
             mib(r.flooded.rss_kb),
             r.bytes_per_conn(),
+            at(2),
+            at(5),
             mib(r.final_mem().rss_kb),
             r.fds.0,
             r.fds.1,
