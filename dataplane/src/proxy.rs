@@ -164,7 +164,9 @@ async fn await_request<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<Strea
             tokio::select! {
                 biased;
                 _ = client.member.shed() => break false,
-                r = &mut wait => break r.is_ok(),
+                // Not at the peer's end of stream: that closes at once, with
+                // no buffer taken for a read that would only confirm it.
+                r = &mut wait => break matches!(r, Ok(true)),
                 _ = &mut sleep => break false,
                 // Draining: an idle connection gets a short linger for a request
                 // already on its way (one accepted just before an upgrade's hand-off).

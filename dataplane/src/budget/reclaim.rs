@@ -27,10 +27,15 @@ pub fn worth_collecting(peak: usize, open: usize) -> bool {
 pub async fn run(registry: Rc<Registry>, buffers: Rc<BufferPool>) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A flood's last connections close after the check that saw most of them
+    // gone (and on the way out each takes a pooled buffer for its final
+    // read): one more collection a check later returns what they left.
+    let mut follow_up = false;
     loop {
         tick.tick().await;
         let (peak, open) = (registry.peak(), registry.open());
-        if worth_collecting(peak, open) {
+        let collect = worth_collecting(peak, open);
+        if collect || follow_up {
             buffers.trim();
             crate::sys::alloc::release_free_memory();
             registry.reset_peak();
@@ -40,6 +45,7 @@ pub async fn run(registry: Rc<Registry>, buffers: Rc<BufferPool>) {
                 "returned free memory after a drop in connections"
             );
         }
+        follow_up = collect;
     }
 }
 

@@ -27,9 +27,9 @@ impl Conn for EpollConn {
     /// registered reports itself readable once whether or not it is, and a
     /// buffer taken on that word would be held through the whole idle wait.
     /// The peek clears a false readiness and waits again.
-    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<()> {
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<bool> {
         let mut probe = [0u8; 1];
-        self.0.peek(&mut probe).await.map(|_| ())
+        self.0.peek(&mut probe).await.map(|n| n > 0)
     }
 
     fn shutdown_write(&mut self) {

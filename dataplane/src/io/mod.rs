@@ -49,9 +49,10 @@ pub trait Conn: 'static {
     /// as little memory as the runtime allows meanwhile: epoll waits for
     /// readiness and reads nothing; io_uring, which has no readiness wait
     /// here, reads into `small` (appending; a buffer without spare room gets
-    /// [`SMALL_READ`] bytes of it), so the caller must look there first. An
-    /// error is the connection's end.
-    fn wait_readable(&mut self, small: &mut Vec<u8>) -> impl Future<Output = io::Result<()>>;
+    /// [`SMALL_READ`] bytes of it), so the caller must look there first.
+    /// `Ok(false)`: the peer ended the stream (known without another read);
+    /// an error is the connection's end too.
+    fn wait_readable(&mut self, small: &mut Vec<u8>) -> impl Future<Output = io::Result<bool>>;
 
     /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
     fn shutdown_write(&mut self);

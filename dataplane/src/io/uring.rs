@@ -43,12 +43,12 @@ impl Conn for UringConn {
         (res, slice.into_inner())
     }
 
-    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
         if small.capacity() == small.len() {
             small.reserve_exact(SMALL_READ);
         }
         let room = small.capacity() - small.len();
-        self.read(small, room).await.map(|_| ())
+        self.read(small, room).await.map(|n| n > 0)
     }
 
     fn shutdown_write(&mut self) {

@@ -49,7 +49,9 @@ pub async fn accept<C: Conn>(
     // No buffer of FIRST_READ until the ClientHello starts to arrive.
     let mut first = Vec::new();
     let first_bytes = async {
-        io.wait_readable(&mut first).await?;
+        if !io.wait_readable(&mut first).await? {
+            return Ok(0);
+        }
         if first.is_empty() {
             return io.read(&mut first, FIRST_READ).await;
         }

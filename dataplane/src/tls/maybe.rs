@@ -40,7 +40,7 @@ impl<C: Conn> Conn for MaybeTls<C> {
         }
     }
 
-    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
         match self {
             MaybeTls::Plain(c) => c.wait_readable(small).await,
             MaybeTls::Tls(t) => t.wait_readable(small).await,

@@ -209,18 +209,23 @@ impl<C: Conn> Conn for TlsConn<C> {
 
     /// Ready at once with ciphertext or plaintext already buffered (or the
     /// transport ended); else waits on the transport, whose io_uring bytes
-    /// land in `incoming`, where [`Conn::read`] looks first.
-    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<()> {
+    /// land in `incoming`, where [`Conn::read`] looks first. Always `true`
+    /// when it returns `Ok`: the end of the transport is for rustls to judge
+    /// (a close_notify or a truncation), which the next read reports.
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<bool> {
         if !self.incoming.is_empty() || self.eof {
-            return Ok(());
+            return Ok(true);
         }
         match self.tls.process_new_packets() {
             Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {}
             // Buffered plaintext, the peer's close_notify, or an error that the
             // next read reports.
-            _ => return Ok(()),
+            _ => return Ok(true),
         }
-        self.io.wait_readable(&mut self.incoming).await
+        if !self.io.wait_readable(&mut self.incoming).await? {
+            self.eof = true;
+        }
+        Ok(true)
     }
 
     fn shutdown_write(&mut self) {
@@ -304,8 +309,8 @@ mod tests {
             (Ok(()), buf)
         }
 
-        async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<()> {
-            self.read(small, 1).await.map(|_| ())
+        async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
+            self.read(small, 1).await.map(|n| n > 0)
         }
 
         fn shutdown_write(&mut self) {
