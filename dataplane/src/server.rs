@@ -202,6 +202,9 @@ pub fn start_workers(
 
 /// Runs the whole data plane until a signal drains it. Returns the exit code.
 pub fn run(cfg: Config, cli: crate::config::Cli) -> Result<i32, Error> {
+    if let Err(e) = crate::sys::alloc::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay allowed");
+    }
     crate::metrics::install();
     if let Err(e) = crate::budget::raise_fd_limit() {
         tracing::warn!(error = %e, "cannot read or raise the open-file limit");
