@@ -285,8 +285,9 @@ fn mib(kb: u64) -> String {
 pub fn render(rows: &[FloodRow], caps: &[CapRow]) -> String {
     let mut s = String::from("## Connection flood\n\n");
     s.push_str(
-        "kvroute (release, 2 workers, `steering = \"kernel\"`) with N client connections that \
-         connect and send nothing, kept open, then all closed by the client. RSS idle is read \
+        "kvroute (release, 2 workers, `steering = \"kernel\"`, `max_connections` above N so \
+         nothing is shed) with N client connections that connect and send nothing, kept open, \
+         then all closed by the client. RSS idle is read \
          after 16 requests and 2 s; with the flood open once every connection is accepted; after \
          it, each second for 20 s once `/state` counts no connection. Run alone with \
          `cargo xtask bench footprint --flood-only` (the bench raises its own and kvroute raises \
