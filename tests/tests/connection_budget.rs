@@ -20,6 +20,7 @@ both_io!(
     sheds_idle_only_without_headless_and_never_active,
     refuses_with_503_when_nothing_can_be_shed,
     admin_answers_during_a_flood,
+    sheds_silent_tls_connections_before_their_handshake,
 );
 
 const CAP: usize = 40;
@@ -28,8 +29,13 @@ const WATERMARK: usize = 36;
 const COMPLETION: &str = r#"{"model":"m","prompt":"hello"}"#;
 
 fn start(io: &str, up: &Upstream, dir: &TempDir) -> Kvroute {
+    start_with(io, up, dir, "")
+}
+
+/// [`start`] with `extra` config lines before `[limits]`.
+fn start_with(io: &str, up: &Upstream, dir: &TempDir, extra: &str) -> Kvroute {
     let cfg = dir.path().join("kvroute.toml");
-    std::fs::write(&cfg, format!("[limits]\nmax_connections = {CAP}\n")).unwrap();
+    std::fs::write(&cfg, format!("{extra}[limits]\nmax_connections = {CAP}\n")).unwrap();
     let k = Kvroute::start(&[
         "--io",
         io,
@@ -256,4 +262,50 @@ fn admin_answers_during_a_flood(io: &str) {
     assert!(text.contains("kvroute_connections{state=\"active\"}"));
     drop(flood);
     wait_counts(&k, (0, 0, 0));
+}
+
+/// On a TLS listener a connection waiting for its ClientHello is head-less
+/// too: shed oldest first, closed without a plain-HTTP answer, while a TLS
+/// client still gets its 200.
+fn sheds_silent_tls_connections_before_their_handshake(io: &str) {
+    let up = Upstream::start("a");
+    let dir = TempDir::new("budget-tls");
+    let pki = kvroute_tests::pki::Pki::new("budget-tls");
+    pki.write(dir.path());
+    let tls = format!(
+        "[tls]\ncert = {:?}\nkey = {:?}\n",
+        dir.path().join("cert.pem").display().to_string(),
+        dir.path().join("key.pem").display().to_string()
+    );
+    let k = start_with(io, &up, &dir, &tls);
+    let mut conns: Vec<TcpStream> = (0..WATERMARK + 2).map(|_| silent(k.addr)).collect();
+    wait_counts(&k, (WATERMARK as u64, 0, 0));
+    for (i, c) in conns.iter_mut().enumerate().take(2) {
+        assert!(
+            closed_by_peer(c, Duration::from_secs(5)),
+            "connection {i} was not shed"
+        );
+    }
+    assert!(!closed_by_peer(&mut conns[2], Duration::from_millis(20)));
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(dir.path().join("ca.pem"))
+        .args(["-H", "content-type: application/json", "-d", COMPLETION])
+        .arg(format!(
+            "https://127.0.0.1:{}/v1/completions",
+            k.addr.port()
+        ))
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"len\""));
+    assert!(closed_by_peer(&mut conns[2], Duration::from_secs(5)));
+    assert_eq!(
+        metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}"),
+        3.0
+    );
 }
