@@ -84,7 +84,21 @@ pub fn run<R: Runtime>(
                             Some(member) => {
                                 tokio::task::spawn_local(crate::proxy::serve(ctx.clone(), conn, peer, member));
                             }
-                            None => crate::budget::refuse(conn, ctx.shared.tls.is_none(), &ctx.refusing),
+                            None => crate::budget::refuse(
+                                conn,
+                                ctx.shared.tls.is_none(),
+                                &ctx.refusing,
+                                ctx.shared.budget.closing_max,
+                            ),
+                        }
+                        // A shed socket closes when its task next runs: give
+                        // those tasks their turn before accepting more, so a
+                        // fast flood cannot outrun them past the FD limit.
+                        for _ in 0..8 {
+                            if ctx.registry.shedding() < ctx.shared.budget.closing_max {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
                         }
                     }
                     Err(e) => {

@@ -9,7 +9,9 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use kvroute_tests::harness::{post, wait_until, Client, Kvroute, TempDir, Upstream};
+use kvroute_tests::harness::{
+    free_port, post, wait_until, workspace_bin, Client, Kvroute, Proc, TempDir, Upstream,
+};
 
 #[macro_use]
 #[path = "common/io_runtimes.rs"]
@@ -21,6 +23,7 @@ both_io!(
     refuses_with_503_when_nothing_can_be_shed,
     admin_answers_during_a_flood,
     sheds_silent_tls_connections_before_their_handshake,
+    derived_cap_keeps_a_flood_below_a_small_fd_limit,
 );
 
 const CAP: usize = 40;
@@ -308,4 +311,34 @@ fn sheds_silent_tls_connections_before_their_handshake(io: &str) {
         metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}"),
         3.0
     );
+}
+
+/// With no `max_connections` the cap comes from `RLIMIT_NOFILE`: under a hard
+/// limit of 128, `(128 - 32) / 2 = 48`. A flood of many times that never
+/// reaches `EMFILE`, and the admin API and a good client are answered.
+fn derived_cap_keeps_a_flood_below_a_small_fd_limit(io: &str) {
+    let up = Upstream::start("a");
+    let (port, admin) = (free_port(), free_port());
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 128 && exec \"$0\" \"$@\"")
+        .arg(workspace_bin("kvroute"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .args(["--io", io, "--workers", "1", "--replica", &up.url()]);
+    let k = Kvroute::on(Proc::spawn_command(cmd, "kvroute"), port, admin);
+    k.wait_ready();
+    let b = &k.admin_get("/state").json()["connection_budget"];
+    assert_eq!(b["nofile"], 128);
+    assert_eq!(b["derived"], true);
+    assert_eq!(b["max_connections"], 48);
+    let flood: Vec<TcpStream> = (0..300).map(|_| silent(k.addr)).collect();
+    assert_eq!(k.admin_get("/healthz").status, 200);
+    good_request(&k);
+    assert_eq!(
+        metric(&k, "kvroute_accept_errors_total{reason=\"emfile\"}"),
+        0.0
+    );
+    assert!(metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}") >= 250.0);
+    drop(flood);
 }

@@ -43,6 +43,11 @@ pub struct Caps {
     pub high_watermark: usize,
     /// The soft `RLIMIT_NOFILE` the caps were derived from (or checked against).
     pub nofile: u64,
+    /// Sockets a worker lets be closing at once (shed, their tasks not yet
+    /// run; refusals being written) before it stops accepting for a moment:
+    /// a slice of the reserve, so a fast flood cannot push past the limit.
+    #[serde(default)]
+    pub closing_max: usize,
     /// Derived from `nofile` (`max_connections` was 0 or absent).
     pub derived: bool,
 }
@@ -75,6 +80,7 @@ impl Caps {
             per_worker,
             high_watermark: high_watermark(per_worker),
             nofile,
+            closing_max: closing_max(nofile, workers),
             derived,
         }
     }
@@ -84,6 +90,12 @@ impl Caps {
     pub fn exceeds_fd_limit(&self) -> bool {
         !self.derived && self.max_connections > derived_max_connections(self.nofile)
     }
+}
+
+/// A quarter of the reserve split over the workers, between 1 and 64.
+fn closing_max(nofile: u64, workers: usize) -> usize {
+    let reserve = FD_RESERVE.min(nofile / 4) as usize;
+    (reserve / 4 / workers.max(1)).clamp(1, 64)
 }
 
 /// [`HIGH_WATERMARK_PERCENT`] of `cap`, rounded down, at least 1 below the cap
@@ -114,6 +126,10 @@ mod tests {
         assert_eq!(derived_max_connections(65_536), (65_536 - 256) / 2);
         assert_eq!(derived_max_connections(1_048_576), (1_048_576 - 256) / 2);
         // A small limit keeps a quarter in reserve instead of all of it.
+        assert_eq!(Caps::new(0, 1, 128).closing_max, 8);
+        assert_eq!(Caps::new(0, 2, 20_000).closing_max, 32);
+        assert_eq!(Caps::new(0, 1, 1 << 20).closing_max, 64);
+        assert_eq!(Caps::new(0, 64, 128).closing_max, 1);
         assert_eq!(derived_max_connections(100), (100 - 25) / 2);
         assert_eq!(derived_max_connections(0), 1);
         assert_eq!(derived_max_connections(2), 1);

@@ -1,7 +1,7 @@
 //! The answer of a connection over the cap: a 503 in OpenAI's error shape with
 //! `Retry-After`, written once, then the connection closes. Best effort and
 //! bounded: it runs as a short task of its own so accepting goes on, and past
-//! [`MAX_IN_FLIGHT`] such tasks a refused connection is closed without a word.
+//! `max_in_flight` such tasks a refused connection is closed without a word.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -10,8 +10,6 @@ use std::time::Duration;
 use crate::http::{ErrorKind, ErrorResponse};
 use crate::io::Conn;
 
-/// Refusals being written at once per worker.
-pub const MAX_IN_FLIGHT: usize = 64;
 /// Time for the answer to go out and for the client's request bytes to be read
 /// and dropped, so closing does not reset the connection before it reads the
 /// answer.
@@ -22,9 +20,14 @@ pub const MESSAGE: &str = "kvroute is at its connection limit; retry shortly";
 
 /// Refuses `conn`: `plain` when the listener speaks plain HTTP (a TLS client
 /// could not read a plain answer: it only sees the close). `in_flight`
-/// counts this worker's refusals still writing.
-pub fn refuse<C: Conn>(mut conn: C, plain: bool, in_flight: &Rc<Cell<usize>>) {
-    if !plain || in_flight.get() >= MAX_IN_FLIGHT {
+/// counts this worker's refusals still writing, at most `max_in_flight`.
+pub fn refuse<C: Conn>(
+    mut conn: C,
+    plain: bool,
+    in_flight: &Rc<Cell<usize>>,
+    max_in_flight: usize,
+) {
+    if !plain || in_flight.get() >= max_in_flight {
         conn.abort();
         return;
     }

@@ -178,6 +178,11 @@ impl Registry {
         self.open.get() - self.shedding.get()
     }
 
+    /// Shed connections whose tasks have not yet closed them.
+    pub fn shedding(&self) -> usize {
+        self.shedding.get()
+    }
+
     /// Connections open (shed ones still closing included).
     pub fn open(&self) -> usize {
         self.open.get()
