@@ -55,6 +55,9 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// A client that does not take response bytes for this long is dropped.
     pub write_timeout_ms: u64,
+    /// Client connections over all workers (each worker holds its share,
+    /// rounded up). 0: derived from `RLIMIT_NOFILE` ([`crate::budget::Caps`]).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -67,6 +70,7 @@ impl Default for Limits {
             body_timeout_ms: 60_000,
             idle_timeout_ms: 75_000,
             write_timeout_ms: 60_000,
+            max_connections: 0,
         }
     }
 }
@@ -496,6 +500,24 @@ weight = 2
             let c = Config::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn max_connections_is_derived_unless_set() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.limits.max_connections, 0);
+        let c = Config::from_toml("[limits]\nmax_connections = 0\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_connections, 0);
+        let c = Config::from_toml("workers = 4\n[limits]\nmax_connections = 40\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_connections, 40);
+        let caps = crate::budget::Caps::new(c.limits.max_connections, c.worker_count(), 1024);
+        assert_eq!((caps.max_connections, caps.per_worker), (40, 10));
+        let e = Config::from_toml("[limits]\nmax_connections = -1\n").unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
+        let e = Config::from_toml("[limits]\nmax_connections = \"many\"\n").unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
     }
 
     #[test]

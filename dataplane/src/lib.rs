@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod admission;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod ejection;

@@ -11,6 +11,13 @@ pub const ERRORS: &str = "kvroute_errors_total";
 pub const IN_FLIGHT: &str = "kvroute_replica_in_flight";
 pub const PENDING_PREFILL: &str = "kvroute_replica_pending_prefill_bytes";
 pub const CONNECTIONS: &str = "kvroute_worker_connections";
+// The connection budget.
+/// Client connections by `state`: reading_head, idle or active (over all workers).
+pub const CONNECTIONS_BY_STATE: &str = "kvroute_connections";
+/// `reason`: headless, idle (shed to make room) or over_cap (a new one refused).
+pub const CONNECTION_SHEDS: &str = "kvroute_connection_sheds_total";
+/// `reason`: emfile, enfile, enomem, aborted or other.
+pub const ACCEPT_ERRORS: &str = "kvroute_accept_errors_total";
 pub const UPSTREAM_CONNECT: &str = "kvroute_upstream_connect_seconds";
 pub const UPSTREAM_TTFB: &str = "kvroute_upstream_first_byte_seconds";
 pub const REQUEST_DURATION: &str = "kvroute_request_duration_seconds";

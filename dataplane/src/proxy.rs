@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::time::timeout;
 
 use crate::admission::Refusal;
+use crate::budget::registry::ConnState;
 use crate::http::{
     self, parse_request_head, parse_response_head, BodyFraming, ChunkedDecoder, ErrorKind,
     ErrorResponse, HeadError, RequestHead, ResponseFraming, ResponseHead,
@@ -31,7 +32,10 @@ pub type Stream<R> = MaybeTls<<R as Runtime>::Conn>;
 
 /// Read granularity: big enough for a typical prompt in one read, small enough
 /// that thousands of idle connections cost little.
-const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
+/// Room a head read makes at least: a pooled [`READ_CHUNK`] buffer with a
+/// first small read in it takes the rest of the head without growing.
+const HEAD_READ_MIN: usize = 4 * 1024;
 /// Bodies up to this size are copied behind the head so the upstream gets one write.
 const COALESCE_BODY: usize = 16 * 1024;
 /// How long a draining process waits for a request on an idle connection:
@@ -52,6 +56,8 @@ struct Client<C> {
     peer: SocketAddr,
     /// The drain signal, subscribed once per connection rather than per request.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Its place in the worker's connection budget.
+    member: crate::budget::registry::Member,
 }
 
 /// Decrements a counter when dropped, so every exit path keeps gauges right.
@@ -68,7 +74,17 @@ impl Drop for Gauge<'_> {
     }
 }
 
-pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketAddr) {
+/// Serves one client connection. Between requests (and before the first) the
+/// task waits in [`await_request`], which holds no read buffer (on epoll) or a
+/// small one (io_uring) and whose future is small; a request's buffer comes
+/// from the worker's pool and its state machine is boxed, so both exist only
+/// while a request is in progress.
+pub async fn serve<R: Runtime>(
+    ctx: Rc<WorkerCtx<R>>,
+    io: R::Conn,
+    peer: SocketAddr,
+    member: crate::budget::registry::Member,
+) {
     let stats = &ctx.shared.workers[ctx.id];
     let _open = Gauge::up(&stats.connections);
     let _live = ctx.shared.steering.open(ctx.id);
@@ -77,7 +93,16 @@ pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketA
         None => MaybeTls::Plain(io),
         Some(tls) => {
             let limit = Duration::from_millis(limits.head_timeout_ms);
-            match crate::tls::accept::accept(io, tls.current(), limit, peer).await {
+            // Boxed in a statement of its own, so no unboxed copy of the
+            // handshake's state stays part of this task's.
+            let accept = Box::pin(crate::tls::accept::accept(
+                io,
+                tls.current(),
+                limit,
+                peer,
+                member.shed(),
+            ));
+            match accept.await {
                 Some(t) => MaybeTls::Tls(Box::new(t)),
                 None => return,
             }
@@ -85,16 +110,83 @@ pub async fn serve<R: Runtime>(ctx: Rc<WorkerCtx<R>>, io: R::Conn, peer: SocketA
     };
     let mut client = Client {
         io,
-        buf: Vec::with_capacity(READ_CHUNK),
+        buf: Vec::new(),
         peer,
         shutdown: ctx.shared.shutdown.subscribe(),
+        member,
     };
-    while handle_one(&ctx, &mut client).await == Next::KeepAlive {}
-    // A TLS client gets its close_notify, unless it stopped reading.
-    let write_limit = Duration::from_millis(limits.write_timeout_ms);
-    if timeout(write_limit, client.io.close()).await.is_err() {
-        client.io.shutdown_write();
+    loop {
+        if client.buf.is_empty() && !await_request(&ctx, &mut client).await {
+            break;
+        }
+        let request = Box::pin(handle_one(&ctx, &mut client));
+        if request.await == Next::Close {
+            break;
+        }
+        if client.buf.is_empty() {
+            client.member.set(ConnState::Idle);
+            ctx.buffers.give(std::mem::take(&mut client.buf));
+        } else {
+            // A pipelined request is already here.
+            client.member.set(ConnState::ReadingHead);
+        }
     }
+    if !client.member.is_shed() {
+        match &mut client.io {
+            // A TLS client gets its close_notify, unless it stopped reading
+            // (boxed: the flush's state would otherwise be part of every task).
+            MaybeTls::Tls(t) => {
+                let write_limit = Duration::from_millis(limits.write_timeout_ms);
+                let _ = timeout(write_limit, Box::pin(t.close())).await;
+            }
+            MaybeTls::Plain(c) => c.shutdown_write(),
+        }
+    }
+    client.io.abort();
+    ctx.buffers.give(std::mem::take(&mut client.buf));
+}
+
+/// Waits for the next request's first bytes (the first request's too);
+/// `false`: close instead (the client left or idled out, a drain, or the
+/// budget shed the connection). Then `client.buf` is a pooled buffer holding
+/// what io_uring's small read got.
+async fn await_request<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<Stream<R>>) -> bool {
+    let idle = Duration::from_millis(ctx.shared.cfg.limits.idle_timeout_ms);
+    let mut draining = *client.shutdown.borrow_and_update();
+    let sleep = tokio::time::sleep(if draining { DRAIN_LINGER } else { idle });
+    tokio::pin!(sleep);
+    let mut small = Vec::new();
+    let ready = {
+        // One wait for the whole idle spell: on io_uring it is a read, and a
+        // second one issued after dropping the first would race it for the bytes.
+        let wait = client.io.wait_readable(&mut small);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                biased;
+                _ = client.member.shed() => break false,
+                // Not at the peer's end of stream: that closes at once, with
+                // no buffer taken for a read that would only confirm it.
+                r = &mut wait => break matches!(r, Ok(true)),
+                _ = &mut sleep => break false,
+                // Draining: an idle connection gets a short linger for a request
+                // already on its way (one accepted just before an upgrade's hand-off).
+                _ = client.shutdown.changed(), if !draining => {
+                    draining = true;
+                    sleep.as_mut().reset(tokio::time::Instant::now() + DRAIN_LINGER);
+                }
+            }
+        }
+    };
+    if !ready {
+        return false;
+    }
+    if client.buf.capacity() == 0 {
+        client.buf = ctx.buffers.take();
+    }
+    client.buf.extend_from_slice(&small);
+    client.member.set(ConnState::ReadingHead);
+    true
 }
 
 /// An error the proxy answers itself; the connection closes after it unless noted.
@@ -215,8 +307,8 @@ async fn refuse_unread<R: Runtime>(
     next
 }
 
-/// Waits for a complete request head. `Ok(None)`: the connection ended or idled
-/// out between requests (nothing to answer).
+/// Waits for a complete request head. `Ok(None)`: the connection ended, idled
+/// out between requests or was shed by the budget (nothing to answer).
 async fn read_head<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
@@ -226,13 +318,17 @@ async fn read_head<R: Runtime>(
     loop {
         if !client.buf.is_empty() {
             if let Some(h) = parse_request_head(&client.buf, lim.max_head_bytes, lim.max_headers)? {
+                client.member.set(ConnState::Active);
                 return Ok(Some(h));
             }
             deadline.get_or_insert_with(|| {
                 tokio::time::Instant::now() + Duration::from_millis(lim.head_timeout_ms)
             });
         }
-        let read = client.io.read(&mut client.buf, READ_CHUNK);
+        if client.member.is_shed() {
+            return Ok(None);
+        }
+        let read = client.io.read(&mut client.buf, HEAD_READ_MIN);
         let n = match deadline {
             // Between requests: idle keep-alive, ended early by a drain. Draining
             // still reads a request already on its way (a connection accepted just
@@ -245,6 +341,8 @@ async fn read_head<R: Runtime>(
                     Duration::from_millis(lim.idle_timeout_ms)
                 };
                 tokio::select! {
+                    biased;
+                    _ = client.member.shed() => return Ok(None),
                     r = timeout(idle, read) => match r {
                         Ok(r) => r,
                         Err(_) => return Ok(None),
@@ -252,14 +350,18 @@ async fn read_head<R: Runtime>(
                     _ = client.shutdown.changed(), if !draining => continue,
                 }
             }
-            Some(d) => match tokio::time::timeout_at(d, read).await {
-                Ok(r) => r,
-                Err(_) => {
-                    return Err(Reject::new(
-                        ErrorKind::Timeout,
-                        "request head not received in time",
-                    ))
-                }
+            Some(d) => tokio::select! {
+                biased;
+                _ = client.member.shed() => return Ok(None),
+                r = tokio::time::timeout_at(d, read) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(Reject::new(
+                            ErrorKind::Timeout,
+                            "request head not received in time",
+                        ))
+                    }
+                },
             },
         };
         match n {

@@ -23,6 +23,8 @@ pub struct WorkerStats {
     pub requests: AtomicU64,
     /// Advanced by the worker's runtime every [`crate::notify::HEARTBEAT`]; the watchdog reads it.
     pub heartbeat: AtomicU64,
+    /// Client connections by state, as the worker's budget registry sees them.
+    pub states: Arc<crate::budget::registry::StateCounts>,
 }
 
 /// State every worker and the admin API share.
@@ -47,6 +49,8 @@ pub struct Shared {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// API keys (`[auth]`) and the credentials sent to replicas.
     pub auth: crate::auth::Auth,
+    /// Client connections allowed, over all workers and per worker.
+    pub budget: crate::budget::Caps,
     started: Instant,
 }
 
@@ -66,7 +70,10 @@ impl Shared {
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();
         let (tls, upstream_tls) = load_tls(&cfg)?;
+        let nofile = crate::budget::fd_limit().unwrap_or(1024);
+        let budget = crate::budget::Caps::new(cfg.limits.max_connections, n, nofile);
         Ok(Arc::new(Shared {
+            budget,
             tls,
             upstream_tls,
             table,
@@ -204,7 +211,13 @@ pub fn start_workers(
 
 /// Runs the whole data plane until a signal drains it. Returns the exit code.
 pub fn run(cfg: Config, cli: crate::config::Cli) -> Result<i32, Error> {
+    if let Err(e) = crate::sys::alloc::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay allowed");
+    }
     crate::metrics::install();
+    if let Err(e) = crate::budget::raise_fd_limit() {
+        tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+    }
     let io = resolve_io(cfg.io)?;
     let listeners = bind_listeners(cfg.listen, cfg.worker_count())?;
     let local = listeners[0].local_addr()?;
@@ -222,6 +235,7 @@ pub fn run(cfg: Config, cli: crate::config::Cli) -> Result<i32, Error> {
         replicas = shared.table.load().replicas.len(),
         "kvroute ready"
     );
+    log_budget(&shared.budget);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -354,6 +368,25 @@ fn reload(shared: &Shared, cli: &crate::config::Cli) {
             );
         }
         Err(e) => tracing::error!(error = %e, "SIGHUP: replica set rejected"),
+    }
+}
+
+fn log_budget(b: &crate::budget::Caps) {
+    tracing::info!(
+        max_connections = b.max_connections,
+        per_worker = b.per_worker,
+        shed_above = b.high_watermark,
+        nofile = b.nofile,
+        derived = b.derived,
+        "connection budget"
+    );
+    if b.exceeds_fd_limit() {
+        tracing::warn!(
+            max_connections = b.max_connections,
+            nofile = b.nofile,
+            allowed = crate::budget::derived_max_connections(b.nofile),
+            "[limits] max_connections needs more file descriptors than RLIMIT_NOFILE allows: EMFILE may come first; raise LimitNOFILE"
+        );
     }
 }
 

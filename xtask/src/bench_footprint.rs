@@ -4,6 +4,11 @@
 //! distinct prompts (kvroute's prefix index at its configured cap), and memory
 //! under load. Writes docs/bench/footprint.md.
 //!
+//! A last section floods kvroute with idle connections (what each costs, and
+//! whether memory returns once they close) and past a small
+//! `[limits] max_connections` (whether a good client is still answered); see
+//! [`flood`].
+//!
 //! kvroute runs twice: in its default configuration as installed (eBPF
 //! steering, which needs root for CAP_BPF and bpffs; without root that row is
 //! left out and the report says so) and with `steering = "kernel"`.
@@ -21,6 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvroute_tests::load::progress::{self, Counters, Job, Progress};
+
+mod flood;
 
 use crate::fleet::bench_dir;
 use crate::fleet::child::Child;
@@ -52,6 +59,19 @@ pub struct Args {
     /// Where the Markdown report goes.
     #[arg(long, default_value = "docs/bench/footprint.md")]
     pub out: PathBuf,
+    /// Idle connections the flood section opens (0 skips the flood sections;
+    /// bounded by the open-file limit).
+    #[arg(long, default_value_t = 10_000)]
+    pub flood: usize,
+    /// `[limits] max_connections` for the section that floods past it.
+    #[arg(long, default_value_t = 200)]
+    pub cap: usize,
+    /// Connections that flood opens.
+    #[arg(long, default_value_t = 2_000)]
+    pub cap_flood: usize,
+    /// Only the flood sections: the rest of the report is kept as it is.
+    #[arg(long)]
+    pub flood_only: bool,
 }
 
 /// Workers for every proxy: an edge box's 2 cores.
@@ -709,6 +729,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let dir = bench_dir().join("footprint");
     std::fs::create_dir_all(&dir)?;
     let up = upstream()?;
+    let out = if a.out.is_relative() {
+        root().join(&a.out)
+    } else {
+        a.out.clone()
+    };
+    if a.flood_only {
+        let section = flood_sections(&bins, &dir, up, &a)?;
+        let old = std::fs::read_to_string(&out).unwrap_or_default();
+        let kept = old
+            .find(FLOOD_HEADING)
+            .map_or(old.as_str(), |i| &old[..i])
+            .trim_end();
+        let report = format!("{kept}\n\n{section}");
+        println!("{section}");
+        std::fs::write(&out, report)?;
+        eprintln!("xtask: wrote {}", out.display());
+        return Ok(());
+    }
     // `--only kvroute` selects both kvroute runs, `kvroute-kernel` the second alone.
     let want = |n: &str| {
         a.only.is_empty()
@@ -758,13 +796,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         rows.push(row?);
     }
-    let report = render(&rows, &notes, &a);
+    let mut report = render(&rows, &notes, &a);
+    if a.flood > 0 && want("kvroute-kernel") {
+        report.push('\n');
+        report.push_str(&flood_sections(&bins, &dir, up, &a)?);
+    }
     println!("{report}");
-    let out = if a.out.is_relative() {
-        root().join(&a.out)
-    } else {
-        a.out.clone()
-    };
     if let Some(d) = out.parent() {
         std::fs::create_dir_all(d)?;
     }
@@ -775,6 +812,31 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 fn mib(kb: u64) -> String {
     format!("{:.1}", kb as f64 / 1024.0)
+}
+
+const FLOOD_HEADING: &str = "## Connection flood";
+
+/// The flood sections, under io_uring (when this machine allows it) and epoll.
+fn flood_sections(bin: &Path, dir: &Path, up: SocketAddr, a: &Args) -> anyhow::Result<String> {
+    // Room for the flood's sockets in this process, and a bound from the limit.
+    let nofile = kvroute::budget::raise_fd_limit()?;
+    let conns = a.flood.min(nofile.saturating_sub(512) as usize);
+    let mut ios = Vec::new();
+    let mut note = String::new();
+    match kvroute::io::uring_available() {
+        Ok(()) => ios.push("uring"),
+        Err(e) => {
+            note = format!("\nio_uring is unavailable here ({e}): only epoll was measured.\n")
+        }
+    }
+    ios.push("epoll");
+    let mut rows = Vec::new();
+    let mut caps = Vec::new();
+    for io in ios {
+        rows.push(flood::measure_flood(bin, dir, up, io, conns)?);
+        caps.push(flood::measure_cap(bin, dir, up, io, a.cap, a.cap_flood)?);
+    }
+    Ok(format!("{}{note}", flood::render(&rows, &caps)))
 }
 
 fn render(rows: &[Row], notes: &[String], a: &Args) -> String {

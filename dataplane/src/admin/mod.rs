@@ -144,6 +144,9 @@ pub struct State {
     /// `None` until the first `PUT /replicas` (a fresh process: push everything).
     #[serde(default)]
     pub last_push: Option<PushRecord>,
+    /// The connection budget in force (`[limits] max_connections` or derived).
+    #[serde(default)]
+    pub connection_budget: Option<crate::budget::Caps>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,6 +157,14 @@ pub struct WorkerState {
     /// Requests being served (streams included).
     pub active_requests: u64,
     pub requests_total: u64,
+    /// Of `connections`: without a complete request head yet, idle between
+    /// requests, with a request in progress (shed ones still closing are in none).
+    #[serde(default)]
+    pub reading_head: u64,
+    #[serde(default)]
+    pub idle: u64,
+    #[serde(default)]
+    pub active: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

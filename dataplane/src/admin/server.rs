@@ -338,9 +338,16 @@ fn refresh_gauges(shared: &Shared) {
             .set(f64::from(u8::from(ejected)));
         metrics::counter!(m::REPLICA_EJECTIONS, "replica" => url).absolute(r.ejection.total());
     }
+    let mut by_state = [0u64; 3];
     for (i, w) in shared.workers.iter().enumerate() {
         metrics::gauge!(m::CONNECTIONS, "worker" => i.to_string())
             .set(w.connections.load(Ordering::Relaxed) as f64);
+        by_state[0] += w.states.reading_head.load(Ordering::Relaxed);
+        by_state[1] += w.states.idle.load(Ordering::Relaxed);
+        by_state[2] += w.states.active.load(Ordering::Relaxed);
+    }
+    for (state, n) in ["reading_head", "idle", "active"].into_iter().zip(by_state) {
+        metrics::gauge!(m::CONNECTIONS_BY_STATE, "state" => state).set(n as f64);
     }
 }
 
@@ -361,6 +368,9 @@ pub fn state(shared: &Shared) -> State {
                 connections: w.connections.load(Ordering::Relaxed),
                 active_requests: w.active_requests.load(Ordering::Relaxed),
                 requests_total: w.requests.load(Ordering::Relaxed),
+                reading_head: w.states.reading_head.load(Ordering::Relaxed),
+                idle: w.states.idle.load(Ordering::Relaxed),
+                active: w.states.active.load(Ordering::Relaxed),
             })
             .collect(),
         queue_depth: shared.table.admission.depth(),
@@ -392,6 +402,7 @@ pub fn state(shared: &Shared) -> State {
             .collect(),
         steering: shared.steering.state(),
         last_push: with_log(|log| log.last_push.clone()),
+        connection_budget: Some(shared.budget),
     }
 }
 

@@ -29,6 +29,8 @@ pub enum ErrorKind {
     Overloaded,
     /// The API key already holds its share of the admission queue.
     QueueShareExceeded,
+    /// The connection budget is spent: a new connection is refused.
+    TooManyConnections,
 }
 
 impl ErrorKind {
@@ -46,7 +48,7 @@ impl ErrorKind {
             ErrorKind::HeadTooLarge => 431,
             ErrorKind::NotImplemented => 501,
             ErrorKind::BadGateway => 502,
-            ErrorKind::NoReplica | ErrorKind::Overloaded => 503,
+            ErrorKind::NoReplica | ErrorKind::Overloaded | ErrorKind::TooManyConnections => 503,
             ErrorKind::GatewayTimeout => 504,
         }
     }
@@ -85,6 +87,7 @@ impl ErrorKind {
             ErrorKind::GatewayTimeout => "upstream_timeout",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::QueueShareExceeded => "queue_share_exceeded",
+            ErrorKind::TooManyConnections => "too_many_connections",
         }
     }
 }

@@ -23,6 +23,15 @@ impl Conn for EpollConn {
         (r, buf)
     }
 
+    /// A one-byte peek rather than `readable()`: a socket tokio has just
+    /// registered reports itself readable once whether or not it is, and a
+    /// buffer taken on that word would be held through the whole idle wait.
+    /// The peek clears a false readiness and waits again.
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<bool> {
+        let mut probe = [0u8; 1];
+        self.0.peek(&mut probe).await.map(|n| n > 0)
+    }
+
     fn shutdown_write(&mut self) {
         let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Write);
     }
@@ -30,6 +39,10 @@ impl Conn for EpollConn {
     fn peer_closed(&self) -> bool {
         use std::os::fd::AsRawFd;
         crate::sys::peer::peer_closed(self.0.as_raw_fd())
+    }
+
+    fn abort(&mut self) {
+        let _ = socket2::SockRef::from(&self.0).shutdown(std::net::Shutdown::Both);
     }
 }
 

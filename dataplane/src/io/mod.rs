@@ -45,6 +45,15 @@ pub trait Conn: 'static {
         range: Range<usize>,
     ) -> impl Future<Output = (io::Result<()>, Vec<u8>)>;
 
+    /// Waits until a read would find bytes or the end of the stream, holding
+    /// as little memory as the runtime allows meanwhile: epoll waits for
+    /// readiness and reads nothing; io_uring, which has no readiness wait
+    /// here, reads into `small` (appending; a buffer without spare room gets
+    /// [`SMALL_READ`] bytes of it), so the caller must look there first.
+    /// `Ok(false)`: the peer ended the stream (known without another read);
+    /// an error is the connection's end too.
+    fn wait_readable(&mut self, small: &mut Vec<u8>) -> impl Future<Output = io::Result<bool>>;
+
     /// Half-closes the write side (used before closing so the peer sees FIN after our last bytes).
     fn shutdown_write(&mut self);
 
@@ -52,6 +61,14 @@ pub trait Conn: 'static {
     /// reading (bytes it sent stay unread). False when it cannot tell.
     fn peer_closed(&self) -> bool {
         false
+    }
+
+    /// Shuts both directions at once: the peer sees the end now, and a read
+    /// still pending on the socket (io_uring's, which dropping its future does
+    /// not cancel) completes, so the socket closes when this value is dropped
+    /// rather than whenever the peer next sends.
+    fn abort(&mut self) {
+        self.shutdown_write();
     }
 
     /// Ends the connection politely: a TLS connection sends its close_notify
@@ -74,6 +91,10 @@ pub trait Runtime: 'static {
     fn accept(l: &Self::Listener) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>>;
     fn connect(addr: SocketAddr) -> impl Future<Output = io::Result<Self::Conn>>;
 }
+
+/// What [`Conn::wait_readable`] reads at most on io_uring: most of a short
+/// request head, and little memory for a connection that sends nothing.
+pub const SMALL_READ: usize = 512;
 
 /// Makes room for at least `min_free` more bytes, growing geometrically.
 pub(crate) fn reserve(buf: &mut Vec<u8>, min_free: usize) {

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use tokio_uring::buf::BoundedBuf;
 
-use super::{reserve, Conn, Runtime};
+use super::{reserve, Conn, Runtime, SMALL_READ};
 
 /// tokio-uring: reads and writes are io_uring submissions on owned buffers.
 pub struct Uring;
@@ -43,6 +43,14 @@ impl Conn for UringConn {
         (res, slice.into_inner())
     }
 
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
+        if small.capacity() == small.len() {
+            small.reserve_exact(SMALL_READ);
+        }
+        let room = small.capacity() - small.len();
+        self.read(small, room).await.map(|n| n > 0)
+    }
+
     fn shutdown_write(&mut self) {
         let _ = self.0.shutdown(std::net::Shutdown::Write);
     }
@@ -50,6 +58,10 @@ impl Conn for UringConn {
     fn peer_closed(&self) -> bool {
         use std::os::fd::AsRawFd;
         crate::sys::peer::peer_closed(self.0.as_raw_fd())
+    }
+
+    fn abort(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -10,5 +10,6 @@ pub(crate) mod alloc;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+pub(crate) mod fdlimit;
 pub(crate) mod peer;
 pub(crate) mod steer;

@@ -30,25 +30,48 @@ pub const PLAIN_HTTP_MESSAGE: &str =
     "this port speaks HTTPS: the plain HTTP request was sent to a TLS port; use https://";
 
 /// Runs the server side of the handshake on `io`; `None` when the connection
-/// is done (failed, timed out, or was plain HTTP and has been answered).
+/// is done (failed, timed out, shed, or was plain HTTP and has been answered).
+/// `shed` completes when the connection budget sheds this connection, which
+/// it may until the handshake ends.
 pub async fn accept<C: Conn>(
     mut io: C,
     config: Arc<rustls::ServerConfig>,
     limit: Duration,
     peer: SocketAddr,
+    shed: impl std::future::Future<Output = ()>,
 ) -> Option<TlsConn<C>> {
+    tokio::pin!(shed);
     let deadline = Instant::now() + limit;
     let fail = |reason: &'static str, why: &dyn std::fmt::Display| {
         metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
         tracing::debug!(%peer, reason, error = %why, "TLS handshake failed");
     };
-    let mut first = Vec::with_capacity(FIRST_READ);
-    match timeout_at(deadline, io.read(&mut first, FIRST_READ)).await {
+    // No buffer of FIRST_READ until the ClientHello starts to arrive.
+    let mut first = Vec::new();
+    let first_bytes = async {
+        if !io.wait_readable(&mut first).await? {
+            return Ok(0);
+        }
+        if first.is_empty() {
+            return io.read(&mut first, FIRST_READ).await;
+        }
+        Ok(first.len())
+    };
+    let got = tokio::select! {
+        biased;
+        _ = &mut shed => None,
+        r = timeout_at(deadline, first_bytes) => Some(r),
+    };
+    let Some(got) = got else {
+        io.abort();
+        return None;
+    };
+    match got {
         Err(_) => {
             fail("timeout", &"no ClientHello before limits.head_timeout_ms");
-            // The FIN now: on io_uring the abandoned read keeps the socket open
-            // until it completes.
-            io.shutdown_write();
+            // Now, in both directions: on io_uring the abandoned read keeps
+            // the socket open until it completes.
+            io.abort();
             return None;
         }
         Ok(Ok(0)) => {
@@ -74,7 +97,16 @@ pub async fn accept<C: Conn>(
         }
     };
     let mut conn = TlsConn::server(io, server, first);
-    match timeout_at(deadline, conn.handshake()).await {
+    let handshake = tokio::select! {
+        biased;
+        _ = &mut shed => None,
+        r = timeout_at(deadline, conn.handshake()) => Some(r),
+    };
+    let Some(handshake) = handshake else {
+        conn.abort();
+        return None;
+    };
+    match handshake {
         Ok(Ok(())) => {
             metrics::counter!(m::TLS_HANDSHAKES).increment(1);
             Some(conn)

@@ -40,6 +40,13 @@ impl<C: Conn> Conn for MaybeTls<C> {
         }
     }
 
+    async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
+        match self {
+            MaybeTls::Plain(c) => c.wait_readable(small).await,
+            MaybeTls::Tls(t) => t.wait_readable(small).await,
+        }
+    }
+
     fn shutdown_write(&mut self) {
         match self {
             MaybeTls::Plain(c) => c.shutdown_write(),
@@ -51,6 +58,13 @@ impl<C: Conn> Conn for MaybeTls<C> {
         match self {
             MaybeTls::Plain(c) => c.peer_closed(),
             MaybeTls::Tls(t) => t.peer_closed(),
+        }
+    }
+
+    fn abort(&mut self) {
+        match self {
+            MaybeTls::Plain(c) => c.abort(),
+            MaybeTls::Tls(t) => t.abort(),
         }
     }
 

@@ -207,6 +207,27 @@ impl<C: Conn> Conn for TlsConn<C> {
         (Ok(()), buf)
     }
 
+    /// Ready at once with ciphertext or plaintext already buffered (or the
+    /// transport ended); else waits on the transport, whose io_uring bytes
+    /// land in `incoming`, where [`Conn::read`] looks first. Always `true`
+    /// when it returns `Ok`: the end of the transport is for rustls to judge
+    /// (a close_notify or a truncation), which the next read reports.
+    async fn wait_readable(&mut self, _small: &mut Vec<u8>) -> io::Result<bool> {
+        if !self.incoming.is_empty() || self.eof {
+            return Ok(true);
+        }
+        match self.tls.process_new_packets() {
+            Ok(s) if s.plaintext_bytes_to_read() == 0 && !s.peer_has_closed() => {}
+            // Buffered plaintext, the peer's close_notify, or an error that the
+            // next read reports.
+            _ => return Ok(true),
+        }
+        if !self.io.wait_readable(&mut self.incoming).await? {
+            self.eof = true;
+        }
+        Ok(true)
+    }
+
     fn shutdown_write(&mut self) {
         self.io.shutdown_write();
     }
@@ -216,6 +237,10 @@ impl<C: Conn> Conn for TlsConn<C> {
     /// the last thing left.
     fn peer_closed(&self) -> bool {
         self.eof || self.io.peer_closed()
+    }
+
+    fn abort(&mut self) {
+        self.io.abort();
     }
 
     async fn close(&mut self) {
@@ -289,6 +314,10 @@ mod tests {
                 w.wake();
             }
             (Ok(()), buf)
+        }
+
+        async fn wait_readable(&mut self, small: &mut Vec<u8>) -> io::Result<bool> {
+            self.read(small, 1).await.map(|n| n > 0)
         }
 
         fn shutdown_write(&mut self) {
