@@ -1089,7 +1089,8 @@ async fn forward<R: Runtime>(
             }
             Err((e, reused)) => {
                 replica.failures.fetch_add(1, Ordering::Relaxed);
-                match e {
+                // What failed and what the client is told if no retry is left.
+                let (why, message) = match e {
                     AttemptError::Retryable(why) if reused && !fresh_only => {
                         // A pooled connection the replica had already closed: not the
                         // replica's fault, so retry it on a fresh one without using a retry.
@@ -1098,25 +1099,6 @@ async fn forward<R: Runtime>(
                         fresh_only = true;
                         decision = Some(d);
                         continue;
-                    }
-                    AttemptError::Retryable(why) => {
-                        metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
-                        tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
-                        replica.last_error.store(Some(Arc::new(why.to_string())));
-                        passive_failure(ctx, &replica, &why);
-                        exclude.push(replica.slot);
-                        fresh_only = false;
-                        attempts -= 1;
-                        if attempts == 0 {
-                            return Outcome::Failed {
-                                kind: ErrorKind::BadGateway,
-                                message: format!(
-                                    "upstream replica failed before responding: {why}"
-                                ),
-                                replica: last_replica,
-                            };
-                        }
-                        metrics::counter!(m::RETRIES).increment(1);
                     }
                     AttemptError::Timeout => {
                         let why = "no response before first_byte_timeout_ms";
@@ -1128,31 +1110,35 @@ async fn forward<R: Runtime>(
                             replica: last_replica,
                         };
                     }
+                    AttemptError::Retryable(why) => {
+                        metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
+                        let message = format!("upstream replica failed before responding: {why}");
+                        (why.into_owned(), message)
+                    }
                     // Retried on another replica, like a connection closed
                     // before the response: this one answered nothing usable and
                     // dropping its connection aborts the request there, so the
                     // retry costs at most a prefill that was lost anyway, and
                     // the client gets an answer instead of a 502.
-                    AttemptError::BadResponse(reason) => {
-                        let why = format!("invalid response: {reason}");
-                        tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
-                        replica.last_error.store(Some(Arc::new(why.clone())));
-                        passive_failure(ctx, &replica, &why);
-                        exclude.push(replica.slot);
-                        fresh_only = false;
-                        attempts -= 1;
-                        if attempts == 0 {
-                            return Outcome::Failed {
-                                kind: ErrorKind::BadGateway,
-                                message: format!(
-                                    "invalid response from upstream replica: {reason}"
-                                ),
-                                replica: last_replica,
-                            };
-                        }
-                        metrics::counter!(m::RETRIES).increment(1);
-                    }
+                    AttemptError::BadResponse(reason) => (
+                        format!("invalid response: {reason}"),
+                        format!("invalid response from upstream replica: {reason}"),
+                    ),
+                };
+                tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
+                passive_failure(ctx, &replica, &why);
+                replica.last_error.store(Some(Arc::new(why)));
+                exclude.push(replica.slot);
+                fresh_only = false;
+                attempts -= 1;
+                if attempts == 0 {
+                    return Outcome::Failed {
+                        kind: ErrorKind::BadGateway,
+                        message,
+                        replica: last_replica,
+                    };
                 }
+                metrics::counter!(m::RETRIES).increment(1);
             }
         }
     };

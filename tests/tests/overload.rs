@@ -5,12 +5,13 @@
 //! beyond the queue is refused at once with 503/429, `Retry-After` and a JSON
 //! body, and memory does not grow with the refusals.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Response, Upstream};
+use kvroute_tests::harness::{
+    free_port, request, wait_until, Client, Kvroute, Response, TempDir, Upstream,
+};
 
 #[macro_use]
 #[path = "common/io_runtimes.rs"]
@@ -28,25 +29,15 @@ both_io!(
 /// Events in each held stream; the last one proves the stream arrived whole.
 const EVENTS: usize = 4;
 
-fn tempdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "kvroute-overload-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// kvroute on `io` (two workers, so waiters are woken across threads) with
 /// `toml` and `up` as its one replica, bounded to `max_in_flight` in its spec.
 /// `{dir}` in `toml` is a fresh directory.
-fn start(io: &str, toml: &str, up: &Upstream, max_in_flight: u32) -> (Kvroute, PathBuf) {
-    let dir = tempdir();
-    let cfg = dir.join("kvroute.toml");
+fn start(io: &str, toml: &str, up: &Upstream, max_in_flight: u32) -> (Kvroute, TempDir) {
+    let dir = TempDir::new("overload");
+    let cfg = dir.path().join("kvroute.toml");
     let toml = format!(
         "{}\n[[replicas]]\nurl = {:?}\nmax_in_flight = {max_in_flight}\n",
-        toml.replace("{dir}", dir.to_str().unwrap()),
+        toml.replace("{dir}", dir.path().to_str().unwrap()),
         up.url()
     );
     std::fs::write(&cfg, toml).unwrap();
@@ -198,9 +189,9 @@ fn one_key_cannot_fill_the_queue(io: &str) {
     let up = Upstream::start("a");
     let toml = "[upstream]\nqueue_max = 4\nqueue_timeout_ms = 60000\n\
                 [auth]\nkeys_file = \"{dir}/keys\"\n";
-    let dir = tempdir();
-    std::fs::write(dir.join("keys"), format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
-    let toml = toml.replace("{dir}", dir.to_str().unwrap());
+    let dir = TempDir::new("overload-keys");
+    std::fs::write(dir.path().join("keys"), format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let toml = toml.replace("{dir}", dir.path().to_str().unwrap());
     let (k, _d) = start(io, &toml, &up, 2);
     let alice = format!("Authorization: Bearer {ALICE}\r\n");
     let bob = format!("Authorization: Bearer {BOB}\r\n");
