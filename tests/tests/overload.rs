@@ -190,7 +190,11 @@ fn one_key_cannot_fill_the_queue(io: &str) {
     let toml = "[upstream]\nqueue_max = 4\nqueue_timeout_ms = 60000\n\
                 [auth]\nkeys_file = \"{dir}/keys\"\n";
     let dir = TempDir::new("overload-keys");
-    std::fs::write(dir.path().join("keys"), format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("keys"),
+        format!("alice {ALICE}\nbob {BOB}\n"),
+    )
+    .unwrap();
     let toml = toml.replace("{dir}", dir.path().to_str().unwrap());
     let (k, _d) = start(io, &toml, &up, 2);
     let alice = format!("Authorization: Bearer {ALICE}\r\n");
