@@ -11,6 +11,15 @@ use std::time::Duration;
 use kvroute_tests::harness::{post, wait_until, Kvroute, TempDir, Upstream};
 use serde_json::Value;
 
+#[macro_use]
+#[path = "common/io_runtimes.rs"]
+mod io_runtimes;
+
+both_io!(
+    garbage_replica_is_ejected_probed_and_ejected_again,
+    truncated_responses_eject_and_the_last_replica_stays,
+);
+
 /// A TCP server that reads a request and answers `reply`, then closes;
 /// counts the connections it took.
 struct Garbage {
@@ -42,9 +51,9 @@ impl Garbage {
     }
 }
 
-fn start(replicas: &[&str], dir: &TempDir) -> Kvroute {
-    let mut toml = String::from(
-        "workers = 2\n[routing]\npolicy = \"round-robin\"\n\
+fn start(io: &str, replicas: &[&str], dir: &TempDir) -> Kvroute {
+    let mut toml = format!(
+        "io = \"{io}\"\nworkers = 2\n[routing]\npolicy = \"round-robin\"\n\
          [upstream]\neject_after_failures = 3\neject_base_ms = 2000\neject_max_ms = 8000\n",
     );
     for r in replicas {
@@ -58,6 +67,9 @@ fn start(replicas: &[&str], dir: &TempDir) -> Kvroute {
         &dir.path().join("kvroute.log"),
     );
     k.wait_ready();
+    // No silent fallback: the runtime asked for is the one that runs.
+    let expected = if io == "uring" { "io_uring" } else { "epoll" };
+    assert_eq!(k.admin_get("/state").json()["io"], expected);
     k
 }
 
@@ -83,12 +95,11 @@ fn replica_state(k: &Kvroute, url: &str) -> Value {
         .clone()
 }
 
-#[test]
-fn garbage_replica_is_ejected_probed_and_ejected_again() {
+fn garbage_replica_is_ejected_probed_and_ejected_again(io: &str) {
     let dir = TempDir::new("ejection-garbage");
     let garbage = Garbage::start(b"SSH-2.0-OpenSSH_9.6\r\n\r\nnot http at all\r\n\r\n");
     let good = Upstream::start("good");
-    let k = start(&[&garbage.url, &good.url()], &dir);
+    let k = start(io, &[&garbage.url, &good.url()], &dir);
 
     // An invalid response before any byte reached the client is retried on the
     // other replica: every request succeeds, and the garbage one is ejected.
@@ -136,8 +147,7 @@ fn garbage_replica_is_ejected_probed_and_ejected_again() {
     assert!(left > 2000 && left <= 8000, "the backoff doubled: {ej}");
 }
 
-#[test]
-fn truncated_responses_eject_and_the_last_replica_stays() {
+fn truncated_responses_eject_and_the_last_replica_stays(io: &str) {
     let dir = TempDir::new("ejection-truncated");
     // A valid head, then the connection closes inside the body: the head went
     // to the client, so those requests fail, but only until the ejection.
@@ -145,7 +155,7 @@ fn truncated_responses_eject_and_the_last_replica_stays() {
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":",
     );
     let good = Upstream::start("good");
-    let k = start(&[&cut.url, &good.url()], &dir);
+    let k = start(io, &[&cut.url, &good.url()], &dir);
     let mut failed = 0;
     for _ in 0..30 {
         if completion(&k) != 200 {
@@ -163,7 +173,7 @@ fn truncated_responses_eject_and_the_last_replica_stays() {
     // Alone, a failing replica is never ejected: that would turn its share of
     // failures into every request failing.
     let dir = TempDir::new("ejection-alone");
-    let k = start(&[&cut.url], &dir);
+    let k = start(io, &[&cut.url], &dir);
     for _ in 0..5 {
         assert_ne!(completion(&k), 200);
     }
