@@ -237,6 +237,18 @@ impl Kvroute {
         .expect("admin request")
     }
 
+    /// The value of the Prometheus sample `series` (its name and labels as
+    /// `/metrics` writes them), if it is exported.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics").text();
+        text.lines()
+            .find(|l| {
+                l.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
     pub fn admin_put(&self, path: &str, body: &str) -> Response {
         request(
             self.admin,

@@ -49,11 +49,8 @@ fn start_with(io: &str, up: &Upstream, dir: &TempDir, extra: &str) -> Kvroute {
         "--replica",
         &up.url(),
     ]);
+    io_runtimes::assert_runs_on(&k, io);
     let state = k.admin_get("/state").json();
-    assert_eq!(
-        state["io"],
-        if io == "uring" { "io_uring" } else { "epoll" }
-    );
     let b = &state["connection_budget"];
     assert_eq!(b["max_connections"], CAP);
     assert_eq!(b["per_worker"], CAP);
@@ -99,14 +96,6 @@ fn closed_by_peer(s: &mut TcpStream, wait: Duration) -> bool {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ),
     }
-}
-
-fn metric(k: &Kvroute, series: &str) -> f64 {
-    let text = k.admin_get("/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A keep-alive connection that completed one request and now idles.
@@ -165,7 +154,8 @@ fn sheds_headless_oldest_first_and_serves_a_good_client(io: &str) {
         assert!(!closed_by_peer(c, Duration::from_millis(20)));
     }
     assert_eq!(
-        metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}"),
+        k.metric("kvroute_connection_sheds_total{reason=\"headless\"}")
+            .unwrap_or(0.0),
         5.0
     );
     wait_counts(&k, (WATERMARK as u64 - 1, 0, 0));
@@ -192,7 +182,8 @@ fn sheds_idle_only_without_headless_and_never_active(io: &str) {
         assert!(!c.peer_closed());
     }
     assert_eq!(
-        metric(&k, "kvroute_connection_sheds_total{reason=\"idle\"}"),
+        k.metric("kvroute_connection_sheds_total{reason=\"idle\"}")
+            .unwrap_or(0.0),
         1.0
     );
     // Streams were never shed: each still gets all its events.
@@ -222,7 +213,8 @@ fn refuses_with_503_when_nothing_can_be_shed(io: &str) {
     assert_eq!(e["error"]["code"], "too_many_connections");
     assert!(c.peer_closed());
     assert_eq!(
-        metric(&k, "kvroute_connection_sheds_total{reason=\"over_cap\"}"),
+        k.metric("kvroute_connection_sheds_total{reason=\"over_cap\"}")
+            .unwrap_or(0.0),
         1.0
     );
     assert_eq!(counts(&k), (0, 0, CAP as u64));
@@ -254,7 +246,9 @@ fn admin_answers_during_a_flood(io: &str) {
     assert_eq!(k.admin_get("/healthz").status, 200);
     good_request(&k);
     let ok = wait_until(Duration::from_secs(10), || {
-        metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}") >= (4 * CAP) as f64
+        k.metric("kvroute_connection_sheds_total{reason=\"headless\"}")
+            .unwrap_or(0.0)
+            >= (4 * CAP) as f64
     });
     assert!(ok, "sheds counted");
     let text = k.admin_get("/metrics").text();
@@ -308,7 +302,8 @@ fn sheds_silent_tls_connections_before_their_handshake(io: &str) {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"len\""));
     assert!(closed_by_peer(&mut conns[2], Duration::from_secs(5)));
     assert_eq!(
-        metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}"),
+        k.metric("kvroute_connection_sheds_total{reason=\"headless\"}")
+            .unwrap_or(0.0),
         3.0
     );
 }
@@ -336,9 +331,14 @@ fn derived_cap_keeps_a_flood_below_a_small_fd_limit(io: &str) {
     assert_eq!(k.admin_get("/healthz").status, 200);
     good_request(&k);
     assert_eq!(
-        metric(&k, "kvroute_accept_errors_total{reason=\"emfile\"}"),
+        k.metric("kvroute_accept_errors_total{reason=\"emfile\"}")
+            .unwrap_or(0.0),
         0.0
     );
-    assert!(metric(&k, "kvroute_connection_sheds_total{reason=\"headless\"}") >= 250.0);
+    assert!(
+        k.metric("kvroute_connection_sheds_total{reason=\"headless\"}")
+            .unwrap_or(0.0)
+            >= 250.0
+    );
     drop(flood);
 }

@@ -67,9 +67,7 @@ fn start(io: &str, replicas: &[&str], dir: &TempDir) -> Kvroute {
         &dir.path().join("kvroute.log"),
     );
     k.wait_ready();
-    // No silent fallback: the runtime asked for is the one that runs.
-    let expected = if io == "uring" { "io_uring" } else { "epoll" };
-    assert_eq!(k.admin_get("/state").json()["io"], expected);
+    io_runtimes::assert_runs_on(&k, io);
     k
 }
 

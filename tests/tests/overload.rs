@@ -49,9 +49,7 @@ fn start(io: &str, toml: &str, up: &Upstream, max_in_flight: u32) -> (Kvroute, T
         "--config",
         cfg.to_str().unwrap(),
     ]);
-    // No silent fallback: the runtime asked for is the one that runs.
-    let expected = if io == "uring" { "io_uring" } else { "epoll" };
-    assert_eq!(k.admin_get("/state").json()["io"], expected);
+    io_runtimes::assert_runs_on(&k, io);
     (k, dir)
 }
 
@@ -102,16 +100,8 @@ fn assert_refused(r: &Response, status: u16, code: &str) {
     assert!(secs >= 1, "retry-after {secs}");
 }
 
-/// Value of the Prometheus sample `name` (with its labels as written), if any.
-fn metric(k: &Kvroute, name: &str) -> Option<f64> {
-    let text = k.admin_get("/metrics").text();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn queue_depth(k: &Kvroute) -> f64 {
-    metric(k, "kvroute_queue_depth").unwrap_or(-1.0)
+    k.metric("kvroute_queue_depth").unwrap_or(-1.0)
 }
 
 /// Joins `handles` that have finished, keeping the others.
@@ -164,10 +154,7 @@ fn sheds_beyond_the_queue_and_serves_the_rest(io: &str) {
     assert_eq!(state["replicas"][0]["max_in_flight"], 2);
     assert_eq!(state["replicas"][0]["in_flight"], 2);
     assert_eq!(
-        metric(
-            &k,
-            "kvroute_overload_rejections_total{reason=\"queue_full\"}"
-        ),
+        k.metric("kvroute_overload_rejections_total{reason=\"queue_full\"}"),
         Some(14.0)
     );
     up.release();
@@ -177,7 +164,9 @@ fn sheds_beyond_the_queue_and_serves_the_rest(io: &str) {
     assert_eq!(up.seen().len(), 6);
     assert_eq!(queue_depth(&k), 0.0);
     // The queue recorded how long its requests waited.
-    assert!(metric(&k, "kvroute_queue_wait_seconds_count").is_some_and(|n| n >= 4.0));
+    assert!(k
+        .metric("kvroute_queue_wait_seconds_count")
+        .is_some_and(|n| n >= 4.0));
 }
 
 const ALICE: &str = "sk-alice-overload-01";
@@ -213,10 +202,7 @@ fn one_key_cannot_fill_the_queue(io: &str) {
     let b = stream(&k, &bob);
     assert!(wait_until(Duration::from_secs(10), || queue_depth(&k) == 3.0));
     assert_eq!(
-        metric(
-            &k,
-            "kvroute_overload_rejections_total{reason=\"queue_share\"}"
-        ),
+        k.metric("kvroute_overload_rejections_total{reason=\"queue_share\"}"),
         Some(3.0)
     );
     up.release();
@@ -376,10 +362,7 @@ fn queued_requests_leave_on_disconnect_and_timeout(io: &str) {
     // ... frees its place, on its leaving rather than its timeout.
     assert!(wait_until(Duration::from_secs(5), || queue_depth(&k) == 0.0));
     assert_eq!(
-        metric(
-            &k,
-            "kvroute_overload_rejections_total{reason=\"queue_timeout\"}"
-        ),
+        k.metric("kvroute_overload_rejections_total{reason=\"queue_timeout\"}"),
         None,
         "the waiter that left was timed out instead"
     );
@@ -393,10 +376,7 @@ fn queued_requests_leave_on_disconnect_and_timeout(io: &str) {
         t.elapsed()
     );
     assert_eq!(
-        metric(
-            &k,
-            "kvroute_overload_rejections_total{reason=\"queue_timeout\"}"
-        ),
+        k.metric("kvroute_overload_rejections_total{reason=\"queue_timeout\"}"),
         Some(1.0)
     );
     assert_eq!(up.seen().len(), 1, "the one who left was never sent");

@@ -28,3 +28,11 @@ pub fn uring_usable() -> bool {
         }
     }
 }
+
+/// Checks that kvroute runs the runtime `io` (`"uring"` or `"epoll"`) names:
+/// no silent fallback.
+#[allow(dead_code)]
+pub fn assert_runs_on(k: &kvroute_tests::harness::Kvroute, io: &str) {
+    let expected = if io == "uring" { "io_uring" } else { "epoll" };
+    assert_eq!(k.admin_get("/state").json()["io"], expected);
+}
