@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kvroute::replica::Pool;
+use kvroute_admin_api::Pool;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, Result};
@@ -341,9 +341,42 @@ impl Config {
     }
 }
 
+/// The address of a plain `http://host[:port][/]` URL (port 80 when left out),
+/// resolved once: the daemon's own requests to replicas are plain HTTP, and a
+/// name that does not resolve at start is a config error.
+pub fn http_url_addr(url: &str) -> Result<SocketAddr> {
+    let bad = |why: &str| ControlError::Invalid(format!("replica {url}: {why}"));
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("must start with http://"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(bad("expected http://host:port with no path"));
+    }
+    let has_port = match authority.rsplit_once(':') {
+        Some((h, p)) => {
+            !h.is_empty()
+                && !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']'))
+        }
+        None => false,
+    };
+    let with_port = if has_port {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    use std::net::ToSocketAddrs;
+    with_port
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| bad("resolved to no address"))
+}
+
 pub fn validate_replica(r: &ReplicaConfig) -> Result<()> {
-    kvroute::replica::parse_http_url(&r.url)
-        .map_err(|e| ControlError::Invalid(format!("replica {}: {e}", r.url)))?;
+    http_url_addr(&r.url)?;
     if let Some(ev) = &r.kv_events {
         kv_endpoint(ev, 0)?;
     }
@@ -436,6 +469,19 @@ mod tests {
         let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
+    }
+
+    #[test]
+    fn replica_urls_are_plain_http_with_no_path() {
+        assert!(http_url_addr("https://127.0.0.1:1").is_err());
+        assert!(http_url_addr("http://127.0.0.1:1/v1").is_err());
+        assert!(http_url_addr("http://").is_err());
+        assert_eq!(
+            http_url_addr("http://127.0.0.1:8001/").unwrap().port(),
+            8001
+        );
+        assert_eq!(http_url_addr("http://127.0.0.1").unwrap().port(), 80);
+        assert_eq!(http_url_addr("http://[::1]:9").unwrap().port(), 9);
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvroute::admin::ReplicaLoad;
-use kvroute::replica::{Pool, ReplicaSpec};
+use kvroute_admin_api::ReplicaLoad;
+use kvroute_admin_api::{Pool, ReplicaSpec};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -973,7 +973,7 @@ impl Daemon {
 /// with `max_tokens: 1`. Every replay must succeed: a standby that cannot serve
 /// its warm-up would not serve users either.
 async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) {
-    let mut merged: Vec<kvroute::admin::HotPrefix> = Vec::new();
+    let mut merged: Vec<kvroute_admin_api::HotPrefix> = Vec::new();
     let mut answered = false;
     for dp in dps {
         match dp.hot_prefixes(limit).await {
@@ -996,7 +996,7 @@ async fn prewarm_run(url: &str, dps: &[Dataplane], limit: usize) -> (bool, u32) 
     }
     merged.sort_by(|a, b| b.hits.cmp(&a.hits).then(a.anchor.cmp(&b.anchor)));
     tracing::info!(replica = %url, prefixes = merged.len().min(limit), "replaying hot prefixes");
-    let hot = kvroute::admin::HotPrefixes { prefixes: merged };
+    let hot = kvroute_admin_api::HotPrefixes { prefixes: merged };
     let Ok((target, _)) = http::split_url(url) else {
         return (false, 0);
     };
@@ -1105,8 +1105,8 @@ mod tests {
     use std::net::SocketAddr;
 
     fn hot(n: usize) -> String {
-        let prefixes: Vec<kvroute::admin::HotPrefix> = (0..n)
-            .map(|i| kvroute::admin::HotPrefix {
+        let prefixes: Vec<kvroute_admin_api::HotPrefix> = (0..n)
+            .map(|i| kvroute_admin_api::HotPrefix {
                 anchor: i as u64,
                 hits: 10,
                 model: Some("m".into()),
@@ -1116,7 +1116,7 @@ mod tests {
                 ),
             })
             .collect();
-        serde_json::to_string(&kvroute::admin::HotPrefixes { prefixes }).unwrap()
+        serde_json::to_string(&kvroute_admin_api::HotPrefixes { prefixes }).unwrap()
     }
 
     fn dp(addr: SocketAddr) -> Dataplane {

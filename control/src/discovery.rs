@@ -318,7 +318,7 @@ mod tests {
             Some("tcp://10.0.0.5:5558")
         );
         assert_eq!(r[1].url, "http://[fd00::1]:8000");
-        assert_eq!(r[1].pool, kvroute::replica::Pool::Warm);
+        assert_eq!(r[1].pool, kvroute_admin_api::Pool::Warm);
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //!
 //! It owns everything slow (discovery, health checks, `/metrics` scraping, KV
 //! events, warm pools) and pushes the result to data planes through their admin
-//! API, whose types it shares with the data plane (`kvroute::admin`).
+//! API, whose types it shares with the data plane (`kvroute-admin-api`).
 //!
 //! One daemon per set of data planes is the model. A second daemon pushing to the
 //! same data plane is visible in the data plane's `/state` (`last_push.sources`)

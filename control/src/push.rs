@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvroute::admin::{
+use kvroute_admin_api::ReplicaSpec;
+use kvroute_admin_api::{
     ClearApplied, ClearRequest, HotPrefixes, LoadApplied, LoadUpdate, ReplicaLoad, ReplicasUpdate,
     State,
 };
-use kvroute::replica::ReplicaSpec;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::Result;

@@ -153,7 +153,7 @@ pub fn render(shared: &Shared) -> String {
         "1 when the replica is in the active pool (configured or promoted).",
     );
     for r in &reps {
-        let v = u8::from(r.pool == kvroute::replica::Pool::Active && !r.draining);
+        let v = u8::from(r.pool == kvroute_admin_api::Pool::Active && !r.draining);
         let _ = writeln!(
             o,
             "kvroute_control_replica_active{{replica=\"{}\"}} {v}",

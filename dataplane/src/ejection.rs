@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use serde::{Deserialize, Serialize};
 
 /// When to eject and for how long (`[upstream] eject_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,20 +37,7 @@ pub enum Verdict {
     AlreadyOut { until_ms: u64 },
 }
 
-/// A replica's passive health as `/state` shows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EjectionState {
-    /// Out of rotation now (half-open with its probe under way counts).
-    pub ejected: bool,
-    /// Time left until the replica is half-open; absent when in rotation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ejected_for_ms: Option<u64>,
-    /// The failure that ejected it, while not readmitted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub consecutive_failures: u32,
-    pub ejections_total: u64,
-}
+pub use kvroute_admin_api::EjectionState;
 
 /// Per-replica ejection state, shared across spec changes of the replica.
 #[derive(Debug, Default)]

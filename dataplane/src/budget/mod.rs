@@ -64,6 +64,19 @@ pub fn derived_max_connections(nofile: u64) -> usize {
     (nofile.saturating_sub(reserve) / 2).clamp(1, usize::MAX as u64) as usize
 }
 
+impl From<Caps> for kvroute_admin_api::ConnectionBudget {
+    fn from(c: Caps) -> Self {
+        kvroute_admin_api::ConnectionBudget {
+            max_connections: c.max_connections,
+            per_worker: c.per_worker,
+            high_watermark: c.high_watermark,
+            nofile: c.nofile,
+            closing_max: c.closing_max,
+            derived: c.derived,
+        }
+    }
+}
+
 impl Caps {
     /// The caps for `configured` (`[limits] max_connections`, 0 = derive) on
     /// `workers` workers with `nofile` descriptors allowed.

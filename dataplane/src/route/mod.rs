@@ -138,13 +138,7 @@ impl Decision {
     }
 }
 
-/// A replica's prefill speed as a policy learned it.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LearnedSpeed {
-    pub prefill_bytes_per_s: f64,
-    pub ttft_overhead_s: f64,
-    pub observations: usize,
-}
+pub use kvroute_admin_api::LearnedSpeed;
 
 /// A routing policy. Implementations are shared by all workers.
 pub trait Router: Send + Sync + 'static {

@@ -73,40 +73,7 @@ impl SteeringPolicy {
     }
 }
 
-/// `steering` in `GET /state`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SteeringState {
-    /// What the config asked for: `ebpf`, `kernel` or `ebpf-required`.
-    pub requested: String,
-    /// What picks the worker now: `p2c`, `hash`, `cpu` (the program) or `kernel`.
-    pub mode: String,
-    /// Whether the program is attached to the listeners' reuseport group.
-    pub attached: bool,
-    /// Why the kernel's hash is in use when BPF was asked for.
-    pub fallback_reason: Option<String>,
-    /// Where the maps are pinned.
-    pub pin_dir: Option<String>,
-    pub workers: Vec<SteeringWorker>,
-    /// This process: tells the old from the new one across an upgrade.
-    #[serde(default)]
-    pub pid: u32,
-    /// Set once an upgrade handed the socket array to a newer process.
-    #[serde(default)]
-    pub released: bool,
-    /// The process an upgrade started (0: none).
-    #[serde(default)]
-    pub successor_pid: u32,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SteeringWorker {
-    pub id: usize,
-    /// Client connections open on the worker: the load the program balances.
-    pub live_streams: u64,
-    pub accepted_total: u64,
-    /// Connections the program sent to this worker (wrapping u32; 0 without BPF).
-    pub steered: u64,
-}
+pub use kvroute_admin_api::{SteeringState, SteeringWorker};
 
 /// Metric names (Prometheus).
 pub const METRIC_LIVE: &str = "kvroute_worker_live_streams";
