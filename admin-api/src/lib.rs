@@ -22,7 +22,7 @@ mod replica;
 mod state;
 mod update;
 
-pub use replica::{ExternalLoad, Pool, ReplicaSpec};
+pub use replica::{ExternalLoad, Pool, ReplicaSpec, ReplicaUrl, ReplicaUrlError};
 pub use state::{
     ConnectionBudget, EjectionState, LearnedSpeed, ReplicaState, State, SteeringState,
     SteeringWorker, WorkerState,

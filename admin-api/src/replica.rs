@@ -89,6 +89,73 @@ pub struct ExternalLoad {
     pub kv_usage: f32,
 }
 
+/// A replica URL, `http(s)://host[:port][/]`, split the way both ends read it:
+/// the data plane to connect (and verify TLS), the control daemon to probe.
+/// Splitting only; resolving the host is the caller's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaUrl<'a> {
+    /// `https://`.
+    pub tls: bool,
+    /// The host as written (an IPv6 address keeps its brackets).
+    pub host: &'a str,
+    /// `host[:port]` as written, for the `Host` header.
+    pub authority: &'a str,
+    /// `host:port` with the scheme's port (80, 443) filled in when left out:
+    /// what to resolve.
+    pub host_port: String,
+}
+
+/// Why a replica URL does not split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaUrlError {
+    Scheme,
+    Path,
+}
+
+impl std::fmt::Display for ReplicaUrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplicaUrlError::Scheme => "must start with http:// or https://",
+            ReplicaUrlError::Path => "expected http(s)://host:port with no path",
+        })
+    }
+}
+
+impl std::error::Error for ReplicaUrlError {}
+
+impl<'a> ReplicaUrl<'a> {
+    pub fn parse(url: &'a str) -> Result<ReplicaUrl<'a>, ReplicaUrlError> {
+        let (rest, default_port, tls) = if let Some(r) = url.strip_prefix("http://") {
+            (r, 80, false)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (r, 443, true)
+        } else {
+            return Err(ReplicaUrlError::Scheme);
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(ReplicaUrlError::Path);
+        }
+        let (host, host_port) = match authority.rsplit_once(':') {
+            Some((h, p))
+                if !h.is_empty()
+                    && !p.is_empty()
+                    && p.bytes().all(|b| b.is_ascii_digit())
+                    && (!h.contains(':') || h.ends_with(']')) =>
+            {
+                (h, authority.to_string())
+            }
+            _ => (authority, format!("{authority}:{default_port}")),
+        };
+        Ok(ReplicaUrl {
+            tls,
+            host,
+            authority,
+            host_port,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +168,32 @@ mod tests {
         let warm: ReplicaSpec =
             serde_json::from_str(r#"{"url":"http://h:1","pool":"warm","healthy":false}"#).unwrap();
         assert_eq!((warm.pool, warm.healthy), (Pool::Warm, false));
+    }
+
+    #[test]
+    fn urls_split_into_host_authority_and_the_address_to_resolve() {
+        let u = ReplicaUrl::parse("http://127.0.0.1:8001/").unwrap();
+        assert_eq!(
+            (u.tls, u.host, u.authority),
+            (false, "127.0.0.1", "127.0.0.1:8001")
+        );
+        assert_eq!(u.host_port, "127.0.0.1:8001");
+        let u = ReplicaUrl::parse("https://localhost").unwrap();
+        assert_eq!(
+            (u.tls, u.host, u.host_port.as_str()),
+            (true, "localhost", "localhost:443")
+        );
+        assert_eq!(
+            ReplicaUrl::parse("http://[::1]").unwrap().host_port,
+            "[::1]:80"
+        );
+        assert_eq!(ReplicaUrl::parse("http://[::1]:9").unwrap().host, "[::1]");
+        assert_eq!(ReplicaUrl::parse("ftp://x:1"), Err(ReplicaUrlError::Scheme));
+        assert_eq!(
+            ReplicaUrl::parse("http://h:1/v1"),
+            Err(ReplicaUrlError::Path)
+        );
+        assert_eq!(ReplicaUrl::parse("http://"), Err(ReplicaUrlError::Path));
     }
 
     #[test]

@@ -346,29 +346,12 @@ impl Config {
 /// name that does not resolve at start is a config error.
 pub fn http_url_addr(url: &str) -> Result<SocketAddr> {
     let bad = |why: &str| ControlError::Invalid(format!("replica {url}: {why}"));
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| bad("must start with http://"))?;
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        return Err(bad("expected http://host:port with no path"));
+    if !url.starts_with("http://") {
+        return Err(bad("must start with http://"));
     }
-    let has_port = match authority.rsplit_once(':') {
-        Some((h, p)) => {
-            !h.is_empty()
-                && !p.is_empty()
-                && p.bytes().all(|b| b.is_ascii_digit())
-                && (!h.contains(':') || h.ends_with(']'))
-        }
-        None => false,
-    };
-    let with_port = if has_port {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
+    let u = kvroute_admin_api::ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
     use std::net::ToSocketAddrs;
-    with_port
+    u.host_port
         .to_socket_addrs()
         .map_err(|e| bad(&format!("cannot resolve: {e}")))?
         .next()

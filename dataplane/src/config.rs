@@ -512,7 +512,7 @@ weight = 2
         let c = Config::from_toml("workers = 4\n[limits]\nmax_connections = 40\n").unwrap();
         c.validate().unwrap();
         assert_eq!(c.limits.max_connections, 40);
-        let caps = crate::budget::Caps::new(c.limits.max_connections, c.worker_count(), 1024);
+        let caps = crate::budget::caps(c.limits.max_connections, c.worker_count(), 1024);
         assert_eq!((caps.max_connections, caps.per_worker), (40, 10));
         let e = Config::from_toml("[limits]\nmax_connections = -1\n").unwrap_err();
         assert!(e.to_string().contains("max_connections"), "{e}");

@@ -409,42 +409,22 @@ impl Endpoint {
     /// owns re-resolution.
     pub fn parse(url: &str) -> Result<Endpoint, Error> {
         let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
-        let (rest, default_port, tls) = if let Some(r) = url.strip_prefix("http://") {
-            (r, 80, false)
-        } else if let Some(r) = url.strip_prefix("https://") {
-            (r, 443, true)
-        } else {
-            return Err(bad("must start with http:// or https://"));
-        };
-        let authority = rest.trim_end_matches('/');
-        if authority.is_empty() || authority.contains('/') {
-            return Err(bad("expected http(s)://host:port with no path"));
-        }
-        let (host, with_port) = match authority.rsplit_once(':') {
-            Some((h, p))
-                if !h.is_empty()
-                    && !p.is_empty()
-                    && p.bytes().all(|b| b.is_ascii_digit())
-                    && (!h.contains(':') || h.ends_with(']')) =>
-            {
-                (h, authority.to_string())
-            }
-            _ => (authority, format!("{authority}:{default_port}")),
-        };
-        let tls = if tls {
-            Some(crate::tls::upstream::server_name(host).map_err(|e| bad(&e))?)
+        let u = kvroute_admin_api::ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
+        let tls = if u.tls {
+            Some(crate::tls::upstream::server_name(u.host).map_err(|e| bad(&e))?)
         } else {
             None
         };
         use std::net::ToSocketAddrs;
-        let addr = with_port
+        let addr = u
+            .host_port
             .to_socket_addrs()
             .map_err(|e| bad(&format!("cannot resolve: {e}")))?
             .next()
             .ok_or_else(|| bad("resolved to no address"))?;
         Ok(Endpoint {
             addr,
-            authority: authority.to_string(),
+            authority: u.authority.to_string(),
             tls,
         })
     }

@@ -71,7 +71,7 @@ impl Shared {
         let n = cfg.worker_count();
         let (tls, upstream_tls) = load_tls(&cfg)?;
         let nofile = crate::budget::fd_limit().unwrap_or(1024);
-        let budget = crate::budget::Caps::new(cfg.limits.max_connections, n, nofile);
+        let budget = crate::budget::caps(cfg.limits.max_connections, n, nofile);
         Ok(Arc::new(Shared {
             budget,
             tls,
@@ -380,7 +380,7 @@ fn log_budget(b: &crate::budget::Caps) {
         derived = b.derived,
         "connection budget"
     );
-    if b.exceeds_fd_limit() {
+    if crate::budget::exceeds_fd_limit(b) {
         tracing::warn!(
             max_connections = b.max_connections,
             nofile = b.nofile,

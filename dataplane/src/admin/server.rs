@@ -402,7 +402,7 @@ pub fn state(shared: &Shared) -> State {
             .collect(),
         steering: shared.steering.state(),
         last_push: with_log(|log| log.last_push.clone()),
-        connection_budget: Some(shared.budget.into()),
+        connection_budget: Some(shared.budget),
     }
 }
 

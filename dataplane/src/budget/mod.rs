@@ -19,8 +19,6 @@ pub mod registry;
 
 pub use refuse::refuse;
 
-use serde::{Deserialize, Serialize};
-
 /// Descriptors kept out of the client budget for everything that is not a
 /// client or its upstream connection: the admin API's listeners and its
 /// clients (`/metrics` scrapes, `/state`, the control daemon's pushes), the
@@ -32,25 +30,9 @@ pub const FD_RESERVE: u64 = 256;
 /// connections are shed to make room for new ones, in percent.
 pub const HIGH_WATERMARK_PERCENT: usize = 90;
 
-/// The caps in force, as `/state` shows them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Caps {
-    /// Client connections over all workers.
-    pub max_connections: usize,
-    /// Client connections one worker holds (`max_connections / workers`, rounded up).
-    pub per_worker: usize,
-    /// Above this many a worker sheds before it accepts.
-    pub high_watermark: usize,
-    /// The soft `RLIMIT_NOFILE` the caps were derived from (or checked against).
-    pub nofile: u64,
-    /// Sockets a worker lets be closing at once (shed, their tasks not yet
-    /// run; refusals being written) before it stops accepting for a moment:
-    /// a slice of the reserve, so a fast flood cannot push past the limit.
-    #[serde(default)]
-    pub closing_max: usize,
-    /// Derived from `nofile` (`max_connections` was 0 or absent).
-    pub derived: bool,
-}
+/// The caps in force: `/state` shows them as they are (the admin API's
+/// `ConnectionBudget`), so they are defined once, there.
+pub use kvroute_admin_api::ConnectionBudget as Caps;
 
 /// The global cap `RLIMIT_NOFILE` allows: `(nofile - reserve) / 2`, where the
 /// reserve is [`FD_RESERVE`] (a quarter of `nofile` when that is smaller), and
@@ -64,45 +46,30 @@ pub fn derived_max_connections(nofile: u64) -> usize {
     (nofile.saturating_sub(reserve) / 2).clamp(1, usize::MAX as u64) as usize
 }
 
-impl From<Caps> for kvroute_admin_api::ConnectionBudget {
-    fn from(c: Caps) -> Self {
-        kvroute_admin_api::ConnectionBudget {
-            max_connections: c.max_connections,
-            per_worker: c.per_worker,
-            high_watermark: c.high_watermark,
-            nofile: c.nofile,
-            closing_max: c.closing_max,
-            derived: c.derived,
-        }
+/// The caps for `configured` (`[limits] max_connections`, 0 = derive) on
+/// `workers` workers with `nofile` descriptors allowed.
+pub fn caps(configured: usize, workers: usize, nofile: u64) -> Caps {
+    let derived = configured == 0;
+    let max_connections = if derived {
+        derived_max_connections(nofile)
+    } else {
+        configured
+    };
+    let per_worker = max_connections.div_ceil(workers.max(1));
+    Caps {
+        max_connections,
+        per_worker,
+        high_watermark: high_watermark(per_worker),
+        nofile,
+        closing_max: closing_max(nofile, workers),
+        derived,
     }
 }
 
-impl Caps {
-    /// The caps for `configured` (`[limits] max_connections`, 0 = derive) on
-    /// `workers` workers with `nofile` descriptors allowed.
-    pub fn new(configured: usize, workers: usize, nofile: u64) -> Caps {
-        let derived = configured == 0;
-        let max_connections = if derived {
-            derived_max_connections(nofile)
-        } else {
-            configured
-        };
-        let per_worker = max_connections.div_ceil(workers.max(1));
-        Caps {
-            max_connections,
-            per_worker,
-            high_watermark: high_watermark(per_worker),
-            nofile,
-            closing_max: closing_max(nofile, workers),
-            derived,
-        }
-    }
-
-    /// True when a configured cap needs more descriptors than `nofile` allows,
-    /// so `EMFILE` would come first.
-    pub fn exceeds_fd_limit(&self) -> bool {
-        !self.derived && self.max_connections > derived_max_connections(self.nofile)
-    }
+/// True when a configured cap needs more descriptors than `nofile` allows,
+/// so `EMFILE` would come first.
+pub fn exceeds_fd_limit(c: &Caps) -> bool {
+    !c.derived && c.max_connections > derived_max_connections(c.nofile)
 }
 
 /// A quarter of the reserve split over the workers, between 1 and 64.
@@ -139,10 +106,10 @@ mod tests {
         assert_eq!(derived_max_connections(65_536), (65_536 - 256) / 2);
         assert_eq!(derived_max_connections(1_048_576), (1_048_576 - 256) / 2);
         // A small limit keeps a quarter in reserve instead of all of it.
-        assert_eq!(Caps::new(0, 1, 128).closing_max, 8);
-        assert_eq!(Caps::new(0, 2, 20_000).closing_max, 32);
-        assert_eq!(Caps::new(0, 1, 1 << 20).closing_max, 64);
-        assert_eq!(Caps::new(0, 64, 128).closing_max, 1);
+        assert_eq!(caps(0, 1, 128).closing_max, 8);
+        assert_eq!(caps(0, 2, 20_000).closing_max, 32);
+        assert_eq!(caps(0, 1, 1 << 20).closing_max, 64);
+        assert_eq!(caps(0, 64, 128).closing_max, 1);
         assert_eq!(derived_max_connections(100), (100 - 25) / 2);
         assert_eq!(derived_max_connections(0), 1);
         assert_eq!(derived_max_connections(2), 1);
@@ -150,29 +117,29 @@ mod tests {
 
     #[test]
     fn per_worker_cap_rounds_up_and_watermark_is_below_it() {
-        let c = Caps::new(0, 2, 20_000);
+        let c = caps(0, 2, 20_000);
         assert!(c.derived);
         assert_eq!(c.max_connections, (20_000 - 256) / 2);
         assert_eq!(c.per_worker, c.max_connections.div_ceil(2));
         assert_eq!(c.high_watermark, c.per_worker * 9 / 10);
 
-        let c = Caps::new(41, 4, 20_000);
+        let c = caps(41, 4, 20_000);
         assert!(!c.derived);
         assert_eq!(c.per_worker, 11);
         assert_eq!(c.high_watermark, 9);
-        assert!(!c.exceeds_fd_limit());
+        assert!(!exceeds_fd_limit(&c));
 
-        let c = Caps::new(40, 1, 20_000);
+        let c = caps(40, 1, 20_000);
         assert_eq!((c.per_worker, c.high_watermark), (40, 36));
         // Tiny caps still shed before refusing.
-        assert_eq!(Caps::new(1, 1, 1024).high_watermark, 1);
-        assert_eq!(Caps::new(2, 1, 1024).high_watermark, 1);
-        assert_eq!(Caps::new(5, 1, 1024).high_watermark, 4);
+        assert_eq!(caps(1, 1, 1024).high_watermark, 1);
+        assert_eq!(caps(2, 1, 1024).high_watermark, 1);
+        assert_eq!(caps(5, 1, 1024).high_watermark, 4);
     }
 
     #[test]
     fn a_configured_cap_above_the_fd_limit_is_flagged() {
-        assert!(Caps::new(10_000, 2, 1024).exceeds_fd_limit());
-        assert!(!Caps::new(384, 2, 1024).exceeds_fd_limit());
+        assert!(exceeds_fd_limit(&caps(10_000, 2, 1024)));
+        assert!(!exceeds_fd_limit(&caps(384, 2, 1024)));
     }
 }
