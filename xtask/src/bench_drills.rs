@@ -206,6 +206,7 @@ impl Rig {
             prefill_overhead_ms: crate::fleet::SIM_PREFILL_OVERHEAD_MS,
             decode_tps: 50.0,
             max_seqs: 256,
+            prefill_speeds: Vec::new(),
         };
         let mut sims = Vec::new();
         for i in 0..a.replicas {

@@ -21,14 +21,18 @@ use kvroute_tests::sim::engine::Timing;
 use serde::Serialize;
 
 use crate::fleet::measure::{load_args, measure, Measured};
-use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
+use crate::fleet::peers::{self, Gateway};
+use crate::fleet::{self, Bins, Candidate, Fleet, RouterSpec, SimSpec};
 use crate::procs::root;
 use crate::replay::{replay, FleetModel};
+
+mod matrix;
 
 /// kvroute's policies, in the order rows are printed; those the binary does not know are
 /// skipped with a note, so the benchmark runs before and after a policy is merged.
 const KVROUTE_POLICIES: &str = "round-robin,least-loaded,consistent-hash,kv-aware";
-const SGLANG_POLICIES: &str = "cache_aware,round_robin";
+const SMG_POLICIES: &str = "cache_aware";
+const SGLANG_POLICIES: &str = "cache_aware";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WorkloadArg {
@@ -44,7 +48,7 @@ pub struct Args {
     opts: Box<Opts>,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct Opts {
     /// Which workload(s) to run.
     #[arg(long, value_enum, default_value = "both")]
@@ -80,6 +84,15 @@ pub struct Opts {
     /// Synthetic: new conversations per second.
     #[arg(long, default_value_t = 24.0)]
     pub rate: f64,
+    /// Synthetic: users per tenant fall as 1 / rank^skew (same total); 0 for equal tenants.
+    #[arg(long, default_value_t = 0.0)]
+    pub tenant_skew: f64,
+    /// Synthetic: fraction of requests that are one-off prompts sharing nothing.
+    #[arg(long, default_value_t = 0.0)]
+    pub unshared_fraction: f64,
+    /// Synthetic: bytes of each one-off prompt.
+    #[arg(long, default_value_t = 1024)]
+    pub unshared_bytes: usize,
     /// Simulated replicas.
     #[arg(long, default_value_t = 4)]
     pub replicas: usize,
@@ -95,15 +108,25 @@ pub struct Opts {
     /// Replica prefill throughput, tokens per simulated second.
     #[arg(long, default_value_t = 8000.0)]
     pub prefill_tps: f64,
+    /// Per-replica multipliers of --prefill-tps, cycled over the replicas (comma-separated,
+    /// e.g. `2,1,1,0.5` for a fleet of mixed GPU generations); empty for all alike.
+    #[arg(long, value_delimiter = ',')]
+    pub prefill_speeds: Vec<f64>,
     /// kvroute policies to compare (comma-separated).
     #[arg(long, default_value = KVROUTE_POLICIES, value_delimiter = ',')]
     pub policies: Vec<String>,
-    /// SGLang router policies to compare (comma-separated; empty to leave SGLang out).
+    /// Policies of SGLang's current gateway (smg 1.13.0) to compare (comma-separated; empty
+    /// to leave it out). It runs from a venv under target/bench-peers, made from PyPI.
+    #[arg(long, default_value = SMG_POLICIES, value_delimiter = ',')]
+    pub smg_policies: Vec<String>,
+    /// Policies of SGLang's older router (sglang-router 0.3.2) to compare (comma-separated;
+    /// empty to leave it out).
     #[arg(long, default_value = SGLANG_POLICIES, value_delimiter = ',')]
     pub sglang_policies: Vec<String>,
-    /// Python that has `sglang-router` installed.
-    #[arg(long, default_value = "python3")]
-    pub python: String,
+    /// Python that has `sglang-router` installed (default: a venv under target/bench-peers,
+    /// made from PyPI).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
     /// Also run the cache-aware policies (kvroute kv-aware, SGLang cache_aware) as this many
     /// independent router instances over one fleet, each request sent to one of them at
     /// random (comma-separated counts; `1` for none).
@@ -122,6 +145,14 @@ pub struct Opts {
     /// build); its policies are detected the same way.
     #[arg(long)]
     pub kvroute_bin: Option<PathBuf>,
+    /// Run the robustness matrix (`xtask/src/bench_routing/matrix.rs`) instead of the workloads
+    /// above: every cell a workload on a fleet, each with kvroute kv-aware and the peers
+    /// beside it, reported as ratios against smg's cache_aware; with `--offline`, replayed.
+    #[arg(long)]
+    pub matrix: bool,
+    /// With --matrix: only these cells (comma-separated names; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub matrix_cells: Vec<String>,
     /// Copy routing.md and routing.svg into docs/bench/.
     #[arg(long)]
     pub publish: bool,
@@ -147,14 +178,21 @@ struct Report {
     api: &'static str,
     /// The command line that produced this report.
     command: String,
-    /// Version of the `sglang-router` Python package, when it was found.
-    sglang_router: Option<String>,
+    #[serde(flatten)]
+    peers: Peers,
     workloads: Vec<WorkloadResult>,
+}
+
+/// Versions of the peer gateways that ran, when they were found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Peers {
+    pub smg: Option<String>,
+    pub sglang_router: Option<String>,
 }
 
 #[derive(Serialize)]
 struct WorkloadResult {
-    name: &'static str,
+    name: String,
     description: String,
     requests: usize,
     target_rps: f64,
@@ -183,9 +221,6 @@ enum Outcome {
     Failed { error: String },
 }
 
-/// A router to try, or the reason it cannot be.
-type Candidate = (String, Result<RouterSpec, String>);
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     let a = *args.opts;
     if a.engine.engine == crate::llama_routing::Engine::LlamaCpp {
@@ -193,8 +228,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &a.engine,
             &crate::llama_routing::BenchOpts {
                 policies: &a.policies,
+                smg_policies: &a.smg_policies,
                 sglang_policies: &a.sglang_policies,
-                python: &a.python,
+                python: a.python.as_deref(),
                 kvroute_workers: a.kvroute_workers,
                 no_build: a.no_build,
                 json: a.json,
@@ -219,17 +255,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::ensure!(k.is_file(), "--kvroute-bin {}: no such file", k.display());
         bins.kvroute = k.clone();
     }
-    let (candidates, sglang_router) = candidates(&a, &bins)?;
     let out_dir = fleet::bench_dir();
     let log_dir = out_dir.join("logs");
 
-    let workloads = workloads(&a, trace.as_deref());
     let mut results = Vec::new();
-    for (name, description, workload) in workloads {
+    let mut peers = Peers::default();
+    for Case {
+        name,
+        description,
+        opts: c,
+        workload,
+    } in cases(&a, trace.as_deref())
+    {
+        let (candidates, found) = candidates(&c, &bins)?;
+        peers.smg = peers.smg.or(found.smg);
+        peers.sglang_router = peers.sglang_router.or(found.sglang_router);
         let plan = workload
             .plan()
             .with_context(|| format!("plan the {name} workload"))?;
-        let (sim, ws) = sim_spec(&a, &plan);
+        let (sim, ws) = sim_spec(&c, &plan);
         let stats = plan.stats();
         let floor = fleet::ttft_floor_ms(&plan, &sim);
         let lru = fleet::lru_ceiling(&plan, &sim);
@@ -243,11 +287,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             lru * 100.0,
             floor.0,
             floor.1,
-            a.replicas,
+            c.replicas,
             sim.kv_blocks,
-            a.time_scale
+            c.time_scale
         );
-        let mode = if a.chat {
+        let mode = if c.chat {
             ApiMode::Chat
         } else {
             ApiMode::Completions
@@ -266,7 +310,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     let t = Instant::now();
                     // Whole lines only: the progress lines of the run come in between.
                     eprintln!("   {label}: starting the fleet and replaying…");
-                    match one_row(&bins, &sim, spec, &log_dir, name, &plan, &largs) {
+                    match one_row(&bins, &sim, spec, &log_dir, &name, &plan, &largs) {
                         Ok(m) => {
                             eprintln!(
                                 "   {label}: hit {:.1} %, TTFT p50 {:.1} ms p99 {:.1} ms, {} errors ({:.0} s)",
@@ -326,7 +370,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" "),
-        sglang_router,
+        peers,
         workloads: results,
     };
     std::fs::create_dir_all(&out_dir)?;
@@ -342,6 +386,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{json}");
     } else {
         println!("\n{}", terminal_tables(&report));
+        if let Some(m) = matrix::summary(&report.workloads) {
+            println!("{m}");
+        }
     }
     eprintln!(
         "wrote {}, {} and {} ({:.0} s in all)",
@@ -380,8 +427,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Every router the run asks for, each either ready to start or with the reason it is not,
-/// and the sglang-router version found (if any).
-fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<String>)> {
+/// and the peers' versions found.
+fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Peers)> {
     let supported = bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
     // One instance of every policy; more only of those whose quality depends on what each
     // instance has learned: the multi-instance rows ask how much survives the split.
@@ -414,30 +461,22 @@ fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Option<S
             out.push((instances, (label, spec)));
         }
     }
-    let sglang: Vec<&String> = a.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
-    let mut version = None;
-    if !sglang.is_empty() {
-        let available = fleet::sglang_router_available(&a.python);
-        if let Ok(v) = &available {
-            eprintln!("sglang-router {v} found");
-            version = Some(v.clone());
-        }
-        for p in sglang {
-            for instances in instance_counts(p) {
-                let spec = RouterSpec::Sglang {
-                    policy: p.clone(),
-                    python: a.python.clone(),
-                    instances,
-                };
-                let label = spec.label();
-                out.push((instances, (label, available.clone().map(|_| spec))));
-            }
-        }
-    }
+    let mut versions = Peers::default();
+    let (smg, v) = peers::rows(Gateway::Smg, &a.smg_policies, None, instance_counts);
+    out.extend(smg);
+    versions.smg = v;
+    let (sglang, v) = peers::rows(
+        Gateway::SglangRouter,
+        &a.sglang_policies,
+        a.python.as_deref(),
+        instance_counts,
+    );
+    out.extend(sglang);
+    versions.sglang_router = v;
     // Single-instance rows first (the comparison the table has always had), then the
     // multi-instance ones, each group in the order asked for (the sort is stable).
     out.sort_by_key(|(instances, _)| *instances > 1);
-    Ok((out.into_iter().map(|(_, c)| c).collect(), version))
+    Ok((out.into_iter().map(|(_, c)| c).collect(), versions))
 }
 
 /// For each router run as several instances, its combined hit ratio against the same
@@ -527,7 +566,7 @@ fn workload_header(w: &WorkloadResult) -> String {
     format!(
         "{}: {} requests at {:.1} req/s; ideal hit ratio {} (one infinite cache), {} with one LRU cache \
          the size of the fleet's; TTFT floor p50 {:.1} ms, p99 {:.1} ms (one infinite cache, no queueing); {} replicas x {} KV blocks of {} tokens ({:.0} % of the {}-block working set fits the fleet); \
-         replica time scale {}",
+         replica time scale {}, prefill {} tokens/s{}",
         w.description,
         w.requests,
         w.target_rps,
@@ -540,7 +579,14 @@ fn workload_header(w: &WorkloadResult) -> String {
         w.sim.block_tokens,
         (w.sim.kv_blocks * w.sim.replicas) as f64 * 100.0 / w.working_set_blocks.max(1) as f64,
         w.working_set_blocks,
-        w.sim.time_scale
+        w.sim.time_scale,
+        w.sim.prefill_tps,
+        if w.sim.prefill_speeds.is_empty() {
+            String::new()
+        } else {
+            let x: Vec<String> = w.sim.prefill_speeds.iter().map(|v| format!("{v}")).collect();
+            format!(" x ({}) by replica", x.join(", "))
+        }
     )
 }
 
@@ -597,6 +643,9 @@ fn markdown(r: &Report) -> String {
          wall-clock ms (simulated time runs at the stated time scale).\n",
         r.generated, r.machine, r.git, r.api
     );
+    if let Some(m) = matrix::summary(&r.workloads) {
+        let _ = writeln!(o, "## Against smg, cell by cell\n\n{m}");
+    }
     for w in &r.workloads {
         let _ = writeln!(o, "## {}\n", w.name);
         let _ = writeln!(o, "{}\n", workload_header(w));
@@ -631,7 +680,15 @@ fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(o, "## Notes\n");
     let _ = writeln!(o, "- Reproduce: `{}`", r.command);
-    if let Some(v) = &r.sglang_router {
+    if let Some(v) = &r.peers.smg {
+        let _ = writeln!(
+            o,
+            "- SGLang's current gateway is the `smg` {v} package from PyPI (\"Shepherd Model \
+             Gateway\"), started with `smg launch --worker-urls … --policy P` and its default \
+             tuning."
+        );
+    }
+    if let Some(v) = &r.peers.sglang_router {
         let _ = writeln!(
             o,
             "- SGLang's router is the `sglang-router` {v} package from PyPI, started with \
@@ -796,11 +853,17 @@ fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
         cfg.validate()?;
         configs.push((o.as_str(), cfg));
     }
-    for (name, description, workload) in workloads(a, trace.as_deref()) {
+    for Case {
+        name,
+        description,
+        opts,
+        workload,
+    } in cases(a, trace.as_deref())
+    {
         let plan = workload
             .plan()
             .with_context(|| format!("plan the {name} workload"))?;
-        let (sim, _) = sim_spec(a, &plan);
+        let (sim, _) = sim_spec(&opts, &plan);
         let model = FleetModel {
             replicas: sim.replicas,
             kv_blocks: sim.kv_blocks,
@@ -813,6 +876,7 @@ fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
                 ..Timing::default()
             },
             max_seqs: sim.max_seqs,
+            prefill_speeds: sim.prefill_speeds.clone(),
         };
         println!(
             "== {name} (offline): {description}; fleet-sized LRU {:.2} %",
@@ -837,10 +901,48 @@ fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One workload on one fleet: a table of the report.
+pub struct Case {
+    pub name: String,
+    pub description: String,
+    /// The options of this case (the command line's, or a matrix cell's).
+    pub opts: Opts,
+    pub workload: Workload,
+}
+
+/// What the run measures: the workloads `--workload` selects on the fleet the options
+/// describe, or with `--matrix`, every cell of the robustness matrix.
+fn cases(a: &Opts, trace: Option<&Path>) -> Vec<Case> {
+    if a.matrix {
+        return matrix::cells(a)
+            .into_iter()
+            .flat_map(|(cell, opts)| {
+                workloads(&opts, trace)
+                    .into_iter()
+                    .map(move |(_, description, workload)| Case {
+                        name: cell.name.to_owned(),
+                        description: format!("{}: {description}", cell.what),
+                        opts: opts.clone(),
+                        workload,
+                    })
+            })
+            .collect();
+    }
+    workloads(a, trace)
+        .into_iter()
+        .map(|(name, description, workload)| Case {
+            name: name.to_owned(),
+            description,
+            opts: a.clone(),
+            workload,
+        })
+        .collect()
+}
+
 /// The workloads `--workload` selects, with their descriptions.
 fn workloads(a: &Opts, trace: Option<&Path>) -> Vec<(&'static str, String, Workload)> {
     let mut workloads = Vec::new();
-    if let Some(path) = trace {
+    if let Some(path) = trace.filter(|_| a.workload != WorkloadArg::Synthetic) {
         let w = Workload::Trace {
             path: path.to_path_buf(),
             skip: a.skip,
@@ -860,6 +962,22 @@ fn workloads(a: &Opts, trace: Option<&Path>) -> Vec<(&'static str, String, Workl
         workloads.push(("trace", desc, w));
     }
     if a.workload != WorkloadArg::Trace {
+        let mut desc = format!(
+            "synthetic shared prefix: {} tenants x {} users x {} turns, {} B system prompts, \
+             {} new conversations/s",
+            a.groups, a.users, a.turns, a.system_bytes, a.rate
+        );
+        if a.tenant_skew > 0.0 {
+            let _ = write!(desc, ", tenant sizes falling as 1/rank^{}", a.tenant_skew);
+        }
+        if a.unshared_fraction > 0.0 {
+            let _ = write!(
+                desc,
+                ", {:.0} % of requests one-off {} B prompts",
+                a.unshared_fraction * 100.0,
+                a.unshared_bytes
+            );
+        }
         let cfg = SharedPrefixConfig {
             groups: a.groups,
             users: a.users,
@@ -870,12 +988,10 @@ fn workloads(a: &Opts, trace: Option<&Path>) -> Vec<(&'static str, String, Workl
             rate: a.rate,
             max_tokens: 16,
             seed: 0,
+            tenant_skew: a.tenant_skew,
+            unshared_fraction: a.unshared_fraction,
+            unshared_bytes: a.unshared_bytes,
         };
-        let desc = format!(
-            "synthetic shared prefix: {} tenants x {} users x {} turns, {} B system prompts, \
-             {} new conversations/s",
-            a.groups, a.users, a.turns, a.system_bytes, a.rate
-        );
         workloads.push(("synthetic", desc, Workload::SharedPrefix(cfg)));
     }
 
@@ -893,6 +1009,7 @@ fn sim_spec(a: &Opts, plan: &Plan) -> (SimSpec, u64) {
         prefill_overhead_ms: fleet::SIM_PREFILL_OVERHEAD_MS,
         decode_tps: 50.0,
         max_seqs: 256,
+        prefill_speeds: a.prefill_speeds.clone(),
     };
     let ws = fleet::working_set_blocks(plan, sim.block_bytes());
     sim.kv_blocks = a.kv_blocks.unwrap_or_else(|| {
@@ -924,9 +1041,9 @@ mod tests {
             machine: "2 cores".into(),
             api: "/v1/completions",
             command: "cargo xtask bench routing".into(),
-            sglang_router: None,
+            peers: Peers::default(),
             workloads: vec![WorkloadResult {
-                name: "trace",
+                name: "trace".into(),
                 description: "d".into(),
                 requests: 4,
                 target_rps: 1.0,
@@ -943,6 +1060,7 @@ mod tests {
                     prefill_overhead_ms: 10.0,
                     decode_tps: 50.0,
                     max_seqs: 256,
+                    prefill_speeds: Vec::new(),
                 },
                 rows: vec![
                     Row {

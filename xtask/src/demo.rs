@@ -104,6 +104,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         prefill_overhead_ms: fleet::SIM_PREFILL_OVERHEAD_MS,
         decode_tps: 50.0,
         max_seqs: 256,
+        prefill_speeds: Vec::new(),
     };
     // Half the window's working set fits in the fleet: enough to reward routing that keeps a
     // conversation on the replica holding its prefix, too little for any router to get it free.

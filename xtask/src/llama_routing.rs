@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::fleet::llama::{measure, EngineMeasured, LlamaFleet, LlamaSpec};
 use crate::fleet::measure::load_args;
+use crate::fleet::peers::{self, Gateway};
 use crate::fleet::{self, Bins, RouterSpec};
 use crate::llama::Llama;
 
@@ -84,6 +85,7 @@ impl EngineOpts {
             rate: self.llama_rate,
             max_tokens: 16,
             seed: 0,
+            ..SharedPrefixConfig::default()
         }
     }
 
@@ -269,8 +271,9 @@ fn ensure_no_failures(rows: &[Row]) -> anyhow::Result<()> {
 /// The bench's options that the real-engine cell uses too.
 pub struct BenchOpts<'a> {
     pub policies: &'a [String],
+    pub smg_policies: &'a [String],
     pub sglang_policies: &'a [String],
-    pub python: &'a str,
+    pub python: Option<&'a std::path::Path>,
     pub kvroute_workers: usize,
     pub no_build: bool,
     pub json: bool,
@@ -284,6 +287,7 @@ struct BenchReport {
     machine: String,
     command: String,
     llama_cpp: &'static str,
+    smg: Option<String>,
     sglang_router: Option<String>,
     workload: String,
     ideal_hit_ratio: f64,
@@ -414,23 +418,11 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
         });
         candidates.push((label, spec));
     }
-    let mut sglang_router = None;
-    let sglang: Vec<&String> = b.sglang_policies.iter().filter(|p| !p.is_empty()).collect();
-    if !sglang.is_empty() {
-        let available = fleet::sglang_router_available(b.python);
-        if let Ok(v) = &available {
-            eprintln!("sglang-router {v} found");
-            sglang_router = Some(v.clone());
-        }
-        for p in sglang {
-            let spec = RouterSpec::Sglang {
-                policy: p.clone(),
-                python: b.python.to_owned(),
-                instances: 1,
-            };
-            candidates.push((spec.label(), available.clone().map(|_| spec)));
-        }
-    }
+    let once = |_: &str| std::iter::once(1);
+    let (smg, smg_version) = peers::rows(Gateway::Smg, b.smg_policies, None, once);
+    let (sglang, sglang_router) =
+        peers::rows(Gateway::SglangRouter, b.sglang_policies, b.python, once);
+    candidates.extend(smg.into_iter().chain(sglang).map(|(_, c)| c));
     anyhow::ensure!(o.llama_runs >= 1, "--llama-runs must be at least 1");
     let mut runs = Vec::new();
     for run in 0..o.llama_runs {
@@ -462,6 +454,7 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" "),
         llama_cpp: crate::llama::VERSION,
+        smg: smg_version,
         sglang_router,
         workload: s.headline.clone(),
         ideal_hit_ratio: s.ideal_hit_ratio,

@@ -38,6 +38,9 @@ pub struct FleetModel {
     pub block_tokens: usize,
     pub timing: Timing,
     pub max_seqs: usize,
+    /// Replica `i`'s prefill runs at `timing.prefill_tps × prefill_speeds[i % len]` (empty: all
+    /// at `timing.prefill_tps`), as [`crate::fleet::SimSpec::prefill_speeds`].
+    pub prefill_speeds: Vec<f64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -144,9 +147,15 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
         .map(|(i, r)| (r.slot, i))
         .collect();
     let mut sims: Vec<Sim> = (0..fleet.replicas)
-        .map(|_| Sim {
-            cache: KvCache::new(fleet.kv_blocks, fleet.block_tokens),
-            engine: Engine::new(fleet.timing.clone(), fleet.max_seqs),
+        .map(|i| {
+            let mut timing = fleet.timing.clone();
+            if !fleet.prefill_speeds.is_empty() {
+                timing.prefill_tps *= fleet.prefill_speeds[i % fleet.prefill_speeds.len()];
+            }
+            Sim {
+                cache: KvCache::new(fleet.kv_blocks, fleet.block_tokens),
+                engine: Engine::new(timing, fleet.max_seqs),
+            }
         })
         .collect();
     let prefix = routing.prefix();
@@ -326,6 +335,7 @@ mod tests {
             rate: 50.0,
             max_tokens: 8,
             seed: 7,
+            ..SharedPrefixConfig::default()
         })
     }
 
@@ -339,6 +349,7 @@ mod tests {
                 ..Timing::default()
             },
             max_seqs: 4,
+            prefill_speeds: Vec::new(),
         }
     }
 

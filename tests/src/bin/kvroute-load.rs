@@ -109,6 +109,15 @@ struct Args {
     /// Synthetic: seed of prompt text and arrival times (same seed, same bytes and schedule).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Synthetic: users per tenant fall as 1 / rank^skew (same total); 0 for equal tenants.
+    #[arg(long, default_value_t = 0.0)]
+    tenant_skew: f64,
+    /// Synthetic: fraction of requests that are one-off prompts sharing nothing.
+    #[arg(long, default_value_t = 0.0)]
+    unshared_fraction: f64,
+    /// Synthetic: bytes of each one-off prompt.
+    #[arg(long, default_value_t = 512)]
+    unshared_bytes: usize,
 }
 
 impl Args {
@@ -135,6 +144,9 @@ impl Args {
                     rate: self.rate,
                     max_tokens: self.max_tokens,
                     seed: self.seed,
+                    tenant_skew: self.tenant_skew,
+                    unshared_fraction: self.unshared_fraction,
+                    unshared_bytes: self.unshared_bytes,
                 })
             }
         }

@@ -4,6 +4,11 @@
 //! questions and answers) plus a new question, so a KV-aware router that keeps a user on one
 //! replica hits the history, and any replica that served the group hits the system prompt.
 //!
+//! Two knobs make it the robustness workloads of the routing bench: `tenant_skew` gives tenants
+//! of very different sizes (users per tenant falling as a power of its rank), and
+//! `unshared_fraction` mixes in single-request prompts that share nothing with anything, the
+//! short one-off queries that sit between long shared prompts in production traffic.
+//!
 //! The assistant turns in the history are synthesized (not the server's actual answers) so the
 //! workload is byte-for-byte reproducible from `seed` regardless of what the target returns.
 
@@ -27,6 +32,13 @@ pub struct SharedPrefixConfig {
     pub rate: f64,
     pub max_tokens: u32,
     pub seed: u64,
+    /// Tenant `g` (0-based) gets users in proportion to `1 / (g + 1)^tenant_skew`, at least one,
+    /// `groups × users` in all; 0 gives every tenant `users`.
+    pub tenant_skew: f64,
+    /// Fraction of all requests that are one-off prompts of `unshared_bytes`, sharing no byte
+    /// with any other request, arriving as their own Poisson stream; 0 for none.
+    pub unshared_fraction: f64,
+    pub unshared_bytes: usize,
 }
 
 impl Default for SharedPrefixConfig {
@@ -41,6 +53,9 @@ impl Default for SharedPrefixConfig {
             rate: 8.0,
             max_tokens: 8,
             seed: 0,
+            tenant_skew: 0.0,
+            unshared_fraction: 0.0,
+            unshared_bytes: 512,
         }
     }
 }
@@ -50,6 +65,7 @@ enum Kind {
     System = 1,
     Question = 2,
     Answer = 3,
+    Unshared = 4,
 }
 
 /// Segment ids are hashes of (seed, kind, group, user, turn): distinct seeds give disjoint
@@ -106,10 +122,47 @@ pub fn request(cfg: &SharedPrefixConfig, g: u32, u: u32, t: u32) -> PlannedReque
     }
 }
 
+/// Users of each tenant: `users` each without skew, else `groups × users` shared out by
+/// `1 / (rank + 1)^skew` (largest remainders, so the total is exact), at least one each.
+pub fn users_per_tenant(cfg: &SharedPrefixConfig) -> Vec<u32> {
+    if cfg.tenant_skew <= 0.0 || cfg.groups == 0 {
+        return vec![cfg.users; cfg.groups as usize];
+    }
+    let total = cfg.groups as u64 * cfg.users as u64;
+    let w: Vec<f64> = (0..cfg.groups)
+        .map(|g| 1.0 / f64::from(g + 1).powf(cfg.tenant_skew))
+        .collect();
+    let sum: f64 = w.iter().sum();
+    let exact: Vec<f64> = w.iter().map(|x| x / sum * total as f64).collect();
+    let mut out: Vec<u32> = exact.iter().map(|x| (x.floor() as u32).max(1)).collect();
+    let given: u64 = out.iter().map(|&u| u64::from(u)).sum();
+    let mut order: Vec<usize> = (0..out.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let short = total.saturating_sub(given) as usize;
+    for &g in order.iter().take(short) {
+        out[g] += 1;
+    }
+    out
+}
+
+/// One request that shares nothing: its single segment's id is unique to `(seed, i)`.
+fn unshared_request(cfg: &SharedPrefixConfig, i: u32) -> PlannedRequest {
+    PlannedRequest {
+        segments: vec![seg(
+            segment_id(cfg.seed, Kind::Unshared, i, 0, 0),
+            cfg.unshared_bytes.max(1),
+            Role::User,
+        )],
+        max_tokens: cfg.max_tokens.max(1),
+    }
+}
+
 pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
     let mut rng = SplitMix64::new(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
-    let mut users: Vec<(u32, u32)> = (0..cfg.groups)
-        .flat_map(|g| (0..cfg.users).map(move |u| (g, u)))
+    let mut users: Vec<(u32, u32)> = users_per_tenant(cfg)
+        .into_iter()
+        .enumerate()
+        .flat_map(|(g, n)| (0..n).map(move |u| (g as u32, u)))
         .collect();
     // Fisher-Yates with our own PRNG: arrivals interleave groups, as in production, instead of
     // sending group after group (which would flatter any router).
@@ -117,7 +170,7 @@ pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
         users.swap(i, rng.below(i as u64 + 1) as usize);
     }
     let mut at = 0.0f64;
-    let sessions = users
+    let mut sessions: Vec<Session> = users
         .into_iter()
         .enumerate()
         .map(|(i, (g, u))| {
@@ -134,9 +187,34 @@ pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
         .collect();
     // Sessions arrive at `rate` and each issues `turns` requests, so once the run reaches a
     // steady state the request rate is rate × turns.
+    let shared_rps = cfg.rate * cfg.turns as f64;
+    let mut target_rps = shared_rps;
+    let f = cfg.unshared_fraction;
+    if f > 0.0 && f < 1.0 {
+        let shared: usize = sessions.iter().map(|s| s.requests.len()).sum();
+        let n = (shared as f64 * f / (1.0 - f)).round() as u32;
+        // Spread over the same span as the conversations' starts, as a Poisson stream of its
+        // own (a separate generator, so the conversations' schedule is the same with or
+        // without them).
+        let mut rng = SplitMix64::new(cfg.seed ^ 0x0e50_ff50_e50f_f5e5);
+        let rate = if at > 0.0 { f64::from(n) / at } else { 0.0 };
+        let mut t = 0.0f64;
+        for i in 0..n {
+            if i > 0 && rate > 0.0 {
+                t += -(1.0 - rng.unit()).ln() / rate;
+            }
+            sessions.push(Session {
+                start: Duration::from_secs_f64(t),
+                id: format!("x{i}"),
+                requests: vec![unshared_request(cfg, i)],
+            });
+        }
+        sessions.sort_by_key(|s| s.start);
+        target_rps = shared_rps / (1.0 - f);
+    }
     Plan {
         sessions,
-        target_rps: cfg.rate * cfg.turns as f64,
+        target_rps,
     }
 }
 
@@ -197,5 +275,81 @@ mod tests {
             p1.sessions[0].requests[0].segments[0].id,
             other_seed.sessions[0].requests[0].segments[0].id
         );
+    }
+
+    #[test]
+    fn skewed_tenants_keep_the_total_and_fall_with_rank() {
+        let c = SharedPrefixConfig {
+            groups: 8,
+            users: 10,
+            tenant_skew: 1.0,
+            ..cfg()
+        };
+        let u = users_per_tenant(&c);
+        assert_eq!(u.iter().sum::<u32>(), 80);
+        assert!(u.windows(2).all(|w| w[0] >= w[1]), "{u:?}");
+        assert!(u[0] >= 4 * u[7], "largest tenant is not much larger: {u:?}");
+        assert!(u.iter().all(|&n| n >= 1));
+        assert_eq!(users_per_tenant(&cfg()), vec![3, 3]);
+        assert_eq!(plan(&c).sessions.len(), 80);
+    }
+
+    #[test]
+    fn unshared_prompts_are_the_asked_fraction_and_share_nothing() {
+        let c = SharedPrefixConfig {
+            groups: 4,
+            users: 10,
+            turns: 3,
+            unshared_fraction: 0.4,
+            unshared_bytes: 300,
+            ..cfg()
+        };
+        let p = plan(&c);
+        let all = p.request_count() as f64;
+        let one_offs: Vec<&Session> = p
+            .sessions
+            .iter()
+            .filter(|s| s.id.starts_with('x'))
+            .collect();
+        assert!(
+            ((one_offs.len() as f64 / all) - 0.4).abs() < 0.02,
+            "{} of {all}",
+            one_offs.len()
+        );
+        let mut ids: Vec<u64> = one_offs
+            .iter()
+            .map(|s| s.requests[0].segments[0].id)
+            .collect();
+        let n = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "two one-off prompts share a segment");
+        let shared: std::collections::HashSet<u64> = p
+            .sessions
+            .iter()
+            .filter(|s| !s.id.starts_with('x'))
+            .flat_map(|s| {
+                s.requests
+                    .iter()
+                    .flat_map(|r| r.segments.iter().map(|g| g.id))
+            })
+            .collect();
+        assert!(ids.iter().all(|id| !shared.contains(id)));
+        assert!(one_offs.iter().all(|s| prompt(&s.requests[0]).len() == 300));
+        assert!(p.sessions.windows(2).all(|w| w[0].start <= w[1].start));
+        // The conversations' own schedule does not move when one-offs are mixed in.
+        let without = plan(&SharedPrefixConfig {
+            unshared_fraction: 0.0,
+            ..c.clone()
+        });
+        let starts = |p: &Plan| -> Vec<Duration> {
+            p.sessions
+                .iter()
+                .filter(|s| !s.id.starts_with('x'))
+                .map(|s| s.start)
+                .collect()
+        };
+        assert_eq!(starts(&p), starts(&without));
+        assert!((p.target_rps - without.target_rps / 0.6).abs() < 1e-9);
     }
 }

@@ -197,11 +197,17 @@ impl LlamaFleet {
                     admins.push(admin);
                     (child, url)
                 }
-                RouterSpec::Sglang { policy, python, .. } => super::start_sglang(
+                RouterSpec::Sglang {
+                    gateway,
+                    policy,
+                    python,
+                    ..
+                } => super::peers::start(
+                    *gateway,
                     python,
                     &replicas,
                     policy,
-                    &log(&format!("sglang-router{suffix}")),
+                    &log(&format!("{}{suffix}", gateway.name())),
                 )?,
             };
             routers.push(child);

@@ -107,6 +107,9 @@ pub fn load_args(w: &Workload, mode: ApiMode, timeout: Duration) -> Vec<String> 
             kv("--rate", c.rate.to_string());
             kv("--max-tokens", c.max_tokens.to_string());
             kv("--seed", c.seed.to_string());
+            kv("--tenant-skew", c.tenant_skew.to_string());
+            kv("--unshared-fraction", c.unshared_fraction.to_string());
+            kv("--unshared-bytes", c.unshared_bytes.to_string());
         }
     }
     kv("--timeout-s", timeout.as_secs_f64().to_string());

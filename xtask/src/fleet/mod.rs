@@ -5,6 +5,7 @@
 pub mod child;
 pub mod llama;
 pub mod measure;
+pub mod peers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -132,24 +133,6 @@ fn parse_policy_values(help: &str) -> Option<Vec<String>> {
     )
 }
 
-/// Whether SGLang's router can be started with `python`; the error is the reason to print.
-pub fn sglang_router_available(python: &str) -> Result<String, String> {
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import sglang_router, importlib.metadata as m; print(m.version('sglang-router'))",
-        ])
-        .output()
-        .map_err(|e| format!("cannot run {python}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(format!(
-            "sglang-router is not installed for {python} (`{python} -m pip install sglang-router`)"
-        ))
-    }
-}
-
 /// How every replica of the fleet is simulated.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SimSpec {
@@ -163,9 +146,30 @@ pub struct SimSpec {
     pub prefill_overhead_ms: f64,
     pub decode_tps: f64,
     pub max_seqs: usize,
+    /// Replica `i` prefills at `prefill_tps × prefill_speeds[i % len]` (empty: all at
+    /// `prefill_tps`): a fleet of mixed GPU generations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefill_speeds: Vec<f64>,
 }
 
 impl SimSpec {
+    /// Prefill throughput of replica `i`, tokens per simulated second.
+    pub fn prefill_tps_of(&self, i: usize) -> f64 {
+        match self.prefill_speeds.len() {
+            0 => self.prefill_tps,
+            n => self.prefill_tps * self.prefill_speeds[i % n],
+        }
+    }
+
+    /// The spec of replica `i` alone: its own prefill speed, no per-replica list.
+    pub fn replica(&self, i: usize) -> SimSpec {
+        SimSpec {
+            prefill_tps: self.prefill_tps_of(i),
+            prefill_speeds: Vec::new(),
+            ..self.clone()
+        }
+    }
+
     /// Prompt bytes per simulated KV block.
     pub fn block_bytes(&self) -> usize {
         self.block_tokens as usize * SIM_BYTES_PER_TOKEN
@@ -228,6 +232,10 @@ pub fn size_kv_blocks(plan: &Plan, block_bytes: usize, replicas: usize, fraction
         .max(64) as usize
 }
 
+/// A router row to run: its label, and its spec or the reason it cannot run (reported as a
+/// skipped row).
+pub type Candidate = (String, Result<RouterSpec, String>);
+
 /// The router in front of the replicas: `instances` copies of it with the same configuration,
 /// each knowing only what passed through it (clients pick one per request).
 #[derive(Clone, Debug)]
@@ -237,9 +245,11 @@ pub enum RouterSpec {
         workers: usize,
         instances: usize,
     },
+    /// One of SGLang's gateways, run by `python` (see [`peers`]).
     Sglang {
+        gateway: peers::Gateway,
         policy: String,
-        python: String,
+        python: PathBuf,
         instances: usize,
     },
 }
@@ -251,8 +261,11 @@ impl RouterSpec {
                 policy, instances, ..
             } => (format!("kvroute {policy}"), *instances),
             RouterSpec::Sglang {
-                policy, instances, ..
-            } => (format!("sglang-router {policy}"), *instances),
+                gateway,
+                policy,
+                instances,
+                ..
+            } => (format!("{} {policy}", gateway.name()), *instances),
         };
         if n > 1 {
             format!("{name} x{n}")
@@ -312,8 +325,6 @@ pub struct Fleet {
 
 const SIM_READY: Duration = Duration::from_secs(15);
 const KVROUTE_READY: Duration = Duration::from_secs(15);
-/// Python start-up plus the router's first worker health checks.
-const SGLANG_READY: Duration = Duration::from_secs(90);
 /// From "router listening" to "a request goes through": SGLang registers workers after start.
 const FIRST_REQUEST: Duration = Duration::from_secs(60);
 
@@ -335,7 +346,7 @@ impl Fleet {
         for i in 0..spec.replicas {
             sims.push(start_sim(
                 bins,
-                spec,
+                &spec.replica(i),
                 &format!("r{i}"),
                 &log(&format!("r{i}")),
             )?);
@@ -370,11 +381,17 @@ impl Fleet {
                     admins.push(admin);
                     (child, url)
                 }
-                RouterSpec::Sglang { policy, python, .. } => start_sglang(
+                RouterSpec::Sglang {
+                    gateway,
+                    policy,
+                    python,
+                    ..
+                } => peers::start(
+                    *gateway,
                     python,
                     &sims,
                     policy,
-                    &log(&format!("sglang-router{suffix}")),
+                    &log(&format!("{}{suffix}", gateway.name())),
                 )?,
             };
             routers.push(child);
@@ -638,39 +655,6 @@ fn start_kvroute(
     Ok((child, format!("http://{listen}"), admin))
 }
 
-fn start_sglang(
-    python: &str,
-    sims: &[Sim],
-    policy: &str,
-    log: &Path,
-) -> anyhow::Result<(Child, String)> {
-    let port = free_port();
-    let mut args: Vec<String> = vec!["-m".into(), "sglang_router.launch_router".into()];
-    args.push("--worker-urls".into());
-    args.extend(sims.iter().map(Sim::url));
-    for (k, v) in [
-        ("--policy", policy.to_owned()),
-        ("--host", "127.0.0.1".to_owned()),
-        ("--port", port.to_string()),
-        // Its metrics listener defaults to 0.0.0.0:29000: loopback only, and a fresh port so
-        // two rows (or two engineers) never collide.
-        ("--prometheus-host", "127.0.0.1".to_owned()),
-        ("--prometheus-port", free_port().to_string()),
-        // The replicas are already up; the default 30 s between start-up checks would only
-        // add dead time to every row.
-        ("--worker-startup-check-interval", "1".to_owned()),
-        ("--worker-startup-timeout-secs", "60".to_owned()),
-        ("--log-level", "warn".to_owned()),
-    ] {
-        args.push(k.into());
-        args.push(v);
-    }
-    let mut child = Child::spawn(&format!("sglang-router {policy}"), python, &args, log)?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    child.wait_ready("GET /health", SGLANG_READY, || http_ok(addr, "/health"))?;
-    Ok((child, format!("http://{addr}")))
-}
-
 /// Adds the decision and prediction counters of one Prometheus text page to
 /// `sums`, keyed `<kind>` and `predicted <outcome>`, and the prompt tokens the
 /// index predicted cached against those the replicas reported, over all
@@ -772,6 +756,7 @@ mod tests {
             prefill_overhead_ms: 10.0,
             decode_tps: 50.0,
             max_seqs: 8,
+            prefill_speeds: Vec::new(),
         };
         // 40 000 B = 10 000 tokens = 10 s + 10 ms, at half speed: 5005 ms.
         // 4 000 B = 1 000 tokens = 1 s + 10 ms: 505 ms.
