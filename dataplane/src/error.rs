@@ -26,4 +26,7 @@ pub enum Error {
     },
     #[error("config: a worker did not start within {} s", .0.as_secs())]
     WorkerTimeout(Duration),
+    /// `prediction_cache.backend` does not parse or does not resolve.
+    #[error("config: prediction_cache.backend: {0}")]
+    CacheBackend(#[source] crate::cache::redis::BackendError),
 }
