@@ -26,6 +26,9 @@ pub enum Error {
     },
     #[error("config: a worker did not start within {} s", .0.as_secs())]
     WorkerTimeout(Duration),
+    /// `steering = "ebpf-required"` and the program could not be attached.
+    #[error("config: steering = \"ebpf-required\" but eBPF steering is unavailable: {0}")]
+    SteeringRequired(#[source] crate::steer::SteerError),
     /// `prediction_cache.backend` does not parse or does not resolve.
     #[error("config: prediction_cache.backend: {0}")]
     CacheBackend(#[source] crate::cache::redis::BackendError),
