@@ -448,9 +448,9 @@ pub fn load_replica_file(path: &Path) -> Result<Vec<ReplicaConfig>> {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> std::result::Result<Config, String> {
-        let c: Config = toml::from_str(s).map_err(|e| e.to_string())?;
-        c.validate().map_err(|e| e.to_string())?;
+    fn parse(s: &str) -> Result<Config> {
+        let c: Config = toml::from_str(s).map_err(|e| ControlError::Invalid(e.to_string()))?;
+        c.validate()?;
         Ok(c)
     }
 
@@ -499,25 +499,30 @@ mod tests {
 
     #[test]
     fn typos_and_bad_values_are_rejected_with_the_key() {
-        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[health]\ninterval=5\n").unwrap_err();
+        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[health]\ninterval=5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("interval"), "{e}");
-        let e = parse("dataplanes=[]\n").unwrap_err();
+        let e = parse("dataplanes=[]\n").unwrap_err().to_string();
         assert!(e.contains("dataplanes"), "{e}");
-        let e =
-            parse("dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"https://x:1\"\n").unwrap_err();
+        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"https://x:1\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("http://"), "{e}");
         let e = parse(
             "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:1\"\nengine=\"tgi\"\n",
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("tgi"), "{e}");
-        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\n").unwrap_err();
+        let e = parse("dataplanes=[\"127.0.0.1:1\"]\n[[dns]]\nname=\"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("port"), "{e}");
         assert!(parse("dataplanes=[\"nonsense\"]\n").is_err());
         let e = parse(
             "dataplanes=[\"127.0.0.1:1\"]\n[[replicas]]\nurl=\"http://127.0.0.1:1\"\nkv_events_replay=\"tcp://127.0.0.1:5558\"\n",
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(e.contains("needs kv_events"), "{e}");
     }
 

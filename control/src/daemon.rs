@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::Engine;
 use crate::config::{kv_endpoint, ms, Config, ReplicaConfig};
 use crate::discovery::{self, Discovered, Resolver, Source};
+use crate::error::ControlError;
 use crate::health::{self, Health};
 use crate::http::{self, Target};
 use crate::kv_events::{self, ClearNotice, KvStats};
@@ -30,7 +31,7 @@ pub enum Msg {
     Probe {
         url: String,
         gen: u64,
-        result: Result<(), String>,
+        result: Result<(), ControlError>,
     },
     Scrape {
         url: String,
@@ -44,7 +45,7 @@ pub enum Msg {
     },
     Drain {
         url: String,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), ControlError>>,
     },
     Reload(Box<Config>),
 }
@@ -514,7 +515,7 @@ impl Daemon {
                         }
                         Ok(())
                     }
-                    None => Err(format!("no replica {url}")),
+                    None => Err(ControlError::NoReplica(url)),
                 };
                 let _ = reply.send(res);
                 self.publish();

@@ -23,8 +23,18 @@ pub enum ControlError {
     Scrape { target: String, msg: String },
     #[error("KV event payload: {0}")]
     Decode(String),
-    #[error("KV event replay from {endpoint}: {msg}")]
-    Replay { endpoint: String, msg: String },
+    #[error("KV event replay from {endpoint}: {source}")]
+    Replay {
+        endpoint: String,
+        #[source]
+        source: crate::kv_replay::ReplayError,
+    },
+    /// An active health check answered, but not with 2xx.
+    #[error("HTTP {status}")]
+    Unhealthy { status: u16 },
+    /// `POST /drain` of a URL the daemon does not manage.
+    #[error("no replica {0}")]
+    NoReplica(String),
     #[error("DNS {name}: {msg}")]
     Dns { name: String, msg: String },
     #[error(transparent)]

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::error::{ControlError, Result};
 use crate::http::{self, Target};
 
 #[derive(Debug, Clone)]
@@ -79,12 +80,15 @@ impl Health {
     }
 }
 
-/// One active check: `GET path` answered 2xx within `timeout`.
-pub async fn probe(target: &Target, path: &str, timeout: Duration) -> Result<(), String> {
-    match http::request(target, "GET", path, None, timeout).await {
-        Ok(r) if (200..300).contains(&r.status) => Ok(()),
-        Ok(r) => Err(format!("HTTP {}", r.status)),
-        Err(e) => Err(e.to_string()),
+/// One active check: `GET path` answered 2xx within `timeout`. A failure is
+/// the request's own error, or [`ControlError::Unhealthy`] for an answer
+/// other than 2xx.
+pub async fn probe(target: &Target, path: &str, timeout: Duration) -> Result<()> {
+    let r = http::request(target, "GET", path, None, timeout).await?;
+    if (200..300).contains(&r.status) {
+        Ok(())
+    } else {
+        Err(ControlError::Unhealthy { status: r.status })
     }
 }
 

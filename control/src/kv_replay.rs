@@ -26,14 +26,30 @@ pub enum Reply {
     End,
 }
 
-pub fn parse_reply(frames: &[Bytes]) -> std::result::Result<Reply, String> {
+/// Why a replay fetch stopped short, under [`ControlError::Replay`].
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0} frames")]
+    Frames(usize),
+    #[error("sequence frame of {0} bytes")]
+    SequenceFrame(usize),
+    #[error(transparent)]
+    Zmq(#[from] zeromq::ZmqError),
+    /// Not a `std::error::Error`, so kept as a value rather than a source.
+    #[error("{0}")]
+    EmptyMessage(zeromq::ZmqEmptyMessageError),
+    #[error("no end marker within {0:?}")]
+    NoEndMarker(Duration),
+}
+
+pub fn parse_reply(frames: &[Bytes]) -> std::result::Result<Reply, ReplayError> {
     let n = frames.len();
     if n < 2 {
-        return Err(format!("{n} frames"));
+        return Err(ReplayError::Frames(n));
     }
     let seq = <[u8; 8]>::try_from(&frames[n - 2][..])
         .map(u64::from_be_bytes)
-        .map_err(|_| format!("sequence frame of {} bytes", frames[n - 2].len()))?;
+        .map_err(|_| ReplayError::SequenceFrame(frames[n - 2].len()))?;
     let payload = frames[n - 1].clone();
     if seq == END_SEQ && payload.is_empty() {
         return Ok(Reply::End);
@@ -50,13 +66,13 @@ pub async fn fetch(
     until: u64,
     timeout: Duration,
 ) -> Result<Vec<(u64, Bytes)>> {
-    let err = |msg: String| ControlError::Replay {
+    let err = |source: ReplayError| ControlError::Replay {
         endpoint: endpoint.to_string(),
-        msg,
+        source,
     };
     match tokio::time::timeout(timeout, fetch_within(endpoint, from, until)).await {
         Ok(r) => r.map_err(err),
-        Err(_) => Err(err(format!("no end marker within {timeout:?}"))),
+        Err(_) => Err(err(ReplayError::NoEndMarker(timeout))),
     }
 }
 
@@ -64,18 +80,18 @@ async fn fetch_within(
     endpoint: &str,
     from: u64,
     until: u64,
-) -> std::result::Result<Vec<(u64, Bytes)>, String> {
+) -> std::result::Result<Vec<(u64, Bytes)>, ReplayError> {
     let mut sock = zeromq::DealerSocket::new();
-    sock.connect(endpoint).await.map_err(|e| e.to_string())?;
+    sock.connect(endpoint).await?;
     let request = ZmqMessage::try_from(vec![
         Bytes::new(),
         Bytes::copy_from_slice(&from.to_be_bytes()),
     ])
-    .map_err(|e| e.to_string())?;
-    sock.send(request).await.map_err(|e| e.to_string())?;
+    .map_err(ReplayError::EmptyMessage)?;
+    sock.send(request).await?;
     let mut out: Vec<(u64, Bytes)> = Vec::new();
     loop {
-        let frames = sock.recv().await.map_err(|e| e.to_string())?.into_vec();
+        let frames = sock.recv().await?.into_vec();
         match parse_reply(&frames)? {
             Reply::End => return Ok(out),
             Reply::Batch { seq, .. } if seq >= until => return Ok(out),

@@ -164,6 +164,9 @@ pub fn resolve_io(mode: IoMode) -> Result<&'static str, Error> {
     }
 }
 
+/// How long a worker may take to start accepting.
+const WORKER_START_WITHIN: Duration = Duration::from_secs(10);
+
 /// Starts the workers; returns once every worker is accepting.
 pub fn start_workers(
     shared: &Arc<Shared>,
@@ -171,7 +174,7 @@ pub fn start_workers(
 ) -> Result<(), Error> {
     let io = *shared.io_name.get().expect("io resolved before start");
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     for (id, l) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
         let core = if shared.cfg.pin_workers && !cores.is_empty() {
@@ -194,16 +197,16 @@ pub fn start_workers(
                     crate::worker::run::<Epoll>(shared, id, l, ready.clone())
                 };
                 if let Err(e) = res {
-                    let _ = ready.send(Err(format!("worker {id}: {e}")));
+                    let _ = ready.send(Err(Error::Worker { id, source: e }));
                 }
             })?;
     }
     drop(ready_tx);
     for _ in 0..shared.workers.len() {
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        match ready_rx.recv_timeout(WORKER_START_WITHIN) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Error::Config(e)),
-            Err(_) => return Err(Error::Config("a worker did not start within 10 s".into())),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::WorkerTimeout(WORKER_START_WITHIN)),
         }
     }
     Ok(())

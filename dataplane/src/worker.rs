@@ -36,7 +36,7 @@ pub fn run<R: Runtime>(
     shared: Arc<Shared>,
     id: usize,
     listener: std::net::TcpListener,
-    ready: Sender<Result<(), String>>,
+    ready: Sender<Result<(), crate::Error>>,
 ) -> io::Result<()> {
     R::block_on(async move {
         let listener = R::listener(listener)?;

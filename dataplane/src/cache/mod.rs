@@ -106,8 +106,7 @@ impl PredictionCacheConfig {
             return bad("max_entry_bytes", "at most 4 GiB");
         }
         if let Some(b) = &self.backend {
-            redis::parse_url(b)
-                .map_err(|e| Error::Config(format!("prediction_cache.backend: {e}")))?;
+            redis::parse_url(b).map_err(Error::CacheBackend)?;
         }
         Ok(())
     }
@@ -222,7 +221,7 @@ impl PredictionCache {
         let backend = match &cfg.backend {
             Some(url) => Some(
                 redis::Backend::new(url, Duration::from_millis(cfg.backend_timeout_ms))
-                    .map_err(|e| Error::Config(format!("prediction_cache.backend: {e}")))?,
+                    .map_err(Error::CacheBackend)?,
             ),
             None => None,
         };

@@ -35,12 +35,34 @@ pub struct RedisUrl {
     pub password: Option<String>,
 }
 
+/// Why `prediction_cache.backend` cannot be used. The messages never carry the
+/// URL's password.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("must start with redis:// or valkey://")]
+    Scheme,
+    #[error("bad database number {0:?}")]
+    Database(String),
+    #[error("bad port {0:?}")]
+    Port(String),
+    #[error("no host")]
+    NoHost,
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot resolve {0}")]
+    NoAddress(String),
+}
+
 /// `redis://[[user]:password@]host[:port][/db]` (also `valkey://`).
-pub fn parse_url(s: &str) -> Result<RedisUrl, String> {
+pub fn parse_url(s: &str) -> Result<RedisUrl, BackendError> {
     let rest = s
         .strip_prefix("redis://")
         .or_else(|| s.strip_prefix("valkey://"))
-        .ok_or("must start with redis:// or valkey://")?;
+        .ok_or(BackendError::Scheme)?;
     let (auth, rest) = match rest.rsplit_once('@') {
         Some((a, r)) => (Some(a), r),
         None => (None, rest),
@@ -54,19 +76,19 @@ pub fn parse_url(s: &str) -> Result<RedisUrl, String> {
         Some((h, d)) => (
             h,
             d.parse()
-                .map_err(|_| format!("bad database number {d:?}"))?,
+                .map_err(|_| BackendError::Database(d.to_string()))?,
         ),
         None => (rest, 0),
     };
     let (host, port) = match hostport.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h, p.parse().map_err(|_| format!("bad port {p:?}"))?)
+            (h, p.parse().map_err(|_| BackendError::Port(p.to_string()))?)
         }
         _ => (hostport, 6379),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err("no host".into());
+        return Err(BackendError::NoHost);
     }
     Ok(RedisUrl {
         host: host.into(),
@@ -93,13 +115,16 @@ enum Reply {
 
 impl Backend {
     /// Resolves the host once, at start: a lookup per request would cost more than the budget.
-    pub fn new(url: &str, timeout: Duration) -> Result<Backend, String> {
+    pub fn new(url: &str, timeout: Duration) -> Result<Backend, BackendError> {
         let url = parse_url(url)?;
         let addr = (url.host.as_str(), url.port)
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
+            .map_err(|source| BackendError::Resolve {
+                host: url.host.clone(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("cannot resolve {}", url.host))?;
+            .ok_or_else(|| BackendError::NoAddress(url.host.clone()))?;
         Ok(Backend {
             addr,
             url,

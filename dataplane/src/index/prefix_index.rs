@@ -413,7 +413,8 @@ impl PrefixIndex {
     /// prompts and counts agree, and the index credits the replica with exactly
     /// the blocks of those prompts.
     #[cfg(test)]
-    pub(super) fn check_slot_model(&self, slot: u16) -> Result<(), String> {
+    pub(super) fn check_slot_model(&self, slot: u16) -> Result<(), super::slots::Inconsistency> {
+        use super::slots::Inconsistency;
         let s = usize::from(slot);
         let model = self.slot_caches[s].lock();
         let Some(cache) = model.as_ref() else {
@@ -422,13 +423,16 @@ impl PrefixIndex {
         cache.check()?;
         let held = cache.occupancy().blocks;
         if held != self.tracked(slot) {
-            return Err(format!("model holds {held}, index {}", self.tracked(slot)));
+            return Err(Inconsistency::Tracked {
+                model: held,
+                index: self.tracked(slot),
+            });
         }
         for shard in self.shards.iter() {
             let sh = shard.lock();
             for (h, e) in sh.map.iter() {
                 if e.bits.has(slot) && !cache.holds(*h) {
-                    return Err(format!("index holds {h:x}, the model does not"));
+                    return Err(Inconsistency::Untracked(*h));
                 }
             }
         }

@@ -281,7 +281,7 @@ impl SlotCache {
 
     /// Checks the reference counts against the prompts (tests).
     #[cfg(test)]
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Inconsistency> {
         let mut want: HashMap<u64, u32> = HashMap::new();
         for p in self.slots.iter().map(|s| &s.prompt).chain(self.host.iter()) {
             for &h in p {
@@ -290,24 +290,49 @@ impl SlotCache {
         }
         let have: HashMap<u64, u32> = self.refs.iter().map(|(k, v)| (*k, *v)).collect();
         if want != have {
-            return Err(format!("refs {} vs prompts {}", have.len(), want.len()));
+            return Err(Inconsistency::Refs {
+                refs: have.len(),
+                prompts: want.len(),
+            });
         }
         let host: u64 = self.host.iter().map(|p| p.len() as u64).sum();
         if host != self.host_len || host > self.model.host_blocks {
-            return Err(format!(
-                "host {host} (counted {}) over {}",
-                self.host_len, self.model.host_blocks
-            ));
+            return Err(Inconsistency::Host {
+                host,
+                counted: self.host_len,
+                budget: self.model.host_blocks,
+            });
         }
         if let Some(p) = self
             .slots
             .iter()
             .find(|s| s.prompt.len() > self.model.slot_blocks as usize)
         {
-            return Err(format!("slot prompt of {} blocks", p.prompt.len()));
+            return Err(Inconsistency::SlotPrompt(p.prompt.len()));
         }
         Ok(())
     }
+}
+
+/// What a consistency check of the slot model (and the index's view of it)
+/// found wrong (tests).
+#[cfg(test)]
+#[derive(Debug, thiserror::Error)]
+pub enum Inconsistency {
+    #[error("refs {refs} vs prompts {prompts}")]
+    Refs { refs: usize, prompts: usize },
+    #[error("host {host} (counted {counted}) over {budget}")]
+    Host {
+        host: u64,
+        counted: u64,
+        budget: u64,
+    },
+    #[error("slot prompt of {0} blocks")]
+    SlotPrompt(usize),
+    #[error("model holds {model}, index {index}")]
+    Tracked { model: u64, index: u64 },
+    #[error("index holds {0:x}, the model does not")]
+    Untracked(u64),
 }
 
 #[cfg(test)]

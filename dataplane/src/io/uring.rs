@@ -18,10 +18,8 @@ const ENTRIES: u32 = 1024;
 
 /// Whether this process may use io_uring (kernel support, `kernel.io_uring_disabled`,
 /// seccomp): creating a ring is the only reliable test.
-pub fn uring_available() -> Result<(), String> {
-    io_uring::IoUring::new(8)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+pub fn uring_available() -> io::Result<()> {
+    io_uring::IoUring::new(8).map(|_| ())
 }
 
 impl Conn for UringConn {

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use aya::maps::{Array, Map, MapData, ReusePortSockArray};
-use aya::programs::SkReuseport;
-use aya::{Ebpf, EbpfLoader};
+use aya::maps::{Array, Map, MapData, MapError, ReusePortSockArray};
+use aya::programs::{ProgramError, SkReuseport};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use kvroute_ebpf as abi;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,105 @@ impl SteeringPolicy {
 }
 
 pub use kvroute_admin_api::{SteeringState, SteeringWorker};
+
+/// Why the program could not be attached (the fallback reason in `/state`
+/// and the log) or could not take the group back after a failed upgrade.
+///
+/// As with [`Error`], the message is complete on its own and the underlying
+/// error stays the source. aya's errors are shown with their own sources and
+/// without the verifier's log (see [`chain`]), so the reason fits one line.
+/// aya's errors are boxed: several are large, and this travels in
+/// `Result`s and in [`Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    #[error("forced off by KVROUTE_STEERING_FORCE_FALLBACK")]
+    ForcedOff,
+    #[error("{0} workers; the program steers 1 to {max}", max = abi::MAX_WORKERS)]
+    Workers(usize),
+    #[error("creating {}: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bpffs is not mounted at {BPFFS} and mounting it failed: {0}")]
+    MountBpffs(#[source] std::io::Error),
+    #[error("loading the BPF object: {}", chain(.0))]
+    LoadObject(#[source] Box<EbpfError>),
+    #[error("program {0} missing from the object")]
+    ProgramMissing(&'static str),
+    #[error("program {name}: {source}")]
+    ProgramType {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("loading program {name}: {}", chain(.source))]
+    LoadProgram {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("map {0} missing from the object")]
+    MapMissing(&'static str),
+    #[error("map {0} is not an array")]
+    NotAnArray(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("writing {name}: {source}")]
+    MapWrite {
+        name: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("dup live map fd: {0}")]
+    DupLiveMapFd(#[source] std::io::Error),
+    #[error("live map: {0}")]
+    LiveMap(#[source] Box<MapError>),
+    #[error("adding worker {worker}'s listener to {}: {source}", abi::MAP_SOCKETS)]
+    AddListener {
+        worker: u32,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("worker {worker}'s listener into {}: {}", abi::MAP_SOCKETS, chain(.source))]
+    PutBackListener {
+        worker: u32,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("SO_ATTACH_REUSEPORT_EBPF: {}", chain(.0))]
+    Attach(#[source] Box<ProgramError>),
+    #[error("dup listener: {0}")]
+    DupListener(#[source] std::io::Error),
+    #[error("draining: listeners already given up")]
+    ListenersGone,
+}
+
+impl SteerError {
+    fn map(name: &'static str) -> impl FnOnce(MapError) -> SteerError {
+        move |e| SteerError::Map {
+            name,
+            source: Box::new(e),
+        }
+    }
+    fn map_write(name: &'static str) -> impl FnOnce(MapError) -> SteerError {
+        move |e| SteerError::MapWrite {
+            name,
+            source: Box::new(e),
+        }
+    }
+    fn program_type(name: &'static str) -> impl FnOnce(ProgramError) -> SteerError {
+        move |e| SteerError::ProgramType {
+            name,
+            source: Box::new(e),
+        }
+    }
+}
 
 /// Metric names (Prometheus).
 pub const METRIC_LIVE: &str = "kvroute_worker_live_streams";
@@ -212,10 +311,12 @@ impl Steering {
                 spawn_reconciler(self.clone());
                 Ok(())
             }
-            Err(why) if self.requested == SteeringKind::EbpfRequired => Err(Error::Config(
-                format!("steering = \"ebpf-required\" but eBPF steering is unavailable: {why}"),
-            )),
+            Err(why) if self.requested == SteeringKind::EbpfRequired => {
+                Err(Error::SteeringRequired(why))
+            }
             Err(why) => {
+                // Rendered once: the log and `/state` show the same reason.
+                let why = why.to_string();
                 tracing::warn!(reason = %why, "steering: eBPF unavailable, using the kernel's SO_REUSEPORT hash");
                 let _ = self.fallback.set(why);
                 Ok(())
@@ -227,17 +328,14 @@ impl Steering {
         &self,
         listen: SocketAddr,
         listeners: &[TcpListener],
-    ) -> Result<Attached, String> {
+    ) -> Result<Attached, SteerError> {
         if std::env::var_os("KVROUTE_STEERING_FORCE_FALLBACK").is_some() {
             // Lets tests exercise the fallback path on a machine where BPF works.
-            return Err("forced off by KVROUTE_STEERING_FORCE_FALLBACK".into());
+            return Err(SteerError::ForcedOff);
         }
         let n = listeners.len();
         if n == 0 || n > abi::MAX_WORKERS as usize {
-            return Err(format!(
-                "{n} workers; the program steers 1 to {}",
-                abi::MAX_WORKERS
-            ));
+            return Err(SteerError::Workers(n));
         }
         let pin_dir = ensure_pin_dir(listen)?;
         let fresh = std::fs::read_dir(&pin_dir).is_ok_and(|mut d| d.next().is_none());
@@ -249,8 +347,10 @@ impl Steering {
             // in the group, steering to our listeners only.
             tracing::warn!(reason = %why, pins = %pin_dir.display(), "steering: pinned maps unusable, replacing them");
             let _ = std::fs::remove_dir_all(&pin_dir);
-            std::fs::create_dir_all(&pin_dir)
-                .map_err(|e| format!("creating {}: {e}", pin_dir.display()))?;
+            std::fs::create_dir_all(&pin_dir).map_err(|source| SteerError::CreateDir {
+                path: pin_dir.clone(),
+                source,
+            })?;
             res = self.load_and_attach(&pin_dir, listeners);
         }
         if res.is_err() {
@@ -271,12 +371,12 @@ impl Steering {
         &self,
         pin_dir: &Path,
         listeners: &[TcpListener],
-    ) -> Result<(Ebpf, Array<MapData, u32>, Group), String> {
+    ) -> Result<(Ebpf, Array<MapData, u32>, Group), SteerError> {
         let n = listeners.len();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(abi::object())
-            .map_err(|e| format!("loading the BPF object: {}", chain(&e)))?;
+            .map_err(|e| SteerError::LoadObject(Box::new(e)))?;
         // The migrate flavour also rescues an old listener's queued connections
         // during an upgrade; kernels before 5.14 only know the plain one.
         let mut prog_name = abi::PROG_SELECT_MIGRATE;
@@ -288,31 +388,30 @@ impl Steering {
         }
         loaded?;
 
-        let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| format!("map {name} missing from the object"))
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(SteerError::MapMissing(name))
         };
         let mut sockets = ReusePortSockArray::try_from(take(&mut ebpf, abi::MAP_SOCKETS)?)
-            .map_err(|e| format!("map {}: {e}", abi::MAP_SOCKETS))?;
+            .map_err(SteerError::map(abi::MAP_SOCKETS))?;
         let live_map = take(&mut ebpf, abi::MAP_LIVE_STREAMS)?;
         let steered: Array<MapData, u32> = Array::try_from(take(&mut ebpf, abi::MAP_STEERED)?)
-            .map_err(|e| format!("map {}: {e}", abi::MAP_STEERED))?;
+            .map_err(SteerError::map(abi::MAP_STEERED))?;
         let mut config: Array<MapData, u64> = Array::try_from(take(&mut ebpf, abi::MAP_CONFIG)?)
-            .map_err(|e| format!("map {}: {e}", abi::MAP_CONFIG))?;
+            .map_err(SteerError::map(abi::MAP_CONFIG))?;
 
         // Each worker gets its own fd on the live map, so publishing never
         // contends across workers.
         let live_fd = match &live_map {
             Map::Array(d) => d.fd(),
-            _ => return Err(format!("map {} is not an array", abi::MAP_LIVE_STREAMS)),
+            _ => return Err(SteerError::NotAnArray(abi::MAP_LIVE_STREAMS)),
         };
         for (i, w) in self.workers.iter().enumerate() {
             let fd = std::os::fd::AsFd::as_fd(live_fd)
                 .try_clone_to_owned()
-                .map_err(|e| format!("dup live map fd: {e}"))?;
-            let data = MapData::from_fd(fd).map_err(|e| format!("live map: {e}"))?;
-            let map: Array<MapData, u64> =
-                Array::try_from(Map::Array(data)).map_err(|e| format!("live map: {e}"))?;
+                .map_err(SteerError::DupLiveMapFd)?;
+            let live_map = |e| SteerError::LiveMap(Box::new(e));
+            let data = MapData::from_fd(fd).map_err(live_map)?;
+            let map: Array<MapData, u64> = Array::try_from(Map::Array(data)).map_err(live_map)?;
             // Start with nothing pending: whatever the program counted for this
             // slot before (a previous process) is not this worker's load.
             let s = steered.get(&(i as u32), 0).unwrap_or(0);
@@ -330,29 +429,33 @@ impl Steering {
         };
         config
             .set(0, pack(cfg.workers, cfg.mode), 0)
-            .map_err(|e| format!("writing {}: {e}", abi::MAP_CONFIG))?;
+            .map_err(SteerError::map_write(abi::MAP_CONFIG))?;
         for (i, l) in listeners.iter().enumerate() {
-            sockets.set(i as u32, l, 0).map_err(|e| {
-                format!("adding worker {i}'s listener to {}: {e}", abi::MAP_SOCKETS)
-            })?;
+            let worker = i as u32;
+            sockets
+                .set(worker, l, 0)
+                .map_err(|e| SteerError::AddListener {
+                    worker,
+                    source: Box::new(e),
+                })?;
         }
         let prog: &SkReuseport = ebpf
             .program(prog_name)
-            .ok_or("program vanished")?
+            .ok_or(SteerError::ProgramMissing(prog_name))?
             .try_into()
-            .map_err(|e| format!("{e}"))?;
+            .map_err(SteerError::program_type(prog_name))?;
         prog.attach(&listeners[0])
-            .map_err(|e| format!("SO_ATTACH_REUSEPORT_EBPF: {}", chain(&e)))?;
+            .map_err(|e| SteerError::Attach(Box::new(e)))?;
         let mut owner: Array<MapData, u64> = Array::try_from(take(&mut ebpf, abi::MAP_OWNER)?)
-            .map_err(|e| format!("map {}: {e}", abi::MAP_OWNER))?;
+            .map_err(SteerError::map(abi::MAP_OWNER))?;
         owner
             .set(0, u64::from(std::process::id()), 0)
-            .map_err(|e| format!("writing {}: {e}", abi::MAP_OWNER))?;
+            .map_err(SteerError::map_write(abi::MAP_OWNER))?;
         let listeners = listeners
             .iter()
             .map(TcpListener::try_clone)
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("dup listener: {e}"))?;
+            .map_err(SteerError::DupListener)?;
         let group = Group {
             sockets,
             config,
@@ -371,13 +474,13 @@ impl Steering {
     /// worker count or replaced the pins), re-attaches our program (the group
     /// runs the last one attached), and restarts the load counts from what
     /// the program has steered so far. Returns what was done, for the log.
-    pub fn reclaim(&self) -> Result<String, String> {
+    pub fn reclaim(&self) -> Result<String, SteerError> {
         let Some(a) = self.attached.get() else {
             return Ok("kernel steering: nothing to reclaim".into());
         };
         let mut g = a.group.lock().unwrap_or_else(|p| p.into_inner());
         if g.listeners.len() != self.workers.len() {
-            return Err("draining: listeners already given up".into());
+            return Err(SteerError::ListenersGone);
         }
         let cfg = abi::SteeringConfig {
             workers: g.listeners.len() as u32,
@@ -385,7 +488,7 @@ impl Steering {
         };
         g.config
             .set(0, pack(cfg.workers, cfg.mode), 0)
-            .map_err(|e| format!("writing {}: {e}", abi::MAP_CONFIG))?;
+            .map_err(SteerError::map_write(abi::MAP_CONFIG))?;
         let Group {
             sockets, listeners, ..
         } = &mut *g;
@@ -399,12 +502,9 @@ impl Steering {
                 sockets.clear_index(&i)?;
                 sockets.set(i, l, 0)
             });
-            set.map_err(|e| {
-                format!(
-                    "worker {i}'s listener into {}: {}",
-                    abi::MAP_SOCKETS,
-                    chain(&e)
-                )
+            set.map_err(|e| SteerError::PutBackListener {
+                worker: i,
+                source: Box::new(e),
             })?;
         }
         for i in listeners.len() as u32..abi::MAX_WORKERS {
@@ -415,14 +515,14 @@ impl Steering {
         let prog: &SkReuseport = a
             .ebpf
             .program(g.prog_name)
-            .ok_or("program vanished")?
+            .ok_or(SteerError::ProgramMissing(g.prog_name))?
             .try_into()
-            .map_err(|e| format!("{e}"))?;
+            .map_err(SteerError::program_type(g.prog_name))?;
         prog.attach(&g.listeners[0])
-            .map_err(|e| format!("SO_ATTACH_REUSEPORT_EBPF: {}", chain(&e)))?;
+            .map_err(|e| SteerError::Attach(Box::new(e)))?;
         g.owner
             .set(0, u64::from(std::process::id()), 0)
-            .map_err(|e| format!("writing {}: {e}", abi::MAP_OWNER))?;
+            .map_err(SteerError::map_write(abi::MAP_OWNER))?;
         drop(g);
         for i in 0..self.workers.len() {
             let s = a.steered.get(&(i as u32), 0).unwrap_or(0);
@@ -594,28 +694,35 @@ fn spawn_reconciler(st: Arc<Steering>) {
     }
 }
 
-fn load_prog(ebpf: &mut Ebpf, name: &str) -> Result<(), String> {
+fn load_prog(ebpf: &mut Ebpf, name: &'static str) -> Result<(), SteerError> {
     let p: &mut SkReuseport = ebpf
         .program_mut(name)
-        .ok_or_else(|| format!("program {name} missing from the object"))?
+        .ok_or(SteerError::ProgramMissing(name))?
         .try_into()
-        .map_err(|e| format!("program {name}: {e}"))?;
-    p.load()
-        .map_err(|e| format!("loading program {name}: {}", chain(&e)))
+        .map_err(SteerError::program_type(name))?;
+    p.load().map_err(|e| SteerError::LoadProgram {
+        name,
+        source: Box::new(e),
+    })
 }
 
 /// `/sys/fs/bpf/kvroute/<listen>`, mounting bpffs first if nothing is there.
-fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, String> {
+fn ensure_pin_dir(listen: SocketAddr) -> Result<PathBuf, SteerError> {
     let root = Path::new(BPFFS);
     if !bpffs_mounted(root) {
-        std::fs::create_dir_all(root).map_err(|e| format!("creating {BPFFS}: {e}"))?;
-        crate::sys::steer::mount_bpffs(root)
-            .map_err(|e| format!("bpffs is not mounted at {BPFFS} and mounting it failed: {e}"))?;
+        std::fs::create_dir_all(root).map_err(|source| SteerError::CreateDir {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        crate::sys::steer::mount_bpffs(root).map_err(SteerError::MountBpffs)?;
         tracing::info!("steering: mounted bpffs at {BPFFS}");
     }
     sweep_stale(&root.join("kvroute"));
     let dir = root.join("kvroute").join(pin_name(listen));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(|source| SteerError::CreateDir {
+        path: dir.clone(),
+        source,
+    })?;
     Ok(dir)
 }
 

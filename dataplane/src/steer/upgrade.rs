@@ -188,23 +188,59 @@ fn take_back(shared: &Shared) {
     shared.steering.set_successor(0);
 }
 
+/// Why `kvroute upgrade` did not see a hand-off (printed as
+/// `kvroute upgrade: {e}`).
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The configured `admin` address does not parse.
+    #[error(transparent)]
+    Config(#[from] crate::Error),
+    #[error("the admin API does not report a pid (kvroute too old for `upgrade`)")]
+    NoPid,
+    /// The successor's pid as the admin API reports it.
+    #[error("pid {pid} already handed over to pid {successor}")]
+    AlreadyHandedOver {
+        pid: u32,
+        successor: serde_json::Value,
+    },
+    #[error("signalling pid {pid}: {source}")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pid {pid} did not hand over within {} s; see its log (it keeps serving)", .within.as_secs())]
+    NotHandedOver { pid: u32, within: Duration },
+    #[error("admin API {addr:?}: {source}")]
+    Admin {
+        addr: AdminAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("admin API: malformed response")]
+    MalformedResponse,
+    #[error("admin API /state: {0}")]
+    State(#[source] serde_json::Error),
+}
+
 /// `kvroute upgrade`: asks the admin API of the configured kvroute for its
 /// pid, sends it SIGUSR2, and waits for the hand-off to the new process.
-pub fn request(cfg: &crate::config::Config) -> Result<String, String> {
-    let addr = AdminAddr::parse(&cfg.admin).map_err(|e| e.to_string())?;
+pub fn request(cfg: &crate::config::Config) -> Result<String, UpgradeError> {
+    let addr = AdminAddr::parse(&cfg.admin)?;
     let st = admin_state(&addr)?;
     let pid = st["pid"]
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
-        .ok_or("the admin API does not report a pid (kvroute too old for `upgrade`)")?;
+        .ok_or(UpgradeError::NoPid)?;
     if st["released"] == true {
-        return Err(format!(
-            "pid {pid} already handed over to pid {}",
-            st["successor_pid"]
-        ));
+        return Err(UpgradeError::AlreadyHandedOver {
+            pid,
+            successor: st["successor_pid"].clone(),
+        });
     }
-    crate::sys::steer::sigusr2(pid).map_err(|e| format!("signalling pid {pid}: {e}"))?;
-    let deadline = Instant::now() + READY_WITHIN + Duration::from_secs(5);
+    crate::sys::steer::sigusr2(pid).map_err(|source| UpgradeError::Signal { pid, source })?;
+    let within = READY_WITHIN + Duration::from_secs(5);
+    let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         // The old process answers until it exits; then the new one takes the address.
@@ -224,15 +260,12 @@ pub fn request(cfg: &crate::config::Config) -> Result<String, String> {
             ));
         }
     }
-    Err(format!(
-        "pid {pid} did not hand over within {} s; see its log (it keeps serving)",
-        (READY_WITHIN + Duration::from_secs(5)).as_secs()
-    ))
+    Err(UpgradeError::NotHandedOver { pid, within })
 }
 
 /// `GET /state` on the admin API, `steering` part, over std blocking sockets:
 /// this runs in the CLI, outside any runtime.
-fn admin_state(addr: &AdminAddr) -> Result<serde_json::Value, String> {
+fn admin_state(addr: &AdminAddr) -> Result<serde_json::Value, UpgradeError> {
     use std::io::{Read, Write};
     const REQ: &[u8] = b"GET /state HTTP/1.1\r\nHost: kvroute\r\nConnection: close\r\n\r\n";
     let timeout = Some(Duration::from_secs(5));
@@ -250,13 +283,15 @@ fn admin_state(addr: &AdminAddr) -> Result<serde_json::Value, String> {
             s.read_to_end(&mut raw)
         }),
     };
-    res.map_err(|e| format!("admin API {addr:?}: {e}"))?;
+    res.map_err(|source| UpgradeError::Admin {
+        addr: addr.clone(),
+        source,
+    })?;
     let body = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|i| &raw[i + 4..])
-        .ok_or("admin API: malformed response")?;
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("admin API /state: {e}"))?;
+        .ok_or(UpgradeError::MalformedResponse)?;
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(UpgradeError::State)?;
     Ok(v["steering"].clone())
 }
