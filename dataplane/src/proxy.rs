@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 
 use tokio::time::timeout;
 
-use crate::admission::Refusal;
 use crate::budget::registry::ConnState;
 use crate::http::{
     self, parse_request_head, parse_response_head, BodyFraming, ChunkedDecoder, ErrorKind,
-    ErrorResponse, HeadError, RequestHead, ResponseFraming, ResponseHead,
+    ErrorResponse, RequestHead, ResponseFraming, ResponseHead,
 };
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
@@ -26,6 +25,12 @@ use crate::replica::Replica;
 use crate::route::{Decision, RouteRequest};
 use crate::tls::MaybeTls;
 use crate::worker::WorkerCtx;
+
+mod error;
+mod plan;
+
+use error::{Cause, Error, Retry, Source};
+use plan::{Action, Fleet as _, Plan, Verdict};
 
 /// A connection on either side: plain, or TLS (a TLS listener, an `https://` replica).
 pub type Stream<R> = MaybeTls<<R as Runtime>::Conn>;
@@ -189,32 +194,6 @@ async fn await_request<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<Strea
     true
 }
 
-/// An error the proxy answers itself; the connection closes after it unless noted.
-struct Reject {
-    kind: ErrorKind,
-    message: String,
-}
-
-impl Reject {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Reject {
-            kind,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<HeadError> for Reject {
-    fn from(e: HeadError) -> Self {
-        let kind = match e {
-            HeadError::Malformed(_) => ErrorKind::BadRequest,
-            HeadError::TooLarge(_) => ErrorKind::HeadTooLarge,
-            HeadError::UnsupportedEncoding => ErrorKind::NotImplemented,
-        };
-        Reject::new(kind, e.to_string())
-    }
-}
-
 async fn write_client<C: Conn>(
     c: &mut C,
     buf: Vec<u8>,
@@ -312,7 +291,7 @@ async fn refuse_unread<R: Runtime>(
 async fn read_head<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
-) -> Result<Option<RequestHead>, Reject> {
+) -> Result<Option<RequestHead>, Error> {
     let lim = &ctx.shared.cfg.limits;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
@@ -356,7 +335,7 @@ async fn read_head<R: Runtime>(
                 r = tokio::time::timeout_at(d, read) => match r {
                     Ok(r) => r,
                     Err(_) => {
-                        return Err(Reject::new(
+                        return Err(Error::client(
                             ErrorKind::Timeout,
                             "request head not received in time",
                         ))
@@ -384,10 +363,10 @@ async fn read_body<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
     head: &RequestHead,
-) -> Result<(Body, usize), Reject> {
+) -> Result<(Body, usize), Error> {
     let lim = &ctx.shared.cfg.limits;
     let too_large = || {
-        Reject::new(
+        Error::client(
             ErrorKind::TooLarge,
             format!("request body larger than {} bytes", lim.max_body_bytes),
         )
@@ -418,7 +397,7 @@ async fn read_body<R: Runtime>(
             let mut pos = start;
             loop {
                 let used = dec.feed(&client.buf[pos..], Some(&mut body)).map_err(|e| {
-                    Reject::new(ErrorKind::BadRequest, format!("bad chunked body: {e}"))
+                    Error::client(ErrorKind::BadRequest, format!("bad chunked body: {e}"))
                 })?;
                 pos += used;
                 if body.len() > lim.max_body_bytes {
@@ -443,14 +422,14 @@ async fn read_body_bytes<C: Conn>(
     client: &mut Client<C>,
     deadline: tokio::time::Instant,
     want: usize,
-) -> Result<(), Reject> {
+) -> Result<(), Error> {
     match tokio::time::timeout_at(deadline, client.io.read(&mut client.buf, want)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => Err(Reject::new(
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Error::client(
             ErrorKind::BadRequest,
             "connection closed inside the body",
         )),
         Ok(Ok(_)) => Ok(()),
-        Err(_) => Err(Reject::new(
+        Err(_) => Err(Error::client(
             ErrorKind::Timeout,
             "request body not received in time",
         )),
@@ -460,11 +439,11 @@ async fn read_body_bytes<C: Conn>(
 async fn write_continue<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
-) -> Result<(), Reject> {
+) -> Result<(), Error> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
     let limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
     let (r, _) = write_client(&mut client.io, CONTINUE.to_vec(), 0..CONTINUE.len(), limit).await;
-    r.map_err(|_| Reject::new(ErrorKind::BadRequest, "client went away"))
+    r.map_err(|_| Error::client(ErrorKind::BadRequest, "client went away"))
 }
 
 /// Handles one request on the connection.
@@ -679,13 +658,18 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
                 Next::Close
             },
         ),
-        Outcome::Failed {
-            kind,
-            message,
-            replica,
-        } => {
+        Outcome::Failed { error, replica } => {
+            let kind = error.kind;
             let extra = crate::admission::retry_after_header(&shared.table.admission, kind);
-            send_error_with(client, kind, &message, &extra, !keep_alive, write_limit).await;
+            send_error_with(
+                client,
+                kind,
+                &error.message,
+                &extra,
+                !keep_alive,
+                write_limit,
+            )
+            .await;
             (
                 kind.status(),
                 replica,
@@ -760,8 +744,7 @@ enum Outcome {
     },
     /// Nothing reached the client yet; answer with this error.
     Failed {
-        kind: ErrorKind,
-        message: String,
+        error: Error,
         replica: Option<Arc<Replica>>,
     },
     /// The response started but the client or the replica broke the stream.
@@ -826,131 +809,70 @@ fn build_upstream_head(
     out
 }
 
-/// Whether a replica not yet tried for this request serves its model, takes
-/// traffic, and is only at its `max_in_flight` bound.
-fn untried_but_full(
-    set: &crate::replica::ReplicaSet,
-    req: &RouteRequest<'_>,
-    exclude: &[u16],
-) -> bool {
-    set.replicas.iter().any(|r| {
-        !exclude.contains(&r.slot)
-            && r.serves(req.model)
-            && r.takes_traffic(req.now_ms)
-            && !r.has_capacity()
-    })
+/// The live replica set and admission queue, as the planner sees them for one request.
+struct View<'a, R: Runtime> {
+    ctx: &'a WorkerCtx<R>,
+    req: &'a RouteRequest<'a>,
+    set: &'a crate::replica::ReplicaSet,
 }
 
-/// Waits in the admission queue for room on a replica of `req`'s model: the
-/// first call takes a place (or refuses at once: queue full, the key's share
-/// used), later ones wait for a wakeup. `behind`: the request queues behind
-/// others of its model without having looked for a replica. `Ok`: look for a
-/// replica again. `Err`: answer with this, having left the queue.
-async fn wait_for_room<R: Runtime>(
-    ctx: &WorkerCtx<R>,
-    client: &Client<Stream<R>>,
-    stay: &mut Option<crate::admission::Stay>,
-    req: &RouteRequest<'_>,
-    key: Option<&str>,
-    set: &crate::replica::ReplicaSet,
-    behind: bool,
-) -> Result<(), Outcome> {
-    let admission = &ctx.shared.table.admission;
-    // No replica of the model up (a rolling restart, a health flap), rather
-    // than all of them busy: answered as before, 503 no_healthy_replica.
-    let none_up = || {
-        !set.replicas
-            .iter()
-            .any(|r| r.is_available() && r.serves(req.model))
-    };
-    let refuse = |kind: ErrorKind, reason: &'static str, message: String| {
-        metrics::counter!(m::OVERLOAD_REJECTIONS, "reason" => reason).increment(1);
-        Err(Outcome::Failed {
-            kind,
-            message,
-            replica: None,
+impl<R: Runtime> plan::Fleet for View<'_, R> {
+    type Candidate = Decision;
+
+    fn waiters_ahead(&self) -> bool {
+        self.ctx
+            .shared
+            .table
+            .admission
+            .has_waiters_for(self.req.model)
+    }
+
+    fn any_serves(&self) -> bool {
+        self.set.any_serves(self.req.model)
+    }
+
+    fn pick(&self, exclude: &[u16]) -> Option<Decision> {
+        self.ctx.shared.router.pick(self.req, self.set, exclude)
+    }
+
+    fn untried_but_full(&self, exclude: &[u16]) -> bool {
+        self.set.replicas.iter().any(|r| {
+            !exclude.contains(&r.slot)
+                && r.serves(self.req.model)
+                && r.takes_traffic(self.req.now_ms)
+                && !r.has_capacity()
         })
-    };
-    if stay.is_none() {
-        match admission.enter(key, req.model) {
-            Ok(t) => {
-                if none_up() {
-                    metrics::counter!(m::ERRORS, "kind" => "queued_no_replica").increment(1);
-                }
-                *stay = Some(crate::admission::Stay::new(t, admission.timeout()));
-                // A slot freed between the look and taking the place woke
-                // nobody: look once more before waiting. A request that queued
-                // behind others of its model without looking waits its turn.
-                if !behind {
-                    return Ok(());
-                }
-            }
-            // Queueing off: a missing replica is refused as it always was.
-            Err(_) if !admission.enabled() && none_up() => {
-                return Err(Outcome::Failed {
-                    kind: ErrorKind::NoReplica,
-                    message: "no healthy replica available".into(),
-                    replica: None,
-                })
-            }
-            Err(Refusal::QueueFull) if none_up() => {
-                return refuse(
-                    ErrorKind::NoReplica,
-                    Refusal::QueueFull.reason(),
-                    "no healthy replica available, and the queue is full".into(),
-                )
-            }
-            Err(Refusal::QueueFull) => {
-                return refuse(
-                    ErrorKind::Overloaded,
-                    Refusal::QueueFull.reason(),
-                    "every replica is at capacity and the queue is full; retry later".into(),
-                )
-            }
-            Err(Refusal::QueueShare) => {
-                return refuse(
-                    ErrorKind::QueueShareExceeded,
-                    Refusal::QueueShare.reason(),
-                    "this API key holds its share of the request queue; retry later".into(),
-                )
-            }
-        }
     }
-    let s = stay.as_ref().expect("entered above");
-    let ticket = s.ticket.as_ref().expect("held until admitted");
-    if tokio::time::Instant::now() >= s.until {
-        let (kind, message) = if none_up() {
-            (ErrorKind::NoReplica, "no healthy replica available")
-        } else {
-            (
-                ErrorKind::Overloaded,
-                "every replica stayed at capacity for queue_timeout_ms; retry later",
-            )
-        };
-        return refuse(kind, "queue_timeout", message.into());
+
+    fn none_up(&self) -> bool {
+        !self
+            .set
+            .replicas
+            .iter()
+            .any(|r| r.is_available() && r.serves(self.req.model))
     }
-    let _ = tokio::time::timeout_at(s.until, ticket.woken()).await;
-    if client.io.peer_closed() {
-        // The client left: its place goes to the next one, nothing to answer.
-        return Err(Outcome::ClientGone {
-            status: 499,
-            replica: None,
-        });
+
+    fn unknown_model(&self) -> Option<&str> {
+        let model = self.req.model?;
+        (!self.set.replicas.is_empty() && !self.set.any_serves(Some(model))).then_some(model)
     }
-    ticket.rearm();
-    Ok(())
+
+    fn queueing(&self) -> bool {
+        self.ctx.shared.table.admission.enabled()
+    }
 }
 
-/// Why an attempt at one replica failed before any response byte.
-enum AttemptError {
-    /// Safe to retry (nothing was processed as far as we can tell).
-    Retryable(Cow<'static, str>),
-    /// The replica may be working on it; don't double the GPU work.
-    Timeout,
-    /// Bytes came back but they were not HTTP.
-    BadResponse(&'static str),
+/// The request ends with `error` before any response byte; a refusal by the
+/// admission queue is counted as one.
+fn give_up(error: Error, replica: Option<Arc<Replica>>) -> Outcome {
+    if let Cause::Refused(Some(reason)) = error.cause {
+        metrics::counter!(m::OVERLOAD_REJECTIONS, "reason" => reason).increment(1);
+    }
+    Outcome::Failed { error, replica }
 }
 
+/// Drives the request's [`Plan`]: carries out its attempts, queue places and
+/// waits, then relays the response.
 #[allow(clippy::too_many_arguments)]
 async fn forward<R: Runtime>(
     ctx: &Rc<WorkerCtx<R>>,
@@ -966,6 +888,7 @@ async fn forward<R: Runtime>(
 ) -> Outcome {
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
+    let admission = &shared.table.admission;
     let mut set = shared.table.load();
     if set.generation != ctx.pool_generation.get() {
         let addrs: Vec<SocketAddr> = set.replicas.iter().map(|r| r.addr).collect();
@@ -974,92 +897,74 @@ async fn forward<R: Runtime>(
             .prune(|a| addrs.contains(a), Instant::now());
         ctx.pool_generation.set(set.generation);
     }
-    let mut exclude: Vec<u16> = Vec::new();
-    let mut attempts = 1 + up_cfg.retries;
+    let mut plan = Plan::new(up_cfg.retries, admission.timeout());
     let mut last_replica: Option<Arc<Replica>> = None;
-    let mut fresh_only = false;
-    let mut decision: Option<Decision> = None;
     let mut ubuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     // A place in the admission queue while no replica has room.
     let mut stay: Option<crate::admission::Stay> = None;
     let (mut up, rhead, chosen, mut in_flight, connect_started) = loop {
-        let d = match decision.take() {
-            Some(d) => d,
-            // FIFO: a newcomer does not overtake requests already waiting for
-            // its model; it queues behind them.
-            None if stay.is_none()
-                && exclude.is_empty()
-                && shared.table.admission.has_waiters_for(req.model)
-                && set.any_serves(req.model) =>
-            {
-                match wait_for_room(ctx, client, &mut stay, req, key, &set, true).await {
-                    Ok(()) => {
-                        set = shared.table.load();
-                        continue;
+        debug_assert_eq!(plan.is_queued(), stay.is_some());
+        let view = View {
+            ctx,
+            req,
+            set: &set,
+        };
+        // The queue's clock: tokio's, as its waits are.
+        let (d, fresh_only) = match plan.next(tokio::time::Instant::now().into_std(), &view) {
+            Action::Try {
+                candidate,
+                fresh_only,
+            } => (candidate, fresh_only),
+            Action::Enter { behind } => {
+                match admission.enter(key, req.model) {
+                    Ok(t) => {
+                        if view.none_up() {
+                            metrics::counter!(m::ERRORS, "kind" => "queued_no_replica")
+                                .increment(1);
+                        }
+                        stay = Some(crate::admission::Stay::new(t, admission.timeout()));
+                        plan.entered(tokio::time::Instant::now().into_std());
+                        if !behind {
+                            set = shared.table.load();
+                        }
                     }
-                    Err(outcome) => return outcome,
+                    Err(why) => return give_up(plan.refused(why, &view), None),
                 }
+                continue;
             }
-            None => match shared.router.pick(req, &set, &exclude) {
-                Some(d) => d,
-                // Replicas of this model exist but none has room (all at their
-                // `max_in_flight`) or none is available (a rolling restart, a
-                // health flap): wait in the bounded admission queue.
-                None if exclude.is_empty() && set.any_serves(req.model) => {
-                    match wait_for_room(ctx, client, &mut stay, req, key, &set, false).await {
-                        Ok(()) => {
-                            set = shared.table.load();
-                            continue;
-                        }
-                        Err(outcome) => return outcome,
-                    }
-                }
-                // A retry whose remaining replicas are up but all at their
-                // bound waits for room like a first attempt would, rather
-                // than turning another replica's failure into a 502.
-                None if !exclude.is_empty() && untried_but_full(&set, req, &exclude) => {
-                    match wait_for_room(ctx, client, &mut stay, req, key, &set, false).await {
-                        Ok(()) => {
-                            set = shared.table.load();
-                            continue;
-                        }
-                        Err(outcome) => return outcome,
-                    }
-                }
-                None if exclude.is_empty() => {
-                    let kind = if set.replicas.is_empty()
-                        || set.any_serves(req.model)
-                        || req.model.is_none()
-                    {
-                        ErrorKind::NoReplica
-                    } else {
-                        ErrorKind::ModelNotFound
-                    };
-                    return Outcome::Failed {
-                        kind,
-                        message: match kind {
-                            ErrorKind::ModelNotFound => {
-                                format!("model {:?} is not served here", req.model.unwrap_or(""))
-                            }
-                            _ => "no healthy replica available".into(),
-                        },
-                        replica: last_replica,
+            Action::Wait { until } => {
+                let ticket = stay
+                    .as_ref()
+                    .and_then(|s| s.ticket.as_ref())
+                    .expect("held until admitted");
+                let until = tokio::time::Instant::from_std(until);
+                let _ = tokio::time::timeout_at(until, ticket.woken()).await;
+                if client.io.peer_closed() {
+                    // The client left: its place goes to the next one, nothing to answer.
+                    return Outcome::ClientGone {
+                        status: 499,
+                        replica: None,
                     };
                 }
-                None => {
-                    return Outcome::Failed {
-                        kind: ErrorKind::BadGateway,
-                        message: "upstream replica failed before responding".into(),
-                        replica: last_replica,
-                    }
-                }
-            },
+                ticket.rearm();
+                set = shared.table.load();
+                continue;
+            }
+            Action::GiveUp(error) => {
+                // The queue's refusals concern no replica in particular.
+                let replica = match error.cause {
+                    Cause::Refused(Some(_)) => None,
+                    _ => last_replica,
+                };
+                return give_up(error, replica);
+            }
         };
         let replica = d.replica.clone();
         // Another worker may have taken the last slot since the pick: look again.
         let Some(in_flight) = replica.try_begin_at(d.prefill_bytes, ctx.shared.now_ms()) else {
             continue;
         };
+        plan.began();
         if let Some(mut s) = stay.take() {
             if let Some(t) = s.ticket.take() {
                 t.admitted();
@@ -1087,54 +992,34 @@ async fn forward<R: Runtime>(
                 shared.router.on_routed(req, &d);
                 break (conn, rhead, d, in_flight, started);
             }
-            Err((e, reused)) => {
+            Err((error, reused)) => {
+                debug_assert_eq!(error.source(), Source::Upstream);
+                let why = error.why().unwrap_or_default();
+                let verdict = plan.failed(d, replica.slot, &error, reused);
+                if verdict == Verdict::Fresh {
+                    // Not the replica's fault: not counted against it.
+                    tracing::debug!(replica = %replica.spec.url, why = %why, "stale pooled connection");
+                    continue;
+                }
                 replica.failures.fetch_add(1, Ordering::Relaxed);
-                // What failed and what the client is told if no retry is left.
-                let (why, message) = match e {
-                    AttemptError::Retryable(why) if reused && !fresh_only => {
-                        // A pooled connection the replica had already closed: not the
-                        // replica's fault, so retry it on a fresh one without using a retry.
-                        tracing::debug!(replica = %replica.spec.url, why = %why, "stale pooled connection");
-                        replica.failures.fetch_sub(1, Ordering::Relaxed);
-                        fresh_only = true;
-                        decision = Some(d);
-                        continue;
-                    }
-                    AttemptError::Timeout => {
-                        let why = "no response before first_byte_timeout_ms";
-                        replica.last_error.store(Some(Arc::new(why.into())));
-                        passive_failure(ctx, &replica, why);
-                        return Outcome::Failed {
-                            kind: ErrorKind::GatewayTimeout,
-                            message: "upstream replica did not respond in time".into(),
-                            replica: last_replica,
-                        };
-                    }
-                    AttemptError::Retryable(why) => {
-                        metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
-                        let message = format!("upstream replica failed before responding: {why}");
-                        (why.into_owned(), message)
-                    }
-                    // Retried on another replica, like a connection closed
-                    // before the response: this one answered nothing usable and
-                    // dropping its connection aborts the request there, so the
-                    // retry costs at most a prefill that was lost anyway, and
-                    // the client gets an answer instead of a 502.
-                    AttemptError::BadResponse(reason) => (
-                        format!("invalid response: {reason}"),
-                        format!("invalid response from upstream replica: {reason}"),
-                    ),
-                };
+                if error.retry() == Retry::Never {
+                    // The replica may be working on it: don't double the GPU work.
+                    replica.last_error.store(Some(Arc::new(why.to_string())));
+                    passive_failure(ctx, &replica, &why);
+                    return Outcome::Failed {
+                        error,
+                        replica: last_replica,
+                    };
+                }
+                if matches!(error.cause, Cause::UpstreamIo(_)) {
+                    metrics::counter!(m::ERRORS, "kind" => "upstream_connect").increment(1);
+                }
                 tracing::warn!(replica = %replica.spec.url, why = %why, "upstream attempt failed");
                 passive_failure(ctx, &replica, &why);
-                replica.last_error.store(Some(Arc::new(why)));
-                exclude.push(replica.slot);
-                fresh_only = false;
-                attempts -= 1;
-                if attempts == 0 {
+                replica.last_error.store(Some(Arc::new(why.into_owned())));
+                if verdict == Verdict::GiveUp {
                     return Outcome::Failed {
-                        kind: ErrorKind::BadGateway,
-                        message,
+                        error,
                         replica: last_replica,
                     };
                 }
@@ -1178,7 +1063,7 @@ async fn attempt<R: Runtime>(
     is_head: bool,
     fresh_only: bool,
     ubuf: &mut Vec<u8>,
-) -> Result<(Stream<R>, ResponseHead), (AttemptError, bool)> {
+) -> Result<(Stream<R>, ResponseHead), (Error, bool)> {
     let up_cfg = &ctx.shared.cfg.upstream;
     // Half-open after an ejection, this request is the probe.
     replica
@@ -1204,11 +1089,11 @@ async fn attempt<R: Runtime>(
             ctx.metrics.pool_new.increment(1);
             match connect_upstream(ctx, replica).await {
                 Ok(c) => c,
-                Err(why) => return Err((AttemptError::Retryable(why), false)),
+                Err(why) => return Err((Error::upstream_io(why), false)),
             }
         }
     };
-    let fail = |why: &'static str| Err((AttemptError::Retryable(why.into()), reused));
+    let fail = |why: &'static str| Err((Error::upstream_io(why), reused));
     // Request head (+ small body) in one write.
     let mut out =
         Vec::with_capacity(upstream_head.len() + 64 + body_range.len().min(COALESCE_BODY));
@@ -1242,19 +1127,16 @@ async fn attempt<R: Runtime>(
                 return fail("connection closed before response")
             }
             Ok(Ok(0)) | Ok(Err(_)) => {
-                return Err((
-                    AttemptError::BadResponse("connection closed inside head"),
-                    reused,
-                ))
+                return Err((Error::bad_response("connection closed inside head"), reused))
             }
             Ok(Ok(_)) => {}
-            Err(_) => return Err((AttemptError::Timeout, reused)),
+            Err(_) => return Err((Error::first_byte_timeout(), reused)),
         }
         match parse_response_head(ubuf, 64 * 1024, is_head) {
             Ok(Some(h)) if (100..200).contains(&h.status) => {
                 if h.status == 101 {
                     return Err((
-                        AttemptError::BadResponse("protocol upgrade is not supported"),
+                        Error::bad_response("protocol upgrade is not supported"),
                         reused,
                     ));
                 }
@@ -1264,7 +1146,7 @@ async fn attempt<R: Runtime>(
             }
             Ok(Some(h)) => return Ok((conn, h)),
             Ok(None) => continue,
-            Err(why) => return Err((AttemptError::BadResponse(why), reused)),
+            Err(why) => return Err((Error::bad_response(why), reused)),
         }
     }
 }
@@ -1410,8 +1292,7 @@ async fn relay<R: Runtime>(
             passive_failure(ctx, replica, "invalid chunked framing");
             return (
                 Outcome::Failed {
-                    kind: ErrorKind::BadGateway,
-                    message: "invalid chunked framing from upstream replica".into(),
+                    error: Error::framing(),
                     replica: replica_label,
                 },
                 false,
