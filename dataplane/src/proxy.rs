@@ -610,36 +610,33 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
     );
 
     // The body moves out of the client buffer only for the duration of forwarding.
-    let (mut body_buf, body_range, in_client_buf) = match body {
+    let (body_buf, body_range, in_client_buf) = match body {
         Body::InBuf(r) => (std::mem::take(&mut client.buf), r, true),
         Body::Decoded(v) => {
             let n = v.len();
             (v, 0..n, false)
         }
     };
-    let req = RouteRequest {
-        path: &path,
-        model: model.as_deref(),
-        session: session.as_deref(),
-        block_hashes: &hashes,
-        prompt_bytes,
-        now_ms: shared.now_ms(),
-    };
-    let outcome = forward(
-        ctx,
-        client,
-        &req,
-        &upstream_head,
-        &mut body_buf,
+    let mut x = Exchange {
+        req: RouteRequest {
+            path: &path,
+            model: model.as_deref(),
+            session: session.as_deref(),
+            block_hashes: &hashes,
+            prompt_bytes,
+            now_ms: shared.now_ms(),
+        },
+        head: &upstream_head,
+        body: body_buf,
         body_range,
         is_head,
-        keep_alive,
-        &tap,
-        caller.tenant(),
-    )
-    .await;
+        client_keep_alive: keep_alive,
+        tap: &tap,
+        key: caller.tenant(),
+    };
+    let outcome = forward(ctx, client, &mut x).await;
     if in_client_buf {
-        client.buf = body_buf;
+        client.buf = std::mem::take(&mut x.body);
     }
     // Drop this request's bytes; a pipelined next request stays at the front.
     client.buf.drain(..consumed.min(client.buf.len()));
@@ -752,6 +749,32 @@ enum Outcome {
         status: u16,
         replica: Option<Arc<Replica>>,
     },
+}
+
+/// One request on its way to a replica: what every attempt sends, and how
+/// the response goes back.
+struct Exchange<'a> {
+    /// What the router sees of it.
+    req: RouteRequest<'a>,
+    /// Request line and headers for the replica, without `host` and the final
+    /// CRLF (see [`build_upstream_head`]).
+    head: &'a [u8],
+    /// The body is `body[body_range]`: the client's buffer, lent for the
+    /// duration, or a decoded chunked body.
+    body: Vec<u8>,
+    body_range: Range<usize>,
+    is_head: bool,
+    client_keep_alive: bool,
+    tap: &'a crate::cache::Tap,
+    /// The API key's tenant, for its share of the admission queue.
+    key: Option<&'a str>,
+}
+
+/// A response head from a replica, and the bytes read with it (`buf[..head.len]`
+/// is the head; what follows is the start of the body).
+struct Response {
+    head: ResponseHead,
+    buf: Vec<u8>,
 }
 
 /// Request line and end-to-end headers for the replica, without `host` (added per
@@ -873,19 +896,14 @@ fn give_up(error: Error, replica: Option<Arc<Replica>>) -> Outcome {
 
 /// Drives the request's [`Plan`]: carries out its attempts, queue places and
 /// waits, then relays the response.
-#[allow(clippy::too_many_arguments)]
 async fn forward<R: Runtime>(
     ctx: &Rc<WorkerCtx<R>>,
     client: &mut Client<Stream<R>>,
-    req: &RouteRequest<'_>,
-    upstream_head: &[u8],
-    body: &mut Vec<u8>,
-    body_range: Range<usize>,
-    is_head: bool,
-    client_keep_alive: bool,
-    tap: &crate::cache::Tap,
-    key: Option<&str>,
+    x: &mut Exchange<'_>,
 ) -> Outcome {
+    let route = x.req;
+    let req = &route;
+    let key = x.key;
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
     let admission = &shared.table.admission;
@@ -972,18 +990,7 @@ async fn forward<R: Runtime>(
         }
         last_replica = Some(replica.clone());
         let started = Instant::now();
-        match attempt::<R>(
-            ctx,
-            &replica,
-            upstream_head,
-            body,
-            body_range.clone(),
-            is_head,
-            fresh_only,
-            &mut ubuf,
-        )
-        .await
-        {
+        match attempt::<R>(ctx, x, &replica, fresh_only, &mut ubuf).await {
             Ok((conn, rhead)) => {
                 if replica.last_error.load().is_some() {
                     replica.last_error.store(None);
@@ -1030,18 +1037,12 @@ async fn forward<R: Runtime>(
     ctx.metrics
         .ttfb
         .record(connect_started.elapsed().as_secs_f64());
-    let (outcome, reusable) = relay::<R>(
-        ctx,
-        client,
-        &mut up,
-        rhead,
-        ubuf,
-        &chosen,
-        &mut in_flight,
-        client_keep_alive,
-        tap,
-    )
-    .await;
+    let response = Response {
+        head: rhead,
+        buf: ubuf,
+    };
+    let (outcome, reusable) =
+        relay::<R>(ctx, client, x, &mut up, response, &chosen, &mut in_flight).await;
     drop(in_flight);
     if reusable {
         ctx.pool
@@ -1053,17 +1054,15 @@ async fn forward<R: Runtime>(
 
 /// One try at one replica: connection (pooled or new), request written, response
 /// head read. On error, also says whether the connection came from the pool.
-#[allow(clippy::too_many_arguments)]
 async fn attempt<R: Runtime>(
     ctx: &WorkerCtx<R>,
+    x: &mut Exchange<'_>,
     replica: &Replica,
-    upstream_head: &[u8],
-    body: &mut Vec<u8>,
-    body_range: Range<usize>,
-    is_head: bool,
     fresh_only: bool,
     ubuf: &mut Vec<u8>,
 ) -> Result<(Stream<R>, ResponseHead), (Error, bool)> {
+    let (upstream_head, body_range, is_head) = (x.head, x.body_range.clone(), x.is_head);
+    let body = &mut x.body;
     let up_cfg = &ctx.shared.cfg.upstream;
     // Half-open after an ejection, this request is the probe.
     replica
@@ -1207,18 +1206,20 @@ async fn connect_upstream<R: Runtime>(
 }
 
 /// Streams the response to the client as it arrives.
-#[allow(clippy::too_many_arguments)]
 async fn relay<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
+    x: &Exchange<'_>,
     up: &mut Stream<R>,
-    rhead: ResponseHead,
-    mut ubuf: Vec<u8>,
+    response: Response,
     decision: &Decision,
     in_flight: &mut crate::replica::InFlight,
-    client_keep_alive: bool,
-    tap: &crate::cache::Tap,
 ) -> (Outcome, bool) {
+    let (client_keep_alive, tap) = (x.client_keep_alive, x.tap);
+    let Response {
+        head: rhead,
+        buf: mut ubuf,
+    } = response;
     let replica = &*decision.replica;
     // Only successful completions report usage; the tail costs a small copy per read.
     let mut tail = (rhead.status == 200 && (rhead.content_type_json || rhead.content_type_sse))
