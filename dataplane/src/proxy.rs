@@ -1,6 +1,13 @@
 //! One client connection: read a request, route it, forward it, stream the
 //! response back, repeat while keep-alive allows.
 //!
+//! A request goes through named phases around one `Request` context, each
+//! in a file of its own: `read` (head and body), `route` (what routing
+//! needs, auth's second look, the cache's plan), `cache` (a prediction
+//! cache hit answered), `upstream` (attempts at replicas, as the sans-I/O
+//! `plan` decides them), `relay` (the response streamed back) and `log`.
+//! `error` is their one error type, `respond` the answers kvroute writes.
+//!
 //! Generic over [`Runtime`], so io_uring and epoll run exactly this code.
 
 use std::net::SocketAddr;
@@ -11,25 +18,23 @@ use std::time::{Duration, Instant};
 use tokio::time::timeout;
 
 use crate::budget::registry::ConnState;
-use crate::http::ErrorKind;
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
-use crate::route::RouteRequest;
 use crate::tls::MaybeTls;
 use crate::worker::WorkerCtx;
 
 mod cache;
 mod error;
+mod log;
 mod plan;
 mod read;
 mod relay;
 mod respond;
+mod route;
 mod upstream;
 
-use cache::answer_from_cache;
-use read::{read_body, read_head, refuse_unread, Body};
-use respond::{send_denial, send_error, send_error_with, write_local};
-use upstream::{build_upstream_head, forward, Exchange, Outcome};
+use read::{read_body, read_head, refuse_unread};
+use respond::send_error;
 
 /// A connection on either side: plain, or TLS (a TLS listener, an `https://` replica).
 pub type Stream<R> = MaybeTls<<R as Runtime>::Conn>;
@@ -193,7 +198,44 @@ async fn await_request<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<Strea
     true
 }
 
-/// Handles one request on the connection.
+/// One request's context, from its head to its log line, as its phases pass it on.
+struct Request<'c> {
+    /// When its head was in.
+    started: Instant,
+    /// Its route, as metrics label it.
+    route: &'static str,
+    /// The API key's name, as metrics label it.
+    key_label: &'c str,
+    /// The connection lives on after the answer: the client asked, and no drain.
+    keep_alive: bool,
+    is_head: bool,
+    path: String,
+    /// Where the request ends in the client buffer.
+    consumed: usize,
+    write_limit: Duration,
+}
+
+impl Request<'_> {
+    /// What the connection does after an answer kvroute wrote itself.
+    fn next(&self) -> Next {
+        if self.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Drops this request's bytes from the client buffer; a pipelined next
+    /// request stays at the front.
+    fn done<C>(&self, client: &mut Client<C>) {
+        client.buf.drain(..self.consumed.min(client.buf.len()));
+    }
+}
+
+/// Handles one request on the connection, phase by phase: read it
+/// ([`read`]), route it ([`route`]), the prediction cache ([`cache`]), the
+/// upstream attempts ([`upstream`], planned by [`plan`]) and the relay
+/// ([`relay`]), then count it ([`log`]).
 async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stream<R>>) -> Next {
     let shared = &ctx.shared;
     let write_limit = Duration::from_millis(shared.cfg.limits.write_timeout_ms);
@@ -216,224 +258,44 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         Err(denial) => return refuse_unread(ctx, client, &head, route, denial).await,
     };
     let key_label = caller.label();
-
     let (body, consumed) = match read_body(ctx, client, &head).await {
         Ok(b) => b,
         Err(rej) => {
             send_error(client, rej.kind, &rej.message, true, write_limit).await;
-            ctx.metrics
-                .request(route, rej.kind.status(), None, key_label);
+            log::refused(ctx, route, key_label, rej.kind.status());
             return Next::Close;
         }
     };
-    let body_len = match &body {
-        Body::InBuf(r) => r.len(),
-        Body::Decoded(v) => v.len(),
-    };
     ctx.metrics.bytes_in.increment(consumed as u64);
-
-    let keep_alive = head.keep_alive && !shared.draining.load(Ordering::Relaxed);
-    let path = head.path(&client.buf).to_string();
-    let is_head = head.is_head;
-
-    if let Some(query) = crate::models::Query::of(head.method(&client.buf), &path) {
-        let credentials =
-            crate::models::Credentials::of(&head, &client.buf, shared.auth.forwarding());
-        client.buf.drain(..consumed.min(client.buf.len()));
-        let (out, status) =
-            crate::models::answer(ctx, &query, credentials, &caller, keep_alive, is_head).await;
-        let (sent, next) = write_local(client, out, keep_alive, write_limit).await;
-        ctx.metrics.bytes_out.increment(sent as u64);
-        let fleet = crate::models::METRICS_REPLICA;
-        ctx.metrics.request(route, status, Some(fleet), key_label);
-        ctx.metrics.duration(route, started.elapsed().as_secs_f64());
-        return next;
-    }
-
-    // Prompt extraction and hashing read the body where it lies; only the few
-    // fields routing keeps past this point are copied out.
-    let body_bytes: &[u8] = match &body {
-        Body::InBuf(r) => &client.buf[r.clone()],
-        Body::Decoded(v) => v,
-    };
-    let next_local = if keep_alive {
-        Next::KeepAlive
-    } else {
-        Next::Close
-    };
-    let a = match crate::prefix::analyze(&path, body_bytes, &shared.prefix) {
-        Ok(a) => a,
-        Err(e) => {
-            let kind = ErrorKind::BadRequest;
-            send_error(
-                client,
-                kind,
-                &format!("invalid request body: {e}"),
-                !keep_alive,
-                write_limit,
-            )
-            .await;
-            client.buf.drain(..consumed.min(client.buf.len()));
-            ctx.metrics.request(route, 400, None, key_label);
-            return next_local;
-        }
-    };
-    // Auth, phase 2: the model and the prompt bytes, before the cache and
-    // routing. Bodies whose prompt kvroute does not extract count whole.
-    let charged = if a.endpoint == crate::prompt::Endpoint::Other {
-        body_len
-    } else {
-        a.prompt_bytes
-    };
-    if let Err(d) = shared
-        .auth
-        .check_body(&caller, a.fields.model, charged, Instant::now())
-    {
-        send_denial(client, &d, !keep_alive, write_limit).await;
-        client.buf.drain(..consumed.min(client.buf.len()));
-        ctx.metrics.request(route, d.kind.status(), None, key_label);
-        return next_local;
-    }
-    let cache_plan = match &shared.cache {
-        Some(c) => c.plan(&head, &client.buf, &path, &a, body_bytes, caller.tenant()),
-        None => crate::cache::Plan::Off,
-    };
-    let (model, hashes, prompt_bytes, user) = (
-        a.fields.model.map(str::to_owned),
-        a.hashes,
-        a.prompt_bytes,
-        a.fields.user.map(|u| u.as_bytes().to_vec()),
-    );
-    // Sampled for pre-warming standbys: the anchor (the system prompt's blocks)
-    // and one request body that starts with it.
-    if !hashes.is_empty() && matches!(route, "completions" | "chat_completions") {
-        let n = ctx.sampled.get().wrapping_add(1);
-        ctx.sampled.set(n);
-        if n % crate::hot::SAMPLE_EVERY == 1 {
-            let k = shared.cfg.routing.anchor_blocks().min(hashes.len());
-            shared
-                .hot
-                .record(hashes[k - 1], model.as_deref(), &path, body_bytes);
-        }
-    }
-    let session = head
-        .header(&client.buf, &shared.cfg.routing.session_header)
-        .map(<[u8]>::to_vec)
-        .or(user);
-    // A hit answers here, before routing, with no upstream contact. A miss may
-    // lead a single flight, held until the response is stored.
-    let mut _flight = None;
-    if let (
-        Some(cache),
-        crate::cache::Plan::Use {
-            key,
-            delivery,
-            lookup: true,
-        },
-    ) = (&shared.cache, cache_plan)
-    {
-        match cache.lookup(key, delivery).await {
-            crate::cache::Lookup::Hit(entry) => {
-                let (sent, next) = answer_from_cache(client, &entry, keep_alive, write_limit).await;
-                client.buf.drain(..consumed.min(client.buf.len()));
-                ctx.metrics.bytes_out.increment(sent as u64);
-                // Answered from the prediction cache: its own "replica" label.
-                ctx.metrics
-                    .request(route, 200, Some((u16::MAX - 1, "cache")), key_label);
-                metrics::histogram!(m::REQUEST_DURATION, "route" => route)
-                    .record(started.elapsed().as_secs_f64());
-                return next;
-            }
-            crate::cache::Lookup::Miss(f) => _flight = f,
-        }
-    }
-    let tap = crate::cache::Tap::new(shared.cache.as_ref(), cache_plan);
-    let upstream_head = build_upstream_head(
-        &head,
-        &client.buf,
-        client.peer,
-        body_len,
-        shared.auth.forwarding(),
-    );
-
-    // The body moves out of the client buffer only for the duration of forwarding.
-    let (body_buf, body_range, in_client_buf) = match body {
-        Body::InBuf(r) => (std::mem::take(&mut client.buf), r, true),
-        Body::Decoded(v) => {
-            let n = v.len();
-            (v, 0..n, false)
-        }
-    };
-    let mut x = Exchange {
-        req: RouteRequest {
-            path: &path,
-            model: model.as_deref(),
-            session: session.as_deref(),
-            block_hashes: &hashes,
-            prompt_bytes,
-            now_ms: shared.now_ms(),
-        },
-        head: &upstream_head,
-        body: body_buf,
-        body_range,
-        is_head,
-        client_keep_alive: keep_alive,
-        tap: &tap,
-        key: caller.tenant(),
-    };
-    let outcome = forward(ctx, client, &mut x).await;
-    if in_client_buf {
-        client.buf = std::mem::take(&mut x.body);
-    }
-    // Drop this request's bytes; a pipelined next request stays at the front.
-    client.buf.drain(..consumed.min(client.buf.len()));
-
-    let (status, replica_label, next) = match outcome {
-        Outcome::Done {
-            status,
-            replica,
-            client_keep_alive,
-        } => (
-            status,
-            replica,
-            if client_keep_alive {
-                Next::KeepAlive
-            } else {
-                Next::Close
-            },
-        ),
-        Outcome::Failed { error, replica } => {
-            let kind = error.kind;
-            let extra = crate::admission::retry_after_header(&shared.table.admission, kind);
-            send_error_with(
-                client,
-                kind,
-                &error.message,
-                &extra,
-                !keep_alive,
-                write_limit,
-            )
-            .await;
-            (
-                kind.status(),
-                replica,
-                if keep_alive {
-                    Next::KeepAlive
-                } else {
-                    Next::Close
-                },
-            )
-        }
-        Outcome::ClientGone { status, replica } => (status, replica, Next::Close),
-    };
-    ctx.metrics.request(
+    let rq = Request {
+        started,
         route,
-        status,
-        replica_label
-            .as_deref()
-            .map(|r| (r.slot, r.spec.url.as_str())),
         key_label,
+        keep_alive: head.keep_alive && !shared.draining.load(Ordering::Relaxed),
+        is_head: head.is_head,
+        path: head.path(&client.buf).to_string(),
+        consumed,
+        write_limit,
+    };
+
+    if let Some(query) = crate::models::Query::of(head.method(&client.buf), &rq.path) {
+        return route::answer_models(ctx, client, &rq, &head, &caller, query).await;
+    }
+    let routing = match route::prepare(ctx, &client.buf, &head, &body, &caller, &rq) {
+        Ok(r) => r,
+        Err(refusal) => return route::refuse(ctx, client, &rq, refusal).await,
+    };
+    let _flight = match cache::lookup(ctx, client, &rq, routing.cache_plan).await {
+        Ok(flight) => flight,
+        Err(answered) => return answered,
+    };
+    let (status, replica, next) =
+        upstream::send(ctx, client, &rq, &head, body, &routing, &caller).await;
+    log::finish(
+        ctx,
+        &rq,
+        status,
+        replica.as_deref().map(|r| (r.slot, r.spec.url.as_str())),
     );
-    ctx.metrics.duration(route, started.elapsed().as_secs_f64());
     next
 }

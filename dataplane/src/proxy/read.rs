@@ -50,7 +50,7 @@ pub(super) async fn refuse_unread<R: Runtime>(
             }
         }
     };
-    ctx.metrics.request(route, status, None, denial.label());
+    super::log::refused(ctx, route, denial.label(), status);
     next
 }
 

@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use super::error::{Cause, Error, Retry, Source};
 use super::plan::{self, Action, Fleet as _, Plan, Verdict};
+use super::read::Body;
 use super::relay::{relay, Response};
-use super::{Client, Stream, COALESCE_BODY, READ_CHUNK};
+use super::respond::send_error_with;
+use super::route::Routing;
+use super::{Client, Next, Request, Stream, COALESCE_BODY, READ_CHUNK};
+use crate::auth::Caller;
 use crate::http::{self, parse_response_head, BodyFraming, RequestHead, ResponseHead};
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
@@ -63,7 +67,7 @@ pub(super) struct Exchange<'a> {
 /// Request line and end-to-end headers for the replica, without `host` (added per
 /// attempt, since a retry may go to another replica) and without the final CRLF.
 /// `fwd` says which client credential headers stay back and what kvroute adds.
-pub(super) fn build_upstream_head(
+fn build_upstream_head(
     head: &RequestHead,
     buf: &[u8],
     peer: SocketAddr,
@@ -113,6 +117,83 @@ pub(super) fn build_upstream_head(
         let _ = write!(out, "content-length: {body_len}\r\n");
     }
     out
+}
+
+/// Sends the request on to a replica and its response back, or answers the
+/// error that stopped it; returns the status, the replica, and what the
+/// connection does next.
+pub(super) async fn send<R: Runtime>(
+    ctx: &Rc<WorkerCtx<R>>,
+    client: &mut Client<Stream<R>>,
+    rq: &Request<'_>,
+    head: &RequestHead,
+    body: Body,
+    routing: &Routing,
+    caller: &Caller,
+) -> (u16, Option<Arc<Replica>>, Next) {
+    let shared = &ctx.shared;
+    let tap = crate::cache::Tap::new(shared.cache.as_ref(), routing.cache_plan);
+    let upstream_head = build_upstream_head(
+        head,
+        &client.buf,
+        client.peer,
+        routing.body_len,
+        shared.auth.forwarding(),
+    );
+    // The body moves out of the client buffer only for the duration of forwarding.
+    let (body_buf, body_range, in_client_buf) = match body {
+        Body::InBuf(r) => (std::mem::take(&mut client.buf), r, true),
+        Body::Decoded(v) => {
+            let n = v.len();
+            (v, 0..n, false)
+        }
+    };
+    let mut x = Exchange {
+        req: RouteRequest {
+            path: &rq.path,
+            model: routing.model.as_deref(),
+            session: routing.session.as_deref(),
+            block_hashes: &routing.hashes,
+            prompt_bytes: routing.prompt_bytes,
+            now_ms: shared.now_ms(),
+        },
+        head: &upstream_head,
+        body: body_buf,
+        body_range,
+        is_head: rq.is_head,
+        client_keep_alive: rq.keep_alive,
+        tap: &tap,
+        key: caller.tenant(),
+    };
+    let outcome = forward(ctx, client, &mut x).await;
+    if in_client_buf {
+        client.buf = std::mem::take(&mut x.body);
+    }
+    // Drop this request's bytes; a pipelined next request stays at the front.
+    rq.done(client);
+    match outcome {
+        Outcome::Done {
+            status,
+            replica,
+            client_keep_alive,
+        } => (
+            status,
+            replica,
+            if client_keep_alive {
+                Next::KeepAlive
+            } else {
+                Next::Close
+            },
+        ),
+        Outcome::Failed { error, replica } => {
+            let kind = error.kind;
+            let extra = crate::admission::retry_after_header(&shared.table.admission, kind);
+            let close = !rq.keep_alive;
+            send_error_with(client, kind, &error.message, &extra, close, rq.write_limit).await;
+            (kind.status(), replica, rq.next())
+        }
+        Outcome::ClientGone { status, replica } => (status, replica, Next::Close),
+    }
 }
 
 /// The live replica set and admission queue, as the planner sees them for one request.
@@ -179,7 +260,7 @@ fn give_up(error: Error, replica: Option<Arc<Replica>>) -> Outcome {
 
 /// Drives the request's [`Plan`]: carries out its attempts, queue places and
 /// waits, then relays the response.
-pub(super) async fn forward<R: Runtime>(
+async fn forward<R: Runtime>(
     ctx: &Rc<WorkerCtx<R>>,
     client: &mut Client<Stream<R>>,
     x: &mut Exchange<'_>,
