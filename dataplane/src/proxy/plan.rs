@@ -533,6 +533,25 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_lost_to_another_worker_after_the_pick_means_looking_again() {
+        let t0 = Instant::now();
+        let mut fleet = FakeFleet::new(vec![replica(1), replica(2)]);
+        fleet.get(1).full = true;
+        fleet.get(2).full = true;
+        let mut plan = Plan::new(1, QUEUE);
+        assert_eq!(plan.next(t0, &fleet), Action::Enter { behind: false });
+        plan.entered(t0);
+        fleet.get(1).full = false;
+        // Picked while queued; another worker takes the slot before it is
+        // claimed (no `began`): the request keeps its place and looks again.
+        assert_eq!(try_of(plan.next(t0, &fleet)), (1, false));
+        fleet.get(1).full = true;
+        fleet.get(2).full = true;
+        assert!(plan.is_queued());
+        assert_eq!(plan.next(t0, &fleet), Action::Wait { until: t0 + QUEUE });
+    }
+
+    #[test]
     fn queue_refusals_keep_their_statuses() {
         let mut fleet = FakeFleet::new(vec![replica(1)]);
         fleet.get(1).full = true;
