@@ -14,6 +14,7 @@ mod least_loaded;
 pub mod prefill_model;
 mod round_robin;
 pub mod session;
+pub mod write_pressure;
 
 use std::sync::Arc;
 

@@ -30,7 +30,7 @@ fn trace(o: &mut Opts) {
 fn short_and_long(o: &mut Opts) {
     o.workload = WorkloadArg::Synthetic;
     o.groups = 12;
-    o.users = 8;
+    o.users = 16;
     o.turns = 2;
     o.system_bytes = 32 * 1024;
     o.unshared_fraction = 0.5;
@@ -43,7 +43,7 @@ fn short_and_long(o: &mut Opts) {
 fn skewed_tenants(o: &mut Opts) {
     o.workload = WorkloadArg::Synthetic;
     o.groups = 24;
-    o.users = 8;
+    o.users = 16;
     o.turns = 4;
     o.system_bytes = 16 * 1024;
     o.tenant_skew = 1.0;

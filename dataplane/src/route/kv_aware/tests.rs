@@ -629,3 +629,91 @@ fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
     assert_eq!(pick(default, 256 << 10), 1, "256 KiB queued moves");
     assert_eq!(pick(1, 16 << 10), 1, "per prompt, 16 KiB queued moves");
 }
+
+/// A prompt sharing no block with [`chat_hashes`]' or another tag's.
+fn unrelated_hashes(tag: &str) -> BlockHashes {
+    let body = format!(r#"{{"model":"m","prompt":"{}"}}"#, tag.repeat(200));
+    analyze("/v1/completions", body.as_bytes(), &Default::default())
+        .unwrap()
+        .hashes
+}
+
+/// On an idle fleet every prediction ties; new prefixes then go to the less
+/// written of their two rendezvous choices, so tenants spread over the caches
+/// by what they wrote instead of by hash alone.
+#[test]
+fn new_prefixes_go_to_the_less_written_of_their_two_choices() {
+    let t = table(4);
+    let set = t.load();
+    let fresh = || KvAware::new(RoutingConfig::default().kv_aware_params());
+    let r = fresh();
+    r.on_replicas_changed(&set);
+    let h = chat_hashes(30, "tenant zero");
+    let first = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
+    assert_eq!(first.kind, DecisionKind::Consistent);
+    // Its first choice takes a lot of other new content (a big tenant's), the
+    // other replicas nothing.
+    for i in 0..8 {
+        let other = unrelated_hashes(&format!("big tenant {i} "));
+        let d = Decision {
+            predicted_blocks: 0,
+            ..first.clone()
+        };
+        r.on_routed(&req(&other, None, 0), &d);
+    }
+    assert!(r.pressure.get(first.replica.slot) > 0.0);
+    let moved = r.pick(&req(&h, None, 1), &set, &[]).unwrap();
+    assert_ne!(moved.replica.slot, first.replica.slot);
+    assert_eq!(moved.kind, DecisionKind::LeastLoaded);
+    // A second router that saw the same writes agrees; one that saw none keeps
+    // the rendezvous order.
+    assert_eq!(
+        fresh()
+            .pick(&req(&h, None, 1), &set, &[])
+            .unwrap()
+            .replica
+            .slot,
+        first.replica.slot
+    );
+    // Once the prefix is routed, it is a prefix hit where it went.
+    r.on_routed(&req(&h, None, 1), &moved);
+    let again = r.pick(&req(&h, None, 2), &set, &[]).unwrap();
+    assert_eq!(again.replica.slot, moved.replica.slot);
+    assert_eq!(again.kind, DecisionKind::Prefix);
+}
+
+/// A difference in writes inside the margin is noise: the rendezvous order
+/// holds, so instances that each saw part of the traffic agree.
+#[test]
+fn a_small_difference_in_writes_keeps_the_rendezvous_order() {
+    let t = table(4);
+    let set = t.load();
+    let r = KvAware::new(RoutingConfig::default().kv_aware_params());
+    r.on_replicas_changed(&set);
+    let h = chat_hashes(30, "tenant one");
+    let first = r.pick(&req(&h, None, 0), &set, &[]).unwrap();
+    // Every replica written alike, in turns (so none has aged more), the
+    // first choice once more at the end.
+    for i in 0..11 {
+        for (k, rep) in set.replicas.iter().enumerate() {
+            if i == 10 && rep.slot != first.replica.slot {
+                continue;
+            }
+            let other = unrelated_hashes(&format!("filler {k} {i} "));
+            let d = Decision {
+                replica: Arc::clone(rep),
+                predicted_blocks: 0,
+                ..first.clone()
+            };
+            r.on_routed(&req(&other, None, 0), &d);
+        }
+    }
+    let (p_first, p_min) = set.replicas.iter().fold((0.0, f64::MAX), |(f, m), rep| {
+        let p = r.pressure.get(rep.slot);
+        (if rep.slot == first.replica.slot { p } else { f }, m.min(p))
+    });
+    assert!(p_first > p_min && p_min > p_first * (1.0 - PRESSURE_MARGIN));
+    let again = r.pick(&req(&h, None, 1), &set, &[]).unwrap();
+    assert_eq!(again.replica.slot, first.replica.slot);
+    assert_eq!(again.kind, DecisionKind::Consistent);
+}
