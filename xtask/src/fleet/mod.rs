@@ -232,6 +232,15 @@ pub fn size_kv_blocks(plan: &Plan, block_bytes: usize, replicas: usize, fraction
         .max(64) as usize
 }
 
+/// `name`, with ` xN` when it runs as `n > 1` instances.
+pub fn instances_label(name: String, n: usize) -> String {
+    if n > 1 {
+        format!("{name} x{n}")
+    } else {
+        name
+    }
+}
+
 /// A router row to run: its label, and its spec or the reason it cannot run (reported as a
 /// skipped row).
 pub type Candidate = (String, Result<RouterSpec, String>);
@@ -267,11 +276,7 @@ impl RouterSpec {
                 ..
             } => (format!("{} {policy}", gateway.name()), *instances),
         };
-        if n > 1 {
-            format!("{name} x{n}")
-        } else {
-            name
-        }
+        instances_label(name, n)
     }
 
     pub fn instances(&self) -> usize {

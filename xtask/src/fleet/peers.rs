@@ -177,12 +177,7 @@ pub fn rows<I: IntoIterator<Item = usize>>(
                 python,
                 instances: n,
             });
-            let label = format!("{} {p}", gateway.name())
-                + &if n > 1 {
-                    format!(" x{n}")
-                } else {
-                    String::new()
-                };
+            let label = super::instances_label(format!("{} {p}", gateway.name()), n);
             out.push((n, (label, spec)));
         }
     }
