@@ -28,7 +28,6 @@ use super::bytes_per_token::BytesPerToken;
 use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
-use super::write_pressure::WritePressure;
 use super::{
     candidates, Decision, DecisionKind, LearnedSpeed, Prediction, ResponseReport, RouteRequest,
     Router,
@@ -44,11 +43,6 @@ const ERROR_DECAY: f64 = 1.0 / 64.0;
 const ERROR_MAX: f64 = 0.9;
 /// Predicted times closer than this share are a tie.
 const TIE: f64 = 1e-3;
-/// A new prefix goes to its second rendezvous choice, when the two are
-/// predicted equally soon, only if the second has been written less by more
-/// than this share: a clear difference, which instances that each see part of
-/// the traffic agree on, not noise they would each read their own way.
-const PRESSURE_MARGIN: f64 = 0.5;
 
 /// Share of `load_norm` taken by the replica's KV usage; the rest is its load
 /// relative to what the bound allows it.
@@ -118,9 +112,6 @@ pub struct KvAware {
     sessions: SessionTable,
     fits: FleetFits,
     backlogs: Backlogs,
-    /// New blocks routed to each replica lately, to place new prefixes where
-    /// they push out the least.
-    pressure: WritePressure,
     bytes_per_token: BytesPerToken,
     /// Mean uncached bytes per routed request (`f64` bits), to price the engine's
     /// own waiting requests, whose prompts this proxy never saw.
@@ -145,7 +136,6 @@ impl KvAware {
             sessions: SessionTable::new(p.session_capacity, p.session_ttl_ms),
             fits: FleetFits::default(),
             backlogs: Backlogs::default(),
-            pressure: WritePressure::default(),
             bytes_per_token: BytesPerToken::default(),
             mean_prefill_bytes: AtomicU64::new(0),
             prediction_error: AtomicU64::new(ERROR_PRIOR.to_bits()),
@@ -290,43 +280,6 @@ impl KvAware {
         (ttft, wait.queued_bytes + extra)
     }
 
-    /// Of a new prefix's two admitted rendezvous choices `two`, `chosen` by
-    /// predicted time, or the other one when both are predicted equally soon
-    /// (within `margin`) and the other has been written less by more than
-    /// [`PRESSURE_MARGIN`]: on an idle fleet every prediction ties, and the
-    /// rendezvous order alone piles big tenants onto one replica's cache.
-    fn less_pressed(
-        &self,
-        cands: &[Candidate<'_>],
-        predictions: &[Prediction],
-        margin: f64,
-        two: &[usize],
-        chosen: usize,
-    ) -> usize {
-        let [a, b] = two else {
-            return chosen;
-        };
-        let (ta, tb) = (predictions[*a].ttft_s, predictions[*b].ttft_s);
-        let tied = ta.min(tb) >= ta.max(tb) * (1.0 - margin.max(TIE));
-        if !tied {
-            return chosen;
-        }
-        let pa = self.pressure.get(cands[*a].replica.slot);
-        let pb = self.pressure.get(cands[*b].replica.slot);
-        if pb < pa * (1.0 - PRESSURE_MARGIN) {
-            *b
-        } else {
-            *a
-        }
-    }
-
-    /// Sets the decay horizon of the write pressure to what the fleet's
-    /// caches hold, as the index budgets say.
-    fn set_pressure_horizon(&self, set: &ReplicaSet) {
-        let blocks: u64 = set.replicas.iter().map(|r| self.index.budget(r.slot)).sum();
-        self.pressure.set_horizon(blocks);
-    }
-
     fn count(&self, kind: DecisionKind) {
         let c = &self.counters;
         let counter = match kind {
@@ -444,11 +397,8 @@ impl Router for KvAware {
                     let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
                     order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
                     let first = order[0];
-                    let two: SmallVec<[usize; 2]> =
-                        order.iter().copied().filter(admitted).take(2).collect();
-                    let chosen = soonest(&predictions, margin, two.iter().copied())
-                        .map(|i| self.less_pressed(&cands, &predictions, margin, &two, i))
-                        .unwrap_or(first);
+                    let two = order.iter().copied().filter(admitted).take(2);
+                    let chosen = soonest(&predictions, margin, two).unwrap_or(first);
                     let kind = if chosen == first {
                         DecisionKind::Consistent
                     } else if !bound.admits(&cands[first]) {
@@ -502,11 +452,6 @@ impl Router for KvAware {
     fn on_routed(&self, req: &RouteRequest<'_>, decision: &Decision) {
         let r = &decision.replica;
         self.index.insert(r.slot, req.block_hashes);
-        let new_blocks = req
-            .block_hashes
-            .len()
-            .saturating_sub(decision.predicted_blocks as usize);
-        self.pressure.record(r.slot, new_blocks as u64);
         if let Some(s) = req.session {
             self.sessions
                 .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
@@ -669,7 +614,6 @@ impl Router for KvAware {
                 self.index.set_budget(r.slot, budget);
             }
         }
-        self.set_pressure_horizon(set);
         metrics::gauge!("kvroute_bytes_per_token").set(self.bytes_per_token.overall());
     }
 
@@ -687,7 +631,6 @@ impl Router for KvAware {
                 self.index.clear(slot as u16);
                 self.fits.clear(slot as u16);
                 self.backlogs.clear(slot as u16);
-                self.pressure.clear(slot as u16);
             }
         }
         for r in &set.replicas {
@@ -697,7 +640,6 @@ impl Router for KvAware {
                 self.index.set_budget(r.slot, budget);
             }
         }
-        self.set_pressure_horizon(set);
         *known = now;
     }
 }

@@ -14,7 +14,6 @@ mod least_loaded;
 pub mod prefill_model;
 mod round_robin;
 pub mod session;
-pub mod write_pressure;
 
 use std::sync::Arc;
 
