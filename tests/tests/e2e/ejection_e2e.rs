@@ -11,9 +11,7 @@ use std::time::Duration;
 use kvroute_tests::harness::{post, wait_until, Kvroute, TempDir, Upstream};
 use serde_json::Value;
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
+use crate::common::io_runtimes;
 
 both_io!(
     garbage_replica_is_ejected_probed_and_ejected_again,

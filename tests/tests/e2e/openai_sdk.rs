@@ -14,10 +14,6 @@ use std::time::Duration;
 use kvroute_tests::harness::{request, wait_until, Kvroute, Sim, TempDir};
 use kvroute_tests::pki::Pki;
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
-
 both_io!(the_openai_sdk_over_tls_with_a_key);
 
 const KEY: &str = "sk-sdk-test-0123456789";

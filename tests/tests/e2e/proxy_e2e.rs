@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use kvroute_tests::harness::{free_port, post, request, wait_until, Client, Kvroute, Upstream};
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
-
 both_io!(
     forwards_non_streaming_and_rewrites_headers,
     streams_sse_incrementally,

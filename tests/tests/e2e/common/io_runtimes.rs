@@ -1,11 +1,12 @@
 //! Runs a test body under both I/O runtimes: `both_io!(a, b)` makes `uring::a`,
 //! `epoll::a`, … calling the file's `fn a(io: &str)` with `"uring"` or `"epoll"`.
-//! Included by the end-to-end test files that need it (`#[path]`).
+//! `#[macro_use]` from `common`, so every area module of the e2e binary has
+//! `both_io!`.
 
 macro_rules! both_io {
     ($($name:ident),* $(,)?) => {
         mod uring {
-            $(#[test] fn $name() { if crate::io_runtimes::uring_usable() { super::$name("uring") } })*
+            $(#[test] fn $name() { if crate::common::io_runtimes::uring_usable() { super::$name("uring") } })*
         }
         mod epoll {
             $(#[test] fn $name() { super::$name("epoll") })*

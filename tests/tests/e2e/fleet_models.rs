@@ -13,10 +13,6 @@ use hyper_util::rt::TokioExecutor;
 use kvroute_tests::harness::{free_port, request, Client, Kvroute, Sim, Upstream};
 use serde_json::{json, Value};
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
-
 both_io!(
     lists_the_union_of_the_healthy_fleet,
     answers_503_without_a_replica_that_answers

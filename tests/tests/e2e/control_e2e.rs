@@ -481,7 +481,7 @@ fn fixture_server(
 fn control_scrapes_sglang_metrics() {
     let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sg = fixture_server(
-        include_str!("../fixtures/metrics/sglang.txt"),
+        include_str!("../../fixtures/metrics/sglang.txt"),
         broken.clone(),
     );
     let dp = Dp::start();

@@ -19,10 +19,6 @@ use kvroute_tests::pki::Pki;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
-
 both_io!(
     curl_and_a_rustls_client_over_tls,
     plain_http_and_slow_handshakes,

@@ -13,9 +13,7 @@ use kvroute_tests::harness::{
     free_port, post, wait_until, workspace_bin, Client, Kvroute, Proc, TempDir, Upstream,
 };
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
+use crate::common::io_runtimes;
 
 both_io!(
     sheds_headless_oldest_first_and_serves_a_good_client,

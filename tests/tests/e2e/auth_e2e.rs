@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Response, Upstream};
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
-
 both_io!(
     keys_are_checked_and_kept_from_the_replica,
     rate_limits_answer_429_until_retry_after,

@@ -13,9 +13,7 @@ use kvroute_tests::harness::{
     free_port, request, wait_until, Client, Kvroute, Response, TempDir, Upstream,
 };
 
-#[macro_use]
-#[path = "common/io_runtimes.rs"]
-mod io_runtimes;
+use crate::common::io_runtimes;
 
 both_io!(
     sheds_beyond_the_queue_and_serves_the_rest,
