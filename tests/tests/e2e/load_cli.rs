@@ -582,8 +582,8 @@ async fn ctrl_c_stops_early_with_a_summary() {
     assert!(v["duration_s"].as_f64().unwrap() < 3.0, "{v}");
 }
 
-/// Throughput probe, not a CI check: `cargo test -p kvroute-tests --release --test load_cli
-/// -- --ignored --nocapture throughput`. By default replays 2000 lines as fast as 64
+/// Throughput probe, not a CI check: `cargo test -p kvroute-tests --release --test e2e
+/// -- --ignored --nocapture load_cli::throughput`. By default replays 2000 lines as fast as 64
 /// connections allow; `LOAD_PROBE_ARGS="--n 4000 --speed 300"` replaces the workload flags.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
