@@ -29,7 +29,7 @@ impl Endpoint {
         let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
         let u = kvroute_admin_api::ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
         let tls = if u.tls {
-            Some(crate::tls::upstream::server_name(u.host).map_err(|e| bad(&e))?)
+            Some(crate::tls::upstream::server_name(u.host).map_err(|e| bad(&e.to_string()))?)
         } else {
             None
         };
