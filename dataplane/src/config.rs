@@ -380,7 +380,7 @@ impl Config {
             }
         }
         for (i, r) in self.replicas.iter().enumerate() {
-            crate::replica::Endpoint::parse(&r.url)
+            crate::resolve::Endpoint::parse(&r.url)
                 .map_err(|e| Error::Config(format!("replicas[{i}].url: {e}")))?;
             if r.weight == 0 {
                 return bad(&format!("replicas[{i}].weight"), "must be at least 1");

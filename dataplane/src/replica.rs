@@ -4,6 +4,8 @@
 //! (every request on every worker) load the current one without a lock. Replicas
 //! that survive a swap keep their `Arc<Replica>`, so in-flight counts and the slot
 //! used by the prefix index carry over.
+// The core takes `now` and resolved addresses from its caller (clippy.toml).
+#![deny(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,6 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::admission::Admission;
 use crate::error::Error;
+use crate::resolve::{Endpoint, Resolved};
 
 /// Most replicas one data plane tracks at once: the prefix index keeps one bit
 /// per replica slot, and a 128-bit set keeps an index entry small.
@@ -276,9 +279,13 @@ impl Default for ReplicaTable {
 }
 
 impl ReplicaTable {
+    /// A table of `specs`, their URLs resolved by [`crate::resolve`] (blocking
+    /// on DNS for a host name): for checks, tools and tests. The server builds
+    /// its table with [`ReplicaTable::with_admission`] and fills it through
+    /// [`ReplicaTable::replace`].
     pub fn new(specs: Vec<ReplicaSpec>) -> Result<Self, Error> {
         let t = ReplicaTable::default();
-        t.replace(specs)?;
+        t.replace(crate::resolve::replicas(&t.load(), specs)?)?;
         Ok(t)
     }
 
@@ -297,27 +304,19 @@ impl ReplicaTable {
         self.current.load_full()
     }
 
-    /// Replaces the whole set atomically. Replicas whose URL is unchanged keep
-    /// their identity (slot, counters); the rest get fresh slots.
-    pub fn replace(&self, specs: Vec<ReplicaSpec>) -> Result<Arc<ReplicaSet>, Error> {
+    /// Replaces the whole set atomically with the specs in `resolved` (from
+    /// [`crate::resolve::replicas`] against the current set). Replicas whose URL
+    /// is unchanged keep their identity (slot, counters, address); the rest get
+    /// fresh slots and the address they were resolved to.
+    pub fn replace(&self, resolved: Vec<Resolved>) -> Result<Arc<ReplicaSet>, Error> {
         let _w = self.write.lock().unwrap_or_else(|e| e.into_inner());
-        if specs.len() > MAX_REPLICAS {
-            return Err(Error::Config(format!(
-                "replicas: {} given, at most {MAX_REPLICAS} supported",
-                specs.len()
-            )));
-        }
+        let (specs, endpoints): (Vec<ReplicaSpec>, Vec<Endpoint>) =
+            resolved.into_iter().map(|r| (r.spec, r.endpoint)).unzip();
+        check_urls(&specs)?;
         let old = self.current.load_full();
         let mut used = [false; MAX_REPLICAS];
         let mut next: Vec<Option<Arc<Replica>>> = Vec::with_capacity(specs.len());
-        let mut seen = std::collections::HashSet::new();
         for spec in &specs {
-            if !seen.insert(spec.url.as_str()) {
-                return Err(Error::Config(format!(
-                    "replicas: duplicate url {}",
-                    spec.url
-                )));
-            }
             let kept = old.replicas.iter().find(|r| r.spec.url == spec.url);
             match kept {
                 Some(r) if r.spec == *spec => {
@@ -352,7 +351,7 @@ impl ReplicaTable {
         }
         let mut free = (0..MAX_REPLICAS).filter(|s| !used[*s]);
         let mut replicas = Vec::with_capacity(specs.len());
-        for (spec, kept) in specs.into_iter().zip(next) {
+        for ((spec, endpoint), kept) in specs.into_iter().zip(endpoints).zip(next) {
             if let Some(r) = kept {
                 replicas.push(r);
                 continue;
@@ -361,7 +360,7 @@ impl ReplicaTable {
                 addr,
                 authority,
                 tls,
-            } = Endpoint::parse(&spec.url)?;
+            } = endpoint;
             let slot = free.next().expect("checked count above") as u16;
             let max_in_flight = spec.max_in_flight.unwrap_or(self.default_max_in_flight);
             replicas.push(Arc::new(Replica {
@@ -393,46 +392,35 @@ impl ReplicaTable {
     }
 }
 
-/// Where a replica URL points and how to speak to it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    /// `host:port` as written, for the `Host` header.
-    pub authority: String,
-    /// `https://`: the name the replica's certificate must be valid for.
-    pub tls: Option<rustls::pki_types::ServerName<'static>>,
-}
-
-impl Endpoint {
-    /// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443
-    /// when left out). Host names are resolved once here; the control daemon
-    /// owns re-resolution.
-    pub fn parse(url: &str) -> Result<Endpoint, Error> {
-        let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
-        let u = kvroute_admin_api::ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let tls = if u.tls {
-            Some(crate::tls::upstream::server_name(u.host).map_err(|e| bad(&e))?)
-        } else {
-            None
-        };
-        use std::net::ToSocketAddrs;
-        let addr = u
-            .host_port
-            .to_socket_addrs()
-            .map_err(|e| bad(&format!("cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| bad("resolved to no address"))?;
-        Ok(Endpoint {
-            addr,
-            authority: u.authority.to_string(),
-            tls,
-        })
+/// What [`ReplicaTable::replace`] refuses whatever the addresses: more than
+/// [`MAX_REPLICAS`] replicas, or a URL twice.
+pub(crate) fn check_urls(specs: &[ReplicaSpec]) -> Result<(), Error> {
+    if specs.len() > MAX_REPLICAS {
+        return Err(Error::Config(format!(
+            "replicas: {} given, at most {MAX_REPLICAS} supported",
+            specs.len()
+        )));
     }
+    let mut seen = std::collections::HashSet::new();
+    for spec in specs {
+        if !seen.insert(spec.url.as_str()) {
+            return Err(Error::Config(format!(
+                "replicas: duplicate url {}",
+                spec.url
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `specs` resolved against what `t` holds, as the callers of `replace` do.
+    fn resolved(t: &ReplicaTable, specs: Vec<ReplicaSpec>) -> Vec<Resolved> {
+        crate::resolve::replicas(&t.load(), specs).unwrap()
+    }
 
     #[test]
     fn swap_keeps_identity_of_unchanged_replicas() {
@@ -444,10 +432,13 @@ mod tests {
         let a = t.load();
         let _g = a.replicas[1].begin(0);
         let b = t
-            .replace(vec![
-                ReplicaSpec::new("http://127.0.0.1:8002"),
-                ReplicaSpec::new("http://127.0.0.1:8003"),
-            ])
+            .replace(resolved(
+                &t,
+                vec![
+                    ReplicaSpec::new("http://127.0.0.1:8002"),
+                    ReplicaSpec::new("http://127.0.0.1:8003"),
+                ],
+            ))
             .unwrap();
         assert!(Arc::ptr_eq(&a.replicas[1], &b.replicas[0]));
         assert_eq!(b.replicas[0].in_flight(), 1);
@@ -457,7 +448,10 @@ mod tests {
         let mut spec = ReplicaSpec::new("http://127.0.0.1:8003");
         spec.healthy = false;
         let c = t
-            .replace(vec![ReplicaSpec::new("http://127.0.0.1:8002"), spec])
+            .replace(resolved(
+                &t,
+                vec![ReplicaSpec::new("http://127.0.0.1:8002"), spec],
+            ))
             .unwrap();
         assert!(!Arc::ptr_eq(&b.replicas[1], &c.replicas[1]));
         assert_eq!(c.replicas[1].in_flight(), 1);
@@ -496,49 +490,43 @@ mod tests {
         // The fleet default applies where the spec sets none; the spec wins.
         let t = ReplicaTable::with_admission(5, Arc::new(crate::admission::Admission::disabled()));
         let set = t
-            .replace(vec![
-                ReplicaSpec::new("http://127.0.0.1:8001"),
-                ReplicaSpec {
-                    max_in_flight: Some(0),
-                    ..ReplicaSpec::new("http://127.0.0.1:8002")
-                },
-            ])
+            .replace(resolved(
+                &t,
+                vec![
+                    ReplicaSpec::new("http://127.0.0.1:8001"),
+                    ReplicaSpec {
+                        max_in_flight: Some(0),
+                        ..ReplicaSpec::new("http://127.0.0.1:8002")
+                    },
+                ],
+            ))
             .unwrap();
         assert_eq!(set.replicas[0].max_in_flight, 5);
         assert_eq!(set.replicas[1].max_in_flight, 0);
     }
 
     #[test]
-    fn rejects_bad_urls_and_duplicates() {
-        assert!(Endpoint::parse("ftp://x:1").is_err());
-        assert!(Endpoint::parse("http://127.0.0.1:1/v1").is_err());
-        let e = Endpoint::parse("http://127.0.0.1:8001/").unwrap();
-        assert_eq!(e.addr.port(), 8001);
-        assert_eq!(e.authority, "127.0.0.1:8001");
-        assert!(e.tls.is_none());
-        let e = Endpoint::parse("https://127.0.0.1:8443/").unwrap();
-        assert_eq!(e.addr.port(), 8443);
-        assert_eq!(e.authority, "127.0.0.1:8443");
-        assert!(matches!(
-            e.tls,
-            Some(rustls::pki_types::ServerName::IpAddress(_))
-        ));
-        let e = Endpoint::parse("https://localhost").unwrap();
-        assert_eq!(e.addr.port(), 443);
-        assert_eq!(e.authority, "localhost");
-        assert!(matches!(
-            e.tls,
-            Some(rustls::pki_types::ServerName::DnsName(_))
-        ));
-        assert_eq!(Endpoint::parse("https://[::1]:9").unwrap().addr.port(), 9);
-        assert_eq!(Endpoint::parse("http://127.0.0.1:1").unwrap().tls, None);
-        assert!(Endpoint::parse("ftp://x:1").is_err());
+    fn rejects_duplicates_and_too_many() {
         let t = ReplicaTable::default();
-        assert!(t
-            .replace(vec![
-                ReplicaSpec::new("http://127.0.0.1:1"),
-                ReplicaSpec::new("http://127.0.0.1:1")
-            ])
-            .is_err());
+        let one = |url: &str| Resolved {
+            spec: ReplicaSpec::new(url),
+            endpoint: Endpoint::parse(url).unwrap(),
+        };
+        let e = t
+            .replace(vec![one("http://127.0.0.1:1"), one("http://127.0.0.1:1")])
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config: replicas: duplicate url http://127.0.0.1:1"
+        );
+        let many = (0..=MAX_REPLICAS as u16)
+            .map(|p| one(&format!("http://127.0.0.1:{}", 1000 + p)))
+            .collect();
+        let e = t.replace(many).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("config: replicas: 129 given, at most {MAX_REPLICAS} supported")
+        );
+        assert!(ReplicaTable::new(vec![ReplicaSpec::new("ftp://x:1")]).is_err());
     }
 }

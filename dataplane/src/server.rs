@@ -65,7 +65,10 @@ impl Shared {
             up.max_in_flight_per_replica,
             admission,
         ));
-        table.replace(cfg.replicas.clone())?;
+        table.replace(crate::resolve::replicas(
+            &table.load(),
+            cfg.replicas.clone(),
+        )?)?;
         let router = cfg.routing.build();
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();
@@ -361,7 +364,8 @@ fn reload(shared: &Shared, cli: &crate::config::Cli) {
         (None, None) => {}
         _ => tracing::warn!("SIGHUP: adding or removing [tls] takes effect on restart"),
     }
-    match shared.table.replace(fresh.replicas) {
+    let resolved = crate::resolve::replicas(&shared.table.load(), fresh.replicas);
+    match resolved.and_then(|r| shared.table.replace(r)) {
         Ok(set) => {
             shared.router.on_replicas_changed(&set);
             tracing::info!(

@@ -33,19 +33,18 @@ pub struct LlamaPaths {
 
 impl LlamaPaths {
     /// From `KVROUTE_LLAMA_SERVER` and `KVROUTE_LLAMA_MODEL`, or the reason they are unusable.
-    pub fn from_env() -> Result<LlamaPaths, String> {
-        let get = |k: &str| -> Result<PathBuf, String> {
+    pub fn from_env() -> anyhow::Result<LlamaPaths> {
+        let get = |k: &str| -> anyhow::Result<PathBuf> {
             let p = std::env::var_os(k)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
                 .ok_or_else(|| {
-                    format!("{k} is not set (`cargo xtask test` sets it after `cargo xtask llama`)")
+                    anyhow::anyhow!(
+                        "{k} is not set (`cargo xtask test` sets it after `cargo xtask llama`)"
+                    )
                 })?;
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(format!("{k}={} is not a file", p.display()))
-            }
+            anyhow::ensure!(p.is_file(), "{k}={} is not a file", p.display());
+            Ok(p)
         };
         Ok(LlamaPaths {
             server: get(ENV_SERVER)?,

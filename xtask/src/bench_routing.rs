@@ -301,9 +301,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (label, spec) in &candidates {
             let outcome = match spec {
                 Err(reason) => {
-                    eprintln!("   {label}: skipped: {reason}");
+                    eprintln!("   {label}: skipped: {reason:#}");
                     Outcome::Skipped {
-                        reason: reason.clone(),
+                        reason: format!("{reason:#}"),
                     }
                 }
                 Ok(spec) => {
@@ -453,7 +453,7 @@ fn candidates(a: &Opts, bins: &Bins) -> anyhow::Result<(Vec<Candidate>, Peers)> 
             let spec = if supported.iter().any(|s| s == p) {
                 Ok(spec)
             } else {
-                Err(format!(
+                Err(anyhow::anyhow!(
                     "this kvroute build does not accept --policy {p} (it accepts: {})",
                     supported.join(", ")
                 ))

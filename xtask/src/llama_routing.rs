@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::fleet::llama::{measure, EngineMeasured, LlamaFleet, LlamaSpec};
 use crate::fleet::measure::load_args;
 use crate::fleet::peers::{self, Gateway};
-use crate::fleet::{self, Bins, RouterSpec};
+use crate::fleet::{self, Bins, Candidate, RouterSpec};
 use crate::llama::Llama;
 
 /// What the replicas are.
@@ -185,14 +185,18 @@ fn one_row(s: &Setup, router: &RouterSpec, tag: &str) -> anyhow::Result<EngineMe
     })
 }
 
-fn run_rows(s: &Setup, candidates: &[(String, Result<RouterSpec, String>)], tag: &str) -> Vec<Row> {
+fn run_rows<'a>(
+    s: &Setup,
+    candidates: impl IntoIterator<Item = &'a Candidate>,
+    tag: &str,
+) -> Vec<Row> {
     let mut rows = Vec::new();
     for (label, spec) in candidates {
         let outcome = match spec {
             Err(reason) => {
-                eprintln!("   {label}: skipped: {reason}");
+                eprintln!("   {label}: skipped: {reason:#}");
                 Outcome::Skipped {
-                    reason: reason.clone(),
+                    reason: format!("{reason:#}"),
                 }
             }
             Ok(spec) => {
@@ -230,7 +234,7 @@ fn run_rows(s: &Setup, candidates: &[(String, Result<RouterSpec, String>)], tag:
     rows
 }
 
-fn kvroute_row(policy: &str, workers: usize) -> (String, Result<RouterSpec, String>) {
+fn kvroute_row(policy: &str, workers: usize) -> Candidate {
     let spec = RouterSpec::Kvroute {
         policy: policy.to_owned(),
         workers,
@@ -317,10 +321,7 @@ struct Summarized {
     shares: Vec<String>,
 }
 
-fn summarize(
-    candidates: &[(String, Result<RouterSpec, String>)],
-    runs: &[Vec<Row>],
-) -> Vec<Summarized> {
+fn summarize(candidates: &[Candidate], runs: &[Vec<Row>]) -> Vec<Summarized> {
     candidates
         .iter()
         .map(|(label, _)| {
@@ -410,7 +411,7 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
             if supported.iter().any(|s| s == p) {
                 Ok(spec)
             } else {
-                Err(format!(
+                Err(anyhow::anyhow!(
                     "this kvroute build does not accept --policy {p} (it accepts: {})",
                     supported.join(", ")
                 ))
@@ -426,13 +427,13 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
     anyhow::ensure!(o.llama_runs >= 1, "--llama-runs must be at least 1");
     let mut runs = Vec::new();
     for run in 0..o.llama_runs {
-        let mut order = candidates.clone();
+        let mut order: Vec<&Candidate> = candidates.iter().collect();
         let n = order.len().max(1);
         order.rotate_left(run % n);
         if o.llama_runs > 1 {
             eprintln!("-- run {} of {}", run + 1, o.llama_runs);
         }
-        let mut rows = run_rows(&s, &order, &format!("routing-llama-{run}"));
+        let mut rows = run_rows(&s, order, &format!("routing-llama-{run}"));
         // Each run's rows in the candidates' order, whatever order they ran in.
         rows.sort_by_key(|r| candidates.iter().position(|(l, _)| *l == r.router));
         runs.push(rows);
@@ -744,7 +745,7 @@ mod tests {
             kvroute_row("kv-aware", 1),
             (
                 "sglang-router cache_aware".to_owned(),
-                Err("not installed".to_owned()),
+                Err(anyhow::anyhow!("not installed")),
             ),
         ];
         let skipped = || Row {

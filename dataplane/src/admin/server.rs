@@ -184,7 +184,8 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
         ("PUT", "/replicas") => match serde_json::from_slice::<ReplicasUpdate>(body) {
             Ok(u) => {
                 let count = u.replicas.len();
-                match shared.table.replace(u.replicas) {
+                let resolved = crate::resolve::replicas(&shared.table.load(), u.replicas);
+                match resolved.and_then(|r| shared.table.replace(r)) {
                     Ok(set) => {
                         shared.router.on_replicas_changed(&set);
                         let source = u.source.unwrap_or_else(|| "unknown".into());

@@ -23,7 +23,7 @@
 //! position: never its text, which could be (part of) a key (even the name: a
 //! line written key first has the key there).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -59,37 +59,90 @@ impl std::fmt::Debug for KeySpec {
     }
 }
 
+/// Why a keys file is refused: the file and line, then why.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysFileError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}: {why}")]
+    Line {
+        file: String,
+        line: usize,
+        #[source]
+        why: LineError,
+    },
+}
+
+/// What is wrong with one line. A field is named by its position, never by its
+/// text, which could be (part of) a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("not UTF-8")]
+    NotUtf8,
+    #[error("the name is already used on line {0}")]
+    NameUsed(usize),
+    #[error("the key is the same as that on line {0}")]
+    KeyUsed(usize),
+    #[error("field 1 (the name) must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ . -")]
+    Name,
+    #[error("no key: expected NAME KEY [ATTRIBUTE=VALUE ...]")]
+    NoKey,
+    #[error("field 2 (the key) must be {MIN_KEY} to {MAX_KEY} printable ASCII characters")]
+    Key,
+    #[error("field {0} is not ATTRIBUTE=VALUE (a key must not contain spaces)")]
+    NotAttribute(usize),
+    #[error("{attr} (field {field}) is given twice")]
+    Twice { attr: &'static str, field: usize },
+    #[error("models (field {0}) must be a comma-separated list of model names")]
+    Models(usize),
+    #[error("rps (field {0}) must be a positive number of requests per second")]
+    Rps(usize),
+    #[error("prompt_bytes_per_s (field {0}) must be a positive integer")]
+    PromptBytes(usize),
+    #[error("field {0} is not a known attribute (models, rps, prompt_bytes_per_s)")]
+    UnknownAttribute(usize),
+}
+
 pub fn digest(key: &[u8]) -> KeyDigest {
     Sha256::digest(key).into()
 }
 
 /// Reads and parses the file at `path`; errors name the file (and line).
-pub fn load(path: &Path) -> Result<Vec<KeySpec>, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn load(path: &Path) -> Result<Vec<KeySpec>, KeysFileError> {
+    let text = std::fs::read(path).map_err(|source| KeysFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     parse(&text, &path.display().to_string())
 }
 
 /// Parses a whole keys file; `file` names it in errors.
-pub fn parse(text: &[u8], file: &str) -> Result<Vec<KeySpec>, String> {
+pub fn parse(text: &[u8], file: &str) -> Result<Vec<KeySpec>, KeysFileError> {
     let mut out: Vec<(usize, KeySpec)> = Vec::new();
     for (i, raw) in text.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        let at = |why: String| format!("{file}:{line_no}: {why}");
+        let at = |why: LineError| KeysFileError::Line {
+            file: file.to_owned(),
+            line: line_no,
+            why,
+        };
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let Ok(line) = std::str::from_utf8(raw) else {
-            return Err(at("not UTF-8".into()));
+            return Err(at(LineError::NotUtf8));
         };
         let Some(spec) = parse_line(line).map_err(at)? else {
             continue;
         };
         for (prev_line, prev) in &out {
             if prev.name == spec.name {
-                return Err(at(format!("the name is already used on line {prev_line}")));
+                return Err(at(LineError::NameUsed(*prev_line)));
             }
             if prev.digest == spec.digest {
-                return Err(at(format!(
-                    "the key is the same as that on line {prev_line}"
-                )));
+                return Err(at(LineError::KeyUsed(*prev_line)));
             }
         }
         out.push((line_no, spec));
@@ -98,7 +151,7 @@ pub fn parse(text: &[u8], file: &str) -> Result<Vec<KeySpec>, String> {
 }
 
 /// One line: `Ok(None)` for a blank or comment line.
-fn parse_line(line: &str) -> Result<Option<KeySpec>, String> {
+fn parse_line(line: &str) -> Result<Option<KeySpec>, LineError> {
     let mut fields = line
         .split([' ', '\t'])
         .filter(|f| !f.is_empty())
@@ -111,17 +164,13 @@ fn parse_line(line: &str) -> Result<Option<KeySpec>, String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
     {
-        return Err(format!(
-            "field 1 (the name) must be 1 to {MAX_NAME} of A-Z a-z 0-9 _ . -"
-        ));
+        return Err(LineError::Name);
     }
     let Some(key) = fields.next() else {
-        return Err("no key: expected NAME KEY [ATTRIBUTE=VALUE ...]".into());
+        return Err(LineError::NoKey);
     };
     if !(MIN_KEY..=MAX_KEY).contains(&key.len()) || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "field 2 (the key) must be {MIN_KEY} to {MAX_KEY} printable ASCII characters"
-        ));
+        return Err(LineError::Key);
     }
     let mut spec = KeySpec {
         name: name.to_owned(),
@@ -133,50 +182,41 @@ fn parse_line(line: &str) -> Result<Option<KeySpec>, String> {
     for (i, field) in fields.enumerate() {
         let n = i + 3;
         let Some((attr, value)) = field.split_once('=') else {
-            return Err(format!(
-                "field {n} is not ATTRIBUTE=VALUE (a key must not contain spaces)"
-            ));
+            return Err(LineError::NotAttribute(n));
         };
-        let twice = || format!("{attr} (field {n}) is given twice");
+        let twice = |name: &'static str| LineError::Twice {
+            attr: name,
+            field: n,
+        };
         match attr {
             "models" => {
                 if spec.models.is_some() {
-                    return Err(twice());
+                    return Err(twice("models"));
                 }
                 let list: Vec<String> = value.split(',').map(str::to_owned).collect();
                 if list.iter().any(String::is_empty) {
-                    return Err(format!(
-                        "models (field {n}) must be a comma-separated list of model names"
-                    ));
+                    return Err(LineError::Models(n));
                 }
                 spec.models = Some(list);
             }
             "rps" => {
                 if spec.rps.is_some() {
-                    return Err(twice());
+                    return Err(twice("rps"));
                 }
-                spec.rps = Some(rate(value).ok_or_else(|| {
-                    format!("rps (field {n}) must be a positive number of requests per second")
-                })?);
+                spec.rps = Some(rate(value).ok_or(LineError::Rps(n))?);
             }
             "prompt_bytes_per_s" => {
                 if spec.prompt_bytes_per_s.is_some() {
-                    return Err(twice());
+                    return Err(twice("prompt_bytes_per_s"));
                 }
                 let v = value
                     .parse::<u64>()
                     .ok()
                     .map(|v| v as f64)
                     .filter(|v| *v > 0.0 && *v <= MAX_RATE);
-                spec.prompt_bytes_per_s = Some(v.ok_or_else(|| {
-                    format!("prompt_bytes_per_s (field {n}) must be a positive integer")
-                })?);
+                spec.prompt_bytes_per_s = Some(v.ok_or(LineError::PromptBytes(n))?);
             }
-            _ => {
-                return Err(format!(
-                    "field {n} is not a known attribute (models, rps, prompt_bytes_per_s)"
-                ))
-            }
+            _ => return Err(LineError::UnknownAttribute(n)),
         }
     }
     Ok(Some(spec))
@@ -198,7 +238,9 @@ mod tests {
 
     /// The error for `text`, checked not to contain `secret`.
     fn err(text: &str, secret: &str) -> String {
-        let e = parse(text.as_bytes(), "keys").expect_err("should be refused");
+        let e = parse(text.as_bytes(), "keys")
+            .expect_err("should be refused")
+            .to_string();
         assert!(!e.contains(secret), "error echoes the key: {e}");
         e
     }
@@ -274,7 +316,15 @@ mod tests {
         );
         assert!(e.contains("field 1"), "{e}");
         let e = parse(b"a sk-0000000\xff\n", "k").unwrap_err();
-        assert_eq!(e, "k:1: not UTF-8");
+        assert_eq!(e.to_string(), "k:1: not UTF-8");
+        assert!(matches!(
+            e,
+            KeysFileError::Line {
+                line: 1,
+                why: LineError::NotUtf8,
+                ..
+            }
+        ));
     }
 
     /// The shipped example is the documentation of the syntax: it must parse.

@@ -4,6 +4,8 @@
 //! snapshot and a clock value, and never touches a socket: policies are unit- and
 //! property-tested without processes. The proxy calls the hooks around `pick` so a
 //! policy can learn from what it decided and from what the replica reported.
+// The core takes `now` and resolved addresses from its caller (clippy.toml).
+#![deny(clippy::disallowed_methods)]
 
 pub mod backlog;
 pub mod bytes_per_token;

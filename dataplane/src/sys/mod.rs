@@ -1,6 +1,7 @@
 //! Every `unsafe` line of the crate, each under a `// SAFETY:` comment: the few
 //! system calls no safe crate wraps, and the entries to the AVX2, AVX-512 and
 //! AES kernels. The rest of the crate denies `unsafe_code`.
+// Opts out of the workspace `unsafe_code = "deny"`: syscalls and SIMD/AES kernel entries need it.
 #![allow(unsafe_code)]
 
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]

@@ -51,14 +51,21 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     Ok(Arc::new(cfg))
 }
 
+/// Why a replica URL's host cannot be used for TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerNameError {
+    #[error("not a TLS server name: {0}")]
+    Invalid(#[source] rustls::pki_types::InvalidDnsNameError),
+}
+
 /// The TLS name of a URL's host: a DNS name is sent as SNI and verified; an IP
 /// address is sent as no SNI and verified against the certificate's IP names.
-pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
+pub fn server_name(host: &str) -> Result<ServerName<'static>, ServerNameError> {
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    ServerName::try_from(host.to_string()).map_err(|e| format!("not a TLS server name: {e}"))
+    ServerName::try_from(host.to_string()).map_err(ServerNameError::Invalid)
 }
 
 /// The client handshake on a freshly connected `io` (the caller bounds it in time).
@@ -112,6 +119,7 @@ mod tests {
             server_name("replica-0.example").unwrap(),
             ServerName::DnsName(_)
         ));
-        assert!(server_name("bad name").is_err());
+        let e = server_name("bad name").unwrap_err().to_string();
+        assert!(e.starts_with("not a TLS server name: "), "{e}");
     }
 }

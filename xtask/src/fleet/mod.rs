@@ -242,8 +242,8 @@ pub fn instances_label(name: String, n: usize) -> String {
 }
 
 /// A router row to run: its label, and its spec or the reason it cannot run (reported as a
-/// skipped row).
-pub type Candidate = (String, Result<RouterSpec, String>);
+/// skipped row, shown with `{:#}`).
+pub type Candidate = (String, anyhow::Result<RouterSpec>);
 
 /// The router in front of the replicas: `instances` copies of it with the same configuration,
 /// each knowing only what passed through it (clients pick one per request).

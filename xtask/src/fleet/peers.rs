@@ -163,20 +163,24 @@ pub fn rows<I: IntoIterator<Item = usize>>(
     if policies.is_empty() {
         return (Vec::new(), None);
     }
-    let found = resolve(gateway, python).map_err(|e| format!("{e:#}"));
+    let found = resolve(gateway, python);
     match &found {
         Ok((_, v)) => eprintln!("{} {v} found", gateway.name()),
-        Err(e) => eprintln!("{}: {e}", gateway.name()),
+        Err(e) => eprintln!("{}: {e:#}", gateway.name()),
     }
     let mut out = Vec::new();
     for p in policies {
         for n in instances(p) {
-            let spec = found.clone().map(|(python, _)| super::RouterSpec::Sglang {
-                gateway,
-                policy: p.clone(),
-                python,
-                instances: n,
-            });
+            // Each row its own copy of why the gateway cannot run.
+            let spec = match &found {
+                Ok((python, _)) => Ok(super::RouterSpec::Sglang {
+                    gateway,
+                    policy: p.clone(),
+                    python: python.clone(),
+                    instances: n,
+                }),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            };
             let label = super::instances_label(format!("{} {p}", gateway.name()), n);
             out.push((n, (label, spec)));
         }

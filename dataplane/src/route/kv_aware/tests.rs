@@ -197,7 +197,9 @@ fn replica_changes_clear_removed_slots_and_set_budgets() {
     let h = chat_hashes(30, "x");
     r.index().insert(0, &h);
     r.index().insert(1, &h);
-    let set = t.replace(vec![specs[1].clone()]).unwrap();
+    let set = t
+        .replace(crate::resolve::replicas(&t.load(), vec![specs[1].clone()]).unwrap())
+        .unwrap();
     r.on_replicas_changed(&set);
     assert_eq!(r.index().tracked(0), 0);
     assert_eq!(r.index().tracked(1), h.len() as u64);
@@ -233,7 +235,13 @@ fn slot_replicas_get_the_slot_model() {
     r.index().insert(a, &chat_hashes(30, "x"));
     spec.kv_slots = None;
     let set = t
-        .replace(vec![spec, ReplicaSpec::new("http://127.0.0.1:9601")])
+        .replace(
+            crate::resolve::replicas(
+                &t.load(),
+                vec![spec, ReplicaSpec::new("http://127.0.0.1:9601")],
+            )
+            .unwrap(),
+        )
         .unwrap();
     r.on_replicas_changed(&set);
     assert_eq!(r.index().slot_model(a), None);
