@@ -41,6 +41,13 @@ pub struct RoutingConfig {
     /// A replica with fewer in-flight requests than this is never over the load
     /// bound: at low load the `(1+ε)` rule alone would scatter prefixes.
     pub load_floor: u64,
+    /// kv-aware, off unless set: a replica that took more than
+    /// `(1+share_epsilon)` times its weighted share of the last 256 decisions
+    /// gives up the requests that are cheapest to move (in predicted seconds to
+    /// first token) until it is back within it. It evens request counts on a
+    /// fleet with headroom, where the in-flight bound never acts, at a cost in
+    /// hit ratio when tenants are skewed (docs/routing.md has the figures).
+    pub share_epsilon: Option<f64>,
     /// Header carrying the session key; the body's `user` is the fallback.
     pub session_header: String,
     pub session_ttl_ms: u64,
@@ -65,6 +72,7 @@ impl Default for RoutingConfig {
             prefill_scale_bytes: 128 << 10,
             epsilon: 0.5,
             load_floor: 8,
+            share_epsilon: None,
             session_header: "x-session-id".into(),
             session_ttl_ms: 10 * 60 * 1000,
             session_capacity: 100_000,
@@ -104,6 +112,9 @@ impl RoutingConfig {
                 return bad(key, format!("{v} must be a finite number >= 0"));
             }
         }
+        if let Some(v) = self.share_epsilon.filter(|v| !v.is_finite() || *v < 0.0) {
+            return bad("share_epsilon", format!("{v} must be a finite number >= 0"));
+        }
         if self.session_header.is_empty() || !self.session_header.bytes().all(is_token_byte) {
             return bad("session_header", "must be a valid HTTP header name".into());
         }
@@ -133,6 +144,7 @@ impl RoutingConfig {
             prefill_scale_bytes: self.prefill_scale_bytes,
             epsilon: self.epsilon,
             load_floor: self.load_floor,
+            share_epsilon: self.share_epsilon,
             session_ttl_ms: self.session_ttl_ms,
             session_capacity: self.session_capacity,
             index: IndexConfig {
@@ -209,5 +221,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("routing.epsilon"));
+        let c: RoutingConfig = toml::from_str("share_epsilon = -0.5\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("routing.share_epsilon"));
+        let c: RoutingConfig = toml::from_str("share_epsilon = 0.25\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.kv_aware_params().share_epsilon, Some(0.25));
     }
 }

@@ -28,6 +28,7 @@ use super::bytes_per_token::BytesPerToken;
 use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
+use super::share::{Entry, Shares};
 use super::{
     candidates, Decision, DecisionKind, LearnedSpeed, Prediction, ResponseReport, RouteRequest,
     Router,
@@ -59,6 +60,8 @@ pub struct KvAwareParams {
     pub epsilon: f64,
     /// Below this many in-flight requests a replica is never over the bound.
     pub load_floor: u64,
+    /// The share bound's `ε` ([`super::share`]); `None` for no share bound.
+    pub share_epsilon: Option<f64>,
     pub session_ttl_ms: u64,
     pub session_capacity: usize,
     pub index: IndexConfig,
@@ -112,6 +115,7 @@ pub struct KvAware {
     sessions: SessionTable,
     fits: FleetFits,
     backlogs: Backlogs,
+    shares: Shares,
     bytes_per_token: BytesPerToken,
     /// Mean uncached bytes per routed request (`f64` bits), to price the engine's
     /// own waiting requests, whose prompts this proxy never saw.
@@ -136,6 +140,7 @@ impl KvAware {
             sessions: SessionTable::new(p.session_capacity, p.session_ttl_ms),
             fits: FleetFits::default(),
             backlogs: Backlogs::default(),
+            shares: Shares::default(),
             bytes_per_token: BytesPerToken::default(),
             mean_prefill_bytes: AtomicU64::new(0),
             prediction_error: AtomicU64::new(ERROR_PRIOR.to_bits()),
@@ -341,10 +346,26 @@ impl Router for KvAware {
             .map(|c| self.fits.get(c.replica.slot))
             .collect();
         let known: SmallVec<[Fit; 16]> = own.iter().flatten().copied().collect();
+        // Which candidates took more than their share of recent decisions, in
+        // proportion to their weights. Not to their learned rates: fits of
+        // alike replicas differ by their noise, and shares that follow it
+        // move requests for nothing.
+        let over = self.p.share_epsilon.map_or(0, |epsilon| {
+            let entries: SmallVec<[Entry; 16]> = cands
+                .iter()
+                .map(|c| Entry {
+                    slot: c.replica.slot,
+                    weight: c.weight as f64,
+                })
+                .collect();
+            self.shares.over(&entries, epsilon)
+        });
+        let within = |i: usize| over & (1u128 << i) == 0;
         let predictions: SmallVec<[Prediction; 16]> = cands
             .iter()
             .zip(&own)
-            .map(|(c, f)| {
+            .enumerate()
+            .map(|(i, (c, f))| {
                 let fit = fit_or_prior(*f, &known);
                 let (ttft_s, queued) =
                     self.predicted_ttft(c, fit, matches.get(c.replica.slot), req);
@@ -353,6 +374,8 @@ impl Router for KvAware {
                     secs_per_byte: fit.secs_per_byte,
                     learned: f.is_some(),
                     queued_ahead_bytes: queued as u64,
+                    over_share: !within(i),
+                    refused_move_s: 0.0,
                 }
             })
             .collect();
@@ -371,6 +394,19 @@ impl Router for KvAware {
             }
         };
         let admitted = |i: &usize| bound.admits(&cands[*i]);
+        // Admitted and within their share, or, when none is, admitted.
+        let eligible = |order: &[usize]| -> SmallVec<[usize; 16]> {
+            let both: SmallVec<[usize; 16]> = order
+                .iter()
+                .copied()
+                .filter(|i| admitted(i) && within(*i))
+                .collect();
+            if both.is_empty() {
+                order.iter().copied().filter(admitted).collect()
+            } else {
+                both
+            }
+        };
 
         if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
             let pinned = cands
@@ -392,16 +428,17 @@ impl Router for KvAware {
             let mut order: SmallVec<[usize; 16]> = (0..cands.len()).collect();
             return Some(match anchor {
                 // An unseen prefix: the sooner of its two rendezvous choices
-                // that the bound admits.
+                // that the bound admits (and that are within their share: with
+                // nothing cached, moving costs nothing).
                 Some(a) => {
                     let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
                     order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
                     let first = order[0];
-                    let two = order.iter().copied().filter(admitted).take(2);
+                    let two = eligible(&order).into_iter().take(2);
                     let chosen = soonest(&predictions, margin, two).unwrap_or(first);
                     let kind = if chosen == first {
                         DecisionKind::Consistent
-                    } else if !bound.admits(&cands[first]) {
+                    } else if !bound.admits(&cands[first]) || !within(first) {
                         DecisionKind::Spill
                     } else {
                         DecisionKind::LeastLoaded
@@ -414,9 +451,8 @@ impl Router for KvAware {
                     let n = order.len();
                     order.rotate_left(self.next.fetch_add(1, Ordering::Relaxed) % n);
                     let first = order[0];
-                    let chosen =
-                        soonest(&predictions, margin, order.iter().copied().filter(admitted))
-                            .unwrap_or(first);
+                    let chosen = soonest(&predictions, margin, eligible(&order).into_iter())
+                        .unwrap_or(first);
                     decide(chosen, DecisionKind::LeastLoaded)
                 }
             });
@@ -426,7 +462,7 @@ impl Router for KvAware {
         // too are deterministic across instances.
         let total = req.block_hashes.len();
         let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
-        let (preferred, chosen) = best_admitted(&cands, &bound, |c| {
+        let rank = |c: &Candidate<'_>| {
             (
                 self.score(
                     c,
@@ -437,8 +473,9 @@ impl Router for KvAware {
                 ),
                 tie(c),
             )
-        })?;
-        let kind = if chosen != preferred {
+        };
+        let (preferred, mut chosen) = best_admitted(&cands, &bound, rank)?;
+        let mut kind = if chosen != preferred {
             DecisionKind::Spill
         } else if matches.get(cands[chosen].replica.slot) > 0 {
             DecisionKind::Prefix
@@ -446,7 +483,33 @@ impl Router for KvAware {
             // Load outweighed every replica's overlap.
             DecisionKind::LeastLoaded
         };
-        Some(decide(chosen, kind))
+        let mut refused = 0.0;
+        if !within(chosen) {
+            // Over its share: the replica within its share predicted soonest
+            // takes the request if that costs no more time than the share's
+            // price. In seconds, so a move to a slower replica costs more than
+            // the same uncached bytes on a faster one.
+            let better = |a: (f64, f64), b: (f64, f64)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
+            let alt = (0..cands.len())
+                .filter(|&i| within(i) && admitted(&i))
+                .map(|i| (i, rank(&cands[i])))
+                .reduce(|a, b| if better(b.1, a.1) { b } else { a })
+                .map(|(i, _)| i);
+            if let Some(a) = alt {
+                let cost = predictions[a].ttft_s - predictions[chosen].ttft_s;
+                if cost <= self.shares.price(cands[chosen].replica.slot) {
+                    chosen = a;
+                    kind = DecisionKind::Spill;
+                } else {
+                    refused = cost;
+                }
+            }
+        }
+        let mut d = decide(chosen, kind);
+        if let Some(p) = d.prediction.as_mut() {
+            p.refused_move_s = refused;
+        }
+        Some(d)
     }
 
     fn on_routed(&self, req: &RouteRequest<'_>, decision: &Decision) {
@@ -457,6 +520,10 @@ impl Router for KvAware {
                 .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
         }
         self.count(decision.kind);
+        let mean_prefill = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
+        if let (Some(_), Some(p)) = (self.p.share_epsilon, decision.prediction) {
+            self.shares.record(r.slot, p.over_share, p.refused_move_s);
+        }
         if let Some(p) = decision.prediction {
             self.backlogs.push(
                 r.slot,
@@ -468,8 +535,7 @@ impl Router for KvAware {
         }
         // A running mean over about the last 64 requests; racing updates lose
         // one sample's share, which a mean of 64 does not notice.
-        let m = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
-        let m = m + (decision.prefill_bytes as f64 - m) / 64.0;
+        let m = mean_prefill + (decision.prefill_bytes as f64 - mean_prefill) / 64.0;
         self.mean_prefill_bytes
             .store(m.to_bits(), Ordering::Relaxed);
         if !req.block_hashes.is_empty() {
@@ -631,6 +697,7 @@ impl Router for KvAware {
                 self.index.clear(slot as u16);
                 self.fits.clear(slot as u16);
                 self.backlogs.clear(slot as u16);
+                self.shares.clear(slot as u16);
             }
         }
         for r in &set.replicas {

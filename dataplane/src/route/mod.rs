@@ -16,6 +16,7 @@ mod least_loaded;
 pub mod prefill_model;
 mod round_robin;
 pub mod session;
+pub mod share;
 
 use std::sync::Arc;
 
@@ -104,6 +105,12 @@ pub struct Prediction {
     pub learned: bool,
     /// Uncached prompt bytes predicted queued ahead of the request there.
     pub queued_ahead_bytes: u64,
+    /// Whether the replica had taken more than its share of recent decisions
+    /// when it was chosen ([`share`]).
+    pub over_share: bool,
+    /// Seconds that moving the request off it would have cost, when it was over
+    /// its share and the move was refused as too dear (else 0).
+    pub refused_move_s: f64,
 }
 
 /// What a finished response told about its replica, for a policy to learn from.

@@ -396,6 +396,8 @@ fn an_unanchored_prompt_goes_to_the_soonest_replica() {
                 secs_per_byte: 1.0,
                 learned: false,
                 queued_ahead_bytes: 0,
+                over_share: false,
+                refused_move_s: 0.0,
             }),
             ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
         };
@@ -426,6 +428,8 @@ fn a_silent_replica_is_never_predicted_fast() {
                     secs_per_byte: 1e-6,
                     learned: false,
                     queued_ahead_bytes: 0,
+                    over_share: false,
+                    refused_move_s: 0.0,
                 }),
                 ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
             };
@@ -443,6 +447,8 @@ fn a_silent_replica_is_never_predicted_fast() {
                 secs_per_byte: 1e-6,
                 learned: true,
                 queued_ahead_bytes: 0,
+                over_share: false,
+                refused_move_s: 0.0,
             }),
             ..Decision::simple(rp.clone(), DecisionKind::LeastLoaded)
         };
@@ -636,4 +642,61 @@ fn a_short_queue_keeps_the_cache_and_a_long_one_moves_the_request() {
     assert_eq!(pick(default, 80 << 10), 0, "80 KiB queued stays");
     assert_eq!(pick(default, 256 << 10), 1, "256 KiB queued moves");
     assert_eq!(pick(1, 16 << 10), 1, "per prompt, 16 KiB queued moves");
+}
+
+const SHARE_EPSILON: f64 = 0.25;
+
+/// One tenant's requests, one after another (never two in flight, so the
+/// in-flight bound never acts): where each went and what each cost.
+fn one_tenant(r: &KvAware, set: &ReplicaSet, n: usize) -> (Vec<u16>, usize) {
+    let mut slots = Vec::new();
+    let mut costly = 0;
+    for i in 0..n {
+        let h = chat_hashes(60, &format!("question {i}"));
+        let d = route(r, set, &req(&h, None, i as u64));
+        costly += usize::from(d.predicted_blocks < d.best_blocks);
+        slots.push(d.replica.slot);
+    }
+    (slots, costly)
+}
+
+#[test]
+fn a_replica_over_its_share_gives_up_the_cheapest_moves_and_few_costly_ones() {
+    let t = table(4);
+    let set = t.load();
+    let r = KvAware::new(
+        RoutingConfig {
+            load_floor: 0,
+            share_epsilon: Some(SHARE_EPSILON),
+            ..RoutingConfig::default()
+        }
+        .kv_aware_params(),
+    );
+    let (slots, costly) = one_tenant(&r, &set, 4096);
+    // Each replica opened as a home of the tenant's prompt once; after that
+    // moves between homes cost nothing.
+    assert!(
+        (1..=6).contains(&costly),
+        "{costly} moves re-prefilled the prompt"
+    );
+    let last = &slots[2048..];
+    for s in 0..4u16 {
+        let share = last.iter().filter(|&&x| x == s).count() as f64 / last.len() as f64;
+        assert!(
+            share <= 0.25 * (1.0 + SHARE_EPSILON) + 0.05,
+            "slot {s} took {share:.3} of the last 2048"
+        );
+    }
+    assert!(r.counters().spill > 0);
+}
+
+#[test]
+fn without_the_share_bound_a_tenant_stays_on_one_replica() {
+    let t = table(4);
+    let set = t.load();
+    let r = router();
+    assert_eq!(RoutingConfig::default().share_epsilon, None);
+    let (slots, costly) = one_tenant(&r, &set, 1024);
+    assert_eq!(costly, 0);
+    assert!(slots.iter().all(|&s| s == slots[0]));
 }
