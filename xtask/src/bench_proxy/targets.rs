@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvroute_testkit::port::free_port;
 
 /// Process groups started and not yet stopped, for the signal handler: a Ctrl-C
 /// or SIGTERM skips destructors, and the servers run in their own sessions, so
@@ -108,12 +109,6 @@ impl Drop for Proc {
             g.retain(|&p| p != self.child.id());
         }
     }
-}
-
-/// A port the kernel just handed out; released before the server binds it
-/// (a tiny race, acceptable on a benchmark host with only loopback traffic).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(kvroute_tests::harness::free_port())
 }
 
 /// Starts `argv` pinned to `cpus` (taskset), in its own process group, output to `log`.
@@ -253,7 +248,7 @@ fn start_nginx(env: &Env, name: &str, cpus: &str, body: &str) -> anyhow::Result<
 
 /// The fixed upstream every row ends at.
 pub fn upstream(env: &Env) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     // `return` answers without reading a file or the body buffer; the body is read
     // and discarded, as an inference server would consume the prompt.
     let body = UPSTREAM_BODY.replace('\'', "\\'");
@@ -271,7 +266,7 @@ pub fn upstream(env: &Env) -> anyhow::Result<Target> {
 }
 
 pub fn nginx_proxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     let pool = env.upstream_pool;
     let server = format!(
         "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
@@ -289,7 +284,7 @@ pub fn nginx_proxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
 }
 
 pub fn haproxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     // maxconn stays at 4096: the host's fd limit is 20000 and each proxied
     // connection costs HAProxy two descriptors.
     let conf = format!(
@@ -332,7 +327,7 @@ pub struct TlsFiles {
 /// configured as [`nginx_proxy`]. Session caches and tickets are off, as they are
 /// for a client that never resumes: every new connection is a full handshake.
 pub fn nginx_tls_proxy(env: &Env, upstream: u16, tls: &TlsFiles) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     let pool = env.upstream_pool;
     let server = format!(
         "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
@@ -440,8 +435,8 @@ fn start_kvroute(
     extra_toml: &str,
     tag: &str,
 ) -> anyhow::Result<(Proc, u16, PathBuf)> {
-    let port = free_port()?;
-    let admin = free_port()?;
+    let port = free_port();
+    let admin = free_port();
     // Upstream pools are sized equally for every proxy (`--upstream-pool`).
     let conf = env.dir.join(format!("kvroute{tag}.toml"));
     fs::write(
@@ -487,7 +482,7 @@ pub fn sglang(env: &Env, python: &str, upstream: u16) -> anyhow::Result<Target> 
             "python module sglang_router not importable with {python} (pip install sglang-router)"
         );
     }
-    let port = free_port()?;
+    let port = free_port();
     let argv = vec![
         python.into(),
         "-m".into(),
