@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,9 +71,9 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped (by its [`kvroute_testkit::child::Child`]).
 pub struct Proc {
-    pub child: Child,
+    pub child: kvroute_testkit::child::Child,
     pub name: String,
 }
 
@@ -115,8 +115,13 @@ impl Proc {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc::adopt(child, name)
+    }
+
+    /// Supervises a process the caller spawned; `name` names it in messages.
+    pub fn adopt(child: std::process::Child, name: &str) -> Proc {
         Proc {
-            child,
+            child: kvroute_testkit::child::Child::adopt(name, child),
             name: name.into(),
         }
     }
@@ -132,21 +137,9 @@ impl Proc {
 
     /// Waits for exit up to `limit`; `None` if still running.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child
+            .wait_exit(limit, Duration::from_millis(20))
+            .map(|st| st.code().unwrap_or(-1))
     }
 }
 

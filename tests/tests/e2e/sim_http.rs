@@ -1,13 +1,14 @@
 //! Integration tests of the real `kvroute-sim` binary over loopback.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use kvroute_testkit::child::Child;
 use kvroute_testkit::metrics_text::{Sample, Samples};
 use kvroute_testkit::port::free_port;
 use serde_json::{json, Value};
@@ -16,32 +17,34 @@ use zeromq::{Socket, SocketRecv};
 /// Block of 16 tokens = 64 bytes of prompt text.
 const BLOCK_BYTES: usize = 64;
 
-/// A running simulator, killed on drop.
+/// A running simulator, killed on drop (by its [`Child`]).
 struct Sim {
-    child: Child,
+    _child: Child,
     addr: SocketAddr,
 }
 
 impl Sim {
     async fn start(extra: &[&str]) -> Sim {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvroute-sim"))
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--name",
-                "r7",
-                "--model",
-                "m",
-            ])
-            .args(["--block-tokens", "16", "--time-scale", "0.001"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn kvroute-sim");
-        let sim = Sim { child, addr };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute-sim"));
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            "r7",
+            "--model",
+            "m",
+        ])
+        .args(["--block-tokens", "16", "--time-scale", "0.001"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        let child = Child::spawn("kvroute-sim", &mut cmd).expect("spawn kvroute-sim");
+        let sim = Sim {
+            _child: child,
+            addr,
+        };
         for _ in 0..100 {
             if let Ok((StatusCode::OK, _, body)) = sim.get("/health").await {
                 assert_eq!(&body[..], b"ok");
@@ -92,13 +95,6 @@ impl Sim {
         let (status, headers, body) = self.post(path, body).await;
         assert_eq!(headers["x-replica"], "r7");
         (status, serde_json::from_slice(&body).expect("JSON body"))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -4,10 +4,11 @@
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvroute_testkit::child::{Child, NotReady};
 use kvroute_testkit::port::free_port;
 
 /// Process groups started and not yet stopped, for the signal handler: a Ctrl-C
@@ -68,6 +69,7 @@ pub const UPSTREAM_BODY: &str = r#"{"id":"cmpl-bench-0001","object":"text_comple
 /// go too) when dropped, so a failing benchmark leaves nothing behind.
 pub struct Proc {
     pub name: String,
+    /// Killed and reaped on drop too (the leader only), after the group is.
     child: Child,
 }
 
@@ -122,7 +124,7 @@ pub fn spawn(name: &str, cpus: &str, argv: &[String], log: &Path) -> anyhow::Res
         .stdout(out.try_clone()?)
         .stderr(out);
     eprintln!("xtask: start {name}: taskset -c {cpus} {}", argv.join(" "));
-    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let child = Child::spawn(name, &mut cmd).with_context(|| format!("starting {name}"))?;
     if let Ok(mut g) = LIVE.lock() {
         g.push(child.id());
     }
@@ -153,22 +155,17 @@ fn wait_until_ready(
     what: &str,
     log: &Path,
     limit: Duration,
-    mut ready: impl FnMut() -> bool,
+    ready: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        p.check_alive(log)?;
-        if ready() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not answer 200 on {what} within {limit:?} (log: {})",
-                p.name,
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    match p.child.wait_ready(limit, Duration::from_millis(100), ready) {
+        Ok(()) => Ok(()),
+        // Fails with the log's tail: the exit status stays known once seen.
+        Err(NotReady::Exited(_)) => p.check_alive(log),
+        Err(NotReady::TimedOut) => bail!(
+            "{} did not answer 200 on {what} within {limit:?} (log: {})",
+            p.name,
+            log.display()
+        ),
     }
 }
 
