@@ -7,31 +7,17 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    // The kernel may hand the port it just gave back out again once the probe
-    // closes, so two calls in a row (a listen and an admin port) can return the
-    // same one: a process that then binds both fails. Ports handed out before in
-    // this process are skipped.
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    for _ in 0..64 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("bind 127.0.0.1:0");
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-    panic!("no port not handed out before in 64 tries");
-}
+use kvroute_testkit::metrics_text::Samples;
+
+/// A port that was free a moment ago on 127.0.0.1, never one handed out before in
+/// this process (it is [`kvroute_testkit::port::free_port`], re-exported for the
+/// tests and xtask that import it from here).
+pub use kvroute_testkit::port::free_port;
 
 /// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
 /// `cargo xtask test` builds every binary before running tests.
@@ -85,9 +71,9 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// A child process killed when dropped.
+/// A child process killed when dropped (by its [`kvroute_testkit::child::Child`]).
 pub struct Proc {
-    pub child: Child,
+    pub child: kvroute_testkit::child::Child,
     pub name: String,
 }
 
@@ -129,8 +115,13 @@ impl Proc {
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc::adopt(child, name)
+    }
+
+    /// Supervises a process the caller spawned; `name` names it in messages.
+    pub fn adopt(child: std::process::Child, name: &str) -> Proc {
         Proc {
-            child,
+            child: kvroute_testkit::child::Child::adopt(name, child),
             name: name.into(),
         }
     }
@@ -146,21 +137,9 @@ impl Proc {
 
     /// Waits for exit up to `limit`; `None` if still running.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        while Instant::now() < end {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child
+            .wait_exit(limit, Duration::from_millis(20))
+            .map(|st| st.code().unwrap_or(-1))
     }
 }
 
@@ -240,13 +219,7 @@ impl Kvroute {
     /// The value of the Prometheus sample `series` (its name and labels as
     /// `/metrics` writes them), if it is exported.
     pub fn metric(&self, series: &str) -> Option<f64> {
-        let text = self.admin_get("/metrics").text();
-        text.lines()
-            .find(|l| {
-                l.strip_prefix(series)
-                    .is_some_and(|rest| rest.starts_with(' '))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        Samples::parse(&self.admin_get("/metrics").text()).series(series)
     }
 
     pub fn admin_put(&self, path: &str, body: &str) -> Response {

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvroute_tests::harness::{free_port, request};
+use kvroute_testkit::port::free_port;
+use kvroute_tests::harness::request;
 
 use crate::bench_footprint::{field_kb, tree};
 use crate::fleet::child::{install_signal_handler, Child};

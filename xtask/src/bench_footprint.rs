@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvroute_testkit::metrics_text::Samples;
+use kvroute_testkit::port::free_addr;
 use kvroute_tests::load::progress::{self, Counters, Job, Progress};
 
 mod flood;
@@ -357,10 +359,6 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// One proxy under test: how to start it, where it listens, where "ready" is asked.
 struct Proxy {
     /// `kvroute` (default configuration), `kvroute-kernel`, `nginx`, `haproxy`.
@@ -408,8 +406,8 @@ fn kvroute_proxy(
     a: &Args,
     steering: Steering,
 ) -> anyhow::Result<Proxy> {
-    let listen = free_addr()?;
-    let admin = free_addr()?;
+    let listen = free_addr();
+    let admin = free_addr();
     let (name, steering_key, label) = match steering {
         Steering::Default => ("kvroute", "", "default config: eBPF steering"),
         Steering::Kernel => (
@@ -442,7 +440,7 @@ fn kvroute_proxy(
 }
 
 fn nginx_proxy(dir: &Path, up: SocketAddr) -> anyhow::Result<Proxy> {
-    let listen = free_addr()?;
+    let listen = free_addr();
     let d = dir.display();
     std::fs::create_dir_all(dir.join("nginx-tmp"))?;
     let conf = dir.join("nginx.conf");
@@ -482,7 +480,7 @@ fn nginx_proxy(dir: &Path, up: SocketAddr) -> anyhow::Result<Proxy> {
 }
 
 fn haproxy_proxy(dir: &Path, up: SocketAddr) -> anyhow::Result<Proxy> {
-    let listen = free_addr()?;
+    let listen = free_addr();
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
@@ -552,12 +550,11 @@ struct Row {
     load_failed: u64,
 }
 
+/// The unlabelled gauge `name` of a `/metrics` page, "-" when absent.
 fn metric(text: &str, name: &str) -> String {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap_or("-")
-        .to_string()
+    Samples::parse(text)
+        .get(name, &[])
+        .map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 fn binary_size(p: &Path, dir: &Path) -> anyhow::Result<String> {

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Response, Upstream};
 
 both_io!(
@@ -413,12 +414,9 @@ fn keys_file_reloads_on_sighup_without_failing_streams(io: &str) {
     );
 }
 
-/// Sum of the samples of `name` whose line contains every one of `needles`.
-fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// Sum of the samples of `name` that have every one of `labels` (0 when there are none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Samples::parse(text).sum(name, labels)
 }
 
 #[test]
@@ -447,33 +445,33 @@ fn keys_label_metrics_and_appear_nowhere() {
     let metrics = k.admin_get("/metrics").text();
     let requests = "kvroute_requests_total";
     assert_eq!(
-        metric(&metrics, requests, &["key=\"alice\"", "status=\"200\""]),
+        metric(&metrics, requests, &[("key", "alice"), ("status", "200")]),
         2.0,
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, requests, &["key=\"none\"", "status=\"401\""]),
+        metric(&metrics, requests, &[("key", "none"), ("status", "401")]),
         2.0
     );
     assert_eq!(
-        metric(&metrics, requests, &["key=\"bob\"", "status=\"403\""]),
+        metric(&metrics, requests, &[("key", "bob"), ("status", "403")]),
         1.0
     );
     let rejections = "kvroute_auth_rejections_total";
     assert_eq!(
-        metric(&metrics, rejections, &["reason=\"invalid_key\""]),
+        metric(&metrics, rejections, &[("reason", "invalid_key")]),
         1.0,
         "{metrics}"
     );
     assert_eq!(
-        metric(&metrics, rejections, &["reason=\"missing_key\""]),
+        metric(&metrics, rejections, &[("reason", "missing_key")]),
         1.0
     );
     assert_eq!(
         metric(
             &metrics,
             rejections,
-            &["reason=\"model_not_allowed\"", "key=\"bob\""]
+            &[("reason", "model_not_allowed"), ("key", "bob")]
         ),
         1.0
     );

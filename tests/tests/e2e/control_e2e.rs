@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvroute::admin::State;
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{free_port, post, request, wait_until, Proc, Response};
 
 const MODEL: &str = "m";
@@ -235,14 +236,12 @@ impl Control {
         );
     }
 
-    fn metric(&self, name: &str, label: &str) -> f64 {
+    /// The sum of the samples of `name` that have `labels` (0 when there are none).
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = get(self.listen, "/metrics")
             .map(|r| r.text())
             .unwrap_or_default();
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        Samples::parse(&text).sum(name, labels)
     }
 }
 
@@ -313,7 +312,7 @@ fn control_repushes_when_a_dataplane_restarts_and_when_it_restarts_itself() {
     );
     eprintln!("re-pushed {:?} after the data plane came back", t.elapsed());
     assert_eq!(dp.complete("again").status, 200);
-    assert!(ctl.metric("kvroute_control_dataplane_restarts_total", "") >= 1.0);
+    assert!(ctl.metric("kvroute_control_dataplane_restarts_total", &[]) >= 1.0);
 
     // Daemon restarted: it pushes again (a new generation) without a blip.
     let gen_before = dp.state().unwrap().generation;
@@ -375,7 +374,12 @@ fn control_takes_a_killed_replica_out_within_the_bound_and_back_after_rise() {
     eprintln!("restarted replica back after {:?}", t.elapsed());
     let back = (0..20).any(|i| replica_header(&dp.complete(&format!("back {i}"))) == "a");
     assert!(back, "restarted replica gets no traffic");
-    assert!(ctl.metric("kvroute_control_health_checks_failed_total", &a.url()) >= 2.0);
+    assert!(
+        ctl.metric(
+            "kvroute_control_health_checks_failed_total",
+            &[("replica", &a.url())]
+        ) >= 2.0
+    );
 }
 
 #[test]
@@ -583,7 +587,7 @@ fn control_detects_llamacpp_and_vllm_and_pushes_their_load_and_capacity() {
     assert_eq!(status_engine(&ctl, &a.url()).as_deref(), Some("llamacpp"));
     assert_eq!(status_engine(&ctl, &b.url()).as_deref(), Some("vllm"));
     assert_eq!(
-        ctl.metric("kvroute_control_replica_engine", "engine=\"llamacpp\""),
+        ctl.metric("kvroute_control_replica_engine", &[("engine", "llamacpp")]),
         1.0
     );
     // The data plane's index models the replica's two slots.
@@ -758,11 +762,11 @@ fn control_health_checks_a_replica_whose_metrics_name_no_engine() {
     assert!(r.healthy, "{r:?}");
     assert_eq!((r.kv_blocks, r.kv_slots), (None, None));
     assert_eq!(
-        ctl.metric("kvroute_control_scrapes_failed_total", &url),
+        ctl.metric("kvroute_control_scrapes_failed_total", &[("replica", &url)]),
         0.0
     );
     assert_eq!(
-        ctl.metric("kvroute_control_replica_engine", "engine=\"unknown\""),
+        ctl.metric("kvroute_control_replica_engine", &[("engine", "unknown")]),
         1.0
     );
 }
@@ -863,7 +867,7 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
     std::fs::write(&file, "[{\"url\": ").unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert!(dp.healthy(&b.url()));
-    assert!(ctl.metric("kvroute_control_discovery_updates_total", "") >= 3.0);
+    assert!(ctl.metric("kvroute_control_discovery_updates_total", &[]) >= 3.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -912,11 +916,17 @@ fn kv_events_clear_the_replica(format: &str) {
     let seen = wait_until(Duration::from_secs(10), || {
         n += 1;
         dp.complete(&format!("{n} {}", "x".repeat(300))).status == 200
-            && ctl.metric("kvroute_control_kv_blocks_stored_total", &a.url()) > 0.0
+            && ctl.metric(
+                "kvroute_control_kv_blocks_stored_total",
+                &[("replica", &a.url())],
+            ) > 0.0
     });
     assert!(seen, "no KV events decoded");
     assert_eq!(
-        ctl.metric("kvroute_control_kv_undecodable_total", &a.url()),
+        ctl.metric(
+            "kvroute_control_kv_undecodable_total",
+            &[("replica", &a.url())]
+        ),
         0.0
     );
     let before = dp.replica(&a.url()).unwrap().clears_total;
@@ -929,7 +939,7 @@ fn kv_events_clear_the_replica(format: &str) {
             .is_some_and(|r| r.clears_total > before)),
         "AllBlocksCleared did not clear the replica in the data plane"
     );
-    assert!(ctl.metric("kvroute_control_kv_cleared_total", &a.url()) >= 1.0);
+    assert!(ctl.metric("kvroute_control_kv_cleared_total", &[("replica", &a.url())]) >= 1.0);
 
     // An engine restart (down long enough for the health checks to see, as a
     // real engine's reload is) starts its event sequence over: seen as a reset.
@@ -948,7 +958,10 @@ fn kv_events_clear_the_replica(format: &str) {
     let reset = wait_until(Duration::from_secs(10), || {
         n += 1;
         dp.complete(&format!("{n} {}", "y".repeat(300))).status == 200
-            && ctl.metric("kvroute_control_kv_sequence_resets_total", &a.url()) >= 1.0
+            && ctl.metric(
+                "kvroute_control_kv_sequence_resets_total",
+                &[("replica", &a.url())],
+            ) >= 1.0
     });
     assert!(reset, "sequence reset after restart not seen");
     assert!(dp.replica(&a.url()).unwrap().clears_total > clears);
@@ -998,7 +1011,7 @@ fn control_promotes_a_warm_standby_when_an_active_replica_dies() {
         assert_eq!(r.status, 200);
         assert_eq!(replica_header(&r), "w");
     }
-    assert!(ctl.metric("kvroute_control_promotions_total", "") >= 1.0);
+    assert!(ctl.metric("kvroute_control_promotions_total", &[]) >= 1.0);
 }
 
 #[test]
@@ -1095,7 +1108,7 @@ fn control_reloads_on_sighup_and_rejects_a_bad_config() {
     std::fs::write(&ctl.config, format!("{good}[health]\ntypo = 1\n")).unwrap();
     ctl.proc.signal("HUP");
     assert!(wait_until(Duration::from_secs(3), || ctl
-        .metric("kvroute_control_reload_errors_total", "")
+        .metric("kvroute_control_reload_errors_total", &[])
         >= 1.0));
     assert!(
         dp.healthy(&a.url()),
@@ -1143,7 +1156,7 @@ fn control_a_second_daemon_shows_in_the_dataplane_state() {
     std::thread::sleep(Duration::from_secs(1));
     let p1 = pushes(&dp.state().unwrap());
     assert!(p1 - p0 <= 1, "daemons fight: {} pushes in 1 s", p1 - p0);
-    assert!(c2.metric("kvroute_control_foreign_pushes_total", "") >= 0.0);
+    assert!(c2.metric("kvroute_control_foreign_pushes_total", &[]) >= 0.0);
 }
 
 #[test]
@@ -1368,7 +1381,7 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
         "standby never demoted"
     );
     eprintln!("demoted {:?} after the queue drained", t.elapsed());
-    assert!(ctl.metric("kvroute_control_demotions_total", "") >= 1.0);
+    assert!(ctl.metric("kvroute_control_demotions_total", &[]) >= 1.0);
 }
 
 fn sim_stats(s: &Sim) -> serde_json::Value {
@@ -1426,7 +1439,12 @@ fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
     let st = sim_stats(&w);
     assert_eq!(st["requests"], 2, "{st}");
     assert_eq!(st["completion_tokens"], 2, "{st}");
-    assert!(ctl.metric("kvroute_control_prewarm_requests_total", &w.url()) >= 2.0);
+    assert!(
+        ctl.metric(
+            "kvroute_control_prewarm_requests_total",
+            &[("replica", &w.url())]
+        ) >= 2.0
+    );
 
     // The next request with a hot prefix finds it cached on the new replica.
     let body = serde_json::json!({"model": MODEL, "prompt": format!("{} What is 2+2?", system[0]), "max_tokens": 2}).to_string();
@@ -1471,7 +1489,10 @@ fn control_subscribes_to_every_data_parallel_rank() {
         wait_until(Duration::from_secs(10), || {
             n += 1;
             dp.complete(&format!("{n} {}", "r".repeat(300))).status == 200
-                && ctl.metric("kvroute_control_kv_blocks_stored_total", &a.url()) > 0.0
+                && ctl.metric(
+                    "kvroute_control_kv_blocks_stored_total",
+                    &[("replica", &a.url())],
+                ) > 0.0
         }),
         "rank 1's events not received"
     );

@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use kvroute::admin::{ReplicaState, State};
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{filler_text, free_port, request, wait_until, Client, Kvroute, Proc};
 use kvroute_tests::llama::{paths_or_skip, stream_usage, LlamaPaths, LlamaServer};
 use serde_json::{json, Value};
@@ -73,15 +74,10 @@ fn user(text: String) -> Value {
     json!({"role": "user", "content": text})
 }
 
-/// The sum of a labelled Prometheus series over all its label sets.
-fn metric_sum(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// The sum of a Prometheus series (`name` or `name{labels}`) over the label sets that
+/// have the labels given.
+fn metric_sum(page: &str, series: &str) -> f64 {
+    Samples::parse(page).series_sum(series)
 }
 
 /// Which of `replicas` answers as `name`.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{free_port, request, wait_until, Client, Kvroute, Response};
 
 /// The shared harness sim plus the stats this file reads.
@@ -81,12 +82,9 @@ fn scrape(k: &Kvroute) -> String {
     k.admin_get("/metrics").text()
 }
 
-/// Sum of a metric's samples whose line contains every `needles` part.
-fn metric(text: &str, name: &str, needles: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// Sum of the samples of `name` that have every one of `labels` (0 when there are none).
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Samples::parse(text).sum(name, labels)
 }
 
 #[test]
@@ -196,7 +194,7 @@ fn deterministic_requests_are_answered_from_memory() {
         metric(
             &m,
             "kvroute_prediction_cache_requests_total",
-            &["result=\"hit\""]
+            &[("result", "hit")]
         ) == 6.0,
         "{m}"
     );
@@ -204,7 +202,7 @@ fn deterministic_requests_are_answered_from_memory() {
         metric(
             &m,
             "kvroute_prediction_cache_requests_total",
-            &["result=\"bypass\""]
+            &[("result", "bypass")]
         ) >= 5.0
     );
     assert!(metric(&m, "kvroute_prediction_cache_bytes", &[]) > 0.0);
@@ -272,7 +270,7 @@ fn ttl_expiry_and_byte_budget_eviction() {
         metric(
             &m,
             "kvroute_prediction_cache_evictions_total",
-            &["cause=\"size\""]
+            &[("cause", "size")]
         ) > 0.0,
         "{m}"
     );
@@ -388,7 +386,7 @@ fn concurrent_identical_requests_make_one_upstream_request() {
         metric(
             &m,
             "kvroute_prediction_cache_single_flight_waits_total",
-            &["result=\"hit\""]
+            &[("result", "hit")]
         ) >= 1.0,
         "{m}"
     );

@@ -1,52 +1,50 @@
 //! Integration tests of the real `kvroute-sim` binary over loopback.
 
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use kvroute_testkit::child::Child;
+use kvroute_testkit::metrics_text::{Sample, Samples};
+use kvroute_testkit::port::free_port;
 use serde_json::{json, Value};
 use zeromq::{Socket, SocketRecv};
 
 /// Block of 16 tokens = 64 bytes of prompt text.
 const BLOCK_BYTES: usize = 64;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
-
-/// A running simulator, killed on drop.
+/// A running simulator, killed on drop (by its [`Child`]).
 struct Sim {
-    child: Child,
+    _child: Child,
     addr: SocketAddr,
 }
 
 impl Sim {
     async fn start(extra: &[&str]) -> Sim {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvroute-sim"))
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--name",
-                "r7",
-                "--model",
-                "m",
-            ])
-            .args(["--block-tokens", "16", "--time-scale", "0.001"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn kvroute-sim");
-        let sim = Sim { child, addr };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute-sim"));
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--name",
+            "r7",
+            "--model",
+            "m",
+        ])
+        .args(["--block-tokens", "16", "--time-scale", "0.001"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        let child = Child::spawn("kvroute-sim", &mut cmd).expect("spawn kvroute-sim");
+        let sim = Sim {
+            _child: child,
+            addr,
+        };
         for _ in 0..100 {
             if let Ok((StatusCode::OK, _, body)) = sim.get("/health").await {
                 assert_eq!(&body[..], b"ok");
@@ -97,13 +95,6 @@ impl Sim {
         let (status, headers, body) = self.post(path, body).await;
         assert_eq!(headers["x-replica"], "r7");
         (status, serde_json::from_slice(&body).expect("JSON body"))
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -236,16 +227,9 @@ async fn streaming_yields_chunks_then_usage_and_done() {
     assert!(body.ends_with("data: [DONE]\n\n"));
 }
 
-/// `name{labels} value` lines → (name, labels, value).
-fn parse_metrics(text: &str) -> Vec<(String, String, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap();
-            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
-            (name.to_string(), labels.to_string(), value.parse().unwrap())
-        })
-        .collect()
+/// The samples of a `/metrics` page; every line must be a sample, a comment or blank.
+fn parse_metrics(text: &str) -> Samples {
+    Samples::try_parse(text).unwrap_or_else(|e| panic!("/metrics: {e}"))
 }
 
 #[tokio::test]
@@ -258,12 +242,12 @@ async fn metrics_use_vllm_names() {
     assert_eq!(status, StatusCode::OK);
     let metrics = parse_metrics(std::str::from_utf8(&body).unwrap());
     let value = |name: &str| {
-        let (_, labels, v) = metrics
-            .iter()
-            .find(|(n, _, _)| n == name)
+        let s = metrics
+            .named(name)
+            .next()
             .unwrap_or_else(|| panic!("{name} missing"));
-        assert!(labels.contains("model_name=\"m\""), "{name} has model_name");
-        *v
+        assert_eq!(s.label("model_name"), Some("m"), "{name} has model_name");
+        s.value
     };
     assert_eq!(value("vllm:num_requests_running"), 0.0);
     assert_eq!(value("vllm:num_requests_waiting"), 0.0);
@@ -273,12 +257,9 @@ async fn metrics_use_vllm_names() {
     assert_eq!(value("vllm:prefix_cache_queries_total"), 128.0);
     assert_eq!(value("vllm:prefix_cache_hits_total"), 64.0);
     assert_eq!(value("vllm:cache_config_info"), 1.0);
-    let (_, labels, _) = metrics
-        .iter()
-        .find(|(n, _, _)| n == "vllm:cache_config_info")
-        .unwrap();
-    assert!(labels.contains("num_gpu_blocks=\"500\""));
-    assert!(labels.contains("block_size=\"16\""));
+    let info: &Sample = metrics.named("vllm:cache_config_info").next().unwrap();
+    assert_eq!(info.label("num_gpu_blocks"), Some("500"));
+    assert_eq!(info.label("block_size"), Some("16"));
 }
 
 #[tokio::test]
@@ -294,7 +275,7 @@ async fn running_and_waiting_follow_max_seqs() {
         parse_metrics(std::str::from_utf8(&body).unwrap())
     };
     let (_, _, metrics) = tokio::join!(a, b, probe);
-    let get = |name: &str| metrics.iter().find(|(n, _, _)| n == name).unwrap().2;
+    let get = |name: &str| metrics.named(name).next().unwrap().value;
     assert_eq!(get("vllm:num_requests_running"), 1.0);
     assert_eq!(get("vllm:num_requests_waiting"), 1.0);
     assert!(get("vllm:kv_cache_usage_perc") > 0.0);

@@ -287,14 +287,7 @@ fn unprivileged_starts_on_kernel_steering_and_says_so() {
         .stderr(Stdio::null())
         .spawn()
         .expect("setpriv (util-linux)");
-    let k = Kvroute::on(
-        Proc {
-            child,
-            name: "kvroute (nobody)".into(),
-        },
-        port,
-        admin,
-    );
+    let k = Kvroute::on(Proc::adopt(child, "kvroute (nobody)"), port, admin);
     let st = wait_state(&k);
     assert_eq!(st["requested"], "ebpf", "{st}");
     assert_eq!(st["mode"], "kernel", "{st}");
@@ -560,10 +553,7 @@ fn systemd_dropin_privileges_are_enough_for_a_non_root_user() {
         .spawn()
         .unwrap();
     let k = Kvroute::on(
-        Proc {
-            child,
-            name: "kvroute (nobody, drop-in privileges)".into(),
-        },
+        Proc::adopt(child, "kvroute (nobody, drop-in privileges)"),
         port,
         admin,
     );

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{
     free_port, post, request, wait_until, workspace_bin, Kvroute, NotifySocket, Proc, Sim, TempDir,
 };
@@ -226,14 +227,11 @@ fn replicas(urls: &[String]) -> String {
         .collect()
 }
 
-/// A counter's value in kvroute's `/metrics` (0 when absent).
-fn metric(k: &Kvroute, line_start: &str) -> f64 {
-    k.admin_get("/metrics")
-        .text()
-        .lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// A counter's value in kvroute's `/metrics` (0 when absent): `series` is its name and
+/// labels as `/metrics` writes them.
+fn metric(k: &Kvroute, series: &str) -> f64 {
+    Samples::parse(&k.admin_get("/metrics").text())
+        .series(series)
         .unwrap_or(0.0)
 }
 

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{free_addr, http_200, http_get, Mem};
+use kvroute_testkit::metrics_text::Samples;
+use kvroute_testkit::port::free_addr;
+
+use super::{http_200, http_get, Mem};
 use crate::fleet::child::Child;
 
 /// How long after the flood's connections closed memory is read.
@@ -71,8 +74,8 @@ fn start(
     io: &str,
     max_connections: usize,
 ) -> anyhow::Result<(Child, SocketAddr, SocketAddr)> {
-    let listen = free_addr()?;
-    let admin = free_addr()?;
+    let listen = free_addr();
+    let admin = free_addr();
     let cfg = dir.join(format!("flood-{io}.toml"));
     std::fs::write(
         &cfg,
@@ -250,21 +253,13 @@ pub fn measure_cap(
     let opened = flooder.join().unwrap_or(0);
     let _ = sampler.join();
     child.ensure_running()?;
-    let m = http_get(admin, "/metrics");
-    let sum = |prefix: &str| -> String {
-        let v: f64 = m
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+    let m = Samples::parse(&http_get(admin, "/metrics"));
+    let shed = |reason: &str| -> String {
+        let v = m.sum("kvroute_connection_sheds_total", &[("reason", reason)]);
         format!("{v:.0}")
     };
-    let sheds = format!(
-        "{} head-less, {} idle",
-        sum("kvroute_connection_sheds_total{reason=\"headless\"}"),
-        sum("kvroute_connection_sheds_total{reason=\"idle\"}")
-    );
-    let refused = sum("kvroute_connection_sheds_total{reason=\"over_cap\"}");
+    let sheds = format!("{} head-less, {} idle", shed("headless"), shed("idle"));
+    let refused = shed("over_cap");
     Ok(CapRow {
         io,
         max_connections,

@@ -134,8 +134,8 @@ fn one_round(
     up_port: u16,
     p: &Params,
 ) -> anyhow::Result<Measured> {
-    let port = targets::free_port()?;
-    let admin = targets::free_port()?;
+    let port = kvroute_testkit::port::free_port();
+    let admin = kvroute_testkit::port::free_port();
     let conf = dir.join("kvroute-steering.toml");
     std::fs::write(
         &conf,

@@ -4,10 +4,12 @@
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use kvroute_testkit::child::{Child, NotReady};
+use kvroute_testkit::port::free_port;
 
 /// Process groups started and not yet stopped, for the signal handler: a Ctrl-C
 /// or SIGTERM skips destructors, and the servers run in their own sessions, so
@@ -67,6 +69,7 @@ pub const UPSTREAM_BODY: &str = r#"{"id":"cmpl-bench-0001","object":"text_comple
 /// go too) when dropped, so a failing benchmark leaves nothing behind.
 pub struct Proc {
     pub name: String,
+    /// Killed and reaped on drop too (the leader only), after the group is.
     child: Child,
 }
 
@@ -110,12 +113,6 @@ impl Drop for Proc {
     }
 }
 
-/// A port the kernel just handed out; released before the server binds it
-/// (a tiny race, acceptable on a benchmark host with only loopback traffic).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(kvroute_tests::harness::free_port())
-}
-
 /// Starts `argv` pinned to `cpus` (taskset), in its own process group, output to `log`.
 pub fn spawn(name: &str, cpus: &str, argv: &[String], log: &Path) -> anyhow::Result<Proc> {
     let out = fs::File::create(log).with_context(|| format!("{}", log.display()))?;
@@ -127,7 +124,7 @@ pub fn spawn(name: &str, cpus: &str, argv: &[String], log: &Path) -> anyhow::Res
         .stdout(out.try_clone()?)
         .stderr(out);
     eprintln!("xtask: start {name}: taskset -c {cpus} {}", argv.join(" "));
-    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let child = Child::spawn(name, &mut cmd).with_context(|| format!("starting {name}"))?;
     if let Ok(mut g) = LIVE.lock() {
         g.push(child.id());
     }
@@ -158,22 +155,17 @@ fn wait_until_ready(
     what: &str,
     log: &Path,
     limit: Duration,
-    mut ready: impl FnMut() -> bool,
+    ready: impl FnMut() -> bool,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        p.check_alive(log)?;
-        if ready() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{} did not answer 200 on {what} within {limit:?} (log: {})",
-                p.name,
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    match p.child.wait_ready(limit, Duration::from_millis(100), ready) {
+        Ok(()) => Ok(()),
+        // Fails with the log's tail: the exit status stays known once seen.
+        Err(NotReady::Exited(_)) => p.check_alive(log),
+        Err(NotReady::TimedOut) => bail!(
+            "{} did not answer 200 on {what} within {limit:?} (log: {})",
+            p.name,
+            log.display()
+        ),
     }
 }
 
@@ -253,7 +245,7 @@ fn start_nginx(env: &Env, name: &str, cpus: &str, body: &str) -> anyhow::Result<
 
 /// The fixed upstream every row ends at.
 pub fn upstream(env: &Env) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     // `return` answers without reading a file or the body buffer; the body is read
     // and discarded, as an inference server would consume the prompt.
     let body = UPSTREAM_BODY.replace('\'', "\\'");
@@ -271,7 +263,7 @@ pub fn upstream(env: &Env) -> anyhow::Result<Target> {
 }
 
 pub fn nginx_proxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     let pool = env.upstream_pool;
     let server = format!(
         "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
@@ -289,7 +281,7 @@ pub fn nginx_proxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
 }
 
 pub fn haproxy(env: &Env, upstream: u16) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     // maxconn stays at 4096: the host's fd limit is 20000 and each proxied
     // connection costs HAProxy two descriptors.
     let conf = format!(
@@ -332,7 +324,7 @@ pub struct TlsFiles {
 /// configured as [`nginx_proxy`]. Session caches and tickets are off, as they are
 /// for a client that never resumes: every new connection is a full handshake.
 pub fn nginx_tls_proxy(env: &Env, upstream: u16, tls: &TlsFiles) -> anyhow::Result<Target> {
-    let port = free_port()?;
+    let port = free_port();
     let pool = env.upstream_pool;
     let server = format!(
         "upstream replicas {{ server 127.0.0.1:{upstream}; keepalive {pool}; keepalive_requests 100000000; }}\n\
@@ -440,8 +432,8 @@ fn start_kvroute(
     extra_toml: &str,
     tag: &str,
 ) -> anyhow::Result<(Proc, u16, PathBuf)> {
-    let port = free_port()?;
-    let admin = free_port()?;
+    let port = free_port();
+    let admin = free_port();
     // Upstream pools are sized equally for every proxy (`--upstream-pool`).
     let conf = env.dir.join(format!("kvroute{tag}.toml"));
     fs::write(
@@ -487,7 +479,7 @@ pub fn sglang(env: &Env, python: &str, upstream: u16) -> anyhow::Result<Target> 
             "python module sglang_router not importable with {python} (pip install sglang-router)"
         );
     }
-    let port = free_port()?;
+    let port = free_port();
     let argv = vec![
         python.into(),
         "-m".into(),

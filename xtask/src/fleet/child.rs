@@ -11,9 +11,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
+use kvroute_testkit::child::NotReady;
 
 /// PIDs of children alive right now, for the signal handler (which cannot reach the `Child`
 /// values owned by whatever stack frame is running).
@@ -91,7 +92,8 @@ fn setpriv() -> Option<&'static Path> {
 
 /// A started process, killed and reaped on drop; stdout and stderr go to `log`.
 pub struct Child {
-    inner: std::process::Child,
+    /// Kills and reaps on drop too, after this type's own `Drop` has.
+    inner: kvroute_testkit::child::Child,
     pub name: String,
     pub log: PathBuf,
 }
@@ -177,13 +179,14 @@ impl Child {
         };
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::from(out));
         let mut registry = live();
-        let mut inner = cmd.spawn().with_context(|| {
-            format!(
-                "{name}: cannot start {} (log {})",
-                Path::new(program).display(),
-                log.display()
-            )
-        })?;
+        let mut inner =
+            kvroute_testkit::child::Child::spawn(name, &mut cmd).with_context(|| {
+                format!(
+                    "{name}: cannot start {} (log {})",
+                    Path::new(program).display(),
+                    log.display()
+                )
+            })?;
         registry.push(inner.id());
         if let (Some((take, log_file)), Some(pipe)) = (forward, inner.stderr.take()) {
             // Ends at end of file, when the child exits (or is killed).
@@ -193,7 +196,7 @@ impl Child {
                 .context("start the stderr reader")?;
         }
         Ok(Child {
-            inner,
+            inner: inner.with_log(log),
             name: name.to_owned(),
             log: log.to_owned(),
         })
@@ -206,7 +209,7 @@ impl Child {
 
     /// The exit status if the process has already exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.inner.try_wait().ok().flatten()
+        self.inner.exited()
     }
 
     /// Fails, naming the process and its log, when it is no longer running.
@@ -224,33 +227,22 @@ impl Child {
 
     /// Waits up to `limit` for the process to exit by itself; kills it and fails otherwise.
     pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.exited() {
-                return Ok(st);
-            }
-            if Instant::now() >= end {
-                let _ = self.inner.kill();
-                anyhow::bail!(
-                    "{} still running after {:.0} s, killed; log {}:\n{}",
-                    self.name,
-                    limit.as_secs_f64(),
-                    self.log.display(),
-                    self.log_tail(15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if let Some(st) = self.inner.wait_exit(limit, Duration::from_millis(100)) {
+            return Ok(st);
         }
+        let _ = self.inner.kill();
+        anyhow::bail!(
+            "{} still running after {:.0} s, killed; log {}:\n{}",
+            self.name,
+            limit.as_secs_f64(),
+            self.log.display(),
+            self.log_tail(15)
+        );
     }
 
     /// The last `n` lines of the log, indented, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..]
-            .iter()
-            .map(|l| format!("    {l}\n"))
-            .collect()
+        kvroute_testkit::child::tail(&self.log, n)
     }
 
     /// Polls `ready` every 50 ms for up to `limit`, failing early (with the log) if the process
@@ -259,24 +251,22 @@ impl Child {
         &mut self,
         what: &str,
         limit: Duration,
-        mut ready: impl FnMut() -> bool,
+        ready: impl FnMut() -> bool,
     ) -> anyhow::Result<()> {
-        let end = Instant::now() + limit;
-        loop {
-            self.ensure_running()?;
-            if ready() {
-                return Ok(());
-            }
-            if Instant::now() >= end {
-                anyhow::bail!(
-                    "{}: {what} not ready after {:.0} s; log {}:\n{}",
-                    self.name,
-                    limit.as_secs_f64(),
-                    self.log.display(),
-                    self.log_tail(15)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        match self
+            .inner
+            .wait_ready(limit, Duration::from_millis(50), ready)
+        {
+            Ok(()) => Ok(()),
+            // The same message as `ensure_running`'s.
+            Err(NotReady::Exited(_)) => self.ensure_running(),
+            Err(NotReady::TimedOut) => anyhow::bail!(
+                "{}: {what} not ready after {:.0} s; log {}:\n{}",
+                self.name,
+                limit.as_secs_f64(),
+                self.log.display(),
+                self.log_tail(15)
+            ),
         }
     }
 }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use kvroute_tests::harness::{free_port, post};
+use kvroute_testkit::port::free_port;
+use kvroute_tests::harness::post;
 use kvroute_tests::llama::{self as engine, Counters, LlamaPaths};
 use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::Summary;

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use kvroute_tests::harness::free_port;
+use kvroute_testkit::port::free_port;
 
 use super::child::Child;
 use super::{http_ok, Sim};
