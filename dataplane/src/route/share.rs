@@ -81,7 +81,7 @@ impl Shares {
         }
         let total_weight: f64 = cands.iter().map(|c| c.weight.max(0.0)).sum();
         let total_share: f64 = cands.iter().map(|c| share_of(&st, c.slot)).sum();
-        if !(total_weight > 0.0) || total_share <= 0.0 {
+        if total_weight <= 0.0 || total_share <= 0.0 {
             return 0;
         }
         cands.iter().enumerate().fold(0u128, |mask, (i, c)| {
