@@ -24,6 +24,9 @@ use super::child::Child;
 use super::{Bins, RouterSpec, Sim};
 use crate::llama::Llama;
 
+/// The model name the workloads ask for.
+const MODEL: &str = "sim-model";
+
 /// From "router listening" to "a request goes through" (SGLang registers workers after start).
 const FIRST_REQUEST: Duration = Duration::from_secs(60);
 
@@ -72,7 +75,9 @@ pub fn spawn_server(
     let mut attempt = 1;
     loop {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let args = engine::server_args(&paths, name, addr, ctx, slots);
+        // Every replica serves the model the workload names: a gateway that routes by the
+        // model ids its workers report (smg) finds none under a per-replica alias.
+        let args = engine::server_args(&paths, MODEL, addr, ctx, slots);
         let mut child = Child::spawn(&format!("llama-server {name}"), &llama.server, &args, log)?;
         match child.wait_ready("GET /health", engine::READY, || engine::healthy(addr)) {
             Ok(()) => {
@@ -230,7 +235,7 @@ impl LlamaFleet {
     /// One short chat through every router instance until it succeeds.
     fn smoke(&mut self) -> anyhow::Result<()> {
         let body = serde_json::json!({
-            "model": "sim-model",
+            "model": MODEL,
             "messages": [{"role": "user", "content": "kvroute fleet smoke test"}],
             "max_tokens": 1,
         })
