@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use kvroute_testkit::metrics_text::Samples;
+
 use crate::harness::{free_port, request, wait_until, Proc};
 
 pub const ENV_SERVER: &str = "KVROUTE_LLAMA_SERVER";
@@ -179,12 +181,8 @@ impl Counters {
 
     /// Reads them from a `/metrics` page.
     pub fn parse(metrics: &str) -> Option<Counters> {
-        let value = |name: &str| {
-            metrics.lines().find_map(|l| {
-                let v = l.strip_prefix(name)?.strip_prefix(' ')?;
-                v.trim().parse::<f64>().ok().map(|v| v as u64)
-            })
-        };
+        let samples = Samples::parse(metrics);
+        let value = |name: &str| samples.get(name, &[]).map(|v| v as u64);
         Some(Counters {
             processed: value("llamacpp:prompt_tokens_total")?,
             cached: value("llamacpp:prompt_tokens_cached_total")?,

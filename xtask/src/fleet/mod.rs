@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{free_port, post, request};
 use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::stats::percentile;
@@ -666,32 +667,22 @@ fn start_kvroute(
 /// replicas, as `tokens predicted` and `tokens cached`, and the decisions'
 /// summed regret (prompts' worth of overlap given up) as `regret`.
 fn add_decision_counts(metrics: &str, sums: &mut BTreeMap<String, f64>) {
-    for line in metrics.lines() {
-        // A sample line ends in its value; comments and other text do not parse.
-        let Some(value) = line
-            .rsplit_once(' ')
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        for (prefix, key) in [
-            ("kvroute_prefix_predicted_tokens_sum", "tokens predicted"),
-            ("kvroute_prefix_cached_tokens_sum", "tokens cached"),
-            ("kvroute_routing_regret_ratio_sum", "regret"),
-        ] {
-            if line.starts_with(prefix) {
-                *sums.entry(key.to_owned()).or_default() += value;
-            }
+    let samples = Samples::parse(metrics);
+    for (name, key) in [
+        ("kvroute_prefix_predicted_tokens_sum", "tokens predicted"),
+        ("kvroute_prefix_cached_tokens_sum", "tokens cached"),
+        ("kvroute_routing_regret_ratio_sum", "regret"),
+    ] {
+        if samples.named(name).next().is_some() {
+            *sums.entry(key.to_owned()).or_default() += samples.sum(name, &[]);
         }
-        let key = if line.starts_with("kvroute_routing_decisions_total{") {
-            ""
-        } else if line.starts_with("kvroute_prefix_prediction_total{") {
-            "predicted "
-        } else {
-            continue;
-        };
-        if let Some(label) = line.split('"').nth(1) {
-            *sums.entry(format!("{key}{label}")).or_default() += value;
+    }
+    for (name, label, key) in [
+        ("kvroute_routing_decisions_total", "kind", ""),
+        ("kvroute_prefix_prediction_total", "outcome", "predicted "),
+    ] {
+        for (value, n) in samples.sum_by(name, &[], label) {
+            *sums.entry(format!("{key}{value}")).or_default() += n;
         }
     }
 }
