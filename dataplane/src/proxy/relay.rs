@@ -3,6 +3,7 @@
 
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::timeout;
@@ -14,6 +15,7 @@ use super::{Client, Stream, READ_CHUNK};
 use crate::http::{self, ChunkedDecoder, ResponseFraming, ResponseHead};
 use crate::io::{Conn, Runtime};
 use crate::metrics as m;
+use crate::replica::Replica;
 use crate::route::Decision;
 use crate::worker::WorkerCtx;
 
@@ -131,13 +133,7 @@ pub(super) async fn relay<R: Runtime>(
     let (r, _) = write_client(&mut client.io, out, 0..n, write_limit).await;
     ctx.metrics.bytes_out.increment(n as u64);
     if r.is_err() {
-        return (
-            Outcome::ClientGone {
-                status,
-                replica: replica_label,
-            },
-            false,
-        );
+        return client_gone(status, replica_label);
     }
 
     while !tracker.done() {
@@ -161,26 +157,14 @@ pub(super) async fn relay<R: Runtime>(
                 let fin = b"0\r\n\r\n".to_vec();
                 let _ = write_client(&mut client.io, fin, 0..5, write_limit).await;
             }
-            return (
-                Outcome::ClientGone {
-                    status,
-                    replica: replica_label,
-                },
-                false,
-            );
+            return client_gone(status, replica_label);
         }
         let take = match tracker.advance(&ubuf[..read]) {
             Ok(t) => t,
             Err(_) => {
                 metrics::counter!(m::ERRORS, "kind" => "upstream_framing").increment(1);
                 passive_failure(ctx, replica, "invalid chunked framing");
-                return (
-                    Outcome::ClientGone {
-                        status,
-                        replica: replica_label,
-                    },
-                    false,
-                );
+                return client_gone(status, replica_label);
             }
         };
         clean_upstream &= take == read;
@@ -195,13 +179,7 @@ pub(super) async fn relay<R: Runtime>(
         ctx.metrics.bytes_out.increment(take as u64);
         if r.is_err() {
             // Closing the upstream connection tells the engine to abort the request.
-            return (
-                Outcome::ClientGone {
-                    status,
-                    replica: replica_label,
-                },
-                false,
-            );
+            return client_gone(status, replica_label);
         }
     }
     // Reached only with the body whole (a cut-off returned above); an until-close
@@ -271,4 +249,10 @@ impl BodyTracker {
             ResponseFraming::UntilClose => Ok(bytes.len()),
         }
     }
+}
+
+/// The relay's end when the client is gone or its stream was ended early: the
+/// upstream connection is not reused, so the engine aborts the request.
+fn client_gone(status: u16, replica: Option<Arc<Replica>>) -> (Outcome, bool) {
+    (Outcome::ClientGone { status, replica }, false)
 }
