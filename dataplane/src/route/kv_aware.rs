@@ -485,8 +485,8 @@ impl Router for KvAware {
         };
         let mut refused = 0.0;
         if !within(chosen) {
-            // Over its share: the replica within its share predicted soonest
-            // takes the request if that costs no more time than the share's
+            // Over its share: the best-scoring replica within its share takes
+            // the request if that costs no more predicted time than the share's
             // price. In seconds, so a move to a slower replica costs more than
             // the same uncached bytes on a faster one.
             let better = |a: (f64, f64), b: (f64, f64)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
