@@ -13,8 +13,9 @@
 //! configured weight.
 //!
 //! What a move may cost is a price per replica, in seconds of predicted time
-//! to first token, found as it goes: it rises while requests still land on the replica over its share and
-//! falls back while the replica is within it. So the first moves are the free
+//! to first token, found as it goes: it rises by a share of each move refused
+//! as too dear while the replica is over its share, and falls back while the
+//! replica is within it. So the first moves are the free
 //! ones (a new conversation of a tenant another replica also holds), then the
 //! cheapest (opening a second home for a hot tenant's system prompt, paid
 //! once), and the moves that would cost a conversation its history come last,
