@@ -38,8 +38,10 @@ fn status(shared: &Shared) -> (bool, String) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .len();
+    // An empty list is the daemon not yet started, not a round over: the
+    // configuration names at least one data plane.
     (
-        answered == dps.len(),
+        !dps.is_empty() && answered == dps.len(),
         format!("dataplanes={pushed}/{} up replicas={replicas}", dps.len()),
     )
 }
@@ -98,4 +100,31 @@ pub fn reloaded() {
 
 pub fn stopping() {
     notify(&[NotifyState::Stopping]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::push::DataplaneStats;
+
+    #[test]
+    fn not_ready_before_the_data_planes_are_known_nor_before_each_answered() {
+        let shared = Shared::default();
+        assert_eq!(
+            status(&shared),
+            (false, "dataplanes=0/0 up replicas=0".to_owned())
+        );
+        let stats = Arc::new(DataplaneStats::default());
+        shared
+            .dataplanes
+            .lock()
+            .unwrap()
+            .push(("127.0.0.1:1".to_owned(), stats.clone()));
+        assert!(!status(&shared).0);
+        stats.push_errors.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(
+            status(&shared),
+            (true, "dataplanes=0/1 up replicas=0".to_owned())
+        );
+    }
 }
