@@ -142,13 +142,7 @@ impl Samples {
     ///
     /// If `series` is not a series name with optional labels.
     pub fn series(&self, series: &str) -> Option<f64> {
-        let (name, labels) =
-            parse_series(series).unwrap_or_else(|why| panic!("series {series:?}: {why}"));
-        let labels: Vec<(&str, &str)> = labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.get(&name, &labels)
+        with_series(series, |name, labels| self.get(name, labels))
     }
 
     /// [`Samples::series`], but summed over the samples that have the labels given
@@ -158,14 +152,23 @@ impl Samples {
     ///
     /// If `series` is not a series name with optional labels.
     pub fn series_sum(&self, series: &str) -> f64 {
-        let (name, labels) =
-            parse_series(series).unwrap_or_else(|why| panic!("series {series:?}: {why}"));
-        let labels: Vec<(&str, &str)> = labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        self.sum(&name, &labels)
+        with_series(series, |name, labels| self.sum(name, labels))
     }
+}
+
+/// `f` on the name and labels of `series` as `/metrics` writes it.
+///
+/// # Panics
+///
+/// If `series` is not a series name with optional labels.
+fn with_series<T>(series: &str, f: impl FnOnce(&str, &[(&str, &str)]) -> T) -> T {
+    let (name, labels) =
+        parse_series(series).unwrap_or_else(|why| panic!("series {series:?}: {why}"));
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    f(&name, &labels)
 }
 
 type Labels = Vec<(String, String)>;
