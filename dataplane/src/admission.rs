@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::replica::Replica;
+use crate::replica::{CapacityWaiters, Replica};
 
 /// How often a waiter looks for capacity without being woken.
 pub const RECHECK: Duration = Duration::from_millis(250);
@@ -323,6 +323,17 @@ pub fn retry_after_header(admission: &Admission, kind: crate::http::ErrorKind) -
             format!("retry-after: {}\r\n", admission.retry_after_s())
         }
         _ => String::new(),
+    }
+}
+
+/// The replica table tells the queue of freed room through this.
+impl CapacityWaiters for Admission {
+    fn released(&self, replica: &Replica) {
+        Admission::released(self, replica);
+    }
+
+    fn replicas_changed(&self) {
+        Admission::replicas_changed(self);
     }
 }
 

@@ -380,14 +380,14 @@ impl Config {
             }
         }
         for (i, r) in self.replicas.iter().enumerate() {
-            crate::resolve::Endpoint::parse(&r.url)
+            crate::resolve::endpoint(&r.url)
                 .map_err(|e| Error::Config(format!("replicas[{i}].url: {e}")))?;
             if r.weight == 0 {
                 return bad(&format!("replicas[{i}].weight"), "must be at least 1");
             }
         }
-        // Builds the table once to catch duplicates and the replica cap.
-        crate::replica::ReplicaTable::new(self.replicas.clone())?;
+        // Duplicates and the replica cap, as the table refuses them.
+        crate::replica::check_urls(&self.replicas)?;
         Ok(())
     }
 

@@ -13,6 +13,10 @@ use thiserror::Error;
 pub enum Error {
     #[error("config: {0}")]
     Config(String),
+    /// What the routing core refuses (a routing setting, a replica set); its
+    /// message already says `config: `.
+    #[error(transparent)]
+    Core(#[from] kvroute_core::Error),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error("io_uring unavailable: {0}")]

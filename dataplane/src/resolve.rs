@@ -7,109 +7,75 @@
 //! name is resolved once, when its URL first joins the set; the control daemon
 //! owns re-resolution.
 
-use std::net::SocketAddr;
+use std::net::ToSocketAddrs;
+
+pub use kvroute_core::endpoint::{Endpoint, Resolved};
 
 use crate::error::Error;
-use crate::replica::{ReplicaSet, ReplicaSpec};
+use crate::replica::{ReplicaSet, ReplicaSpec, ReplicaTable};
 
-/// Where a replica URL points and how to speak to it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    /// `host:port` as written, for the `Host` header.
-    pub authority: String,
-    /// `https://`: the name the replica's certificate must be valid for.
-    pub tls: Option<rustls::pki_types::ServerName<'static>>,
-}
-
-impl Endpoint {
-    /// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443
-    /// when left out) and resolves a host name to its first address.
-    pub fn parse(url: &str) -> Result<Endpoint, Error> {
-        let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
-        let u = kvroute_admin_api::ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let tls = if u.tls {
-            Some(crate::tls::upstream::server_name(u.host).map_err(|e| bad(&e.to_string()))?)
-        } else {
-            None
-        };
-        use std::net::ToSocketAddrs;
-        let addr = u
-            .host_port
+/// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443 when
+/// left out) and resolves a host name to its first address.
+pub fn endpoint(url: &str) -> Result<Endpoint, Error> {
+    Ok(Endpoint::new(url, |host_port| {
+        host_port
             .to_socket_addrs()
-            .map_err(|e| bad(&format!("cannot resolve: {e}")))?
+            .map_err(|e| format!("cannot resolve: {e}"))?
             .next()
-            .ok_or_else(|| bad("resolved to no address"))?;
-        Ok(Endpoint {
-            addr,
-            authority: u.authority.to_string(),
-            tls,
-        })
-    }
-}
-
-/// A replica spec with its URL resolved: what the replica table takes.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    pub spec: ReplicaSpec,
-    pub endpoint: Endpoint,
+            .ok_or_else(|| "resolved to no address".to_string())
+    })?)
 }
 
 /// Resolves `specs`, the replica set that is to replace `current`. A URL
 /// already in `current` keeps that replica's endpoint (no lookup: a replica
-/// that stays keeps its address); a new one goes through [`Endpoint::parse`].
+/// that stays keeps its address); a new one goes through [`endpoint`].
 ///
 /// What the table refuses anyway (too many replicas, a URL twice) is refused
 /// first, as the table does, so such an update looks up no name and reports
 /// the same error as when the table resolved.
 pub fn replicas(current: &ReplicaSet, specs: Vec<ReplicaSpec>) -> Result<Vec<Resolved>, Error> {
-    crate::replica::check_urls(&specs)?;
-    specs
-        .into_iter()
-        .map(|spec| {
-            let endpoint = match current.replicas.iter().find(|r| r.spec.url == spec.url) {
-                Some(r) => Endpoint {
-                    addr: r.addr,
-                    authority: r.authority.clone(),
-                    tls: r.tls.clone(),
-                },
-                None => Endpoint::parse(&spec.url)?,
-            };
-            Ok(Resolved { spec, endpoint })
-        })
-        .collect()
+    kvroute_core::endpoint::resolve_with(current, specs, endpoint)
+}
+
+/// A table of `specs` with their URLs resolved here, with no one waiting for
+/// room: what `--check-config` builds to refuse what the server would.
+pub fn table(specs: Vec<ReplicaSpec>) -> Result<ReplicaTable, Error> {
+    let t = ReplicaTable::default();
+    t.replace(replicas(&t.load(), specs)?)?;
+    Ok(t)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
     use super::*;
-    use crate::replica::ReplicaTable;
 
     #[test]
     fn parses_and_resolves_urls() {
-        assert!(Endpoint::parse("ftp://x:1").is_err());
-        assert!(Endpoint::parse("http://127.0.0.1:1/v1").is_err());
-        let e = Endpoint::parse("http://127.0.0.1:8001/").unwrap();
+        assert!(endpoint("ftp://x:1").is_err());
+        assert!(endpoint("http://127.0.0.1:1/v1").is_err());
+        let e = endpoint("http://127.0.0.1:8001/").unwrap();
         assert_eq!(e.addr.port(), 8001);
         assert_eq!(e.authority, "127.0.0.1:8001");
         assert!(e.tls.is_none());
-        let e = Endpoint::parse("https://127.0.0.1:8443/").unwrap();
+        let e = endpoint("https://127.0.0.1:8443/").unwrap();
         assert_eq!(e.addr.port(), 8443);
         assert_eq!(e.authority, "127.0.0.1:8443");
         assert!(matches!(
             e.tls,
             Some(rustls::pki_types::ServerName::IpAddress(_))
         ));
-        let e = Endpoint::parse("https://localhost").unwrap();
+        let e = endpoint("https://localhost").unwrap();
         assert_eq!(e.addr.port(), 443);
         assert_eq!(e.authority, "localhost");
         assert!(matches!(
             e.tls,
             Some(rustls::pki_types::ServerName::DnsName(_))
         ));
-        assert_eq!(Endpoint::parse("https://[::1]:9").unwrap().addr.port(), 9);
-        assert_eq!(Endpoint::parse("http://127.0.0.1:1").unwrap().tls, None);
-        let e = Endpoint::parse("http://no-such-host.invalid:1").unwrap_err();
+        assert_eq!(endpoint("https://[::1]:9").unwrap().addr.port(), 9);
+        assert_eq!(endpoint("http://127.0.0.1:1").unwrap().tls, None);
+        let e = endpoint("http://no-such-host.invalid:1").unwrap_err();
         assert!(
             e.to_string().starts_with(
                 "config: replica url \"http://no-such-host.invalid:1\": cannot resolve: "
@@ -129,7 +95,7 @@ mod tests {
             spec: ReplicaSpec::new(url),
             endpoint: Endpoint {
                 addr: held,
-                ..Endpoint::parse(url).unwrap()
+                ..endpoint(url).unwrap()
             },
         }])
         .unwrap();
@@ -142,10 +108,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got[0].endpoint.addr, held);
-        assert_eq!(
-            got[1].endpoint,
-            Endpoint::parse("http://127.0.0.1:8002").unwrap()
-        );
+        assert_eq!(got[1].endpoint, endpoint("http://127.0.0.1:8002").unwrap());
         // Refused before any lookup, with the table's message.
         let e = replicas(
             &t.load(),

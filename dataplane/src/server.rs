@@ -31,6 +31,8 @@ pub struct WorkerStats {
 pub struct Shared {
     pub cfg: Config,
     pub table: Arc<ReplicaTable>,
+    /// Requests waiting for a replica with room; the table tells it of releases.
+    pub admission: Arc<crate::admission::Admission>,
     pub router: Arc<dyn Router>,
     /// Most used prefixes with a sample request each, for pre-warming standbys.
     pub hot: crate::hot::HotPrefixes,
@@ -61,15 +63,17 @@ impl Shared {
             up.queue_max,
             Duration::from_millis(up.queue_timeout_ms),
         ));
-        let table = Arc::new(ReplicaTable::with_admission(
+        let table = Arc::new(ReplicaTable::with_waiters(
             up.max_in_flight_per_replica,
-            admission,
+            admission.clone(),
         ));
         table.replace(crate::resolve::replicas(
             &table.load(),
             cfg.replicas.clone(),
         )?)?;
-        let router = cfg.routing.build();
+        let router = cfg
+            .routing
+            .build_observed(Arc::new(crate::metrics::RouterMetrics));
         router.on_replicas_changed(&table.load());
         let n = cfg.worker_count();
         let (tls, upstream_tls) = load_tls(&cfg)?;
@@ -80,6 +84,7 @@ impl Shared {
             tls,
             upstream_tls,
             table,
+            admission,
             router,
             hot: Default::default(),
             prefix: cfg.routing.prefix(),
@@ -365,7 +370,7 @@ fn reload(shared: &Shared, cli: &crate::config::Cli) {
         _ => tracing::warn!("SIGHUP: adding or removing [tls] takes effect on restart"),
     }
     let resolved = crate::resolve::replicas(&shared.table.load(), fresh.replicas);
-    match resolved.and_then(|r| shared.table.replace(r)) {
+    match resolved.and_then(|r| Ok(shared.table.replace(r)?)) {
         Ok(set) => {
             shared.router.on_replicas_changed(&set);
             tracing::info!(

@@ -16,8 +16,8 @@
 //! fields it was built with and the exact prompt stream its structure implies.
 
 use bolero::generator::TypeGenerator;
-use kvroute::prefix::{analyze, chain_hashes, PrefixConfig};
-use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
+use kvroute_core::prefix::{analyze, chain_hashes, PrefixConfig};
+use kvroute_core::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
 use kvroute_fuzz::gen::{self, Driver};
 use kvroute_fuzz::{show, Tally};
 

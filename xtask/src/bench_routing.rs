@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
-use kvroute::route::RoutingConfig;
+use kvroute_core::route::RoutingConfig;
 use kvroute_tests::load::plan::Plan;
 use kvroute_tests::load::synthetic::SharedPrefixConfig;
 use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};

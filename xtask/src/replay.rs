@@ -16,9 +16,9 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap};
 
-use kvroute::prefix::analyze;
-use kvroute::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
-use kvroute::route::{Decision, DecisionKind, ResponseReport, RoutingConfig};
+use kvroute_core::prefix::analyze;
+use kvroute_core::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
+use kvroute_core::route::{Decision, DecisionKind, ResponseReport, RoutingConfig};
 
 use kvroute_tests::load::body;
 use kvroute_tests::load::plan::Plan;
@@ -319,7 +319,7 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
 
 #[cfg(test)]
 mod tests {
-    use kvroute::route::PolicyKind;
+    use kvroute_core::route::PolicyKind;
     use kvroute_tests::load::synthetic::{plan, SharedPrefixConfig};
 
     use super::*;

@@ -124,7 +124,7 @@ fn software_block_hash() -> anyhow::Result<()> {
     let mut t = cargo();
     t.env("RUSTFLAGS", "--cfg aes_force_soft")
         .env("CARGO_TARGET_DIR", target)
-        .args(["test", "-p", "kvroute", "--lib", "prefix::block_hash"]);
+        .args(["test", "-p", "kvroute-core", "--lib", "prefix::block_hash"]);
     sh(&mut t)
 }
 
@@ -253,7 +253,16 @@ fn aarch64_lib() -> anyhow::Result<()> {
             "CARGO_TARGET_DIR",
             crate::procs::target_dir().join("aarch64"),
         )
-        .args(["test", "-p", "kvroute", "--lib", "--target", AARCH64]);
+        .args([
+            "test",
+            "-p",
+            "kvroute-core",
+            "-p",
+            "kvroute",
+            "--lib",
+            "--target",
+            AARCH64,
+        ]);
     sh(&mut t)
 }
 

@@ -185,7 +185,7 @@ fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
             Ok(u) => {
                 let count = u.replicas.len();
                 let resolved = crate::resolve::replicas(&shared.table.load(), u.replicas);
-                match resolved.and_then(|r| shared.table.replace(r)) {
+                match resolved.and_then(|r| Ok(shared.table.replace(r)?)) {
                     Ok(set) => {
                         shared.router.on_replicas_changed(&set);
                         let source = u.source.unwrap_or_else(|| "unknown".into());
@@ -319,8 +319,10 @@ fn query_param<'a>(path: &'a str, name: &str) -> Option<&'a str> {
 
 /// Gauges read from atomics at scrape time rather than updated per request.
 fn refresh_gauges(shared: &Shared) {
-    shared.router.export_gauges(&shared.table.load());
-    metrics::gauge!(m::QUEUE_DEPTH).set(shared.table.admission.depth() as f64);
+    if let Some(st) = shared.router.scrape(&shared.table.load()) {
+        m::export_router_stats(&st);
+    }
+    metrics::gauge!(m::QUEUE_DEPTH).set(shared.admission.depth() as f64);
     if let Some(c) = &shared.cache {
         c.export_gauges();
     }
@@ -374,7 +376,7 @@ pub fn state(shared: &Shared) -> State {
                 active: w.states.active.load(Ordering::Relaxed),
             })
             .collect(),
-        queue_depth: shared.table.admission.depth(),
+        queue_depth: shared.admission.depth(),
         replicas: set
             .replicas
             .iter()

@@ -187,7 +187,7 @@ pub(super) async fn send<R: Runtime>(
         ),
         Outcome::Failed { error, replica } => {
             let kind = error.kind;
-            let extra = crate::admission::retry_after_header(&shared.table.admission, kind);
+            let extra = crate::admission::retry_after_header(&shared.admission, kind);
             let close = !rq.keep_alive;
             send_error_with(client, kind, &error.message, &extra, close, rq.write_limit).await;
             (kind.status(), replica, rq.next())
@@ -207,11 +207,7 @@ impl<R: Runtime> plan::Fleet for View<'_, R> {
     type Candidate = Decision;
 
     fn waiters_ahead(&self) -> bool {
-        self.ctx
-            .shared
-            .table
-            .admission
-            .has_waiters_for(self.req.model)
+        self.ctx.shared.admission.has_waiters_for(self.req.model)
     }
 
     fn any_serves(&self) -> bool {
@@ -245,7 +241,7 @@ impl<R: Runtime> plan::Fleet for View<'_, R> {
     }
 
     fn queueing(&self) -> bool {
-        self.ctx.shared.table.admission.enabled()
+        self.ctx.shared.admission.enabled()
     }
 }
 
@@ -270,7 +266,7 @@ async fn forward<R: Runtime>(
     let key = x.key;
     let shared = &ctx.shared;
     let up_cfg = &shared.cfg.upstream;
-    let admission = &shared.table.admission;
+    let admission = &shared.admission;
     let mut set = shared.table.load();
     if set.generation != ctx.pool_generation.get() {
         let addrs: Vec<SocketAddr> = set.replicas.iter().map(|r| r.addr).collect();

@@ -51,22 +51,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>
     Ok(Arc::new(cfg))
 }
 
-/// Why a replica URL's host cannot be used for TLS.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerNameError {
-    #[error("not a TLS server name: {0}")]
-    Invalid(#[source] rustls::pki_types::InvalidDnsNameError),
-}
-
-/// The TLS name of a URL's host: a DNS name is sent as SNI and verified; an IP
-/// address is sent as no SNI and verified against the certificate's IP names.
-pub fn server_name(host: &str) -> Result<ServerName<'static>, ServerNameError> {
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    ServerName::try_from(host.to_string()).map_err(ServerNameError::Invalid)
-}
+pub use kvroute_core::endpoint::{server_name, ServerNameError};
 
 /// The client handshake on a freshly connected `io` (the caller bounds it in time).
 pub async fn connect<C: Conn>(
@@ -103,23 +88,5 @@ mod tests {
         );
         client_config(None).unwrap();
         let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn server_names() {
-        assert!(matches!(
-            server_name("127.0.0.1").unwrap(),
-            ServerName::IpAddress(_)
-        ));
-        assert!(matches!(
-            server_name("[::1]").unwrap(),
-            ServerName::IpAddress(_)
-        ));
-        assert!(matches!(
-            server_name("replica-0.example").unwrap(),
-            ServerName::DnsName(_)
-        ));
-        let e = server_name("bad name").unwrap_err().to_string();
-        assert!(e.starts_with("not a TLS server name: "), "{e}");
     }
 }

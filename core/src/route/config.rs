@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::consistent::ConsistentHash;
 use super::kv_aware::{KvAware, KvAwareParams};
-use super::{PolicyKind, Router};
+use super::{PolicyKind, RouteObserver, Router};
 use crate::error::Error;
 use crate::index::IndexConfig;
 use crate::prefix::{PrefixConfig, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES};
@@ -158,6 +158,12 @@ impl RoutingConfig {
     /// The configured policy, shared by all workers.
     pub fn build(&self) -> Arc<dyn Router> {
         self.policy.build(self)
+    }
+
+    /// [`RoutingConfig::build`] with the policy's per-request events told to
+    /// `observer` (the data plane's metrics).
+    pub fn build_observed(&self, observer: Arc<dyn RouteObserver>) -> Arc<dyn Router> {
+        self.policy.build_observed(self, observer)
     }
 
     /// The kv-aware router with its concrete type, for callers that export its

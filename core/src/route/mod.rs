@@ -4,8 +4,6 @@
 //! snapshot and a clock value, and never touches a socket: policies are unit- and
 //! property-tested without processes. The proxy calls the hooks around `pick` so a
 //! policy can learn from what it decided and from what the replica reported.
-// The core takes `now` and resolved addresses from its caller (clippy.toml).
-#![deny(clippy::disallowed_methods)]
 
 pub mod backlog;
 pub mod bytes_per_token;
@@ -13,6 +11,7 @@ pub mod config;
 pub mod consistent;
 pub mod kv_aware;
 mod least_loaded;
+pub mod observe;
 pub mod prefill_model;
 mod round_robin;
 pub mod session;
@@ -24,6 +23,7 @@ pub use config::RoutingConfig;
 pub use consistent::ConsistentHash;
 pub use kv_aware::{KvAware, KvAwareCounters};
 pub use least_loaded::LeastLoaded;
+pub use observe::{NoObserver, RouteObserver, RouterStats};
 pub use round_robin::RoundRobin;
 
 use crate::replica::{Replica, ReplicaSet};
@@ -174,9 +174,13 @@ pub trait Router: Send + Sync + 'static {
     /// Called after the replica set was replaced (drop state of removed replicas).
     fn on_replicas_changed(&self, _set: &ReplicaSet) {}
 
-    /// Called when `/metrics` is scraped: set gauges of the policy's own state
-    /// (index size, budgets), read once per scrape instead of kept per request.
-    fn export_gauges(&self, _set: &ReplicaSet) {}
+    /// Called when `/metrics` is scraped: the policy's own state (index size,
+    /// budgets, learned speeds) for the replicas of `set`, read once per scrape
+    /// instead of kept per request. A policy may also refresh what follows
+    /// slowly changing estimates here (budgets). `None`: it keeps no state.
+    fn scrape(&self, _set: &ReplicaSet) -> Option<RouterStats> {
+        None
+    }
 
     /// Called when the control daemon reports that the replica in `slot` lost its
     /// whole KV cache (engine `AllBlocksCleared` or restart): forget its blocks.
@@ -184,7 +188,7 @@ pub trait Router: Send + Sync + 'static {
 
     /// The most used prefixes, hottest first, at most `limit`, for pre-warming a
     /// standby (admin `GET /hot-prefixes`). Policies without an index have none.
-    fn hot_prefixes(&self, _limit: usize) -> Vec<crate::admin::HotPrefix> {
+    fn hot_prefixes(&self, _limit: usize) -> Vec<kvroute_admin_api::HotPrefix> {
         Vec::new()
     }
 }
@@ -203,10 +207,9 @@ pub fn candidates<'s>(
     })
 }
 
-/// Routing policy names accepted by `--policy` / `policy =`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+/// Routing policy names accepted by `--policy` / `policy =`: [`PolicyKind::as_str`]
+/// spells them, and `FromStr` and serde read the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
     RoundRobin,
@@ -219,13 +222,63 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::RoundRobin,
+        PolicyKind::LeastLoaded,
+        PolicyKind::KvAware,
+        PolicyKind::ConsistentHash,
+    ];
+
+    /// The policy's name in the config file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::RoundRobin => "round-robin",
+            PolicyKind::LeastLoaded => "least-loaded",
+            PolicyKind::KvAware => "kv-aware",
+            PolicyKind::ConsistentHash => "consistent-hash",
+        }
+    }
+
     pub fn build(self, cfg: &RoutingConfig) -> Arc<dyn Router> {
+        self.build_observed(cfg, Arc::new(NoObserver))
+    }
+
+    /// [`PolicyKind::build`] with per-request events told to `observer`.
+    pub fn build_observed(
+        self,
+        cfg: &RoutingConfig,
+        observer: Arc<dyn RouteObserver>,
+    ) -> Arc<dyn Router> {
         match self {
             PolicyKind::RoundRobin => Arc::new(RoundRobin::default()),
             PolicyKind::LeastLoaded => Arc::new(LeastLoaded),
-            PolicyKind::KvAware => cfg.build_kv_aware(),
+            PolicyKind::KvAware => Arc::new(KvAware::new(cfg.kv_aware_params()).observed(observer)),
             PolicyKind::ConsistentHash => cfg.build_consistent_hash(),
         }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that is none of [`PolicyKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown routing policy {0:?} (one of round-robin, least-loaded, kv-aware, consistent-hash)"
+)]
+pub struct UnknownPolicy(pub String);
+
+impl std::str::FromStr for PolicyKind {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PolicyKind::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownPolicy(s.to_string()))
     }
 }
 
@@ -280,5 +333,23 @@ mod tests {
         }
         drop(busy);
         assert_eq!(candidates(&set, None, &[], 0).count(), 2);
+    }
+
+    #[test]
+    fn policy_names_read_back_the_same_way_everywhere() {
+        for kind in PolicyKind::ALL {
+            let name = kind.as_str();
+            assert_eq!(name.parse::<PolicyKind>(), Ok(kind));
+            assert_eq!(kind.to_string(), name);
+            // serde (the config file) spells them as `as_str` does.
+            let v: PolicyKind = serde_json::from_str(&format!("{name:?}")).unwrap();
+            assert_eq!(v, kind);
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("{name:?}"));
+        }
+        let e = "kv_aware".parse::<PolicyKind>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown routing policy \"kv_aware\" (one of round-robin, least-loaded, kv-aware, consistent-hash)"
+        );
     }
 }

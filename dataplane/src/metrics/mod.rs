@@ -2,9 +2,13 @@
 //!
 //! Names are constants here so the README, the dashboard and the code agree.
 
+mod router;
+
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub use router::{export_router_stats, RouterMetrics};
 
 pub const REQUESTS: &str = "kvroute_requests_total";
 pub const ERRORS: &str = "kvroute_errors_total";

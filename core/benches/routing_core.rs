@@ -2,19 +2,18 @@
 //! to a `memcpy` of the same bytes, plus the extraction and hashing alternatives
 //! that were measured to choose the implementation.
 //!
-//! `cargo bench -p kvroute --bench routing_core -- --measurement-time 2 --warm-up-time 1`
-// The clock and DNS calls clippy.toml lists are denied in the routing-core
-// modules only (see there); the I/O around the core uses them.
+//! `cargo bench -p kvroute-core --bench routing_core -- --measurement-time 2 --warm-up-time 1`
+// The bench times itself: the clock clippy.toml bans in the core is its tool.
 #![allow(clippy::disallowed_methods)]
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use kvroute::index::{IndexConfig, PrefixIndex};
-use kvroute::prefix::{
+use kvroute_core::index::{IndexConfig, PrefixIndex};
+use kvroute_core::prefix::{
     analyze, chain_hashes, fold_block_hash, scan_portable, BlockHasher, PrefixConfig,
 };
-use kvroute::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
+use kvroute_core::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 const SIZES: [(usize, &str); 5] = [

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use smallvec::SmallVec;
@@ -26,12 +27,13 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::backlog::Backlogs;
 use super::bytes_per_token::BytesPerToken;
 use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
+use super::observe::{CacheReport, PredictionOutcome, ReplicaStats};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
 use super::share::{Entry, Shares};
 use super::{
-    candidates, Decision, DecisionKind, LearnedSpeed, Prediction, ResponseReport, RouteRequest,
-    Router,
+    candidates, Decision, DecisionKind, LearnedSpeed, NoObserver, Prediction, ResponseReport,
+    RouteObserver, RouteRequest, Router, RouterStats,
 };
 use crate::index::{IndexConfig, PrefixIndex, SlotModel};
 use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
@@ -131,6 +133,7 @@ pub struct KvAware {
     /// removed replica from a slot reused by another.
     known: Mutex<[u64; MAX_REPLICAS]>,
     counters: Counters,
+    observer: Arc<dyn RouteObserver>,
 }
 
 impl KvAware {
@@ -147,8 +150,15 @@ impl KvAware {
             next: AtomicUsize::new(0),
             known: Mutex::new([0; MAX_REPLICAS]),
             counters: Counters::default(),
+            observer: Arc::new(NoObserver),
             p,
         }
+    }
+
+    /// Tells `observer` of each decision and report (the data plane's metrics).
+    pub fn observed(mut self, observer: Arc<dyn RouteObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// The prefix index, for the admin API (clear a restarted replica, stats).
@@ -301,7 +311,7 @@ impl KvAware {
         self.counters
             .ignored_reports
             .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("kvroute_routing_reports_ignored_total").increment(1);
+        self.observer.report_ignored();
     }
 }
 
@@ -540,12 +550,12 @@ impl Router for KvAware {
             .store(m.to_bits(), Ordering::Relaxed);
         if !req.block_hashes.is_empty() {
             let total = req.block_hashes.len() as f64;
-            metrics::histogram!("kvroute_prefix_predicted_ratio")
-                .record(f64::from(decision.predicted_blocks) / total);
             // What the decision gave up against the best overlap any eligible
             // replica had: nonzero on spills, so their cost is visible.
-            metrics::histogram!("kvroute_routing_regret_ratio")
-                .record(f64::from(decision.regret_blocks()) / total);
+            self.observer.routed(
+                f64::from(decision.predicted_blocks) / total,
+                f64::from(decision.regret_blocks()) / total,
+            );
         }
     }
 
@@ -571,7 +581,6 @@ impl Router for KvAware {
             self.ignore();
             return;
         }
-        let replica = decision.replica.spec.url.clone();
         if decision.prompt_bytes > 0
             && !self.bytes_per_token.observe(
                 decision.model_key,
@@ -594,22 +603,23 @@ impl Router for KvAware {
                 .fetch_add(predicted_tokens, Ordering::Relaxed);
             c.cached_tokens.fetch_add(cached_tokens, Ordering::Relaxed);
             let outcome = match (predicted_tokens > 0, cached_tokens > 0) {
-                (true, true) => Some((&c.hit_hit, "hit_hit")),
-                (true, false) => Some((&c.hit_miss, "hit_miss")),
-                (false, true) => Some((&c.miss_hit, "miss_hit")),
+                (true, true) => Some((&c.hit_hit, PredictionOutcome::HitHit)),
+                (true, false) => Some((&c.hit_miss, PredictionOutcome::HitMiss)),
+                (false, true) => Some((&c.miss_hit, PredictionOutcome::MissHit)),
                 (false, false) => None,
             };
-            if let Some((counter, label)) = outcome {
+            if let Some((counter, _)) = outcome {
                 counter.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("kvroute_prefix_prediction_total", "outcome" => label)
-                    .increment(1);
             }
-            metrics::histogram!("kvroute_prefix_predicted_tokens", "replica" => replica.clone())
-                .record(predicted_tokens as f64);
-            metrics::histogram!("kvroute_prefix_cached_tokens", "replica" => replica.clone())
-                .record(cached_tokens as f64);
-            metrics::histogram!("kvroute_prefix_cached_ratio", "replica" => replica.clone())
-                .record(cached_tokens as f64 / prompt_tokens as f64);
+            self.observer.cache_report(
+                &decision.replica,
+                &CacheReport {
+                    outcome: outcome.map(|(_, o)| o),
+                    predicted_tokens,
+                    cached_tokens,
+                    prompt_tokens,
+                },
+            );
         }
         let Some(ttft_ms) = report.ttft_ms else {
             return;
@@ -640,38 +650,23 @@ impl Router for KvAware {
         c.ttft_observations.fetch_add(1, Ordering::Relaxed);
         if prediction.learned && prediction.ttft_s > 0.0 {
             let ratio = ttft_s / prediction.ttft_s;
-            metrics::histogram!("kvroute_ttft_prediction_ratio", "replica" => replica)
-                .record(ratio);
+            self.observer.ttft_ratio(&decision.replica, ratio);
             let e = f64::from_bits(self.prediction_error.load(Ordering::Relaxed));
             let e = (e + (ratio.ln().abs() - e) * ERROR_DECAY).min(ERROR_MAX);
             self.prediction_error.store(e.to_bits(), Ordering::Relaxed);
         }
     }
 
-    fn export_gauges(&self, set: &ReplicaSet) {
-        let st = self.index.stats();
-        metrics::gauge!("kvroute_index_blocks").set(st.entries as f64);
-        metrics::gauge!("kvroute_index_pairs").set(st.pairs as f64);
-        metrics::gauge!("kvroute_index_bytes").set(st.heap_bytes as f64);
-        metrics::gauge!("kvroute_index_evictions").set(st.evictions as f64);
+    fn scrape(&self, set: &ReplicaSet) -> Option<RouterStats> {
+        let mut replicas = Vec::with_capacity(set.replicas.len());
         for r in &set.replicas {
-            let url = r.spec.url.clone();
-            metrics::gauge!("kvroute_index_replica_blocks", "replica" => url.clone())
-                .set(self.index.tracked(r.slot) as f64);
-            metrics::gauge!("kvroute_index_replica_budget_blocks", "replica" => url.clone())
-                .set(self.index.budget(r.slot) as f64);
-            if let Some(o) = self.index.slot_occupancy(r.slot) {
-                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "slot")
-                    .set(f64::from(o.in_slots));
-                metrics::gauge!("kvroute_index_replica_prompts", "replica" => url.clone(), "place" => "host")
-                    .set(f64::from(o.in_host));
-            }
-            if let Some(fit) = self.fits.get(r.slot) {
-                metrics::gauge!("kvroute_replica_prefill_rate_bytes_per_second", "replica" => url.clone())
-                    .set(fit.rate_bytes_per_s());
-                metrics::gauge!("kvroute_replica_ttft_overhead_seconds", "replica" => url)
-                    .set(fit.overhead_s);
-            }
+            replicas.push(ReplicaStats {
+                url: r.spec.url.clone(),
+                blocks: self.index.tracked(r.slot),
+                budget_blocks: self.index.budget(r.slot),
+                prompts: self.index.slot_occupancy(r.slot),
+                speed: self.learned(r.slot),
+            });
             // Budgets follow the learned bytes per token; a drift under a tenth is
             // not worth re-evicting for.
             let budget = self.replica_budget(r);
@@ -680,7 +675,11 @@ impl Router for KvAware {
                 self.index.set_budget(r.slot, budget);
             }
         }
-        metrics::gauge!("kvroute_bytes_per_token").set(self.bytes_per_token.overall());
+        Some(RouterStats {
+            index: self.index.stats(),
+            replicas,
+            bytes_per_token: self.bytes_per_token.overall(),
+        })
     }
 
     fn on_replicas_changed(&self, set: &ReplicaSet) {

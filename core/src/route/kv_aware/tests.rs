@@ -198,7 +198,7 @@ fn replica_changes_clear_removed_slots_and_set_budgets() {
     r.index().insert(0, &h);
     r.index().insert(1, &h);
     let set = t
-        .replace(crate::resolve::replicas(&t.load(), vec![specs[1].clone()]).unwrap())
+        .replace(crate::endpoint::literals(&t.load(), vec![specs[1].clone()]).unwrap())
         .unwrap();
     r.on_replicas_changed(&set);
     assert_eq!(r.index().tracked(0), 0);
@@ -236,7 +236,7 @@ fn slot_replicas_get_the_slot_model() {
     spec.kv_slots = None;
     let set = t
         .replace(
-            crate::resolve::replicas(
+            crate::endpoint::literals(
                 &t.load(),
                 vec![spec, ReplicaSpec::new("http://127.0.0.1:9601")],
             )

@@ -4,8 +4,6 @@
 //! (every request on every worker) load the current one without a lock. Replicas
 //! that survive a swap keep their `Arc<Replica>`, so in-flight counts and the slot
 //! used by the prefix index carry over.
-// The core takes `now` and resolved addresses from its caller (clippy.toml).
-#![deny(clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,15 +11,33 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::admission::Admission;
+pub use crate::endpoint::{Endpoint, Resolved};
 use crate::error::Error;
-use crate::resolve::{Endpoint, Resolved};
 
 /// Most replicas one data plane tracks at once: the prefix index keeps one bit
 /// per replica slot, and a 128-bit set keeps an index entry small.
 pub const MAX_REPLICAS: usize = 128;
 
 pub use kvroute_admin_api::{ExternalLoad, Pool, ReplicaSpec};
+
+/// Told when a replica may have room again, so a request waiting for one can
+/// go: the data plane's admission queue. Called on the thread that freed the
+/// room; an implementation hands the wakeup on and returns.
+pub trait CapacityWaiters: Send + Sync + std::fmt::Debug {
+    /// One of `replica`'s requests ended.
+    fn released(&self, replica: &Replica);
+    /// The replica set was replaced: any waiter may now find room.
+    fn replicas_changed(&self);
+}
+
+/// No one waits for room: a request that finds none is refused at once.
+#[derive(Debug, Default)]
+pub struct NoWaiters;
+
+impl CapacityWaiters for NoWaiters {
+    fn released(&self, _replica: &Replica) {}
+    fn replicas_changed(&self) {}
+}
 
 /// One replica in the live set.
 #[derive(Debug)]
@@ -33,7 +49,7 @@ pub struct Replica {
     /// `host:port` as written in the URL, for the upstream `Host` header.
     pub authority: String,
     /// For an `https://` URL, the name its certificate is verified for.
-    pub tls: Option<rustls::pki_types::ServerName<'static>>,
+    pub tls: Option<rustls_pki_types::ServerName<'static>>,
     /// Why the latest attempt at this replica failed (`None` once one
     /// succeeds), for `/state`. Shared across spec changes like the counters.
     pub last_error: Arc<arc_swap::ArcSwapOption<String>>,
@@ -59,7 +75,7 @@ pub struct Replica {
     /// 0 is unbounded.
     pub max_in_flight: u32,
     /// Told when one of this replica's requests ends, to wake a waiter.
-    admission: Arc<Admission>,
+    waiters: Arc<dyn CapacityWaiters>,
     external: Mutex<ExternalLoad>,
 }
 
@@ -215,7 +231,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.prefill_done();
         self.replica.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.replica.admission.released(&self.replica);
+        self.replica.waiters.released(&self.replica);
     }
 }
 
@@ -269,34 +285,34 @@ pub struct ReplicaTable {
     /// `max_in_flight` for a spec that sets none (0: unbounded).
     default_max_in_flight: u32,
     /// Where requests wait for a replica with room; told of releases and swaps.
-    pub admission: Arc<Admission>,
+    waiters: Arc<dyn CapacityWaiters>,
 }
 
 impl Default for ReplicaTable {
     fn default() -> Self {
-        ReplicaTable::with_admission(0, Arc::new(Admission::disabled()))
+        ReplicaTable::with_waiters(0, Arc::new(NoWaiters))
     }
 }
 
 impl ReplicaTable {
-    /// A table of `specs`, their URLs resolved by [`crate::resolve`] (blocking
-    /// on DNS for a host name): for checks, tools and tests. The server builds
-    /// its table with [`ReplicaTable::with_admission`] and fills it through
-    /// [`ReplicaTable::replace`].
+    /// A table of `specs` whose URLs name IP addresses ([`Endpoint::literal`]:
+    /// no lookup), with no one waiting for room: for tools and tests. The data
+    /// plane builds its table with [`ReplicaTable::with_waiters`] and fills it
+    /// through [`ReplicaTable::replace`] with the addresses it resolved.
     pub fn new(specs: Vec<ReplicaSpec>) -> Result<Self, Error> {
         let t = ReplicaTable::default();
-        t.replace(crate::resolve::replicas(&t.load(), specs)?)?;
+        t.replace(crate::endpoint::literals(&t.load(), specs)?)?;
         Ok(t)
     }
 
     /// An empty table whose replicas are bounded by `default_max_in_flight`
-    /// unless their spec says otherwise, with waiters in `admission`.
-    pub fn with_admission(default_max_in_flight: u32, admission: Arc<Admission>) -> Self {
+    /// unless their spec says otherwise, telling `waiters` when room frees.
+    pub fn with_waiters(default_max_in_flight: u32, waiters: Arc<dyn CapacityWaiters>) -> Self {
         ReplicaTable {
             current: ArcSwap::from_pointee(ReplicaSet::default()),
             write: Mutex::new(()),
             default_max_in_flight,
-            admission,
+            waiters,
         }
     }
 
@@ -305,7 +321,7 @@ impl ReplicaTable {
     }
 
     /// Replaces the whole set atomically with the specs in `resolved` (from
-    /// [`crate::resolve::replicas`] against the current set). Replicas whose URL
+    /// [`crate::endpoint::resolve_with`] against the current set). Replicas whose URL
     /// is unchanged keep their identity (slot, counters, address); the rest get
     /// fresh slots and the address they were resolved to.
     pub fn replace(&self, resolved: Vec<Resolved>) -> Result<Arc<ReplicaSet>, Error> {
@@ -341,7 +357,7 @@ impl ReplicaTable {
                         requests: r.requests.clone(),
                         failures: r.failures.clone(),
                         max_in_flight: spec.max_in_flight.unwrap_or(self.default_max_in_flight),
-                        admission: self.admission.clone(),
+                        waiters: self.waiters.clone(),
                         external: Mutex::new(r.external_load()),
                     };
                     next.push(Some(Arc::new(fresh)));
@@ -378,7 +394,7 @@ impl ReplicaTable {
                 requests: Arc::default(),
                 failures: Arc::default(),
                 max_in_flight,
-                admission: self.admission.clone(),
+                waiters: self.waiters.clone(),
                 external: Mutex::new(ExternalLoad::default()),
             }));
         }
@@ -387,14 +403,14 @@ impl ReplicaTable {
             generation: old.generation + 1,
         });
         self.current.store(set.clone());
-        self.admission.replicas_changed();
+        self.waiters.replicas_changed();
         Ok(set)
     }
 }
 
 /// What [`ReplicaTable::replace`] refuses whatever the addresses: more than
 /// [`MAX_REPLICAS`] replicas, or a URL twice.
-pub(crate) fn check_urls(specs: &[ReplicaSpec]) -> Result<(), Error> {
+pub fn check_urls(specs: &[ReplicaSpec]) -> Result<(), Error> {
     if specs.len() > MAX_REPLICAS {
         return Err(Error::Config(format!(
             "replicas: {} given, at most {MAX_REPLICAS} supported",
@@ -419,7 +435,7 @@ mod tests {
 
     /// `specs` resolved against what `t` holds, as the callers of `replace` do.
     fn resolved(t: &ReplicaTable, specs: Vec<ReplicaSpec>) -> Vec<Resolved> {
-        crate::resolve::replicas(&t.load(), specs).unwrap()
+        crate::endpoint::literals(&t.load(), specs).unwrap()
     }
 
     #[test]
@@ -488,7 +504,7 @@ mod tests {
         assert!(free.has_capacity());
         drop(gs);
         // The fleet default applies where the spec sets none; the spec wins.
-        let t = ReplicaTable::with_admission(5, Arc::new(crate::admission::Admission::disabled()));
+        let t = ReplicaTable::with_waiters(5, Arc::new(NoWaiters));
         let set = t
             .replace(resolved(
                 &t,
@@ -510,7 +526,7 @@ mod tests {
         let t = ReplicaTable::default();
         let one = |url: &str| Resolved {
             spec: ReplicaSpec::new(url),
-            endpoint: Endpoint::parse(url).unwrap(),
+            endpoint: Endpoint::literal(url).unwrap(),
         };
         let e = t
             .replace(vec![one("http://127.0.0.1:1"), one("http://127.0.0.1:1")])

@@ -5,13 +5,11 @@
 //! Kept by the proxy rather than a routing policy because it needs the request
 //! body, which policies never see. One request in [`SAMPLE_EVERY`] per worker is
 //! recorded, so the shared lock is off the common path.
-// The core takes `now` and resolved addresses from its caller (clippy.toml).
-#![deny(clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::admin::HotPrefix;
+use kvroute_admin_api::HotPrefix;
 
 /// Record one request in this many (per worker).
 pub const SAMPLE_EVERY: u64 = 8;
