@@ -242,7 +242,7 @@ pub struct Cli {
     pub workers: Option<usize>,
     #[arg(long, value_enum)]
     pub io: Option<IoMode>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = policy_parser())]
     pub policy: Option<PolicyKind>,
     /// A replica: `http://host:port`, optionally `=model1,model2`; repeatable.
     /// Replaces the file's replica list when given.
@@ -413,9 +413,32 @@ fn parse_replica_arg(s: &str) -> ReplicaSpec {
     }
 }
 
+/// `--policy`: the names [`PolicyKind`] reads, listed in `--help` and in the
+/// error for any other.
+fn policy_parser() -> impl clap::builder::TypedValueParser<Value = PolicyKind> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(PolicyKind::ALL.map(PolicyKind::as_str))
+        .map(|name| name.parse::<PolicyKind>().expect("one of PolicyKind::ALL"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_flag_takes_the_config_names_and_lists_them() {
+        use clap::Parser;
+        for kind in PolicyKind::ALL {
+            let cli = Cli::try_parse_from(["kvroute", "--policy", kind.as_str()]).unwrap();
+            assert_eq!(cli.policy, Some(kind));
+        }
+        let e = Cli::try_parse_from(["kvroute", "--policy", "kv_aware"]).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("[possible values: round-robin, least-loaded, kv-aware, consistent-hash]"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn unknown_keys_are_named() {
