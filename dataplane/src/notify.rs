@@ -3,12 +3,9 @@
 //! Every call is a no-op outside systemd (`NOTIFY_SOCKET` unset), so the binary
 //! behaves the same under a test, a shell or a unit.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
-
-use crate::server::Shared;
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -16,26 +13,9 @@ fn send(states: &[NotifyState]) {
     }
 }
 
-pub fn status_line(shared: &Shared) -> String {
-    format!(
-        "workers={} replicas={} io={} policy={}{}",
-        shared.workers.len(),
-        shared.table.load().replicas.len(),
-        crate::server::io_name(shared),
-        shared.router.name(),
-        if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
-            " draining"
-        } else {
-            ""
-        }
-    )
-}
-
-pub fn ready(shared: &Shared) {
-    send(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(shared)),
-    ]);
+/// READY=1, with `status` as the line `systemctl status` shows.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
 pub fn reloading() {
@@ -45,21 +25,19 @@ pub fn reloading() {
     }
 }
 
-pub fn stopping(shared: &Shared) {
-    send(&[
-        NotifyState::Stopping,
-        NotifyState::Status(&status_line(shared)),
-    ]);
+pub fn stopping(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
 /// How often workers prove they are alive: well under any sane `WatchdogSec`.
 pub const HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Pings the watchdog at half of `WATCHDOG_USEC` while every worker's heartbeat
-/// advances. A worker stuck in a loop or a blocking call stops its heartbeat, the
-/// pings stop, and systemd restarts the service: a hung thread-per-core worker
-/// would otherwise blackhole every connection the kernel hands its listener.
-pub fn spawn_watchdog(shared: Arc<Shared>) {
+/// (`heartbeats`, one count per worker) advances. A worker stuck in a loop or a
+/// blocking call stops its heartbeat, the pings stop, and systemd restarts the
+/// service: a hung thread-per-core worker would otherwise blackhole every
+/// connection the kernel hands its listener.
+pub fn spawn_watchdog(heartbeats: impl Fn() -> Vec<u64> + Send + 'static) {
     let Some(period) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -68,16 +46,10 @@ pub fn spawn_watchdog(shared: Arc<Shared>) {
     std::thread::Builder::new()
         .name("kvroute-watchdog".into())
         .spawn(move || {
-            let beats = |s: &Shared| -> Vec<u64> {
-                s.workers
-                    .iter()
-                    .map(|w| w.heartbeat.load(std::sync::atomic::Ordering::Relaxed))
-                    .collect()
-            };
-            let mut last = beats(&shared);
+            let mut last = heartbeats();
             loop {
                 std::thread::sleep(every);
-                let now = beats(&shared);
+                let now = heartbeats();
                 let stuck: Vec<usize> = now
                     .iter()
                     .zip(&last)

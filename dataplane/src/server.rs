@@ -111,6 +111,30 @@ impl Shared {
         let _ = self.shutdown.send(true);
     }
 
+    /// The status line systemd shows (`systemctl status`).
+    pub fn status_line(&self) -> String {
+        format!(
+            "workers={} replicas={} io={} policy={}{}",
+            self.workers.len(),
+            self.table.load().replicas.len(),
+            io_name(self),
+            self.router.name(),
+            if self.draining.load(Ordering::Relaxed) {
+                " draining"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// Each worker's heartbeat count, for the watchdog.
+    pub fn heartbeats(&self) -> Vec<u64> {
+        self.workers
+            .iter()
+            .map(|w| w.heartbeat.load(Ordering::Relaxed))
+            .collect()
+    }
+
     pub fn open_connections(&self) -> u64 {
         self.workers
             .iter()
@@ -271,7 +295,12 @@ async fn control_loop(shared: Arc<Shared>, cli: crate::config::Cli) -> Result<i3
             }
             // An upgrade's successor: the old process holds the address until it exits.
             Err(_) if crate::steer::upgrade::is_successor() => {
-                tokio::spawn(crate::steer::upgrade::bind_admin_later(a, shared.clone()));
+                let within = Duration::from_millis(shared.cfg.shutdown_grace_ms) * 2;
+                tokio::spawn(crate::admin::server::serve_once_free(
+                    a,
+                    within,
+                    shared.clone(),
+                ));
             }
             // The default socket path needs /run/kvroute; a quick start as a normal
             // user should still proxy, so only an admin address the user chose is fatal.
@@ -285,25 +314,27 @@ async fn control_loop(shared: Arc<Shared>, cli: crate::config::Cli) -> Result<i3
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
-    crate::notify::ready(&shared);
-    crate::notify::spawn_watchdog(shared.clone());
+    crate::notify::ready(&shared.status_line());
+    let watched = shared.clone();
+    crate::notify::spawn_watchdog(move || watched.heartbeats());
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");
-                if crate::steer::upgrade::spawn_successor(&shared).await { break }
+                let draining = shared.draining.load(Ordering::Relaxed);
+                if crate::steer::upgrade::spawn_successor(&shared.steering, draining).await { break }
             }
             _ = hup.recv() => {
                 crate::notify::reloading();
                 reload(&shared, &cli);
-                crate::notify::ready(&shared);
+                crate::notify::ready(&shared.status_line());
             }
         }
     }
     shared.begin_drain();
-    crate::notify::stopping(&shared);
+    crate::notify::stopping(&shared.status_line());
     let grace = Duration::from_millis(shared.cfg.shutdown_grace_ms);
     let deadline = Instant::now() + grace;
     loop {

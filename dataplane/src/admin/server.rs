@@ -83,6 +83,26 @@ pub async fn bind(addr: &AdminAddr) -> io::Result<AdminListener> {
     }
 }
 
+/// An upgrade's successor's admin listener: the old process still holds the
+/// address until it exits, so bind as soon as it is free, for up to `within`.
+pub async fn serve_once_free(addr: AdminAddr, within: Duration, shared: Arc<Shared>) {
+    let until = std::time::Instant::now() + within;
+    loop {
+        match bind(&addr).await {
+            Ok(l) => {
+                tracing::info!(admin = ?addr, "upgrade: admin API taken over");
+                serve(l, shared).await;
+                return;
+            }
+            Err(e) if std::time::Instant::now() > until => {
+                tracing::error!(admin = ?addr, error = %e, "upgrade: admin address never freed");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 pub async fn serve(l: AdminListener, shared: Arc<Shared>) {
     loop {
         let shared = shared.clone();

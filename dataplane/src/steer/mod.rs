@@ -241,7 +241,7 @@ struct Group {
     listeners: Vec<TcpListener>,
 }
 
-/// The steering state in [`crate::server::Shared`].
+/// The steering state: handed to the workers, the admin API and the upgrade.
 pub struct Steering {
     requested: SteeringKind,
     policy: SteeringPolicy,

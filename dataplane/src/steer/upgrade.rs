@@ -27,11 +27,10 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::Steering;
 use crate::config::AdminAddr;
-use crate::server::Shared;
 
 /// Set in the successor's environment: the file to create when ready.
 pub const ENV_READY: &str = "KVROUTE_UPGRADE_READY";
@@ -47,26 +46,6 @@ pub fn signal_ready() {
     if let Some(p) = std::env::var_os(ENV_READY) {
         if let Err(e) = std::fs::write(&p, std::process::id().to_string()) {
             tracing::error!(error = %e, "upgrade: cannot signal readiness");
-        }
-    }
-}
-
-/// The successor's admin listener: the old process still holds the address
-/// until it exits, so bind as soon as it is free.
-pub async fn bind_admin_later(addr: AdminAddr, shared: Arc<Shared>) {
-    let until = Instant::now() + Duration::from_millis(shared.cfg.shutdown_grace_ms) * 2;
-    loop {
-        match crate::admin::server::bind(&addr).await {
-            Ok(l) => {
-                tracing::info!(admin = ?addr, "upgrade: admin API taken over");
-                crate::admin::server::serve(l, shared).await;
-                return;
-            }
-            Err(e) if Instant::now() > until => {
-                tracing::error!(admin = ?addr, error = %e, "upgrade: admin address never freed");
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
@@ -107,11 +86,12 @@ fn enable_migration() {
 
 /// SIGUSR2: starts the successor and waits for it. `true` when it is ready and
 /// this process should stop accepting and drain; `false` keeps serving.
-pub async fn spawn_successor(shared: &Shared) -> bool {
-    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+/// `draining`: this process is already on its way out (no second successor).
+pub async fn spawn_successor(steering: &Steering, draining: bool) -> bool {
+    if draining {
         return false;
     }
-    if !shared.steering.is_attached() {
+    if !steering.is_attached() {
         tracing::warn!("upgrade: without eBPF steering the kernel's hash splits new connections between old and new until the old listeners close");
         enable_migration();
     }
@@ -137,7 +117,7 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
         }
     };
     let pid = child.id();
-    shared.steering.set_successor(pid);
+    steering.set_successor(pid);
     tracing::info!(binary = %bin.display(), pid, "upgrade: new process started");
     let deadline = Instant::now() + READY_WITHIN;
     loop {
@@ -147,7 +127,7 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
         }
         if let Ok(Some(st)) = child.try_wait() {
             tracing::error!(%st, "upgrade: new process exited before it was ready; keeping this one");
-            take_back(shared);
+            take_back(steering);
             return false;
         }
         if Instant::now() > deadline {
@@ -157,14 +137,14 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
             );
             let _ = child.kill();
             let _ = child.wait();
-            take_back(shared);
+            take_back(steering);
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The successor owns the map slots from here; this process's counts would
     // overwrite its numbers.
-    shared.steering.release();
+    steering.release();
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]) {
         tracing::warn!(error = %e, "upgrade: sd_notify MAINPID failed");
     }
@@ -177,15 +157,15 @@ pub async fn spawn_successor(shared: &Shared) -> bool {
 /// After a failed upgrade: the new process may have put its listeners into the
 /// socket array before it died, so this one puts its own back. `/state` shows
 /// no successor only once that is done.
-fn take_back(shared: &Shared) {
-    match shared.steering.reclaim() {
+fn take_back(steering: &Steering) {
+    match steering.reclaim() {
         Ok(what) => tracing::info!("upgrade: steering taken back: {what}"),
         Err(e) => tracing::error!(
             error = %e,
             "upgrade: could not take steering back; new connections follow the kernel's hash"
         ),
     }
-    shared.steering.set_successor(0);
+    steering.set_successor(0);
 }
 
 /// Why `kvroute upgrade` did not see a hand-off (printed as
