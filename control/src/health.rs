@@ -20,12 +20,13 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(rise: u32, fall: u32) -> Health {
+    /// A replica first seen at `now`, nothing known of it yet.
+    pub fn new(rise: u32, fall: u32, now: Instant) -> Health {
         Health {
             healthy: None,
             ok_streak: 0,
             fail_streak: 0,
-            since: Instant::now(),
+            since: now,
             rise: rise.max(1),
             fall: fall.max(1),
         }
@@ -99,7 +100,7 @@ mod tests {
     #[test]
     fn first_observation_decides_then_thresholds_apply() {
         let t = Instant::now();
-        let mut h = Health::new(2, 3);
+        let mut h = Health::new(2, 3, t);
         assert!(!h.known());
         assert!(h.observe(true, t));
         assert!(h.is_healthy());
@@ -121,8 +122,9 @@ mod tests {
 
     #[test]
     fn first_failure_marks_down_at_once() {
-        let mut h = Health::new(2, 2);
-        assert!(h.observe(false, Instant::now()));
+        let t = Instant::now();
+        let mut h = Health::new(2, 2, t);
+        assert!(h.observe(false, t));
         assert!(h.known() && !h.is_healthy());
     }
 }
