@@ -7,7 +7,8 @@
 //! ([`single_flight`]). With a backend, memory sits in front of Redis/Valkey.
 #![forbid(unsafe_code)]
 
-pub mod key;
+/// The cache key: computed by the routing core from the body (the scanner lives there).
+pub use kvroute_core::prompt::cache_key as key;
 pub mod record;
 pub mod redis;
 pub mod single_flight;

@@ -1,10 +1,12 @@
-//! The cache key: a 128-bit xxh3 of the path, the tenant scope and the body in a
-//! canonical form, so key order and whitespace never split entries.
+//! The prediction cache's key: a 128-bit xxh3 of the path, the tenant scope and
+//! the body in a canonical form, so key order and whitespace never split
+//! entries. Here rather than in the data plane's cache because it walks the
+//! body with the prompt scanner.
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::prompt::scanner::{Literal, Scanner, MAX_DEPTH};
-use crate::prompt::ExtractError;
+use super::scanner::{Literal, Scanner, MAX_DEPTH};
+use super::ExtractError;
 
 /// Top-level fields that change how the answer is delivered or attributed, not
 /// what it says.
