@@ -29,6 +29,7 @@ pub mod pool;
 pub mod proxy;
 pub mod resolve;
 pub mod server;
+pub mod state;
 pub mod steer;
 mod sys;
 pub mod tls;

@@ -43,7 +43,7 @@ fn main() {
     if cli.check_config {
         // The files the configuration names are part of it (and an expired
         // certificate's warning shows here too).
-        if let Err(e) = kvroute::server::load_tls(&cfg) {
+        if let Err(e) = kvroute::state::load_tls(&cfg) {
             eprintln!("kvroute: {e}");
             std::process::exit(2);
         }

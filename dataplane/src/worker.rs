@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use crate::io::Runtime;
 use crate::pool::UpstreamPool;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Per-worker context handed to every connection task on this thread.
 pub struct WorkerCtx<R: Runtime> {

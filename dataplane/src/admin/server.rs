@@ -17,7 +17,7 @@ use super::{
 };
 use crate::config::AdminAddr;
 use crate::metrics as m;
-use crate::server::Shared;
+use crate::state::Shared;
 
 pub enum AdminListener {
     Unix(tokio::net::UnixListener),
@@ -379,7 +379,7 @@ pub fn state(shared: &Shared) -> State {
     State {
         version: env!("CARGO_PKG_VERSION").into(),
         policy: shared.router.name().into(),
-        io: crate::server::io_name(shared).into(),
+        io: crate::state::io_name(shared).into(),
         generation: set.generation,
         draining: shared.draining.load(Ordering::Relaxed),
         workers: shared
