@@ -37,9 +37,9 @@ impl Endpoint {
     /// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443
     /// when left out) and asks `lookup` for the address of its `host:port`.
     /// `lookup`'s error is the reason, reported after the URL.
-    pub fn new(
+    pub fn new<E: std::fmt::Display>(
         url: &str,
-        lookup: impl FnOnce(&str) -> Result<SocketAddr, String>,
+        lookup: impl FnOnce(&str) -> Result<SocketAddr, E>,
     ) -> Result<Endpoint, Error> {
         let bad = |why: &str| Error::Config(format!("replica url {url:?}: {why}"));
         let u = ReplicaUrl::parse(url).map_err(|e| bad(&e.to_string()))?;
@@ -48,7 +48,7 @@ impl Endpoint {
         } else {
             None
         };
-        let addr = lookup(&u.host_port).map_err(|why| bad(&why))?;
+        let addr = lookup(&u.host_port).map_err(|why| bad(&why.to_string()))?;
         Ok(Endpoint {
             addr,
             authority: u.authority.to_string(),
@@ -59,13 +59,14 @@ impl Endpoint {
     /// [`Endpoint::new`] for a URL whose host is an IP address; a host name is
     /// refused, not looked up.
     pub fn literal(url: &str) -> Result<Endpoint, Error> {
-        Endpoint::new(url, |host_port| {
-            host_port
-                .parse()
-                .map_err(|_| "not an IP address (host names are resolved by the data plane)".into())
-        })
+        Endpoint::new(url, |host_port| host_port.parse().map_err(|_| NotAnAddress))
     }
 }
+
+/// A host that [`Endpoint::literal`] would have to look up.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("not an IP address (host names are resolved by the data plane)")]
+pub struct NotAnAddress;
 
 /// Why a replica URL's host cannot be used for TLS.
 #[derive(Debug, thiserror::Error)]

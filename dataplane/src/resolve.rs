@@ -20,10 +20,19 @@ pub fn endpoint(url: &str) -> Result<Endpoint, Error> {
     Ok(Endpoint::new(url, |host_port| {
         host_port
             .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve: {e}"))?
+            .map_err(LookupError::Resolve)?
             .next()
-            .ok_or_else(|| "resolved to no address".to_string())
+            .ok_or(LookupError::NoAddress)
     })?)
+}
+
+/// Why a replica's host name gave no address.
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    #[error("cannot resolve: {0}")]
+    Resolve(#[source] std::io::Error),
+    #[error("resolved to no address")]
+    NoAddress,
 }
 
 /// Resolves `specs`, the replica set that is to replace `current`. A URL
