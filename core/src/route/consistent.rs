@@ -135,22 +135,27 @@ impl LoadBound {
     }
 }
 
+/// Whether rank `a` beats `b`: higher first component, then higher second. Equal
+/// ranks do not, so the earliest of equals stays chosen.
+pub fn outranks(a: (f64, f64), b: (f64, f64)) -> bool {
+    a.0 > b.0 || (a.0 == b.0 && a.1 > b.1)
+}
+
 /// Among `cands`, the best by `rank` (higher wins) and the best by `rank` that the
-/// bound admits; `None` when there are no candidates.
+/// bound admits, in one pass; `None` when there are no candidates.
 pub fn best_admitted<F: Fn(&Candidate<'_>) -> (f64, f64)>(
     cands: &[Candidate<'_>],
     bound: &LoadBound,
     rank: F,
 ) -> Option<(usize, usize)> {
-    let better = |a: (f64, f64), b: (f64, f64)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
     let mut preferred: Option<(usize, (f64, f64))> = None;
     let mut admitted: Option<(usize, (f64, f64))> = None;
     for (i, c) in cands.iter().enumerate() {
         let r = rank(c);
-        if preferred.is_none_or(|(_, p)| better(r, p)) {
+        if preferred.is_none_or(|(_, p)| outranks(r, p)) {
             preferred = Some((i, r));
         }
-        if bound.admits(c) && admitted.is_none_or(|(_, p)| better(r, p)) {
+        if bound.admits(c) && admitted.is_none_or(|(_, p)| outranks(r, p)) {
             admitted = Some((i, r));
         }
     }
@@ -159,6 +164,26 @@ pub fn best_admitted<F: Fn(&Candidate<'_>) -> (f64, f64)>(
     // preferred replica takes it rather than failing the request.
     let (a, _) = admitted.unwrap_or((p, (0.0, 0.0)));
     Some((p, a))
+}
+
+/// The index of the best by `rank` among the candidates `keep` accepts (the
+/// earliest of equals); `None` when it accepts none.
+pub fn best_where<F: Fn(&Candidate<'_>) -> (f64, f64)>(
+    cands: &[Candidate<'_>],
+    keep: impl Fn(usize) -> bool,
+    rank: F,
+) -> Option<usize> {
+    let mut best: Option<(usize, (f64, f64))> = None;
+    for (i, c) in cands.iter().enumerate() {
+        if !keep(i) {
+            continue;
+        }
+        let r = rank(c);
+        if best.is_none_or(|(_, b)| outranks(r, b)) {
+            best = Some((i, r));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 /// Places `anchor` by rendezvous hashing under the bound: (index, spilled).
@@ -237,6 +262,24 @@ mod tests {
     use super::*;
     use crate::replica::{ReplicaSpec, ReplicaTable};
     use proptest::prelude::*;
+
+    #[test]
+    fn best_where_takes_the_best_kept_and_the_earliest_of_equals() {
+        let t = table([7001, 7002, 7003, 7004]);
+        let set = t.load();
+        let cands: Vec<Candidate<'_>> = set.replicas.iter().map(Candidate::new).collect();
+        // Ranks by port: 7001 → (1, 0), 7002 → (2, 5), 7003 → (2, 5), 7004 → (2, 9).
+        let rank = |c: &Candidate<'_>| match c.replica.addr.port() {
+            7001 => (1.0, 0.0),
+            7002 | 7003 => (2.0, 5.0),
+            _ => (2.0, 9.0),
+        };
+        assert_eq!(best_where(&cands, |_| true, rank), Some(3));
+        assert_eq!(best_where(&cands, |i| i != 3, rank), Some(1));
+        assert_eq!(best_where(&cands, |i| i == 0 || i == 2, rank), Some(2));
+        assert_eq!(best_where(&cands, |_| false, rank), None);
+        assert!(outranks((2.0, 0.0), (1.0, 9.0)) && !outranks((2.0, 5.0), (2.0, 5.0)));
+    }
 
     fn table(ports: impl IntoIterator<Item = u16>) -> ReplicaTable {
         ReplicaTable::new(

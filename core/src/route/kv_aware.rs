@@ -26,7 +26,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::backlog::Backlogs;
 use super::bytes_per_token::BytesPerToken;
-use super::consistent::{anchor, best_admitted, hrw_score, url_key, Candidate, LoadBound};
+use super::consistent::{
+    anchor, best_admitted, best_where, hrw_score, url_key, Candidate, LoadBound,
+};
 use super::observe::{CacheReport, PredictionOutcome, ReplicaStats};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
@@ -499,12 +501,7 @@ impl Router for KvAware {
             // the request if that costs no more predicted time than the share's
             // price. In seconds, so a move to a slower replica costs more than
             // the same uncached bytes on a faster one.
-            let better = |a: (f64, f64), b: (f64, f64)| a.0 > b.0 || (a.0 == b.0 && a.1 > b.1);
-            let alt = (0..cands.len())
-                .filter(|&i| within(i) && admitted(&i))
-                .map(|i| (i, rank(&cands[i])))
-                .reduce(|a, b| if better(b.1, a.1) { b } else { a })
-                .map(|(i, _)| i);
+            let alt = best_where(&cands, |i| within(i) && admitted(&i), &rank);
             if let Some(a) = alt {
                 let cost = predictions[a].ttft_s - predictions[chosen].ttft_s;
                 if cost <= self.shares.price(cands[chosen].replica.slot) {
