@@ -2,6 +2,8 @@
 //!
 //! Pure: the daemon hands in what it knows and a clock value, so the hysteresis
 //! is tested without processes or sleeps.
+// The clock is the caller's (control/clippy.toml).
+#![deny(clippy::disallowed_methods)]
 
 use std::time::{Duration, Instant};
 
@@ -132,6 +134,8 @@ fn ms(v: u64) -> Duration {
 }
 
 #[cfg(test)]
+// One real `Instant` as the fake clock's origin; every later time is an offset.
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

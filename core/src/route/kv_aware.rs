@@ -501,7 +501,7 @@ impl Router for KvAware {
             // the request if that costs no more predicted time than the share's
             // price. In seconds, so a move to a slower replica costs more than
             // the same uncached bytes on a faster one.
-            let alt = best_where(&cands, |i| within(i) && admitted(&i), &rank);
+            let alt = best_where(&cands, |i| within(i) && admitted(&i), rank);
             if let Some(a) = alt {
                 let cost = predictions[a].ttft_s - predictions[chosen].ttft_s;
                 if cost <= self.shares.price(cands[chosen].replica.slot) {
