@@ -674,7 +674,7 @@ mod tests {
 
     #[test]
     fn the_simulator_encoding_decodes_in_both_forms() {
-        // Bytes as kvroute-sim emits them (tests/src/sim/events.rs), one per form.
+        // Bytes as kvroute-sim emits them (sim/src/events.rs), one per form.
         let map = enc(&(
             1.0f64,
             vec![[("type", "AllBlocksCleared")]

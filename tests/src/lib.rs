@@ -1,7 +1,7 @@
-//! `kvroute-tests`: the instruments kvroute is measured and tested with.
+//! `kvroute-tests`: the end-to-end tests of kvroute's real binaries and what they run on.
+//! The simulated replica and the load generator they start are `kvroute-sim` and
+//! `kvroute-load`.
 //!
-//! - `sim`: `kvroute-sim`, a simulated vLLM-like replica (KV cache, timing, metrics, KV events)
-//! - `load`: `kvroute-load`, a Mooncake trace replayer and synthetic load generator
 //! - `harness`: helpers for end-to-end tests that start the real binaries on loopback
 //! - `pki`: test certificates (a CA and server certificates it signs), made with rcgen
 //! - `llama`: real llama.cpp replicas (`llama-server`) for end-to-end tests and benchmarks
@@ -10,7 +10,5 @@
 
 pub mod harness;
 pub mod llama;
-pub mod load;
 pub mod pki;
-pub mod sim;
 pub mod zmtp_relay;

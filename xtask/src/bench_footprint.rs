@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvroute_load::progress::{self, Counters, Job, Progress};
 use kvroute_testkit::metrics_text::Samples;
 use kvroute_testkit::port::free_addr;
-use kvroute_tests::load::progress::{self, Counters, Job, Progress};
 
 mod flood;
 

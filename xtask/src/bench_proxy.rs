@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use kvroute_tests::load::progress::{self, Counters, Job, Progress};
+use kvroute_load::progress::{self, Counters, Job, Progress};
 
 use crate::procs::{cargo, root, sh};
 use report::{ClosedRow, OpenRow};

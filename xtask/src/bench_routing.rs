@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::ValueEnum;
 use kvroute_core::route::RoutingConfig;
-use kvroute_tests::load::plan::Plan;
-use kvroute_tests::load::synthetic::SharedPrefixConfig;
-use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
-use kvroute_tests::load::{ApiMode, Workload};
-use kvroute_tests::sim::engine::Timing;
+use kvroute_load::plan::Plan;
+use kvroute_load::synthetic::SharedPrefixConfig;
+use kvroute_load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute_load::{ApiMode, Workload};
+use kvroute_sim::engine::Timing;
 use serde::Serialize;
 
 use crate::fleet::measure::{load_args, measure, Measured};
@@ -512,7 +512,7 @@ fn one_row(
     spec: &RouterSpec,
     log_dir: &Path,
     tag: &str,
-    plan: &kvroute_tests::load::plan::Plan,
+    plan: &kvroute_load::plan::Plan,
     load_args: &[String],
 ) -> anyhow::Result<Measured> {
     let mut fleet = Fleet::start(bins, sim, spec, log_dir, tag)?;
@@ -1022,7 +1022,7 @@ fn sim_spec(a: &Opts, plan: &Plan) -> (SimSpec, u64) {
 mod tests {
     use super::*;
     use crate::fleet::measure::FleetCounts;
-    use kvroute_tests::load::Summary;
+    use kvroute_load::Summary;
 
     fn report() -> Report {
         let mut client = Summary::default();

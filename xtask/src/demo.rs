@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
-use kvroute_tests::load::{ApiMode, Workload};
+use kvroute_load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute_load::{ApiMode, Workload};
 
 use crate::fleet::measure::{load_args, measure, Measured};
 use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn report_sets_each_policy_against_the_ideal_and_the_floor() {
         let run = |hit: f64, p99: f64| {
-            let mut client = kvroute_tests::load::stats::Summary::default();
+            let mut client = kvroute_load::stats::Summary::default();
             client.ttft_ms.p99 = p99;
             Measured {
                 client,

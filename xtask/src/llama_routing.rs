@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
-use kvroute_tests::load::synthetic::SharedPrefixConfig;
-use kvroute_tests::load::{ApiMode, Workload};
+use kvroute_load::synthetic::SharedPrefixConfig;
+use kvroute_load::{ApiMode, Workload};
 use serde::Serialize;
 
 use crate::fleet::llama::{measure, EngineMeasured, LlamaFleet, LlamaSpec};
@@ -684,7 +684,7 @@ fn side_by_side(headline: &str, ideal: f64, rows: &[Row]) -> String {
 mod tests {
     use super::*;
     use crate::fleet::llama::EngineCounts;
-    use kvroute_tests::load::Summary;
+    use kvroute_load::Summary;
 
     fn row(router: &str, hit: f64, p99: f64) -> Row {
         let mut client = Summary::default();

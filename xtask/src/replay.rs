@@ -20,13 +20,13 @@ use kvroute_core::prefix::analyze;
 use kvroute_core::replica::{InFlight, Replica, ReplicaSpec, ReplicaTable};
 use kvroute_core::route::{Decision, DecisionKind, ResponseReport, RoutingConfig};
 
-use kvroute_tests::load::body;
-use kvroute_tests::load::plan::Plan;
-use kvroute_tests::load::stats::percentile;
-use kvroute_tests::load::ApiMode;
-use kvroute_tests::sim::cache::{block_hashes, KvCache};
-use kvroute_tests::sim::engine::{Admission, Engine, Timing};
-use kvroute_tests::sim::request::{Endpoint, SimRequest};
+use kvroute_load::body;
+use kvroute_load::plan::Plan;
+use kvroute_load::stats::percentile;
+use kvroute_load::ApiMode;
+use kvroute_sim::cache::{block_hashes, KvCache};
+use kvroute_sim::engine::{Admission, Engine, Timing};
+use kvroute_sim::request::{Endpoint, SimRequest};
 
 const MODEL: &str = "sim-model";
 
@@ -320,7 +320,7 @@ pub fn replay(plan: &Plan, fleet: &FleetModel, routing: &RoutingConfig) -> Repla
 #[cfg(test)]
 mod tests {
     use kvroute_core::route::PolicyKind;
-    use kvroute_tests::load::synthetic::{plan, SharedPrefixConfig};
+    use kvroute_load::synthetic::{plan, SharedPrefixConfig};
 
     use super::*;
 

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kvroute_tests::harness::workspace_bin;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -238,7 +239,7 @@ async fn write_chunk(w: &mut TcpStream, data: &str) -> std::io::Result<()> {
 async fn run_load(args: &[&str]) -> Value {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
+        tokio::process::Command::new(workspace_bin("kvroute-load"))
             .args(args)
             .arg("--json")
             .kill_on_drop(true)
@@ -555,7 +556,7 @@ async fn replay_is_open_loop_and_paced() {
 async fn ctrl_c_stops_early_with_a_summary() {
     // Lines 0-9 are due at once, line 10 only after 3 s: interrupt in between.
     let fake = start_fake(Faults::default()).await;
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
+    let child = tokio::process::Command::new(workspace_bin("kvroute-load"))
         .args([
             "--trace", TRACE, "--target", &fake.url, "--n", "30", "--json",
         ])
@@ -601,8 +602,8 @@ async fn throughput() {
 /// The library entry point the xtask benchmark uses, called in-process on a built plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_run_in_process() {
-    use kvroute_tests::load::synthetic::{self, SharedPrefixConfig};
-    use kvroute_tests::load::{runner, ApiMode, LoadConfig, Workload};
+    use kvroute_load::synthetic::{self, SharedPrefixConfig};
+    use kvroute_load::{runner, ApiMode, LoadConfig, Workload};
 
     let fake = start_fake(Faults::default()).await;
     let sp = SharedPrefixConfig {
@@ -633,7 +634,7 @@ async fn library_run_in_process() {
 async fn run_load_with_stderr(args: &[&str], env: &[(&str, &str)]) -> (Value, String) {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_kvroute-load"))
+        tokio::process::Command::new(workspace_bin("kvroute-load"))
             .args(args)
             .arg("--json")
             .envs(env.iter().copied())
@@ -748,7 +749,7 @@ async fn progress_is_plain_periodic_lines_when_stderr_is_not_a_terminal() {
 /// line, the last of them equal to the report's counts, errors included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_progress_lines_carry_the_runs_counters() {
-    use kvroute_tests::load::progress::Snapshot;
+    use kvroute_load::progress::Snapshot;
     let fake = start_fake(Faults {
         status_503_every: Some(4),
         delay_ms: 150,

@@ -2,8 +2,8 @@
 //! share. Prefixes of k×block-bytes are equal when the first k ids are equal, and the prompts
 //! diverge within block k when id k differs.
 
-use kvroute_tests::load::body::prompt;
-use kvroute_tests::load::trace::{lower_entry, TraceEntry};
+use kvroute_load::body::prompt;
+use kvroute_load::trace::{lower_entry, TraceEntry};
 use proptest::prelude::*;
 
 fn entry(ids: Vec<u64>, last_tokens: u64) -> TraceEntry {
@@ -44,7 +44,7 @@ proptest! {
         // streams can agree on a few leading bytes by chance, never on 16 (p ≈ 27^-16); a
         // block shorter than that may be swallowed whole.
         let len_k = |ids: &[u64], last: u64| if ids.len() == k + 1 {
-            kvroute_tests::load::trace::scale_tokens(last, block_bytes).min(block_bytes)
+            kvroute_load::trace::scale_tokens(last, block_bytes).min(block_bytes)
         } else {
             block_bytes
         };
@@ -66,7 +66,7 @@ proptest! {
         let full_blocks = e.hash_ids.len() - 1;
         prop_assert_eq!(
             a.len(),
-            full_blocks * block_bytes + kvroute_tests::load::trace::scale_tokens(last, block_bytes).min(block_bytes)
+            full_blocks * block_bytes + kvroute_load::trace::scale_tokens(last, block_bytes).min(block_bytes)
         );
         prop_assert!(a.bytes().all(|c| (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\'));
     }

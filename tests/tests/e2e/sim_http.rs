@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use kvroute_testkit::child::Child;
 use kvroute_testkit::metrics_text::{Sample, Samples};
 use kvroute_testkit::port::free_port;
+use kvroute_tests::harness::workspace_bin;
 use serde_json::{json, Value};
 use zeromq::{Socket, SocketRecv};
 
@@ -26,7 +27,7 @@ struct Sim {
 impl Sim {
     async fn start(extra: &[&str]) -> Sim {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvroute-sim"));
+        let mut cmd = Command::new(workspace_bin("kvroute-sim"));
         cmd.args([
             "--listen",
             &addr.to_string(),

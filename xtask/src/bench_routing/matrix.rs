@@ -271,7 +271,7 @@ mod tests {
     use super::*;
     use crate::fleet::measure::FleetCounts;
     use crate::fleet::SimSpec;
-    use kvroute_tests::load::Summary;
+    use kvroute_load::Summary;
 
     fn row(router: &str, hit: f64, p50: f64, p99: f64, imbalance: f64, errors: u64) -> Row {
         let mut client = Summary::default();

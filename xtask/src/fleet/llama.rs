@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use kvroute_load::plan::Plan;
+use kvroute_load::Summary;
 use kvroute_testkit::port::free_port;
 use kvroute_tests::harness::post;
 use kvroute_tests::llama::{self as engine, Counters, LlamaPaths};
-use kvroute_tests::load::plan::Plan;
-use kvroute_tests::load::Summary;
 use serde::Serialize;
 
 use super::child::Child;

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use kvroute_tests::load::plan::Plan;
-use kvroute_tests::load::progress::{self, Counters, Job, Progress, Snapshot};
-use kvroute_tests::load::{ApiMode, Summary, Workload};
+use kvroute_load::plan::Plan;
+use kvroute_load::progress::{self, Counters, Job, Progress, Snapshot};
+use kvroute_load::{ApiMode, Summary, Workload};
 use serde::Serialize;
 
 use super::child::Child;
@@ -206,8 +206,8 @@ mod tests {
 
     #[test]
     fn load_args_cover_both_workloads() {
-        use kvroute_tests::load::synthetic::SharedPrefixConfig;
-        use kvroute_tests::load::trace::LowerOptions;
+        use kvroute_load::synthetic::SharedPrefixConfig;
+        use kvroute_load::trace::LowerOptions;
         let t = Workload::Trace {
             path: "/t.jsonl".into(),
             skip: 5,

@@ -14,10 +14,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use kvroute_load::plan::Plan;
+use kvroute_load::stats::percentile;
 use kvroute_testkit::metrics_text::Samples;
 use kvroute_tests::harness::{free_port, post, request};
-use kvroute_tests::load::plan::Plan;
-use kvroute_tests::load::stats::percentile;
 use serde::{Deserialize, Serialize};
 
 use self::child::Child;
@@ -56,7 +56,9 @@ impl Bins {
                 "-p",
                 "kvroute",
                 "-p",
-                "kvroute-tests",
+                "kvroute-sim",
+                "-p",
+                "kvroute-load",
                 "--bins",
             ]))?;
         }
@@ -69,7 +71,7 @@ impl Bins {
         for p in [&bins.kvroute, &bins.sim, &bins.load] {
             anyhow::ensure!(
                 p.exists(),
-                "{} not found: build it with `cargo build --release -p kvroute -p kvroute-tests --bins` \
+                "{} not found: build it with `cargo build --release -p kvroute -p kvroute-sim -p kvroute-load --bins` \
                  (or drop --no-build)",
                 p.display()
             );
@@ -193,16 +195,13 @@ pub fn working_set_blocks(plan: &Plan, block_bytes: usize) -> u64 {
 /// prefills only what one infinite cache would not hold, with nobody queued ahead of it.
 /// The simulator turns prompt bytes into tokens at `SIM_BYTES_PER_TOKEN`.
 pub fn ttft_floor_ms(plan: &Plan, sim: &SimSpec) -> (f64, f64) {
-    let mut ms: Vec<f64> =
-        kvroute_tests::load::ideal::ideal_uncached_bytes(plan.requests_in_order())
-            .into_iter()
-            .map(|bytes| {
-                let tokens = bytes as f64 / SIM_BYTES_PER_TOKEN as f64;
-                (sim.prefill_overhead_ms / 1000.0 + tokens / sim.prefill_tps)
-                    * sim.time_scale
-                    * 1000.0
-            })
-            .collect();
+    let mut ms: Vec<f64> = kvroute_load::ideal::ideal_uncached_bytes(plan.requests_in_order())
+        .into_iter()
+        .map(|bytes| {
+            let tokens = bytes as f64 / SIM_BYTES_PER_TOKEN as f64;
+            (sim.prefill_overhead_ms / 1000.0 + tokens / sim.prefill_tps) * sim.time_scale * 1000.0
+        })
+        .collect();
     ms.sort_by(f64::total_cmp);
     (percentile(&ms, 50.0), percentile(&ms, 99.0))
 }
@@ -211,7 +210,7 @@ pub fn ttft_floor_ms(plan: &Plan, sim: &SimSpec) -> (f64, f64) {
 /// ceiling for caches of this size, where the infinite-cache ideal is not reachable.
 pub fn lru_ceiling(plan: &Plan, sim: &SimSpec) -> f64 {
     let capacity = (sim.kv_blocks * sim.replicas * sim.block_bytes()) as u64;
-    kvroute_tests::load::ideal::lru_hit_ratio(plan.requests_in_order(), capacity)
+    kvroute_load::ideal::lru_hit_ratio(plan.requests_in_order(), capacity)
 }
 
 /// KV blocks of the largest single prompt of `plan`.
@@ -720,7 +719,7 @@ mod tests {
     /// Two requests sharing their first segment: the second prefills only its own tail.
     #[test]
     fn ttft_floor_counts_only_what_an_infinite_cache_lacks() {
-        use kvroute_tests::load::plan::{PlannedRequest, Role, Segment, Session};
+        use kvroute_load::plan::{PlannedRequest, Role, Segment, Session};
         let seg = |id, bytes| Segment {
             id,
             bytes,

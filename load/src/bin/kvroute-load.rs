@@ -1,15 +1,15 @@
 //! `kvroute-load`: replays a Mooncake trace or a synthetic shared-prefix workload against an
 //! OpenAI-compatible endpoint and reports cache hit ratio, TTFT and routing balance.
-//! All logic lives in `kvroute_tests::load`; this is only the command line.
+//! All logic lives in `kvroute_load`; this is only the command line.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use kvroute_tests::load::synthetic::SharedPrefixConfig;
-use kvroute_tests::load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
-use kvroute_tests::load::{progress, report, run_until, ApiMode, LoadConfig, Workload};
+use kvroute_load::synthetic::SharedPrefixConfig;
+use kvroute_load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
+use kvroute_load::{progress, report, run_until, ApiMode, LoadConfig, Workload};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Synthetic {

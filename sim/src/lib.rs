@@ -1,8 +1,10 @@
-//! `kvroute-sim`: a simulated vLLM-like replica.
+//! `kvroute-sim`: a simulated vLLM-like (or llama.cpp-like) replica that kvroute's tests,
+//! benchmarks and demo route to.
 //!
 //! The cache model (`cache`) and timing model (`engine`) are pure and unit-tested; `replica`
 //! ties them to the clock and to the KV event publisher (`events`); `server` is the HTTP layer,
 //! serving vLLM's surface (`metrics`) or llama.cpp's (`llamacpp`).
+#![forbid(unsafe_code)]
 
 pub mod body;
 pub mod cache;

@@ -67,7 +67,7 @@ pub fn render(req: &PlannedRequest, mode: ApiMode, model: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::trace::{lower_entry, TraceEntry};
+    use crate::trace::{lower_entry, TraceEntry};
 
     fn req(ids: &[u64], input: u64) -> PlannedRequest {
         let e = TraceEntry {

@@ -191,7 +191,7 @@ pub fn summarize(records: &[Record], info: RunInfo) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::record::ErrorKind;
+    use crate::record::ErrorKind;
 
     #[test]
     fn nearest_rank_percentiles() {

@@ -8,6 +8,7 @@
 //! OpenAI requests, `runner` sends them on schedule through `client`, `stats` folds the
 //! per-request [`record::Record`]s into a [`stats::Summary`], `report` prints it; `progress`
 //! shows the run's live counts on stderr meanwhile.
+#![forbid(unsafe_code)]
 
 pub mod body;
 pub mod client;

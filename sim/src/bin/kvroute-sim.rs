@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use kvroute_tests::sim::{self, Config};
+use kvroute_sim::{self as sim, Config};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();

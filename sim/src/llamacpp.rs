@@ -156,7 +156,7 @@ pub fn error_body(code: u16, message: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::replica::Counters;
+    use crate::replica::Counters;
 
     #[test]
     fn numbers_print_as_cpp_streams_do() {

@@ -221,7 +221,7 @@ pub fn plan(cfg: &SharedPrefixConfig) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::body::prompt;
+    use crate::body::prompt;
 
     fn cfg() -> SharedPrefixConfig {
         SharedPrefixConfig {

@@ -117,7 +117,7 @@ pub fn lru_hit_ratio<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::trace::{lower_entry, TraceEntry};
+    use crate::trace::{lower_entry, TraceEntry};
 
     fn req(input: u64, ids: &[u64]) -> PlannedRequest {
         let e = TraceEntry {
