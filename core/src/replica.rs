@@ -522,6 +522,51 @@ mod tests {
     }
 
     #[test]
+    fn waiters_hear_of_every_release_and_every_swap() {
+        #[derive(Debug, Default)]
+        struct Counting {
+            released: std::sync::Mutex<Vec<u16>>,
+            swaps: AtomicU32,
+        }
+        impl CapacityWaiters for Counting {
+            fn released(&self, replica: &Replica) {
+                self.released.lock().unwrap().push(replica.slot);
+            }
+            fn replicas_changed(&self) {
+                self.swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let w = Arc::new(Counting::default());
+        let t = ReplicaTable::with_waiters(0, w.clone());
+        let set = t
+            .replace(resolved(
+                &t,
+                vec![
+                    ReplicaSpec::new("http://127.0.0.1:8001"),
+                    ReplicaSpec::new("http://127.0.0.1:8002"),
+                ],
+            ))
+            .unwrap();
+        assert_eq!(w.swaps.load(Ordering::Relaxed), 1);
+        let a = set.replicas[0].begin(10);
+        let b = set.replicas[1].try_begin_at(0, 5).unwrap();
+        assert!(w.released.lock().unwrap().is_empty());
+        drop(b);
+        drop(a);
+        assert_eq!(
+            *w.released.lock().unwrap(),
+            vec![set.replicas[1].slot, set.replicas[0].slot]
+        );
+        // A replica kept across a spec change tells the same waiters.
+        let mut spec = ReplicaSpec::new("http://127.0.0.1:8001");
+        spec.weight = 2;
+        let next = t.replace(resolved(&t, vec![spec])).unwrap();
+        assert_eq!(w.swaps.load(Ordering::Relaxed), 2);
+        drop(next.replicas[0].begin(0));
+        assert_eq!(w.released.lock().unwrap().len(), 3);
+    }
+
+    #[test]
     fn rejects_duplicates_and_too_many() {
         let t = ReplicaTable::default();
         let one = |url: &str| Resolved {

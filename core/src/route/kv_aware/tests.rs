@@ -272,6 +272,72 @@ fn usage_reports_are_counted() {
     assert_eq!(c.predicted_tokens, want.min(500));
 }
 
+/// Everything a router tells its observer, in order.
+#[derive(Default)]
+struct Recording(parking_lot::Mutex<Vec<String>>);
+
+impl crate::route::RouteObserver for Recording {
+    fn routed(&self, predicted_ratio: f64, regret_ratio: f64) {
+        self.0
+            .lock()
+            .push(format!("routed {predicted_ratio:.2} {regret_ratio:.2}"));
+    }
+    fn cache_report(&self, replica: &Replica, r: &crate::route::observe::CacheReport) {
+        self.0.lock().push(format!(
+            "cache {} {:?} {}/{}",
+            replica.slot,
+            r.outcome.map(|o| o.as_str()),
+            r.cached_tokens,
+            r.prompt_tokens
+        ));
+    }
+    fn ttft_ratio(&self, replica: &Replica, _ratio: f64) {
+        self.0.lock().push(format!("ttft {}", replica.slot));
+    }
+    fn report_ignored(&self) {
+        self.0.lock().push("ignored".into());
+    }
+}
+
+#[test]
+fn the_observer_hears_decisions_and_reports_and_scrape_reads_the_state() {
+    let t = table(2);
+    let set = t.load();
+    let seen = Arc::new(Recording::default());
+    let r = router().observed(seen.clone());
+    let h = chat_hashes(30, "x");
+    let d0 = route(&r, &set, &req(&h, None, 0));
+    r.on_response(&d0, &usage(500, 0));
+    let d1 = route(&r, &set, &req(&h, None, 1));
+    r.on_response(&d1, &usage(500, 448));
+    r.on_response(&d1, &usage(100, 101));
+    let slot = d1.replica.slot;
+    let ratio = f64::from(d1.predicted_blocks) / h.len() as f64;
+    assert_eq!(
+        *seen.0.lock(),
+        vec![
+            "routed 0.00 0.00".to_string(),
+            format!("cache {} None 0/500", d0.replica.slot),
+            format!("routed {ratio:.2} 0.00"),
+            format!("cache {slot} Some(\"hit_hit\") 448/500"),
+            "ignored".to_string(),
+        ]
+    );
+    let st = r.scrape(&set).expect("kv-aware keeps state");
+    assert_eq!(st.replicas.len(), 2);
+    assert_eq!(st.index, r.index().stats());
+    let held = st
+        .replicas
+        .iter()
+        .find(|x| x.url == d1.replica.spec.url)
+        .unwrap();
+    assert_eq!(held.blocks, r.index().tracked(slot));
+    assert!(held.blocks >= u64::from(d1.predicted_blocks));
+    assert_eq!(st.bytes_per_token, r.bytes_per_token());
+    // Policies without state have nothing to scrape.
+    assert!(crate::route::RoundRobin::default().scrape(&set).is_none());
+}
+
 fn usage(prompt: u64, cached: u64) -> ResponseReport {
     ResponseReport {
         prompt_tokens: Some(prompt),
