@@ -16,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::procs::{have, root};
+use kvroute_bench::procs::{have, root};
 
 /// Debian bookworm's clang; another major version emits different bytes.
 const CLANG: &str = "clang-19";

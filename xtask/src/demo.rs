@@ -3,19 +3,16 @@
 //! two runs side by side. Meant to finish in under two minutes on a 2-core machine.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kvroute_load::trace::{LowerOptions, DEFAULT_BLOCK_BYTES, DEFAULT_MAX_TOKENS_SCALE};
 use kvroute_load::{ApiMode, Workload};
 
-use crate::fleet::measure::{load_args, measure, Measured};
-use crate::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
-use crate::procs::root;
-
-/// The vendored trace, relative to the workspace root (see `traces/README.md`).
-pub const DEFAULT_TRACE: &str = "traces/conversation_trace.jsonl";
+use kvroute_bench::fleet::measure::{load_args, measure, Measured};
+use kvroute_bench::fleet::{self, Bins, Fleet, RouterSpec, SimSpec};
+use kvroute_bench::trace::resolve_trace;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -41,28 +38,12 @@ pub struct Args {
     #[arg(long)]
     pub no_build: bool,
     #[command(flatten)]
-    pub engine: crate::llama_routing::EngineOpts,
-}
-
-/// `--trace` if given, else the trace vendored in the repository; a clear error if missing.
-pub fn resolve_trace(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let path = match given {
-        Some(p) => p.to_path_buf(),
-        None => root().join(DEFAULT_TRACE),
-    };
-    anyhow::ensure!(
-        path.is_file(),
-        "trace not found: {} (pass --trace FILE, a Mooncake-format JSONL trace such as \
-         conversation_trace.jsonl; by default it is looked up at {DEFAULT_TRACE} relative to the \
-         workspace root)",
-        path.display()
-    );
-    Ok(path)
+    pub engine: kvroute_bench::llama_routing::EngineOpts,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.engine.engine == crate::llama_routing::Engine::LlamaCpp {
-        return crate::llama_routing::demo(&a.engine, a.kvroute_workers, a.no_build);
+    if a.engine.engine == kvroute_bench::llama_routing::Engine::LlamaCpp {
+        return kvroute_bench::llama_routing::demo(&a.engine, a.kvroute_workers, a.no_build);
     }
     let started = Instant::now();
     anyhow::ensure!(a.n >= 1, "--n must be at least 1");
@@ -232,7 +213,7 @@ fn side_by_side(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::measure::FleetCounts;
+    use kvroute_bench::fleet::measure::FleetCounts;
 
     /// One column per policy, and the ceilings beside the rows they bound.
     #[test]

@@ -6,25 +6,17 @@
 //!   (`--engine llama-cpp`: real llama.cpp replicas instead)
 //! - `llama`: llama.cpp's server and the test model, built once and cached
 //! - `bench proxy|routing|footprint|tls|drills`: the benchmarks whose figures the README quotes
+//!   (in `kvroute-bench`)
 //! - `package`: the Debian package (binaries, systemd units, default configs)
 #![forbid(unsafe_code)]
 
-mod bench_drills;
-mod bench_footprint;
-mod bench_proxy;
-mod bench_routing;
-mod bench_tls;
 mod build_ebpf;
 mod demo;
-mod fleet;
-mod llama;
-mod llama_routing;
 mod package;
-mod procs;
-mod replay;
 mod test;
 
 use clap::{Parser, Subcommand};
+use kvroute_bench::{drills, footprint, llama, proxy, routing, tls};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "kvroute project automation")]
@@ -55,15 +47,15 @@ enum Cmd {
 #[derive(Subcommand)]
 enum Bench {
     /// Proxy overhead: kvroute vs nginx, HAProxy, SGLang's router, direct.
-    Proxy(bench_proxy::Args),
+    Proxy(proxy::Args),
     /// Routing quality on the shared trace: kvroute policies vs SGLang's router.
-    Routing(bench_routing::Args),
+    Routing(routing::Args),
     /// Edge footprint: binary size, start-to-ready, memory idle, at the index cap and under load, vs nginx and HAProxy.
-    Footprint(bench_footprint::Args),
+    Footprint(footprint::Args),
     /// TLS termination: handshakes and keep-alive requests per second, CPU per request, vs nginx.
-    Tls(bench_tls::Args),
+    Tls(tls::Args),
     /// Drills under load: a replica killed, the control daemon killed, a rolling upgrade, a connection flood, a garbage replica.
-    Drills(bench_drills::Args),
+    Drills(drills::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,18 +67,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Package(a) => package::run(a),
         Cmd::Bench {
             which: Bench::Proxy(a),
-        } => bench_proxy::run(a),
+        } => proxy::run(a),
         Cmd::Bench {
             which: Bench::Routing(a),
-        } => bench_routing::run(a),
+        } => routing::run(a),
         Cmd::Bench {
             which: Bench::Footprint(a),
-        } => bench_footprint::run(a),
+        } => footprint::run(a),
         Cmd::Bench {
             which: Bench::Tls(a),
-        } => bench_tls::run(a),
+        } => tls::run(a),
         Cmd::Bench {
             which: Bench::Drills(a),
-        } => bench_drills::run(a),
+        } => drills::run(a),
     }
 }

@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::procs::{build_release_daemons, capture, root, sh, target_dir};
+use kvroute_bench::procs::{build_release_daemons, capture, root, sh, target_dir};
 
 #[derive(clap::Args)]
 pub struct Args {

@@ -8,7 +8,7 @@
 //! installed (`.ci/run` installs them). The fuzz targets run last, each for a
 //! bounded time (`KVROUTE_FUZZ_SECONDS`), not at `cargo test`'s default second.
 
-use crate::procs::{cargo, sh};
+use kvroute_bench::procs::{cargo, sh};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -101,8 +101,8 @@ fn fuzz() -> anyhow::Result<()> {
 /// llama.cpp's server and the test model, built or found in the cache; `None` (the real-engine
 /// tests then skip, saying why) where they cannot be built, unless `KVROUTE_REQUIRE_LLAMA` (CI)
 /// makes that a failure.
-fn llama_or_skip() -> anyhow::Result<Option<crate::llama::Llama>> {
-    match crate::llama::ensure() {
+fn llama_or_skip() -> anyhow::Result<Option<kvroute_bench::llama::Llama>> {
+    match kvroute_bench::llama::ensure() {
         Ok(l) => Ok(Some(l)),
         Err(e) if std::env::var_os("KVROUTE_REQUIRE_LLAMA").is_none() => {
             eprintln!("xtask: llama.cpp tests will skip: {e:#}");
@@ -120,7 +120,7 @@ fn llama_or_skip() -> anyhow::Result<Option<crate::llama::Llama>> {
 /// kvroute instances on different CPUs would silently route apart. A target
 /// directory of its own, so the flag does not rebuild the main one.
 fn software_block_hash() -> anyhow::Result<()> {
-    let target = crate::procs::target_dir().join("aes-soft");
+    let target = kvroute_bench::procs::target_dir().join("aes-soft");
     let mut t = cargo();
     t.env("RUSTFLAGS", "--cfg aes_force_soft")
         .env("CARGO_TARGET_DIR", target)
@@ -155,7 +155,7 @@ const SDK_PINS: &[&str] = &["openai==3.57.0"];
 fn vllm_venv(t: &mut std::process::Command) {
     let venv = std::env::var_os("KVROUTE_PY_VENV")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| crate::procs::target_dir().join("vllm-py"));
+        .unwrap_or_else(|| kvroute_bench::procs::target_dir().join("vllm-py"));
     t.env("KVROUTE_PY_VENV", &venv);
     let stamp = venv.join("kvroute-pins.txt");
     let pins = format!(
@@ -251,7 +251,7 @@ fn aarch64_lib() -> anyhow::Result<()> {
         .env("KVROUTE_REQUIRE_AES", "1")
         .env(
             "CARGO_TARGET_DIR",
-            crate::procs::target_dir().join("aarch64"),
+            kvroute_bench::procs::target_dir().join("aarch64"),
         )
         .args([
             "test",
@@ -268,7 +268,7 @@ fn aarch64_lib() -> anyhow::Result<()> {
 
 /// What of the aarch64 run's tools this machine lacks.
 fn aarch64_missing() -> anyhow::Result<Vec<String>> {
-    let sysroot = crate::procs::capture(
+    let sysroot = kvroute_bench::procs::capture(
         std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
             .args(["--print", "sysroot"]),
     )?;
@@ -278,7 +278,7 @@ fn aarch64_missing() -> anyhow::Result<Vec<String>> {
         missing.push(format!("the {AARCH64} standard library"));
     }
     for tool in [AARCH64_GCC, QEMU_AARCH64] {
-        if !crate::procs::have(tool) {
+        if !kvroute_bench::procs::have(tool) {
             missing.push(tool.to_owned());
         }
     }

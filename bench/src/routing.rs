@@ -23,7 +23,6 @@ use serde::Serialize;
 use crate::fleet::measure::{load_args, measure, Measured};
 use crate::fleet::peers::{self, Gateway};
 use crate::fleet::{self, Bins, Candidate, Fleet, RouterSpec, SimSpec};
-use crate::procs::root;
 use crate::replay::{replay, FleetModel};
 
 mod matrix;
@@ -145,7 +144,7 @@ pub struct Opts {
     /// build); its policies are detected the same way.
     #[arg(long)]
     pub kvroute_bin: Option<PathBuf>,
-    /// Run the robustness matrix (`xtask/src/bench_routing/matrix.rs`) instead of the workloads
+    /// Run the robustness matrix (`bench/src/routing/matrix.rs`) instead of the workloads
     /// above: every cell a workload on a fleet, each with kvroute kv-aware and the peers
     /// beside it, reported as ratios against smg's cache_aware; with `--offline`, replayed.
     #[arg(long)]
@@ -160,7 +159,7 @@ pub struct Opts {
     #[arg(long)]
     pub json: bool,
     /// Instead of starting processes, replay each workload offline (`/v1/completions`) through
-    /// kvroute's router and the simulator's models (`xtask/src/replay.rs`), once per value:
+    /// kvroute's router and the simulator's models (`bench/src/replay.rs`), once per value:
     /// `[routing]` keys separated by `;` (e.g. `w_prefill = 0.2; epsilon = 0.25`; the policy is
     /// kv-aware unless `policy = …`), `default` for none. Deterministic and seconds long, for
     /// sweeping a weight before measuring it here for real.
@@ -244,7 +243,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.kv_fraction > 0.0, "--kv-fraction must be positive");
     let trace = match a.workload {
         WorkloadArg::Synthetic => None,
-        _ => Some(crate::demo::resolve_trace(a.trace.as_deref())?),
+        _ => Some(crate::trace::resolve_trace(a.trace.as_deref())?),
     };
     if !a.offline.is_empty() {
         return offline(&a, trace);
@@ -351,12 +350,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let report = Report {
-        generated: crate::procs::capture(
-            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
-        )
-        .unwrap_or_default(),
-        git: crate::procs::capture(crate::procs::git().args(["rev-parse", "--short", "HEAD"]))
-            .unwrap_or_default(),
+        generated: crate::report::generated(),
+        git: crate::report::git_commit(),
         machine: format!(
             "{} cores",
             std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -378,7 +373,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let md_path = out_dir.join("routing.md");
     let svg_path = out_dir.join("routing.svg");
     let json_path = out_dir.join("routing.json");
-    std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    crate::report::save(&md_path, &md)?;
     chart(&report, &svg_path).with_context(|| format!("draw {}", svg_path.display()))?;
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&json_path, &json)?;
@@ -398,13 +393,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     if a.publish {
-        let docs = root().join("docs/bench");
-        std::fs::create_dir_all(&docs)?;
-        for (from, to) in [(&md_path, "routing.md"), (&svg_path, "routing.svg")] {
-            std::fs::copy(from, docs.join(to))
-                .with_context(|| format!("copy {} to {}", from.display(), docs.display()))?;
-        }
-        eprintln!("published to {}", docs.display());
+        crate::report::publish(&[(&md_path, "routing.md"), (&svg_path, "routing.svg")])?;
     }
     let failed: Vec<String> = report
         .workloads
@@ -649,21 +638,8 @@ fn markdown(r: &Report) -> String {
     for w in &r.workloads {
         let _ = writeln!(o, "## {}\n", w.name);
         let _ = writeln!(o, "{}\n", workload_header(w));
-        let _ = writeln!(o, "| {} |", HEADERS.join(" | "));
-        let _ = writeln!(
-            o,
-            "|{}",
-            HEADERS
-                .iter()
-                .enumerate()
-                .map(|(i, _)| if i == 0 { " --- |" } else { " ---: |" })
-                .collect::<String>()
-        );
-        for row in &w.rows {
-            let mut c = cells(row);
-            c.resize(HEADERS.len(), String::new());
-            let _ = writeln!(o, "| {} |", c.join(" | "));
-        }
+        let rows: Vec<Vec<String>> = w.rows.iter().map(cells).collect();
+        o.push_str(&crate::report::markdown_table(&HEADERS, &rows));
         o.push('\n');
         let ratios = instance_ratios(w);
         if !ratios.is_empty() {

@@ -440,12 +440,8 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
     }
     let summary = summarize(&candidates, &runs);
     let report = BenchReport {
-        generated: crate::procs::capture(
-            std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]),
-        )
-        .unwrap_or_default(),
-        git: crate::procs::capture(crate::procs::git().args(["rev-parse", "--short", "HEAD"]))
-            .unwrap_or_default(),
+        generated: crate::report::generated(),
+        git: crate::report::git_commit(),
         machine: format!(
             "{} cores",
             std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -468,7 +464,7 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
     let md = markdown(&report);
     let md_path = out_dir.join("routing-llama-cpp.md");
     let json_path = out_dir.join("routing-llama-cpp.json");
-    std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
+    crate::report::save(&md_path, &md)?;
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(&json_path, &json)?;
     if b.json {
@@ -483,10 +479,7 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     if b.publish {
-        let docs = crate::procs::root().join("docs/bench");
-        std::fs::create_dir_all(&docs)?;
-        std::fs::copy(&md_path, docs.join("routing-llama-cpp.md"))?;
-        eprintln!("published to {}", docs.display());
+        crate::report::publish(&[(&md_path, "routing-llama-cpp.md")])?;
     }
     for rows in &report.runs {
         ensure_no_failures(rows)?;
@@ -545,14 +538,7 @@ fn table(rows: &[Row], markdown: bool) -> String {
 fn render(headers: &[&str], cells: &[Vec<String>], markdown: bool) -> String {
     let mut o = String::new();
     if markdown {
-        let _ = writeln!(o, "| {} |", headers.join(" | "));
-        let _ = writeln!(o, "| --- |{}", " ---: |".repeat(headers.len() - 1));
-        for c in cells {
-            let mut c = c.clone();
-            c.resize(headers.len(), String::new());
-            let _ = writeln!(o, "| {} |", c.join(" | "));
-        }
-        return o;
+        return crate::report::markdown_table(headers, cells);
     }
     let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in cells.iter().filter(|r| r.len() == headers.len()) {

@@ -1,13 +1,14 @@
-//! Shared process helpers for xtask commands.
+//! Process helpers the benchmarks and the xtask commands share: cargo, git and `sh` in the
+//! workspace root, and the workspace's paths.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The workspace root (xtask's manifest dir's parent).
+/// The workspace root (this crate's manifest dir's parent).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("xtask lives in the workspace")
+        .expect("kvroute-bench lives in the workspace")
         .to_path_buf()
 }
 

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench_proxy::targets::{self, Env, Target, TlsFiles};
-use crate::bench_proxy::{
+use crate::procs::root;
+use crate::proxy::targets::{self, Env, Target, TlsFiles};
+use crate::proxy::{
     closed, ensure_tools, fresh_bench_dir, generated_line, median, release_kvroute, renice,
     tool_version,
 };
-use crate::procs::root;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -215,17 +215,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     drop(upstream);
     let md = render(&a, &rows);
     println!("{md}");
-    let out = root().join("target/bench/tls.md");
-    std::fs::write(&out, &md)?;
-    eprintln!("xtask: wrote {}", out.display());
+    crate::report::write(&root().join("target/bench/tls.md"), &md)?;
     if a.publish {
         let docs = root().join(if a.key_type == "rsa" {
             "docs/bench/tls-rsa.md"
         } else {
             "docs/bench/tls.md"
         });
-        std::fs::write(&docs, &md)?;
-        eprintln!("xtask: wrote {}", docs.display());
+        crate::report::write(&docs, &md)?;
     }
     Ok(())
 }

@@ -740,8 +740,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .trim_end();
         let report = format!("{kept}\n\n{section}");
         println!("{section}");
-        std::fs::write(&out, report)?;
-        eprintln!("xtask: wrote {}", out.display());
+        crate::report::write(&out, &report)?;
         return Ok(());
     }
     // `--only kvroute` selects both kvroute runs, `kvroute-kernel` the second alone.
@@ -799,11 +798,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         report.push_str(&flood_sections(&bins, &dir, up, &a)?);
     }
     println!("{report}");
-    if let Some(d) = out.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    std::fs::write(&out, report)?;
-    eprintln!("xtask: wrote {}", out.display());
+    crate::report::write(&out, &report)?;
     Ok(())
 }
 

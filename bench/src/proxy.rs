@@ -149,13 +149,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.steering_only {
         let md = steering_md.unwrap_or_default();
         println!("{md}");
-        let out = root().join("target/bench/proxy-steering.md");
-        std::fs::write(&out, &md)?;
-        eprintln!("xtask: wrote {}", out.display());
+        crate::report::write(&root().join("target/bench/proxy-steering.md"), &md)?;
         if a.publish {
             let docs = root().join("docs/bench/proxy.md");
             let old = std::fs::read_to_string(&docs).unwrap_or_default();
-            std::fs::write(&docs, steering::splice(&old, &md, NOTES_MARKER))?;
+            crate::report::save(&docs, &steering::splice(&old, &md, NOTES_MARKER))?;
             eprintln!("xtask: wrote the steering section of {}", docs.display());
         }
         return Ok(());
@@ -419,12 +417,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     drop(all);
     println!("{md}");
-    let out = root().join("target/bench/proxy.md");
-    std::fs::write(&out, &md)?;
-    eprintln!("xtask: wrote {}", out.display());
+    crate::report::write(&root().join("target/bench/proxy.md"), &md)?;
     if a.publish {
         let docs = root().join("docs/bench/proxy.md");
-        std::fs::create_dir_all(docs.parent().expect("has a parent"))?;
         // Hand-written analysis below the marker survives a re-publish.
         let notes = std::fs::read_to_string(&docs)
             .ok()
@@ -433,8 +428,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Some(n) => format!("{md}\n{n}"),
             None => md.clone(),
         };
-        std::fs::write(&docs, published)?;
-        eprintln!("xtask: wrote {}", docs.display());
+        crate::report::write(&docs, &published)?;
     }
     Ok(())
 }
