@@ -12,7 +12,7 @@ use std::net::ToSocketAddrs;
 pub use kvroute_core::endpoint::{Endpoint, Resolved};
 
 use crate::error::Error;
-use crate::replica::{ReplicaSet, ReplicaSpec, ReplicaTable};
+use crate::replica::{ReplicaSet, ReplicaSpec};
 
 /// Parses `http://host:port[/]` or `https://host:port[/]` (port 80 and 443 when
 /// left out) and resolves a host name to its first address.
@@ -41,17 +41,9 @@ enum LookupError {
 ///
 /// What the table refuses anyway (too many replicas, a URL twice) is refused
 /// first, as the table does, so such an update looks up no name and reports
-/// the same error as when the table resolved.
+/// the same error as the table would.
 pub fn replicas(current: &ReplicaSet, specs: Vec<ReplicaSpec>) -> Result<Vec<Resolved>, Error> {
     kvroute_core::endpoint::resolve_with(current, specs, endpoint)
-}
-
-/// A table of `specs` with their URLs resolved here, with no one waiting for
-/// room: what `--check-config` builds to refuse what the server would.
-pub fn table(specs: Vec<ReplicaSpec>) -> Result<ReplicaTable, Error> {
-    let t = ReplicaTable::default();
-    t.replace(replicas(&t.load(), specs)?)?;
-    Ok(t)
 }
 
 #[cfg(test)]
@@ -59,6 +51,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::replica::ReplicaTable;
 
     #[test]
     fn parses_and_resolves_urls() {
