@@ -94,10 +94,10 @@ pub async fn serve<R: Runtime>(
     peer: SocketAddr,
     member: crate::budget::registry::Member,
 ) {
-    let stats = &ctx.shared.workers[ctx.id];
+    let stats = &ctx.shared.stats;
     let _open = Gauge::up(&stats.connections);
     let _live = ctx.shared.steering.open(ctx.id);
-    let limits = &ctx.shared.cfg.limits;
+    let limits = &ctx.shared.limits;
     let io = match &ctx.shared.tls {
         None => MaybeTls::Plain(io),
         Some(tls) => {
@@ -121,7 +121,7 @@ pub async fn serve<R: Runtime>(
         io,
         buf: Vec::new(),
         peer,
-        shutdown: ctx.shared.shutdown.subscribe(),
+        shutdown: ctx.shared.drain.subscribe(),
         member,
     };
     loop {
@@ -160,7 +160,7 @@ pub async fn serve<R: Runtime>(
 /// budget shed the connection). Then `client.buf` is a pooled buffer holding
 /// what io_uring's small read got.
 async fn await_request<R: Runtime>(ctx: &WorkerCtx<R>, client: &mut Client<Stream<R>>) -> bool {
-    let idle = Duration::from_millis(ctx.shared.cfg.limits.idle_timeout_ms);
+    let idle = Duration::from_millis(ctx.shared.limits.idle_timeout_ms);
     let mut draining = *client.shutdown.borrow_and_update();
     let sleep = tokio::time::sleep(if draining { DRAIN_LINGER } else { idle });
     tokio::pin!(sleep);
@@ -238,7 +238,7 @@ impl Request<'_> {
 /// ([`relay`]), then count it ([`log`]).
 async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stream<R>>) -> Next {
     let shared = &ctx.shared;
-    let write_limit = Duration::from_millis(shared.cfg.limits.write_timeout_ms);
+    let write_limit = Duration::from_millis(shared.limits.write_timeout_ms);
     let head = match read_head(ctx, client).await {
         Ok(Some(h)) => h,
         Ok(None) => return Next::Close,
@@ -247,7 +247,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
             return Next::Close;
         }
     };
-    let stats = &shared.workers[ctx.id];
+    let stats = &shared.stats;
     let _active = Gauge::up(&stats.active_requests);
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
@@ -271,7 +271,7 @@ async fn handle_one<R: Runtime>(ctx: &Rc<WorkerCtx<R>>, client: &mut Client<Stre
         started,
         route,
         key_label,
-        keep_alive: head.keep_alive && !shared.draining.load(Ordering::Relaxed),
+        keep_alive: head.keep_alive && !shared.drain.is_draining(),
         is_head: head.is_head,
         path: head.path(&client.buf).to_string(),
         consumed,

@@ -2,8 +2,10 @@
 //! per core (each with its own runtime and SO_REUSEPORT listener), the admin
 //! API, signals and drain.
 
+// Wires the process: builds the state and hands each subsystem its handles.
+#![allow(clippy::disallowed_types)]
+
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +67,7 @@ pub fn start_workers(
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     for (id, l) in listeners.into_iter().enumerate() {
-        let shared = shared.clone();
+        let (handles, budget) = (shared.request_path(id), shared.budget);
         let core = if shared.cfg.pin_workers && !cores.is_empty() {
             Some(cores[id % cores.len()])
         } else {
@@ -81,9 +83,9 @@ pub fn start_workers(
                     }
                 }
                 let res = if io == Uring::NAME {
-                    crate::worker::run::<Uring>(shared, id, l, ready.clone())
+                    crate::worker::run::<Uring>(handles, budget, id, l, ready.clone())
                 } else {
-                    crate::worker::run::<Epoll>(shared, id, l, ready.clone())
+                    crate::worker::run::<Epoll>(handles, budget, id, l, ready.clone())
                 };
                 if let Err(e) = res {
                     let _ = ready.send(Err(Error::Worker { id, source: e }));
@@ -180,7 +182,7 @@ async fn control_loop(shared: Arc<Shared>, cli: crate::config::Cli) -> Result<i3
             _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading");
-                let draining = shared.draining.load(Ordering::Relaxed);
+                let draining = shared.drain.is_draining();
                 if crate::steer::upgrade::spawn_successor(&shared.steering, draining).await { break }
             }
             _ = hup.recv() => {

@@ -1,5 +1,6 @@
 //! One worker: a runtime on a pinned thread, its own listener, its own upstream
-//! pools. Nothing here is shared between workers except through `Shared`.
+//! pools. Nothing here is shared between workers except through the handles
+//! of its [`RequestPath`].
 
 use std::cell::RefCell;
 use std::io;
@@ -10,11 +11,12 @@ use std::time::Duration;
 
 use crate::io::Runtime;
 use crate::pool::UpstreamPool;
-use crate::state::Shared;
+use crate::state::RequestPath;
 
 /// Per-worker context handed to every connection task on this thread.
 pub struct WorkerCtx<R: Runtime> {
-    pub shared: Arc<Shared>,
+    /// The handles every request of this worker reads.
+    pub shared: RequestPath,
     pub id: usize,
     pub pool: RefCell<UpstreamPool<crate::proxy::Stream<R>>>,
     /// Replica-set generation the pool was last pruned for.
@@ -30,17 +32,20 @@ pub struct WorkerCtx<R: Runtime> {
     pub buffers: Rc<crate::budget::buffers::BufferPool>,
     /// Refusals (503 over the cap) still being written.
     pub refusing: Rc<std::cell::Cell<usize>>,
+    /// Client connections allowed: this worker's share and the shedding bounds.
+    pub budget: crate::budget::Caps,
 }
 
 pub fn run<R: Runtime>(
-    shared: Arc<Shared>,
+    shared: RequestPath,
+    budget: crate::budget::Caps,
     id: usize,
     listener: std::net::TcpListener,
     ready: Sender<Result<(), crate::Error>>,
 ) -> io::Result<()> {
     R::block_on(async move {
         let listener = R::listener(listener)?;
-        let up = &shared.cfg.upstream;
+        let up = &shared.upstream;
         let ctx = Rc::new(WorkerCtx::<R> {
             pool: RefCell::new(UpstreamPool::new(
                 up.pool_max_idle,
@@ -51,20 +56,21 @@ pub fn run<R: Runtime>(
             sampled: std::cell::Cell::new(0),
             models: Default::default(),
             registry: crate::budget::registry::Registry::new(
-                shared.budget.per_worker,
-                shared.budget.high_watermark,
-                shared.workers[id].states.clone(),
+                budget.per_worker,
+                budget.high_watermark,
+                shared.stats.states.clone(),
             ),
             buffers: Rc::new(crate::budget::buffers::BufferPool::new(
                 crate::proxy::READ_CHUNK,
                 crate::budget::buffers::POOL_MAX,
             )),
             refusing: Default::default(),
-            shared: shared.clone(),
             id,
+            budget,
+            shared,
         });
-        let mut shutdown = shared.shutdown.subscribe();
-        tokio::task::spawn_local(heartbeat(shared.clone(), id));
+        let mut shutdown = ctx.shared.drain.subscribe();
+        tokio::task::spawn_local(heartbeat(ctx.shared.stats.clone(), id));
         tokio::task::spawn_local(crate::budget::reclaim::run(
             ctx.registry.clone(),
             ctx.buffers.clone(),
@@ -85,14 +91,14 @@ pub fn run<R: Runtime>(
                                 conn,
                                 ctx.shared.tls.is_none(),
                                 &ctx.refusing,
-                                ctx.shared.budget.closing_max,
+                                ctx.budget.closing_max,
                             ),
                         }
                         // A shed socket closes when its task next runs: give
                         // those tasks their turn before accepting more, so a
                         // fast flood cannot outrun them past the FD limit.
                         for _ in 0..8 {
-                            if ctx.registry.shedding() < ctx.shared.budget.closing_max {
+                            if ctx.registry.shedding() < ctx.budget.closing_max {
                                 break;
                             }
                             tokio::task::yield_now().await;
@@ -162,7 +168,7 @@ impl AcceptBackoff {
 }
 
 /// Proves to the watchdog that this worker's runtime still runs tasks.
-async fn heartbeat(shared: Arc<Shared>, id: usize) {
+async fn heartbeat(stats: Arc<crate::state::WorkerStats>, id: usize) {
     // Test-only fault hook: `KVROUTE_FAULT_HANG_WORKER=<id>` blocks that worker's
     // thread after a second, as a stuck worker would, so the watchdog path can be
     // tested against the real binary.
@@ -174,7 +180,7 @@ async fn heartbeat(shared: Arc<Shared>, id: usize) {
     let mut tick = tokio::time::interval(crate::notify::HEARTBEAT);
     loop {
         tick.tick().await;
-        shared.workers[id]
+        stats
             .heartbeat
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if hang && started.elapsed() > Duration::from_secs(1) {

@@ -1,6 +1,9 @@
 //! The admin listener: a few JSON/text endpoints on a Unix socket or loopback TCP,
 //! served by the main thread's runtime so it never competes with the workers.
 
+// Reports on the whole process (`/state`, `/metrics`) and acts on it (`/drain`).
+#![allow(clippy::disallowed_types)]
+
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -189,7 +192,7 @@ async fn timeout_read<S: AsyncRead + Unpin>(
 fn route(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Vec<u8> {
     match (method, path.split('?').next().unwrap_or("")) {
         ("GET", "/healthz") => {
-            if shared.draining.load(Ordering::Relaxed) {
+            if shared.drain.is_draining() {
                 response(503, "text/plain", b"draining\n")
             } else {
                 response(200, "text/plain", b"ok\n")
@@ -381,7 +384,7 @@ pub fn state(shared: &Shared) -> State {
         policy: shared.router.name().into(),
         io: crate::state::io_name(shared).into(),
         generation: set.generation,
-        draining: shared.draining.load(Ordering::Relaxed),
+        draining: shared.drain.is_draining(),
         workers: shared
             .workers
             .iter()

@@ -2,7 +2,6 @@
 //! answer to a request refused on its head alone.
 
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::timeout;
@@ -26,7 +25,7 @@ pub(super) async fn refuse_unread<R: Runtime>(
     route: &'static str,
     denial: crate::auth::Denial,
 ) -> Next {
-    let write_limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
+    let write_limit = Duration::from_millis(ctx.shared.limits.write_timeout_ms);
     let status = denial.kind.status();
     let next = if head.expect_continue && client.buf.len() == head.len {
         send_denial(client, &denial, true, write_limit).await;
@@ -35,7 +34,7 @@ pub(super) async fn refuse_unread<R: Runtime>(
         match read_body(ctx, client, head).await {
             Ok((_, consumed)) => {
                 ctx.metrics.bytes_in.increment(consumed as u64);
-                let keep_alive = head.keep_alive && !ctx.shared.draining.load(Ordering::Relaxed);
+                let keep_alive = head.keep_alive && !ctx.shared.drain.is_draining();
                 send_denial(client, &denial, !keep_alive, write_limit).await;
                 client.buf.drain(..consumed.min(client.buf.len()));
                 if keep_alive {
@@ -60,7 +59,7 @@ pub(super) async fn read_head<R: Runtime>(
     ctx: &WorkerCtx<R>,
     client: &mut Client<Stream<R>>,
 ) -> Result<Option<RequestHead>, Error> {
-    let lim = &ctx.shared.cfg.limits;
+    let lim = &ctx.shared.limits;
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         if !client.buf.is_empty() {
@@ -132,7 +131,7 @@ pub(super) async fn read_body<R: Runtime>(
     client: &mut Client<Stream<R>>,
     head: &RequestHead,
 ) -> Result<(Body, usize), Error> {
-    let lim = &ctx.shared.cfg.limits;
+    let lim = &ctx.shared.limits;
     let too_large = || {
         Error::client(
             ErrorKind::TooLarge,
@@ -209,7 +208,7 @@ async fn write_continue<R: Runtime>(
     client: &mut Client<Stream<R>>,
 ) -> Result<(), Error> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-    let limit = Duration::from_millis(ctx.shared.cfg.limits.write_timeout_ms);
+    let limit = Duration::from_millis(ctx.shared.limits.write_timeout_ms);
     let (r, _) = write_client(&mut client.io, CONTINUE.to_vec(), 0..CONTINUE.len(), limit).await;
     r.map_err(|_| Error::client(ErrorKind::BadRequest, "client went away"))
 }

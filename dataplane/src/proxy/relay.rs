@@ -45,9 +45,9 @@ pub(super) async fn relay<R: Runtime>(
     // Only successful completions report usage; the tail costs a small copy per read.
     let mut tail = (rhead.status == 200 && (rhead.content_type_json || rhead.content_type_sse))
         .then(crate::http::usage::UsageTail::default);
-    let cfg = &ctx.shared.cfg;
-    let write_limit = Duration::from_millis(cfg.limits.write_timeout_ms);
-    let read_limit = Duration::from_millis(cfg.upstream.read_timeout_ms);
+    let shared = &ctx.shared;
+    let write_limit = Duration::from_millis(shared.limits.write_timeout_ms);
+    let read_limit = Duration::from_millis(shared.upstream.read_timeout_ms);
     let status = rhead.status;
     let replica_label = Some(decision.replica.clone());
     let keep_alive = client_keep_alive && rhead.framing != ResponseFraming::UntilClose;

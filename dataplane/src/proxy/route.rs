@@ -78,14 +78,14 @@ pub(super) fn prepare<R: Runtime>(
         let n = ctx.sampled.get().wrapping_add(1);
         ctx.sampled.set(n);
         if n % crate::hot::SAMPLE_EVERY == 1 {
-            let k = shared.cfg.routing.anchor_blocks().min(hashes.len());
+            let k = shared.routing.anchor_blocks().min(hashes.len());
             shared
                 .hot
                 .record(hashes[k - 1], model.as_deref(), path, body_bytes);
         }
     }
     let session = head
-        .header(buf, &shared.cfg.routing.session_header)
+        .header(buf, &shared.routing.session_header)
         .map(<[u8]>::to_vec)
         .or(user);
     Ok(Routing {

@@ -265,7 +265,7 @@ async fn forward<R: Runtime>(
     let req = &route;
     let key = x.key;
     let shared = &ctx.shared;
-    let up_cfg = &shared.cfg.upstream;
+    let up_cfg = &shared.upstream;
     let admission = &shared.admission;
     let mut set = shared.table.load();
     if set.generation != ctx.pool_generation.get() {
@@ -423,7 +423,7 @@ async fn attempt<R: Runtime>(
 ) -> Result<(Stream<R>, ResponseHead), (Error, bool)> {
     let (upstream_head, body_range, is_head) = (x.head, x.body_range.clone(), x.is_head);
     let body = &mut x.body;
-    let up_cfg = &ctx.shared.cfg.upstream;
+    let up_cfg = &ctx.shared.upstream;
     // Half-open after an ejection, this request is the probe.
     replica
         .ejection
@@ -515,7 +515,7 @@ async fn attempt<R: Runtime>(
 /// fleet can take its share.
 pub(super) fn passive_failure<R: Runtime>(ctx: &WorkerCtx<R>, replica: &Replica, why: &str) {
     let shared = &ctx.shared;
-    let up = &shared.cfg.upstream;
+    let up = &shared.upstream;
     let now = shared.now_ms();
     let verdict = replica.ejection.on_failure(now, &up.ejection(), why, || {
         shared
@@ -541,7 +541,7 @@ async fn connect_upstream<R: Runtime>(
     ctx: &WorkerCtx<R>,
     replica: &Replica,
 ) -> Result<Stream<R>, Cow<'static, str>> {
-    let limit = Duration::from_millis(ctx.shared.cfg.upstream.connect_timeout_ms);
+    let limit = Duration::from_millis(ctx.shared.upstream.connect_timeout_ms);
     let t = Instant::now();
     let deadline = tokio::time::Instant::now() + limit;
     let tcp = match tokio::time::timeout_at(deadline, R::connect(replica.addr)).await {

@@ -141,6 +141,18 @@ impl Dp {
         self.replica(url).is_some_and(|r| r.healthy)
     }
 
+    /// Waits until every one of `sims` is in the table and healthy; fails with
+    /// `what` and the table as it stands.
+    fn await_healthy(&self, sims: &[&Sim], within: Duration, what: &str) {
+        let all = || sims.iter().all(|s| self.healthy(&s.url()));
+        assert!(
+            wait_until(within, all),
+            "{what}: not all of {:?} healthy within {within:?}; replicas: {:?}",
+            sims.iter().map(|s| s.url()).collect::<Vec<_>>(),
+            self.state().map(|s| s.replicas)
+        );
+    }
+
     fn complete(&self, prompt: &str) -> Response {
         let body = format!(r#"{{"model":"{MODEL}","prompt":"{prompt}","max_tokens":2}}"#);
         post(self.listen, "/v1/completions", &body).expect("request through kvroute")
@@ -191,6 +203,33 @@ timeout_ms = 2000
 
 fn replica_toml(url: &str, extra: &str) -> String {
     format!("[[replicas]]\nurl = \"{url}\"\nmodels = [\"{MODEL}\"]\n{extra}\n")
+}
+
+/// `n` completions of `max_tokens` tokens sent straight to `sim` at once, each
+/// from its own thread, so the engine has them running and waiting while the
+/// test watches what the daemon pushes. [`Sent::all_ok`] waits for them.
+fn send_at_once(sim: &Sim, n: usize, tag: &str, max_tokens: u32) -> Sent {
+    let addr = sim.addr();
+    Sent(
+        (0..n)
+            .map(|i| {
+                let body = format!(
+                    r#"{{"model":"{MODEL}","prompt":"{tag} {i}","max_tokens":{max_tokens}}}"#
+                );
+                std::thread::spawn(move || post(addr, "/v1/completions", &body))
+            })
+            .collect(),
+    )
+}
+
+struct Sent(Vec<std::thread::JoinHandle<std::io::Result<Response>>>);
+
+impl Sent {
+    fn all_ok(self) {
+        for h in self.0 {
+            assert_eq!(h.join().unwrap().unwrap().status, 200);
+        }
+    }
 }
 
 impl Control {
@@ -263,12 +302,7 @@ fn control_pushes_static_replicas_and_traffic_survives_the_daemon() {
             replica_toml(&b.url(), "")
         )
     });
-    assert!(
-        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-            && dp.healthy(&b.url())),
-        "replicas not pushed: {:?}",
-        dp.state()
-    );
+    dp.await_healthy(&[&a, &b], Duration::from_secs(5), "replicas not pushed");
     let st = dp.state().unwrap();
     let push = st.last_push.expect("push recorded");
     assert_eq!(push.source, "ctl-static");
@@ -300,15 +334,16 @@ fn control_repushes_when_a_dataplane_restarts_and_when_it_restarts_itself() {
             replica_toml(&a.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
 
     // Data plane restarted in place: it comes back empty and is refilled.
     drop(dp);
     dp = Dp::start_on(port, admin);
     let t = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
-        "state not re-pushed after a data plane restart"
+    dp.await_healthy(
+        &[&a],
+        Duration::from_secs(5),
+        "state not re-pushed after a data plane restart",
     );
     eprintln!("re-pushed {:?} after the data plane came back", t.elapsed());
     assert_eq!(dp.complete("again").status, 200);
@@ -341,8 +376,7 @@ fn control_takes_a_killed_replica_out_within_the_bound_and_back_after_rise() {
             replica_toml(&b.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&b.url())));
+    dp.await_healthy(&[&a, &b], Duration::from_secs(5), "replicas not healthy");
 
     let _ = a.proc.child.kill();
     let _ = a.proc.child.wait();
@@ -414,17 +448,7 @@ fn control_pushes_scraped_load_and_kv_capacity() {
         dp.replica(&a.url())
     );
     // Two requests of 60 tokens at 20 tokens/s run for ~3 s.
-    let addr = a.addr();
-    let mut hs = Vec::new();
-    for i in 0..2 {
-        hs.push(std::thread::spawn(move || {
-            post(
-                addr,
-                "/v1/completions",
-                &format!(r#"{{"model":"{MODEL}","prompt":"slow {i}","max_tokens":60}}"#),
-            )
-        }));
-    }
+    let sent = send_at_once(&a, 2, "slow", 60);
     assert!(
         wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
             |r| r.external_load.running == 2 && r.external_load.kv_usage > 0.0
@@ -432,9 +456,7 @@ fn control_pushes_scraped_load_and_kv_capacity() {
         "load not pushed: {:?}",
         dp.replica(&a.url())
     );
-    for h in hs {
-        assert_eq!(h.join().unwrap().unwrap().status, 200);
-    }
+    sent.all_ok();
     assert!(
         wait_until(Duration::from_secs(3), || dp
             .replica(&a.url())
@@ -612,18 +634,7 @@ fn control_detects_llamacpp_and_vllm_and_pushes_their_load_and_capacity() {
     );
 
     // Three requests of 60 tokens at 20 tokens/s on two slots: two run, one waits.
-    let addr = a.addr();
-    let hs: Vec<_> = (0..3)
-        .map(|i| {
-            std::thread::spawn(move || {
-                post(
-                    addr,
-                    "/v1/completions",
-                    &format!(r#"{{"model":"{MODEL}","prompt":"slow {i}","max_tokens":60}}"#),
-                )
-            })
-        })
-        .collect();
+    let sent = send_at_once(&a, 3, "slow", 60);
     assert!(
         wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
             |r| r.external_load.running == 2
@@ -633,9 +644,7 @@ fn control_detects_llamacpp_and_vllm_and_pushes_their_load_and_capacity() {
         "llama.cpp load not pushed: {:?}",
         dp.replica(&a.url())
     );
-    for h in hs {
-        assert_eq!(h.join().unwrap().unwrap().status, 200);
-    }
+    sent.all_ok();
     assert!(
         wait_until(Duration::from_secs(3), || dp.replica(&a.url()).is_some_and(
             |r| r.external_load.running == 0 && r.external_load.waiting == 0
@@ -816,7 +825,7 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
             base_config(&dp, l, "ctl-file")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = load_thread(dp.listen, stop.clone());
@@ -824,10 +833,7 @@ fn control_follows_a_replica_file_under_load_without_failed_requests() {
 
     write(&[&a.url(), &b.url()]);
     let t = Instant::now();
-    assert!(
-        wait_until(Duration::from_secs(3), || dp.healthy(&b.url())),
-        "added replica not pushed"
-    );
+    dp.await_healthy(&[&b], Duration::from_secs(3), "added replica not pushed");
     eprintln!("file addition live after {:?}", t.elapsed());
     assert!(
         t.elapsed() < Duration::from_millis(1500),
@@ -883,11 +889,7 @@ fn control_discovers_replicas_through_the_system_resolver() {
         )
     });
     // /etc/hosts maps localhost to 127.0.0.1 (and maybe ::1, where no sim listens).
-    assert!(
-        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
-        "localhost not discovered: {:?}",
-        dp.state().map(|s| s.replicas)
-    );
+    dp.await_healthy(&[&a], Duration::from_secs(5), "localhost not discovered");
     assert_eq!(dp.complete("via dns").status, 200);
 }
 
@@ -910,7 +912,7 @@ fn kv_events_clear_the_replica(format: &str) {
     let ctl = Control::start(&format!("kv-{format}"), |l| {
         kv_config(&dp, l, &format!("ctl-kv-{format}"), &a, kv_port)
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
     // ZMQ subscriptions take a moment: keep sending until the daemon has seen a batch.
     let mut n = 0;
     let seen = wait_until(Duration::from_secs(10), || {
@@ -990,8 +992,7 @@ fn control_promotes_a_warm_standby_when_an_active_replica_dies() {
             replica_toml(&w.url(), "pool = \"warm\"")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&w.url())));
+    dp.await_healthy(&[&a, &w], Duration::from_secs(5), "replicas not healthy");
     let standby = dp.replica(&w.url()).unwrap();
     assert_eq!(standby.pool, kvroute::replica::Pool::Warm);
     for i in 0..10 {
@@ -1028,8 +1029,7 @@ fn control_drain_command_takes_a_replica_out() {
             replica_toml(&b.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&b.url())));
+    dp.await_healthy(&[&a, &b], Duration::from_secs(5), "replicas not healthy");
     // A stream on `a` (20 tokens at 20 tokens/s): round robin alternates, so
     // one of the first two lands there.
     let body = format!(r#"{{"model":"{MODEL}","prompt":"long","max_tokens":20,"stream":true}}"#);
@@ -1102,7 +1102,7 @@ fn control_reloads_on_sighup_and_rejects_a_bad_config() {
             replica_toml(&a.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
     let good = std::fs::read_to_string(&ctl.config).unwrap();
 
     std::fs::write(&ctl.config, format!("{good}[health]\ntypo = 1\n")).unwrap();
@@ -1117,9 +1117,10 @@ fn control_reloads_on_sighup_and_rejects_a_bad_config() {
 
     std::fs::write(&ctl.config, format!("{good}{}", replica_toml(&b.url(), ""))).unwrap();
     ctl.proc.signal("HUP");
-    assert!(
-        wait_until(Duration::from_secs(3), || dp.healthy(&b.url())),
-        "reload did not add the replica"
+    dp.await_healthy(
+        &[&b],
+        Duration::from_secs(3),
+        "reload did not add the replica",
     );
     assert!(dp.healthy(&a.url()));
 }
@@ -1135,7 +1136,7 @@ fn control_a_second_daemon_shows_in_the_dataplane_state() {
             replica_toml(&a.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
     let c2 = Control::start("two-2", |l| {
         format!(
             "{}{}",
@@ -1172,8 +1173,7 @@ fn control_takes_out_a_replica_the_dataplane_sees_failing_though_health_answers(
             replica_toml(&b.url(), "")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&b.url())));
+    dp.await_healthy(&[&a, &b], Duration::from_secs(5), "replicas not healthy");
     // `a` answers /health but resets every inference request.
     let r = post(
         a.addr(),
@@ -1194,9 +1194,10 @@ fn control_takes_out_a_replica_the_dataplane_sees_failing_though_health_answers(
     assert!(ok > 0 && failed.is_empty(), "{ok} ok, failed: {failed:?}");
     // Once the replica stops failing it comes back after `rise` quiet reads.
     post(a.addr(), "/sim/fault", r#"{"error_rate":0.0}"#).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
-        "passive failure never expired"
+    dp.await_healthy(
+        &[&a],
+        Duration::from_secs(5),
+        "passive failure never expired",
     );
 }
 
@@ -1253,11 +1254,7 @@ fn control_discovers_replicas_from_srv_records() {
             base_config(&dp, l, "ctl-srv")
         )
     });
-    assert!(
-        wait_until(Duration::from_secs(5), || dp.healthy(&a.url())),
-        "SRV target not discovered: {:?}",
-        dp.state().map(|s| s.replicas)
-    );
+    dp.await_healthy(&[&a], Duration::from_secs(5), "SRV target not discovered");
     assert_eq!(dp.complete("via srv").status, 200);
 }
 
@@ -1339,8 +1336,7 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
             replica_toml(&w.url(), "pool = \"warm\"")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&w.url())));
+    dp.await_healthy(&[&a, &w], Duration::from_secs(5), "replicas not healthy");
     let active = |dp: &Dp| {
         dp.replica(&w.url())
             .is_some_and(|r| r.pool == kvroute::replica::Pool::Active)
@@ -1348,18 +1344,7 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
     // Nothing queued yet: still a standby.
     assert!(!active(&dp));
     // Six requests of 50 tokens at 50 tokens/s, one at a time: ~5 s of queue.
-    let addr = a.addr();
-    let hs: Vec<_> = (0..6)
-        .map(|i| {
-            std::thread::spawn(move || {
-                post(
-                    addr,
-                    "/v1/completions",
-                    &format!(r#"{{"model":"{MODEL}","prompt":"q {i}","max_tokens":50}}"#),
-                )
-            })
-        })
-        .collect();
+    let sent = send_at_once(&a, 6, "q", 50);
     let t = Instant::now();
     assert!(
         wait_until(Duration::from_secs(4), || active(&dp)),
@@ -1371,9 +1356,7 @@ fn control_promotes_on_sustained_queues_and_demotes_with_hysteresis() {
         promoted_after >= Duration::from_millis(300),
         "promoted before the window"
     );
-    for h in hs {
-        assert_eq!(h.join().unwrap().unwrap().status, 200);
-    }
+    sent.all_ok();
     // Queue gone: demoted only after the (longer) calm window.
     let t = Instant::now();
     assert!(
@@ -1411,8 +1394,7 @@ fn control_prewarms_a_standby_with_hot_prefixes_before_promoting_it() {
             replica_toml(&w.url(), "pool = \"warm\"")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())
-        && dp.healthy(&w.url())));
+    dp.await_healthy(&[&a, &w], Duration::from_secs(5), "replicas not healthy");
     assert_eq!(sim_stats(&w)["requests"], 0, "a standby gets no traffic");
     // Real traffic teaches the data plane its hot prefixes (it samples one request
     // in 8 per worker, the first included; this data plane has one worker).
@@ -1483,7 +1465,7 @@ fn control_subscribes_to_every_data_parallel_rank() {
             )
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
     let mut n = 0;
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -1615,7 +1597,7 @@ fn control_restarted_with_a_replica_file_does_not_push_an_empty_set_first() {
             base_config(&dp, l, "ctl-file-restart")
         )
     });
-    assert!(wait_until(Duration::from_secs(5), || dp.healthy(&a.url())));
+    dp.await_healthy(&[&a], Duration::from_secs(5), "replicas not healthy");
     // Watch the data plane while the daemon restarts: the replica must never
     // leave the set or rotation.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

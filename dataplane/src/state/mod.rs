@@ -1,13 +1,23 @@
-//! The state every worker, the admin API and the signal loop share: the
-//! replica table, the router, the admission queue, TLS, keys, the connection
-//! budget and each worker's counters. `server.rs` builds it and wires the
-//! subsystems to it; none of them imports `server`.
+//! The process's state: the replica table, the router, the admission queue,
+//! TLS, keys, the connection budget and each worker's counters. `server.rs`
+//! builds it and hands each subsystem its own handles: the workers a
+//! [`RequestPath`] each, the signal loop and the admin API the whole of it
+//! (they report on and act on the process). None of them imports `server`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+// Defines the process state and hands out its narrow handles.
+#![allow(clippy::disallowed_types)]
+
+mod clock;
+mod drain;
+mod request_path;
+
+pub use clock::Clock;
+pub use drain::{Drain, DrainSignal};
+pub use request_path::RequestPath;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
-
-use tokio::sync::watch;
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -34,25 +44,24 @@ pub struct Shared {
     pub admission: Arc<crate::admission::Admission>,
     pub router: Arc<dyn Router>,
     /// Most used prefixes with a sample request each, for pre-warming standbys.
-    pub hot: crate::hot::HotPrefixes,
+    pub hot: Arc<crate::hot::HotPrefixes>,
     /// Block size etc. for prompt hashing, fixed at start like the policy.
     pub prefix: crate::prefix::PrefixConfig,
-    pub workers: Vec<WorkerStats>,
+    pub workers: Vec<Arc<WorkerStats>>,
     pub io_name: OnceLock<&'static str>,
-    pub draining: AtomicBool,
-    pub shutdown: watch::Sender<bool>,
+    pub drain: Drain,
     pub steering: Arc<crate::steer::Steering>,
     /// `None` unless `[prediction_cache] enabled`.
     pub cache: Option<Arc<crate::cache::PredictionCache>>,
     /// `[tls]`: what new client handshakes use; `None` for a plain listener.
-    pub tls: Option<crate::tls::ServerTls>,
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     /// Verifies `https://` replicas (`[upstream] ca_file` or the system roots).
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// API keys (`[auth]`) and the credentials sent to replicas.
-    pub auth: crate::auth::Auth,
+    pub auth: Arc<crate::auth::Auth>,
     /// Client connections allowed, over all workers and per worker.
     pub budget: crate::budget::Caps,
-    started: Instant,
+    pub clock: Clock,
 }
 
 impl Shared {
@@ -80,34 +89,39 @@ impl Shared {
         let budget = crate::budget::caps(cfg.limits.max_connections, n, nofile);
         Ok(Arc::new(Shared {
             budget,
-            tls,
+            tls: tls.map(Arc::new),
             upstream_tls,
             table,
             admission,
             router,
             hot: Default::default(),
             prefix: cfg.routing.prefix(),
-            workers: (0..n).map(|_| WorkerStats::default()).collect(),
+            workers: (0..n).map(|_| Arc::default()).collect(),
             io_name: OnceLock::new(),
-            draining: AtomicBool::new(false),
-            shutdown: watch::channel(false).0,
+            drain: Drain::default(),
             steering: crate::steer::Steering::new(cfg.steering, cfg.steering_mode, n),
             cache: crate::cache::PredictionCache::new(&cfg.prediction_cache)?,
-            auth: crate::auth::Auth::new(&cfg.auth, &cfg.upstream)?,
-            started: Instant::now(),
+            auth: Arc::new(crate::auth::Auth::new(&cfg.auth, &cfg.upstream)?),
+            clock: Clock::start(),
             cfg,
         }))
     }
 
     /// Milliseconds since start: the clock value handed to routers.
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
+    /// Gives up the listeners (the steering program stops picking this
+    /// process) and tells every worker and connection.
     pub fn begin_drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
         self.steering.forget_listeners();
-        let _ = self.shutdown.send(true);
+        self.drain.begin();
+    }
+
+    /// Worker `id`'s handles.
+    pub fn request_path(&self, id: usize) -> RequestPath {
+        RequestPath::of(self, id)
     }
 
     /// The status line systemd shows (`systemctl status`).
@@ -118,7 +132,7 @@ impl Shared {
             self.table.load().replicas.len(),
             io_name(self),
             self.router.name(),
-            if self.draining.load(Ordering::Relaxed) {
+            if self.drain.is_draining() {
                 " draining"
             } else {
                 ""
