@@ -1,8 +1,9 @@
 //! Routing on real llama.cpp replicas: `cargo xtask demo --engine llama-cpp` (round-robin
-//! against kv-aware) and the routing bench's real-engine cell (`cargo xtask bench routing
-//! --engine llama-cpp`: kvroute's policies and SGLang's router). Both replay the same chat
-//! conversations (shared system prompts, multi-turn histories) through a fresh fleet per router
-//! and report what the replicas themselves counted as cached, and the client's wall-clock TTFT.
+//! against kv-aware), the routing bench on real engines (`cargo xtask bench routing --engine
+//! llama-cpp`: kvroute's policies and SGLang's router), and the routing matrix's `llama-cpp`
+//! cell ([`compare`]). All replay the same chat conversations (shared system prompts, multi-turn
+//! histories) through a fresh fleet per router and report what the replicas themselves counted
+//! (cached tokens, requests served), and the client's wall-clock TTFT.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -89,7 +90,7 @@ impl EngineOpts {
         }
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.llama_replicas >= 1,
             "--llama-replicas must be at least 1"
@@ -124,7 +125,7 @@ pub enum Outcome {
 }
 
 /// Everything a run needs, prepared once.
-struct Setup {
+pub struct Setup {
     bins: Bins,
     llama: Llama,
     spec: LlamaSpec,
@@ -133,11 +134,20 @@ struct Setup {
     ideal_hit_ratio: f64,
 }
 
-fn setup(o: &EngineOpts, no_build: bool) -> anyhow::Result<Setup> {
+/// Checks the options, then builds (unless `no_build`) or finds everything a run needs.
+fn prepare(o: &EngineOpts, no_build: bool) -> anyhow::Result<Setup> {
+    // Before any build: a mistyped option should not wait for one.
     o.validate()?;
     fleet::child::install_signal_handler();
     let bins = Bins::prepare(no_build)?;
     let llama = crate::llama::ensure()?;
+    setup(o, bins, llama)
+}
+
+/// A run of the workload `o` describes on the replicas it describes, with these binaries and
+/// this llama.cpp build.
+pub fn setup(o: &EngineOpts, bins: Bins, llama: Llama) -> anyhow::Result<Setup> {
+    o.validate()?;
     let spec = o.spec();
     let cfg = o.workload();
     let stats = Workload::SharedPrefix(cfg.clone()).plan()?.stats();
@@ -246,7 +256,7 @@ fn kvroute_row(policy: &str, workers: usize) -> Candidate {
 /// `cargo xtask demo --engine llama-cpp`: round-robin, then kv-aware, side by side.
 pub fn demo(o: &EngineOpts, kvroute_workers: usize, no_build: bool) -> anyhow::Result<()> {
     let started = Instant::now();
-    let s = setup(o, no_build)?;
+    let s = prepare(o, no_build)?;
     eprintln!("demo: {}", s.headline);
     let candidates = [
         kvroute_row("round-robin", kvroute_workers),
@@ -272,53 +282,74 @@ fn ensure_no_failures(rows: &[Row]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The bench's options that the real-engine cell uses too.
-pub struct BenchOpts<'a> {
+/// Which routers to compare, from the routing bench's options.
+pub struct Routers<'a> {
+    /// kvroute policies; those this kvroute build does not accept are reported as skipped.
     pub policies: &'a [String],
     pub smg_policies: &'a [String],
     pub sglang_policies: &'a [String],
+    /// Python that has `sglang-router` (default: its pinned venv).
     pub python: Option<&'a std::path::Path>,
     pub kvroute_workers: usize,
+}
+
+/// `cargo xtask bench routing --engine llama-cpp`'s options.
+pub struct BenchOpts<'a> {
+    pub routers: Routers<'a>,
     pub no_build: bool,
     pub json: bool,
     pub publish: bool,
 }
 
+/// The report of `cargo xtask bench routing --engine llama-cpp`.
 #[derive(Serialize)]
 struct BenchReport {
     generated: String,
     git: String,
     machine: String,
     command: String,
-    llama_cpp: &'static str,
-    smg: Option<String>,
-    sglang_router: Option<String>,
-    workload: String,
-    ideal_hit_ratio: f64,
-    replicas: LlamaSpec,
+    #[serde(flatten)]
+    comparison: Comparison,
+}
+
+/// The routers compared on one workload on real replicas: what ran, and what each router's
+/// fleet measured.
+#[derive(Serialize)]
+pub struct Comparison {
+    pub llama_cpp: &'static str,
+    pub smg: Option<String>,
+    pub sglang_router: Option<String>,
+    /// The workload and the replicas, in one sentence.
+    pub workload: String,
+    pub ideal_hit_ratio: f64,
+    pub replicas: LlamaSpec,
     /// Per router, over the runs.
-    summary: Vec<Summarized>,
+    pub summary: Vec<Summarized>,
     /// Every run's rows, in the same router order.
-    runs: Vec<Vec<Row>>,
+    pub runs: Vec<Vec<Row>>,
 }
 
 /// One router over all runs: means of the per-run figures, and the spread of the hit ratio.
 #[derive(Serialize)]
-struct Summarized {
-    router: String,
+pub struct Summarized {
+    pub router: String,
     /// Runs that produced figures.
-    runs: usize,
+    pub runs: usize,
     /// Why there are none, when no run did.
-    note: Option<String>,
-    hit_ratio: f64,
-    hit_ratio_min: f64,
-    hit_ratio_max: f64,
-    ttft_p50_ms: f64,
-    ttft_p99_ms: f64,
-    ttft_mean_ms: f64,
-    errors: u64,
+    pub note: Option<String>,
+    pub hit_ratio: f64,
+    pub hit_ratio_min: f64,
+    pub hit_ratio_max: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p99_ms: f64,
+    pub ttft_mean_ms: f64,
+    pub errors: u64,
+    /// max / mean requests per replica (the replicas' own count), mean over runs.
+    pub request_imbalance: f64,
     /// Prompt-token share per replica, each run's shares (e.g. `25/75 %`).
-    shares: Vec<String>,
+    pub shares: Vec<String>,
+    /// Request share per replica, each run's shares.
+    pub request_shares: Vec<String>,
 }
 
 fn summarize(candidates: &[Candidate], runs: &[Vec<Row>]) -> Vec<Summarized> {
@@ -360,13 +391,15 @@ fn summarize(candidates: &[Candidate], runs: &[Vec<Row>]) -> Vec<Summarized> {
                 ttft_p99_ms: mean(&|m| m.client.ttft_ms.p99),
                 ttft_mean_ms: mean(&|m| m.client.ttft_ms.mean),
                 errors: ok.iter().map(|m| m.client.errors).sum(),
+                request_imbalance: mean(&|m| m.replicas.request_imbalance),
                 shares: ok.iter().map(|m| m.replicas.shares()).collect(),
+                request_shares: ok.iter().map(|m| m.replicas.request_shares()).collect(),
             }
         })
         .collect()
 }
 
-const SUMMARY_HEADERS: [&str; 8] = [
+const SUMMARY_HEADERS: [&str; 9] = [
     "router",
     "runs",
     "hit ratio (replicas), mean",
@@ -374,10 +407,12 @@ const SUMMARY_HEADERS: [&str; 8] = [
     "TTFT p50 ms",
     "TTFT p99 ms",
     "TTFT mean ms",
+    "max/mean requests",
     "errors",
 ];
 
-fn summary_table(rows: &[Summarized], markdown: bool) -> String {
+/// Per router over the runs, as an aligned text table or as a Markdown table.
+pub fn summary_table(rows: &[Summarized], markdown: bool) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| match &r.note {
@@ -390,6 +425,7 @@ fn summary_table(rows: &[Summarized], markdown: bool) -> String {
                 format!("{:.0}", r.ttft_p50_ms),
                 format!("{:.0}", r.ttft_p99_ms),
                 format!("{:.0}", r.ttft_mean_ms),
+                format!("{:.2}", r.request_imbalance),
                 r.errors.to_string(),
             ],
         })
@@ -401,12 +437,56 @@ fn summary_table(rows: &[Summarized], markdown: bool) -> String {
 /// SGLang's router (where installed), each on a fresh fleet of real replicas.
 pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
     let started = Instant::now();
-    let s = setup(o, b.no_build)?;
+    let s = prepare(o, b.no_build)?;
+    let comparison = compare(&s, &b.routers, o.llama_runs)?;
+    let report = BenchReport {
+        generated: crate::report::generated(),
+        git: crate::report::git_commit(),
+        machine: format!(
+            "{} cores",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        command: std::iter::once("cargo xtask".to_owned())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        comparison,
+    };
+    let out_dir = fleet::bench_dir();
+    std::fs::create_dir_all(&out_dir)?;
+    let md = markdown(&report);
+    let md_path = out_dir.join("routing-llama-cpp.md");
+    let json_path = out_dir.join("routing-llama-cpp.json");
+    crate::report::save(&md_path, &md)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(&json_path, &json)?;
+    if b.json {
+        println!("{json}");
+    } else {
+        println!("\n{}", summary_table(&report.comparison.summary, false));
+    }
+    eprintln!(
+        "wrote {} and {} ({:.0} s in all)",
+        md_path.display(),
+        json_path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if b.publish {
+        crate::report::publish(&[(&md_path, "routing-llama-cpp.md")])?;
+    }
+    report.comparison.ensure_no_failures()
+}
+
+/// Every router `r` asks for, each on fresh fleets of the real replicas `s` describes, `runs`
+/// times in rotated order; a router that cannot run is a skipped row, one that fails a failed
+/// row (see [`Comparison::ensure_no_failures`]).
+pub fn compare(s: &Setup, r: &Routers, runs: usize) -> anyhow::Result<Comparison> {
+    anyhow::ensure!(runs >= 1, "--llama-runs must be at least 1");
     eprintln!("\n== llama-cpp: {}", s.headline);
     let supported = s.bins.kvroute_policies(&fleet::KNOWN_POLICIES)?;
     let mut candidates = Vec::new();
-    for p in b.policies.iter().filter(|p| !p.is_empty()) {
-        let (label, spec) = kvroute_row(p, b.kvroute_workers);
+    for p in r.policies.iter().filter(|p| !p.is_empty()) {
+        let (label, spec) = kvroute_row(p, r.kvroute_workers);
         let spec = spec.and_then(|spec| {
             if supported.iter().any(|s| s == p) {
                 Ok(spec)
@@ -420,78 +500,69 @@ pub fn bench(o: &EngineOpts, b: &BenchOpts) -> anyhow::Result<()> {
         candidates.push((label, spec));
     }
     let once = |_: &str| std::iter::once(1);
-    let (smg, smg_version) = peers::rows(Gateway::Smg, b.smg_policies, None, once);
+    let (smg, smg_version) = peers::rows(Gateway::Smg, r.smg_policies, None, once);
     let (sglang, sglang_router) =
-        peers::rows(Gateway::SglangRouter, b.sglang_policies, b.python, once);
+        peers::rows(Gateway::SglangRouter, r.sglang_policies, r.python, once);
     candidates.extend(smg.into_iter().chain(sglang).map(|(_, c)| c));
-    anyhow::ensure!(o.llama_runs >= 1, "--llama-runs must be at least 1");
-    let mut runs = Vec::new();
-    for run in 0..o.llama_runs {
+    let mut all = Vec::new();
+    for run in 0..runs {
         let mut order: Vec<&Candidate> = candidates.iter().collect();
         let n = order.len().max(1);
         order.rotate_left(run % n);
-        if o.llama_runs > 1 {
-            eprintln!("-- run {} of {}", run + 1, o.llama_runs);
+        if runs > 1 {
+            eprintln!("-- run {} of {runs}", run + 1);
         }
-        let mut rows = run_rows(&s, order, &format!("routing-llama-{run}"));
+        let mut rows = run_rows(s, order, &format!("routing-llama-{run}"));
         // Each run's rows in the candidates' order, whatever order they ran in.
         rows.sort_by_key(|r| candidates.iter().position(|(l, _)| *l == r.router));
-        runs.push(rows);
+        all.push(rows);
     }
-    let summary = summarize(&candidates, &runs);
-    let report = BenchReport {
-        generated: crate::report::generated(),
-        git: crate::report::git_commit(),
-        machine: format!(
-            "{} cores",
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        ),
-        command: std::iter::once("cargo xtask".to_owned())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" "),
+    Ok(Comparison {
         llama_cpp: crate::llama::VERSION,
         smg: smg_version,
         sglang_router,
         workload: s.headline.clone(),
         ideal_hit_ratio: s.ideal_hit_ratio,
         replicas: s.spec.clone(),
-        summary,
-        runs,
-    };
-    let out_dir = fleet::bench_dir();
-    std::fs::create_dir_all(&out_dir)?;
-    let md = markdown(&report);
-    let md_path = out_dir.join("routing-llama-cpp.md");
-    let json_path = out_dir.join("routing-llama-cpp.json");
-    crate::report::save(&md_path, &md)?;
-    let json = serde_json::to_string_pretty(&report)?;
-    std::fs::write(&json_path, &json)?;
-    if b.json {
-        println!("{json}");
-    } else {
-        println!("\n{}", summary_table(&report.summary, false));
+        summary: summarize(&candidates, &all),
+        runs: all,
+    })
+}
+
+impl Comparison {
+    /// Fails naming the routers whose rows failed, in any run.
+    pub fn ensure_no_failures(&self) -> anyhow::Result<()> {
+        for rows in &self.runs {
+            ensure_no_failures(rows)?;
+        }
+        Ok(())
     }
-    eprintln!(
-        "wrote {} and {} ({:.0} s in all)",
-        md_path.display(),
-        json_path.display(),
-        started.elapsed().as_secs_f64()
-    );
-    if b.publish {
-        crate::report::publish(&[(&md_path, "routing-llama-cpp.md")])?;
+
+    /// The summary and every run's rows as Markdown, under headings of `level`.
+    pub fn markdown_tables(&self, level: &str) -> String {
+        let mut o = String::new();
+        if self.runs.len() > 1 {
+            let _ = writeln!(
+                o,
+                "Over {} runs, the order of the routers rotated each run (figures are means of \
+                 the runs' figures):\n",
+                self.runs.len()
+            );
+        }
+        o.push_str(&summary_table(&self.summary, true));
+        for (i, rows) in self.runs.iter().enumerate() {
+            let _ = writeln!(o, "\n{level} Run {}\n", i + 1);
+            o.push_str(&table(rows, true));
+        }
+        o
     }
-    for rows in &report.runs {
-        ensure_no_failures(rows)?;
-    }
-    Ok(())
 }
 
 fn pct(x: f64) -> String {
     format!("{:.1} %", x * 100.0)
 }
 
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 11] = [
     "router",
     "hit ratio (replicas)",
     "cached / prompt tokens",
@@ -501,6 +572,8 @@ const HEADERS: [&str; 9] = [
     "e2e p99 ms",
     "errors",
     "prompt-token share",
+    "request share",
+    "max/mean requests",
 ];
 
 fn cells(r: &Row) -> Vec<String> {
@@ -518,6 +591,8 @@ fn cells(r: &Row) -> Vec<String> {
             format!("{:.0}", m.client.e2e_ms.p99),
             m.client.errors.to_string(),
             m.replicas.shares(),
+            m.replicas.request_shares(),
+            format!("{:.2}", m.replicas.request_imbalance),
         ],
         Outcome::Skipped { reason } => vec![r.router.clone(), format!("skipped: {reason}")],
         Outcome::Failed { error } => {
@@ -570,37 +645,30 @@ fn render(headers: &[&str], cells: &[Vec<String>], markdown: bool) -> String {
     o
 }
 
+/// What every figure of a [`Comparison`] is, in one paragraph.
+pub const METHOD: &str = "Every row starts fresh replicas (cold caches) and replays the same \
+     conversations as streaming `/v1/chat/completions` with `stream_options.include_usage`. The \
+     hit ratio and the prompt-token share are the replicas' own counters \
+     (`llamacpp:prompt_tokens_cached_total` over all prompt tokens); the requests per replica are \
+     the tasks each replica's own log shows it launched, whatever the router; TTFT and e2e are \
+     the client's wall-clock ms.";
+
 fn markdown(r: &BenchReport) -> String {
+    let c = &r.comparison;
     let mut o = String::new();
     let _ = writeln!(o, "# Routing quality on real llama.cpp replicas\n");
     let _ = writeln!(
         o,
-        "Generated by `{}` on {} ({}, commit {}). {}. Every row starts fresh replicas (cold \
-         caches) and replays the same conversations as streaming `/v1/chat/completions` with \
-         `stream_options.include_usage`. The hit ratio and the prompt-token share are the \
-         replicas' own counters (`llamacpp:prompt_tokens_cached_total` over all prompt tokens); \
-         TTFT and e2e are the client's wall-clock ms. One infinite cache would hit {} of the \
-         prompt bytes.\n",
+        "Generated by `{}` on {} ({}, commit {}). {}. {METHOD} One infinite cache would hit {} \
+         of the prompt bytes.\n",
         r.command,
         r.generated,
         r.machine,
         r.git,
-        r.workload,
-        pct(r.ideal_hit_ratio)
+        c.workload,
+        pct(c.ideal_hit_ratio)
     );
-    if r.runs.len() > 1 {
-        let _ = writeln!(
-            o,
-            "Over {} runs, the order of the routers rotated each run (figures are means of the \
-             runs' figures):\n",
-            r.runs.len()
-        );
-    }
-    o.push_str(&summary_table(&r.summary, true));
-    for (i, rows) in r.runs.iter().enumerate() {
-        let _ = writeln!(o, "\n### Run {}\n", i + 1);
-        o.push_str(&table(rows, true));
-    }
+    o.push_str(&c.markdown_tables("###"));
     o
 }
 

@@ -25,6 +25,7 @@ use crate::fleet::peers::{self, Gateway};
 use crate::fleet::{self, Bins, Candidate, Fleet, RouterSpec, SimSpec};
 use crate::replay::{replay, FleetModel};
 
+mod llama_cell;
 mod matrix;
 
 /// kvroute's policies, in the order rows are printed; those the binary does not know are
@@ -147,6 +148,8 @@ pub struct Opts {
     /// Run the robustness matrix (`bench/src/routing/matrix.rs`) instead of the workloads
     /// above: every cell a workload on a fleet, each with kvroute kv-aware and the peers
     /// beside it, reported as ratios against smg's cache_aware; with `--offline`, replayed.
+    /// Its `llama-cpp` cell runs on real llama.cpp replicas (the `--llama-*` options), and is
+    /// reported as skipped with `--offline` or where no llama.cpp server can be built.
     #[arg(long)]
     pub matrix: bool,
     /// With --matrix: only these cells (comma-separated names; default all).
@@ -180,6 +183,9 @@ struct Report {
     #[serde(flatten)]
     peers: Peers,
     workloads: Vec<WorkloadResult>,
+    /// The matrix's real-engine cell, when it was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cell: Option<llama_cell::LlamaCell>,
 }
 
 /// Versions of the peer gateways that ran, when they were found.
@@ -226,11 +232,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return crate::llama_routing::bench(
             &a.engine,
             &crate::llama_routing::BenchOpts {
-                policies: &a.policies,
-                smg_policies: &a.smg_policies,
-                sglang_policies: &a.sglang_policies,
-                python: a.python.as_deref(),
-                kvroute_workers: a.kvroute_workers,
+                routers: crate::llama_routing::Routers {
+                    policies: &a.policies,
+                    smg_policies: &a.smg_policies,
+                    sglang_policies: &a.sglang_policies,
+                    python: a.python.as_deref(),
+                    kvroute_workers: a.kvroute_workers,
+                },
                 no_build: a.no_build,
                 json: a.json,
                 publish: a.publish,
@@ -241,6 +249,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.replicas >= 1, "--replicas must be at least 1");
     anyhow::ensure!(a.time_scale > 0.0, "--time-scale must be positive");
     anyhow::ensure!(a.kv_fraction > 0.0, "--kv-fraction must be positive");
+    let unknown = matrix::unknown_cells(&a);
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "--matrix-cells: no cell named {} (cells: {})",
+        unknown.join(", "),
+        matrix::CELLS
+            .iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let trace = match a.workload {
         WorkloadArg::Synthetic => None,
         _ => Some(crate::trace::resolve_trace(a.trace.as_deref())?),
@@ -348,6 +367,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             rows,
         });
     }
+    let llama_cell = match llama_cell(&a) {
+        Some((cell, o)) => Some(llama_cell::run(cell.name, cell.what, &o, &bins)?),
+        None => None,
+    };
+    if let Some(found) = llama_cell.as_ref().map(llama_cell::LlamaCell::peers) {
+        peers.smg = peers.smg.or(found.smg);
+        peers.sglang_router = peers.sglang_router.or(found.sglang_router);
+    }
 
     let report = Report {
         generated: crate::report::generated(),
@@ -367,6 +394,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .join(" "),
         peers,
         workloads: results,
+        llama_cell,
     };
     std::fs::create_dir_all(&out_dir)?;
     let md = markdown(&report);
@@ -381,7 +409,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{json}");
     } else {
         println!("\n{}", terminal_tables(&report));
-        if let Some(m) = matrix::summary(&report.workloads) {
+        if let Some(c) = &report.llama_cell {
+            println!("{}", c.terminal());
+        }
+        if let Some(m) = matrix::summary(&report.workloads, report.llama_cell.as_ref()) {
             println!("{m}");
         }
     }
@@ -404,6 +435,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .filter(|r| matches!(r.outcome, Outcome::Failed { .. }))
                 .map(move |r| format!("{} / {}", w.name, r.router))
         })
+        .chain(report.llama_cell.iter().flat_map(|c| c.failed_rows()))
         .collect();
     anyhow::ensure!(
         failed.is_empty(),
@@ -632,7 +664,7 @@ fn markdown(r: &Report) -> String {
          wall-clock ms (simulated time runs at the stated time scale).\n",
         r.generated, r.machine, r.git, r.api
     );
-    if let Some(m) = matrix::summary(&r.workloads) {
+    if let Some(m) = matrix::summary(&r.workloads, r.llama_cell.as_ref()) {
         let _ = writeln!(o, "## Against smg, cell by cell\n\n{m}");
     }
     for w in &r.workloads {
@@ -653,6 +685,9 @@ fn markdown(r: &Report) -> String {
             }
             o.push('\n');
         }
+    }
+    if let Some(c) = &r.llama_cell {
+        let _ = writeln!(o, "{}", c.markdown());
     }
     let _ = writeln!(o, "## Notes\n");
     let _ = writeln!(o, "- Reproduce: `{}`", r.command);
@@ -874,6 +909,13 @@ fn offline(a: &Opts, trace: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some((cell, _)) = llama_cell(a) {
+        println!(
+            "== {} (offline): skipped: {}",
+            cell.name,
+            llama_cell::OFFLINE
+        );
+    }
     Ok(())
 }
 
@@ -892,6 +934,7 @@ fn cases(a: &Opts, trace: Option<&Path>) -> Vec<Case> {
     if a.matrix {
         return matrix::cells(a)
             .into_iter()
+            .filter(|(cell, _)| matches!(cell.fleet, matrix::CellFleet::Simulated(_)))
             .flat_map(|(cell, opts)| {
                 workloads(&opts, trace)
                     .into_iter()
@@ -913,6 +956,16 @@ fn cases(a: &Opts, trace: Option<&Path>) -> Vec<Case> {
             workload,
         })
         .collect()
+}
+
+/// With `--matrix`, the real-engine cell and its options, when it is among the cells asked for.
+fn llama_cell(a: &Opts) -> Option<(&'static matrix::Cell, Opts)> {
+    if !a.matrix {
+        return None;
+    }
+    matrix::cells(a)
+        .into_iter()
+        .find(|(cell, _)| matches!(cell.fleet, matrix::CellFleet::LlamaCpp))
 }
 
 /// The workloads `--workload` selects, with their descriptions.
@@ -1018,6 +1071,7 @@ mod tests {
             api: "/v1/completions",
             command: "cargo xtask bench routing".into(),
             peers: Peers::default(),
+            llama_cell: None,
             workloads: vec![WorkloadResult {
                 name: "trace".into(),
                 description: "d".into(),
@@ -1113,6 +1167,36 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("- kvroute round-robin x3: 20.0 %"), "{md}");
+    }
+
+    /// The matrix's llama.cpp cell is in the published report: a row of the verdict table and
+    /// a section of its own.
+    #[test]
+    fn markdown_has_the_llama_cell_even_when_skipped() {
+        let mut r = report();
+        r.llama_cell = Some(llama_cell::LlamaCell {
+            name: "llama-cpp".into(),
+            description: "chat conversations on real llama.cpp replicas".into(),
+            outcome: llama_cell::Outcome::Skipped {
+                reason: "no llama.cpp server: no cmake".into(),
+            },
+        });
+        let md = markdown(&r);
+        assert!(md.contains("## Against smg, cell by cell"), "{md}");
+        assert!(
+            md.contains("| llama-cpp | skipped: no llama.cpp server: no cmake |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("## llama-cpp\n\nchat conversations on real llama.cpp replicas: skipped"),
+            "{md}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["llama_cell"]["status"], "skipped");
+        assert!(serde_json::to_value(report())
+            .unwrap()
+            .get("llama_cell")
+            .is_none());
     }
 
     #[test]

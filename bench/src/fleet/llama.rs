@@ -4,8 +4,9 @@
 //! Every fleet starts its replicas fresh, so each router meets cold caches. What is measured
 //! comes from both ends: the client's wall-clock TTFT (`kvroute-load`), and the replicas' own
 //! prompt-token counters (`llamacpp:prompt_tokens_total`, `llamacpp:prompt_tokens_cached_total`),
-//! read before and after the run. llama-server counts no requests, so the balance is each
-//! replica's share of the prompt tokens it was sent.
+//! read before and after the run. llama-server's metrics count no requests, so the requests
+//! each replica served are the tasks its own log says it launched (one per completion), also
+//! read before and after; the balance is reported both ways, by requests and by prompt tokens.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -96,7 +97,23 @@ pub fn spawn_server(
     }
 }
 
-/// The replicas' prompt tokens and cached tokens over one run.
+/// What llama-server logs when a slot starts on a task; every completion request is one task.
+const TASK_LAUNCHED: &str = "launch_slot_:";
+
+/// Tasks a llama-server log says were launched: the requests that replica served.
+pub fn launched_tasks(log: &str) -> u64 {
+    log.lines().filter(|l| l.contains(TASK_LAUNCHED)).count() as u64
+}
+
+/// What one replica counted over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaCounts {
+    pub tokens: Counters,
+    /// Requests it served, from its log (see [`launched_tasks`]).
+    pub requests: u64,
+}
+
+/// The replicas' prompt tokens, cached tokens and requests over one run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct EngineCounts {
     /// Σ cached / Σ prompt tokens over all replicas.
@@ -107,15 +124,34 @@ pub struct EngineCounts {
     pub per_replica_prompt_tokens: BTreeMap<String, u64>,
     /// max / mean of `per_replica_prompt_tokens`.
     pub imbalance: f64,
+    /// Requests each replica served, every replica listed (an idle one counts as 0).
+    pub per_replica_requests: BTreeMap<String, u64>,
+    /// max / mean of `per_replica_requests`: the balance the routing matrix bounds, as it
+    /// does the simulated fleets'.
+    pub request_imbalance: f64,
+}
+
+/// max / mean of `per`, 0 when it is all zeros.
+fn max_over_mean(per: &BTreeMap<String, u64>) -> f64 {
+    let total: u64 = per.values().sum();
+    let max = per.values().copied().max().unwrap_or(0);
+    if total == 0 {
+        0.0
+    } else {
+        max as f64 * per.len() as f64 / total as f64
+    }
 }
 
 impl EngineCounts {
-    pub fn from_counters(runs: &[(String, Counters)]) -> EngineCounts {
-        let prompt: u64 = runs.iter().map(|(_, c)| c.prompt()).sum();
-        let cached: u64 = runs.iter().map(|(_, c)| c.cached).sum();
-        let per: BTreeMap<String, u64> =
-            runs.iter().map(|(n, c)| (n.clone(), c.prompt())).collect();
-        let max = per.values().copied().max().unwrap_or(0);
+    pub fn from_counts(runs: &[(String, ReplicaCounts)]) -> EngineCounts {
+        let prompt: u64 = runs.iter().map(|(_, c)| c.tokens.prompt()).sum();
+        let cached: u64 = runs.iter().map(|(_, c)| c.tokens.cached).sum();
+        let per_tokens: BTreeMap<String, u64> = runs
+            .iter()
+            .map(|(n, c)| (n.clone(), c.tokens.prompt()))
+            .collect();
+        let per_requests: BTreeMap<String, u64> =
+            runs.iter().map(|(n, c)| (n.clone(), c.requests)).collect();
         EngineCounts {
             hit_ratio: if prompt == 0 {
                 0.0
@@ -124,18 +160,21 @@ impl EngineCounts {
             },
             prompt_tokens: prompt,
             cached_tokens: cached,
-            imbalance: if prompt == 0 {
-                0.0
-            } else {
-                max as f64 * per.len() as f64 / prompt as f64
-            },
-            per_replica_prompt_tokens: per,
+            imbalance: max_over_mean(&per_tokens),
+            per_replica_prompt_tokens: per_tokens,
+            request_imbalance: max_over_mean(&per_requests),
+            per_replica_requests: per_requests,
         }
     }
 
     /// Each replica's share of the prompt tokens, e.g. `48/52 %`.
     pub fn shares(&self) -> String {
         super::measure::percent_shares(self.per_replica_prompt_tokens.values().copied())
+    }
+
+    /// Each replica's share of the requests, e.g. `50/50 %`.
+    pub fn request_shares(&self) -> String {
+        super::measure::percent_shares(self.per_replica_requests.values().copied())
     }
 }
 
@@ -152,8 +191,8 @@ pub struct LlamaFleet {
     urls: Vec<String>,
     admins: Vec<SocketAddr>,
     replicas: Vec<Sim>,
-    /// Each replica's counters once the fleet was proven to work, subtracted from the run's.
-    baseline: Vec<Counters>,
+    /// Each replica's counts once the fleet was proven to work, subtracted from the run's.
+    baseline: Vec<ReplicaCounts>,
     pub label: String,
 }
 
@@ -268,11 +307,20 @@ impl LlamaFleet {
         Ok(())
     }
 
-    fn counters(&self) -> anyhow::Result<Vec<Counters>> {
+    /// Each replica's cumulative counts: its metrics, and the tasks its log shows (the log
+    /// is appended to across runs, so only differences mean anything).
+    fn counters(&self) -> anyhow::Result<Vec<ReplicaCounts>> {
         self.replicas
             .iter()
             .map(|r| {
-                engine::counters(r.addr).with_context(|| format!("GET /metrics of {}", r.name))
+                let tokens = engine::counters(r.addr)
+                    .with_context(|| format!("GET /metrics of {}", r.name))?;
+                let log = std::fs::read_to_string(&r.child.log)
+                    .with_context(|| format!("read {}", r.child.log.display()))?;
+                Ok(ReplicaCounts {
+                    tokens,
+                    requests: launched_tasks(&log),
+                })
             })
             .collect()
     }
@@ -280,13 +328,19 @@ impl LlamaFleet {
     /// What the replicas counted since the fleet started.
     pub fn counts(&self) -> anyhow::Result<EngineCounts> {
         let now = self.counters()?;
-        let runs: Vec<(String, Counters)> = self
+        let runs: Vec<(String, ReplicaCounts)> = self
             .replicas
             .iter()
             .zip(now.iter().zip(&self.baseline))
-            .map(|(r, (n, b))| (r.name.clone(), n.since(b)))
+            .map(|(r, (n, b))| {
+                let since = ReplicaCounts {
+                    tokens: n.tokens.since(&b.tokens),
+                    requests: n.requests.saturating_sub(b.requests),
+                };
+                (r.name.clone(), since)
+            })
             .collect();
-        Ok(EngineCounts::from_counters(&runs))
+        Ok(EngineCounts::from_counts(&runs))
     }
 
     /// kvroute's decision and prediction counters as one line (empty for SGLang).
@@ -367,28 +421,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_are_the_replicas_prompt_tokens() {
-        let c = EngineCounts::from_counters(&[
+    fn counts_are_the_replicas_prompt_tokens_and_requests() {
+        let c = EngineCounts::from_counts(&[
             (
                 "r0".into(),
-                Counters {
-                    processed: 100,
-                    cached: 500,
+                ReplicaCounts {
+                    tokens: Counters {
+                        processed: 100,
+                        cached: 500,
+                    },
+                    requests: 3,
                 },
             ),
             (
                 "r1".into(),
-                Counters {
-                    processed: 200,
-                    cached: 0,
+                ReplicaCounts {
+                    tokens: Counters {
+                        processed: 200,
+                        cached: 0,
+                    },
+                    requests: 9,
                 },
             ),
+            // An idle replica counts in the mean.
+            ("r2".into(), ReplicaCounts::default()),
         ]);
         assert_eq!((c.prompt_tokens, c.cached_tokens), (800, 500));
         assert_eq!(c.hit_ratio, 500.0 / 800.0);
-        // mean 400, max 600
-        assert_eq!(c.imbalance, 1.5);
-        assert_eq!(c.shares(), "75/25 %");
-        assert_eq!(EngineCounts::from_counters(&[]).imbalance, 0.0);
+        // prompt tokens: mean 800/3, max 600
+        assert!((c.imbalance - 600.0 * 3.0 / 800.0).abs() < 1e-9);
+        assert_eq!(c.shares(), "75/25/0 %");
+        // requests: mean 4, max 9
+        assert_eq!(c.request_imbalance, 2.25);
+        assert_eq!(c.request_shares(), "25/75/0 %");
+        let none = EngineCounts::from_counts(&[]);
+        assert_eq!((none.imbalance, none.request_imbalance), (0.0, 0.0));
+    }
+
+    /// Lines as llama-server 11434 logs them: one `launch_slot_` per request, whatever else
+    /// the slot says about it.
+    #[test]
+    fn requests_are_the_tasks_the_log_launched() {
+        let log = "\
+0.01.044.549 I slot get_availabl: id  1 | task -1 | selected slot by LRU, t_last = -1
+0.01.044.654 I slot launch_slot_: id  1 | task 0 | processing task, is_child = 0
+0.01.078.133 I slot      release: id  1 | task 0 | stop processing: n_tokens = 15, truncated = 0
+0.01.095.294 I slot launch_slot_: id  1 | task 5 | processing task, is_child = 0
+0.01.095.307 W slot   operator(): id  1 | task 5 | need to evaluate at least 1 token
+0.01.120.303 I slot      release: id  1 | task 5 | stop processing: n_tokens = 15, truncated = 0
+";
+        assert_eq!(launched_tasks(log), 2);
+        assert_eq!(launched_tasks(""), 0);
     }
 }
