@@ -269,6 +269,16 @@ impl KvAware {
         self.p.w_cache * cache - self.p.w_load * load_norm - self.p.w_prefill * queued * queued
     }
 
+    /// How much of its cache a replica's prefixes fill, as the index tracks
+    /// them: blocks over its budget, or blocks where it has none.
+    fn held(&self, slot: u16) -> f64 {
+        let blocks = self.index.tracked(slot) as f64;
+        match self.index.budget(slot) {
+            0 => blocks,
+            budget => blocks / budget as f64,
+        }
+    }
+
     /// Prompt bytes a replica holding `matched` blocks still has to prefill.
     fn prefill_bytes(&self, prompt_bytes: usize, matched: u32) -> u64 {
         (prompt_bytes as u64).saturating_sub(u64::from(matched) * self.p.block_bytes as u64)
@@ -446,8 +456,19 @@ impl Router for KvAware {
                     let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
                     order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
                     let first = order[0];
-                    let two = eligible(&order).into_iter().take(2);
-                    let chosen = soonest(&predictions, margin, two).unwrap_or(first);
+                    // It stays where it is placed and its tenant follows it,
+                    // so the second choice comes first when it holds clearly
+                    // less (by more than the model's error, so that instances,
+                    // whose indexes differ a little, still mostly agree).
+                    let mut two: SmallVec<[usize; 2]> =
+                        eligible(&order).into_iter().take(2).collect();
+                    if let [a, b] = two[..] {
+                        let held = |i: usize| self.held(cands[i].replica.slot);
+                        if held(b) < held(a) * (1.0 - margin.max(TIE)) {
+                            two.swap(0, 1);
+                        }
+                    }
+                    let chosen = soonest(&predictions, margin, two.into_iter()).unwrap_or(first);
                     let kind = if chosen == first {
                         DecisionKind::Consistent
                     } else if !bound.admits(&cands[first]) || !within(first) {

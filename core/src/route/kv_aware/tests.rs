@@ -445,6 +445,60 @@ fn a_new_prefix_takes_the_sooner_of_two_rendezvous_choices() {
     assert_eq!(back.replica.slot, busy.slot);
 }
 
+/// Tenant `k`'s first request: its own system prompt, so its own anchor.
+fn tenant_hashes(k: usize) -> BlockHashes {
+    let body = format!(
+        r#"{{"model":"m","messages":[{{"role":"system","content":"{}"}},{{"role":"user","content":"hi"}}]}}"#,
+        format!("Tenant {k} system prompt, with its house rules. ").repeat(40)
+    );
+    analyze("/v1/chat/completions", body.as_bytes(), &Default::default())
+        .unwrap()
+        .hashes
+}
+
+/// A new prefix stays where it is placed, and its tenant follows it there: so
+/// of its two rendezvous choices it goes to the one holding clearly fewer
+/// blocks, which keeps the fleet's prefixes (and the work and cache space
+/// they take) spread, and otherwise to the first, so instances still agree.
+#[test]
+fn a_new_prefix_goes_to_the_rendezvous_choice_holding_clearly_less() {
+    let t = table(2);
+    let set = t.load();
+    let r = KvAware::new(RoutingConfig::default().kv_aware_params());
+    // Where each tenant's anchor hashes first, seen by a router holding nothing.
+    let first_choice = |k: usize| {
+        let h = tenant_hashes(k);
+        let d = router().pick(&req(&h, None, 0), &set, &[]).unwrap();
+        assert_eq!(d.kind, DecisionKind::Consistent);
+        d.replica.slot
+    };
+    let tenants: Vec<usize> = (0..64).collect();
+    let home = first_choice(0);
+    let same = *tenants[1..]
+        .iter()
+        .find(|&&k| first_choice(k) == home)
+        .expect("a tenant hashing to the same replica");
+    let other = *tenants[1..]
+        .iter()
+        .find(|&&k| first_choice(k) != home)
+        .expect("a tenant hashing to the other replica");
+    let d0 = route(&r, &set, &req(&tenant_hashes(0), None, 0));
+    assert_eq!((d0.replica.slot, d0.kind), (home, DecisionKind::Consistent));
+    // The second tenant hashes to the same replica, which now holds the first's
+    // prompt while the other holds nothing: it opens the other one.
+    let d1 = route(&r, &set, &req(&tenant_hashes(same), None, 1));
+    assert_ne!(d1.replica.slot, home);
+    assert_eq!(d1.kind, DecisionKind::LeastLoaded);
+    // Both hold one tenant's prompt, about the same: the hash decides again.
+    let (held_home, held_away) = (r.index().tracked(home), r.index().tracked(d1.replica.slot));
+    assert!(held_home > 0 && held_away > 0);
+    let d2 = r
+        .pick(&req(&tenant_hashes(other), None, 2), &set, &[])
+        .unwrap();
+    assert_eq!(d2.kind, DecisionKind::Consistent);
+    assert_ne!(d2.replica.slot, home);
+}
+
 /// A prompt with no anchor goes where it is answered soonest, not by rotation.
 #[test]
 fn an_unanchored_prompt_goes_to_the_soonest_replica() {
