@@ -44,6 +44,13 @@ use crate::replica::{Replica, ReplicaSet, MAX_REPLICAS};
 /// forgotten at [`ERROR_DECAY`] per checked response.
 const ERROR_PRIOR: f64 = 0.25;
 const ERROR_DECAY: f64 = 1.0 / 64.0;
+/// The share of its cache budget a replica's tracked prefixes fill past which
+/// a new prefix placed there would soon evict others' blocks. On the offline
+/// matrix, 0.8 and 0.9 keep the gain on the cells whose caches run full and
+/// leave every other cell's decisions as they were; 0.95 loses the gain, and
+/// 0.6 or less also moves prefixes between replicas with room, which costs
+/// agreement between instances for nothing.
+const NEARLY_FULL: f64 = 0.8;
 /// Errors past this are clamped: a margin of 1 would never move a request.
 const ERROR_MAX: f64 = 0.9;
 /// Predicted times closer than this share are a tie.
@@ -270,12 +277,11 @@ impl KvAware {
     }
 
     /// How much of its cache a replica's prefixes fill, as the index tracks
-    /// them: blocks over its budget, or blocks where it has none.
+    /// them: blocks over its budget (0 where it has none: nothing to evict).
     fn held(&self, slot: u16) -> f64 {
-        let blocks = self.index.tracked(slot) as f64;
         match self.index.budget(slot) {
-            0 => blocks,
-            budget => blocks / budget as f64,
+            0 => 0.0,
+            budget => self.index.tracked(slot) as f64 / budget as f64,
         }
     }
 
@@ -456,15 +462,17 @@ impl Router for KvAware {
                     let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
                     order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
                     let first = order[0];
-                    // It stays where it is placed and its tenant follows it,
-                    // so the second choice comes first when it holds clearly
-                    // less (by more than the model's error, so that instances,
-                    // whose indexes differ a little, still mostly agree).
+                    // On a nearly full first choice it would evict others'
+                    // blocks, and its tenant would follow it there: the
+                    // second choice comes first when it holds clearly less
+                    // (by more than the model's error). With room on the
+                    // first, placing costs nothing and the hash decides, so
+                    // instances, whose indexes differ, still agree.
                     let mut two: SmallVec<[usize; 2]> =
                         eligible(&order).into_iter().take(2).collect();
                     if let [a, b] = two[..] {
                         let held = |i: usize| self.held(cands[i].replica.slot);
-                        if held(b) < held(a) * (1.0 - margin.max(TIE)) {
+                        if held(a) >= NEARLY_FULL && held(b) < held(a) * (1.0 - margin.max(TIE)) {
                             two.swap(0, 1);
                         }
                     }

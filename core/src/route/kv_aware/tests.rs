@@ -456,15 +456,15 @@ fn tenant_hashes(k: usize) -> BlockHashes {
         .hashes
 }
 
-/// A new prefix stays where it is placed, and its tenant follows it there: so
-/// of its two rendezvous choices it goes to the one holding clearly fewer
-/// blocks, which keeps the fleet's prefixes (and the work and cache space
-/// they take) spread, and otherwise to the first, so instances still agree.
+/// A new prefix stays where it is placed, and its tenant follows it there. With
+/// room on its first rendezvous choice the hash decides, so instances agree;
+/// when that cache is nearly full and the second choice's clearly is not, the
+/// prefix goes to the second rather than evict others' blocks.
 #[test]
-fn a_new_prefix_goes_to_the_rendezvous_choice_holding_clearly_less() {
+fn a_new_prefix_avoids_a_nearly_full_first_choice_for_one_with_room() {
     let t = table(2);
     let set = t.load();
-    let r = KvAware::new(RoutingConfig::default().kv_aware_params());
+    let params = RoutingConfig::default().kv_aware_params();
     // Where each tenant's anchor hashes first, seen by a router holding nothing.
     let first_choice = |k: usize| {
         let h = tenant_hashes(k);
@@ -472,26 +472,34 @@ fn a_new_prefix_goes_to_the_rendezvous_choice_holding_clearly_less() {
         assert_eq!(d.kind, DecisionKind::Consistent);
         d.replica.slot
     };
-    let tenants: Vec<usize> = (0..64).collect();
     let home = first_choice(0);
-    let same = *tenants[1..]
-        .iter()
-        .find(|&&k| first_choice(k) == home)
+    let same = (1..64)
+        .find(|&k| first_choice(k) == home)
         .expect("a tenant hashing to the same replica");
-    let other = *tenants[1..]
-        .iter()
-        .find(|&&k| first_choice(k) != home)
+    let other = (1..64)
+        .find(|&k| first_choice(k) != home)
         .expect("a tenant hashing to the other replica");
+
+    // Room everywhere: both tenants go where their anchors hash.
+    let roomy = KvAware::new(params.clone());
+    roomy.on_replicas_changed(&set);
+    route(&roomy, &set, &req(&tenant_hashes(0), None, 0));
+    let d = route(&roomy, &set, &req(&tenant_hashes(same), None, 1));
+    assert_eq!((d.replica.slot, d.kind), (home, DecisionKind::Consistent));
+
+    // The first tenant's prompt fills its replica's budget; the other is empty.
+    let r = KvAware::new(params);
     let d0 = route(&r, &set, &req(&tenant_hashes(0), None, 0));
     assert_eq!((d0.replica.slot, d0.kind), (home, DecisionKind::Consistent));
-    // The second tenant hashes to the same replica, which now holds the first's
-    // prompt while the other holds nothing: it opens the other one.
+    let blocks = r.index().tracked(home);
+    for s in &set.replicas {
+        r.index().set_budget(s.slot, blocks);
+    }
     let d1 = route(&r, &set, &req(&tenant_hashes(same), None, 1));
     assert_ne!(d1.replica.slot, home);
     assert_eq!(d1.kind, DecisionKind::LeastLoaded);
-    // Both hold one tenant's prompt, about the same: the hash decides again.
-    let (held_home, held_away) = (r.index().tracked(home), r.index().tracked(d1.replica.slot));
-    assert!(held_home > 0 && held_away > 0);
+    // Both full now, about alike: the hash decides again.
+    assert!(r.index().tracked(d1.replica.slot) as f64 >= 0.8 * blocks as f64);
     let d2 = r
         .pick(&req(&tenant_hashes(other), None, 2), &set, &[])
         .unwrap();
