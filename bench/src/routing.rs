@@ -155,7 +155,8 @@ pub struct Opts {
     /// With --matrix: only these cells (comma-separated names; default all).
     #[arg(long, value_delimiter = ',')]
     pub matrix_cells: Vec<String>,
-    /// Copy routing.md and routing.svg into docs/bench/.
+    /// Copy the report and its chart into docs/bench/ (routing.md and routing.svg, or
+    /// routing-matrix.md and routing-matrix.svg with --matrix).
     #[arg(long)]
     pub publish: bool,
     /// Print the results as one JSON object on stdout (progress goes to stderr).
@@ -398,9 +399,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&out_dir)?;
     let md = markdown(&report);
-    let md_path = out_dir.join("routing.md");
-    let svg_path = out_dir.join("routing.svg");
-    let json_path = out_dir.join("routing.json");
+    // The matrix is a report of its own: publishing it must not replace the workloads' report.
+    let stem = if a.matrix {
+        "routing-matrix"
+    } else {
+        "routing"
+    };
+    let md_path = out_dir.join(format!("{stem}.md"));
+    let svg_path = out_dir.join(format!("{stem}.svg"));
+    let json_path = out_dir.join(format!("{stem}.json"));
     crate::report::save(&md_path, &md)?;
     chart(&report, &svg_path).with_context(|| format!("draw {}", svg_path.display()))?;
     let json = serde_json::to_string_pretty(&report)?;
@@ -424,7 +431,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     if a.publish {
-        crate::report::publish(&[(&md_path, "routing.md"), (&svg_path, "routing.svg")])?;
+        let (md_name, svg_name) = (format!("{stem}.md"), format!("{stem}.svg"));
+        crate::report::publish(&[(&md_path, &md_name), (&svg_path, &svg_name)])?;
     }
     let failed: Vec<String> = report
         .workloads
