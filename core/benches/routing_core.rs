@@ -1,6 +1,7 @@
 //! The routing core's per-request cost: extraction + hashing + index lookup, next
-//! to a `memcpy` of the same bytes, plus the extraction and hashing alternatives
-//! that were measured to choose the implementation.
+//! to a `memcpy` of the same bytes, the kv-aware router's decision on a warm fleet,
+//! plus the extraction and hashing alternatives that were measured to choose the
+//! implementation.
 //!
 //! `cargo bench -p kvroute-core --bench routing_core -- --measurement-time 2 --warm-up-time 1`
 // The bench times itself: the clock clippy.toml bans in the core is its tool.
@@ -14,6 +15,8 @@ use kvroute_core::prefix::{
     analyze, chain_hashes, fold_block_hash, scan_portable, BlockHasher, PrefixConfig,
 };
 use kvroute_core::prompt::{extract, Endpoint, ITEM_SEPARATOR, ROLE_SEPARATOR};
+use kvroute_core::replica::{ReplicaSet, ReplicaSpec, ReplicaTable};
+use kvroute_core::route::{PolicyKind, Router, RoutingConfig};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 const SIZES: [(usize, &str); 5] = [
@@ -203,6 +206,76 @@ fn fleet_index() -> PrefixIndex {
     index
 }
 
+/// A kv-aware router on a warm fleet of `replicas`, with the bodies of a prompt
+/// it has routed (`held`) and of one it has never seen (`new`), 4 KiB each.
+struct DecisionFixture {
+    router: std::sync::Arc<dyn Router>,
+    set: std::sync::Arc<ReplicaSet>,
+    held: Vec<u8>,
+    new: Vec<u8>,
+}
+
+const DECISION_FLEETS: [(usize, &str); 2] = [(8, "8-replicas"), (64, "64-replicas")];
+const DECISION_BODY: usize = 4 << 10;
+
+fn decision_fixture(replicas: usize) -> DecisionFixture {
+    let cfg = RoutingConfig {
+        policy: PolicyKind::KvAware,
+        ..RoutingConfig::default()
+    };
+    let specs = (0..replicas)
+        .map(|i| ReplicaSpec {
+            models: vec!["meta-llama/Llama-3.1-8B-Instruct".into()],
+            kv_blocks: Some(20_000),
+            kv_block_tokens: Some(16),
+            ..ReplicaSpec::new(format!("http://127.0.0.1:{}", 20_000 + i))
+        })
+        .collect();
+    let set = ReplicaTable::new(specs).expect("distinct urls").load();
+    let router = cfg.build();
+    router.on_replicas_changed(&set);
+    let prefix = cfg.prefix();
+    let path = "/v1/completions";
+    let body = |seed: u64| {
+        let head = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"prompt":""#;
+        let tail = r#""}"#;
+        let prompt = text(DECISION_BODY - head.len() - tail.len(), seed);
+        format!("{head}{prompt}{tail}").into_bytes()
+    };
+    // Warm: 32 conversations a replica, each routed and recorded as the proxy does.
+    for seed in 0..(32 * replicas as u64) {
+        let b = body(1000 + seed);
+        let a = analyze(path, &b, &prefix).unwrap();
+        let rr = a.route_request(path, None, seed);
+        if let Some(d) = router.pick(&rr, &set, &[]) {
+            router.on_routed(&rr, &d);
+        }
+    }
+    DecisionFixture {
+        router,
+        set,
+        held: body(1000),
+        new: body(7),
+    }
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let prefix = RoutingConfig::default().prefix();
+    let path = "/v1/completions";
+    let mut g = c.benchmark_group("decide");
+    for (replicas, label) in DECISION_FLEETS {
+        let f = decision_fixture(replicas);
+        for (case, body) in [("held-prefix", &f.held), ("new-prefix", &f.new)] {
+            let a = analyze(path, body, &prefix).unwrap();
+            let rr = a.route_request(path, None, 1_000_000);
+            g.bench_function(BenchmarkId::new(case, label), |b| {
+                b.iter(|| black_box(f.router.pick(black_box(&rr), &f.set, &[])))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let cfg = PrefixConfig::default();
     let kinds: [(&str, &str, BodyMaker); 2] = [
@@ -369,6 +442,10 @@ fn bench(c: &mut Criterion) {
 fn fixed_run(case: &str, iters: u64) {
     let cfg = PrefixConfig::default();
     let (kind, label) = case.split_once('/').expect("KIND/SIZE");
+    if let Some(which) = kind.strip_prefix("decide-") {
+        fixed_decision(which, label, iters);
+        return;
+    }
     let size = SIZES
         .iter()
         .find(|(_, l)| *l == label)
@@ -419,7 +496,42 @@ fn fixed_run(case: &str, iters: u64) {
     );
 }
 
-criterion_group!(benches, bench);
+/// The fixed run of one decision: `decide-held/8-replicas`, `decide-new/64-replicas`, ….
+fn fixed_decision(which: &str, fleet: &str, iters: u64) {
+    let replicas = DECISION_FLEETS
+        .iter()
+        .find(|(_, l)| *l == fleet)
+        .expect("8-replicas or 64-replicas")
+        .0;
+    let f = decision_fixture(replicas);
+    let body = match which {
+        "held" => &f.held,
+        "new" => &f.new,
+        _ => panic!("decide-held or decide-new"),
+    };
+    let path = "/v1/completions";
+    let a = analyze(path, body, &RoutingConfig::default().prefix()).unwrap();
+    let rr = a.route_request(path, None, 1_000_000);
+    let kind = f.router.pick(&rr, &f.set, &[]).map(|d| d.kind.as_str());
+    let batch = (iters / 100).max(1);
+    let mut best = f64::MAX;
+    let mut done = 0;
+    while done < iters {
+        let t = std::time::Instant::now();
+        for _ in 0..batch {
+            black_box(f.router.pick(black_box(&rr), &f.set, &[]));
+        }
+        best = best.min(t.elapsed().as_secs_f64() / batch as f64);
+        done += batch;
+    }
+    eprintln!(
+        "decide-{which}/{fleet} ({}): x {iters}, fastest batch {:.3} µs/decision",
+        kind.unwrap_or("none"),
+        best * 1e6
+    );
+}
+
+criterion_group!(benches, bench, bench_decision);
 
 fn main() {
     if let (Ok(case), Ok(iters)) = (

@@ -459,8 +459,13 @@ impl Router for KvAware {
                 // that the bound admits (and that are within their share: with
                 // nothing cached, moving costs nothing).
                 Some(a) => {
-                    let rank = |i: usize| hrw_score(a, cands[i].url_key, cands[i].weight);
-                    order.sort_by(|&x, &y| rank(y).total_cmp(&rank(x)));
+                    // Each score once: the comparator would take two logarithms
+                    // per comparison, most of a decision's time on a large fleet.
+                    let ranks: SmallVec<[f64; 16]> = cands
+                        .iter()
+                        .map(|c| hrw_score(a, c.url_key, c.weight))
+                        .collect();
+                    order.sort_by(|&x, &y| ranks[y].total_cmp(&ranks[x]));
                     let first = order[0];
                     // On a nearly full first choice it would evict others'
                     // blocks, and its tenant would follow it there: the
