@@ -76,23 +76,37 @@ impl From<&Summarized> for Figures {
     }
 }
 
+/// Why the llama.cpp cell has no verdict; its text is what the summary says instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoVerdict {
+    #[error("skipped: {0}")]
+    Skipped(String),
+    #[error("no verdict: {0} did not run")]
+    DidNotRun(String),
+    /// A router whose every run failed, with the row's note.
+    #[error("no verdict: {router} {note}")]
+    NoRuns { router: String, note: String },
+}
+
 impl LlamaCell {
-    /// What the verdict reads: kvroute's and smg's figures (means over the runs), or what the
-    /// summary says instead (`skipped: …`, `no verdict: …`). A real fleet has no model to
-    /// compute a TTFT floor from.
-    pub fn figures(&self) -> Result<CellFigures, String> {
+    /// What the verdict reads: kvroute's and smg's figures (means over the runs), or why
+    /// there is none. A real fleet has no model to compute a TTFT floor from.
+    pub fn figures(&self) -> Result<CellFigures, NoVerdict> {
         let c = match &self.outcome {
-            Outcome::Skipped { reason } => return Err(format!("skipped: {reason}")),
+            Outcome::Skipped { reason } => return Err(NoVerdict::Skipped(reason.clone())),
             Outcome::Ran(c) => c,
         };
-        let figures = |label: &str| -> Result<Figures, String> {
+        let figures = |label: &str| -> Result<Figures, NoVerdict> {
             let s = c
                 .summary
                 .iter()
                 .find(|s| s.router == label)
-                .ok_or_else(|| format!("no verdict: {label} did not run"))?;
+                .ok_or_else(|| NoVerdict::DidNotRun(label.to_owned()))?;
             match &s.note {
-                Some(note) if s.runs == 0 => Err(format!("no verdict: {label} {note}")),
+                Some(note) if s.runs == 0 => Err(NoVerdict::NoRuns {
+                    router: label.to_owned(),
+                    note: note.clone(),
+                }),
                 _ => Ok(Figures::from(s)),
             }
         };
@@ -235,7 +249,7 @@ mod tests {
         assert_eq!(c.peers().smg.as_deref(), Some("1.13.0"));
         // No smg figures: no verdict, and the summary says why.
         assert_eq!(
-            c.figures().err().as_deref(),
+            c.figures().err().map(|e| e.to_string()).as_deref(),
             Some("no verdict: kvroute kv-aware did not run")
         );
     }
@@ -250,8 +264,8 @@ mod tests {
             },
         };
         assert_eq!(
-            c.figures().err().as_deref(),
-            Some("skipped: no llama.cpp server: no cmake")
+            c.figures().err(),
+            Some(NoVerdict::Skipped("no llama.cpp server: no cmake".into()))
         );
         assert!(c
             .markdown()

@@ -288,7 +288,7 @@ pub fn summary(workloads: &[WorkloadResult], llama: Option<&LlamaCell>) -> Optio
             Ok(c) => Line::Judged(verdict(&c)),
             Err(why) => Line::Unjudged {
                 cell: l.name.clone(),
-                why,
+                why: why.to_string(),
             },
         });
     }
