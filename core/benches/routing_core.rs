@@ -475,25 +475,33 @@ fn fixed_run(case: &str, iters: u64) {
     let hashes = analyze(path, &body, &cfg).unwrap().hashes;
     index.insert(0, &hashes);
     index.insert(1, &hashes[..hashes.len() / 2]);
-    // The fastest of 100 batches: what the code costs when no other process
-    // interrupts it, the figure to compare across runs on a shared machine.
+    let best = fastest_batch(iters, || {
+        let a = analyze(path, black_box(&body), &cfg).unwrap();
+        black_box(index.longest_match(&a.hashes, u128::MAX));
+    });
+    eprintln!(
+        "{case}: {} body bytes x {iters}, fastest batch {:.3} µs/iter",
+        body.len(),
+        best * 1e6
+    );
+}
+
+/// Seconds per call of `f` in the fastest of 100 batches of `iters` calls in all: what
+/// the code costs when no other process interrupts it, the figure to compare across
+/// runs on a shared machine.
+fn fastest_batch(iters: u64, mut f: impl FnMut()) -> f64 {
     let batch = (iters / 100).max(1);
     let mut best = f64::MAX;
     let mut done = 0;
     while done < iters {
         let t = std::time::Instant::now();
         for _ in 0..batch {
-            let a = analyze(path, black_box(&body), &cfg).unwrap();
-            black_box(index.longest_match(&a.hashes, u128::MAX));
+            f();
         }
         best = best.min(t.elapsed().as_secs_f64() / batch as f64);
         done += batch;
     }
-    eprintln!(
-        "{case}: {} body bytes x {iters}, fastest batch {:.3} µs/iter",
-        body.len(),
-        best * 1e6
-    );
+    best
 }
 
 /// The fixed run of one decision: `decide-held/8-replicas`, `decide-new/64-replicas`, ….
@@ -513,17 +521,9 @@ fn fixed_decision(which: &str, fleet: &str, iters: u64) {
     let a = analyze(path, body, &RoutingConfig::default().prefix()).unwrap();
     let rr = a.route_request(path, None, 1_000_000);
     let kind = f.router.pick(&rr, &f.set, &[]).map(|d| d.kind.as_str());
-    let batch = (iters / 100).max(1);
-    let mut best = f64::MAX;
-    let mut done = 0;
-    while done < iters {
-        let t = std::time::Instant::now();
-        for _ in 0..batch {
-            black_box(f.router.pick(black_box(&rr), &f.set, &[]));
-        }
-        best = best.min(t.elapsed().as_secs_f64() / batch as f64);
-        done += batch;
-    }
+    let best = fastest_batch(iters, || {
+        black_box(f.router.pick(black_box(&rr), &f.set, &[]));
+    });
     eprintln!(
         "decide-{which}/{fleet} ({}): x {iters}, fastest batch {:.3} µs/decision",
         kind.unwrap_or("none"),
