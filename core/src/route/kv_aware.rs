@@ -475,9 +475,10 @@ impl Router for KvAware {
                     // instances, whose indexes differ, still agree.
                     let mut two: SmallVec<[usize; 2]> =
                         eligible(&order).into_iter().take(2).collect();
-                    if let [a, b] = two[..] {
+                    if let [first_choice, second_choice] = two[..] {
                         let held = |i: usize| self.held(cands[i].replica.slot);
-                        if held(a) >= NEARLY_FULL && held(b) < held(a) * (1.0 - margin.max(TIE)) {
+                        let (h1, h2) = (held(first_choice), held(second_choice));
+                        if h1 >= NEARLY_FULL && h2 < h1 * (1.0 - margin.max(TIE)) {
                             two.swap(0, 1);
                         }
                     }
