@@ -45,6 +45,10 @@ pub struct Replica {
     pub spec: ReplicaSpec,
     /// Stable small id (< [`MAX_REPLICAS`]) for bitsets; reused only after removal.
     pub slot: u16,
+    /// The hash that identifies the replica across kvroute instances
+    /// ([`crate::route::consistent::url_key`] of its URL), once per replica
+    /// rather than once per candidate of every decision.
+    pub url_key: u64,
     pub addr: SocketAddr,
     /// `host:port` as written in the URL, for the upstream `Host` header.
     pub authority: String,
@@ -345,6 +349,7 @@ impl ReplicaTable {
                     let fresh = Replica {
                         spec: spec.clone(),
                         slot: r.slot,
+                        url_key: r.url_key,
                         addr: r.addr,
                         authority: r.authority.clone(),
                         tls: r.tls.clone(),
@@ -381,6 +386,7 @@ impl ReplicaTable {
             let max_in_flight = spec.max_in_flight.unwrap_or(self.default_max_in_flight);
             replicas.push(Arc::new(Replica {
                 healthy: AtomicBool::new(spec.healthy),
+                url_key: crate::route::consistent::url_key(&spec.url),
                 spec,
                 slot,
                 addr,
@@ -476,6 +482,11 @@ mod tests {
         // 8003 reuses no live slot.
         assert_ne!(b.replicas[1].slot, b.replicas[0].slot);
         assert_eq!(b.generation, a.generation + 1);
+        // Every object carries the key instances place by, a spec change's too.
+        for r in a.replicas.iter().chain(&b.replicas).chain(&c.replicas) {
+            assert_eq!(r.url_key, crate::route::consistent::url_key(&r.spec.url));
+        }
+        assert_ne!(c.replicas[0].url_key, c.replicas[1].url_key);
     }
 
     #[test]

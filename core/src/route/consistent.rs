@@ -44,7 +44,7 @@ impl<'s> Candidate<'s> {
             load: u64::from(replica.in_flight())
                 .max(u64::from(ext.running) + u64::from(ext.waiting)),
             weight: u64::from(replica.spec.weight.max(1)),
-            url_key: url_key(&replica.spec.url),
+            url_key: replica.url_key,
             kv_usage: ext.kv_usage,
             pending_prefill: replica.pending_prefill(),
             waiting: ext.waiting,

@@ -26,9 +26,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::backlog::Backlogs;
 use super::bytes_per_token::BytesPerToken;
-use super::consistent::{
-    anchor, best_admitted, best_where, hrw_score, url_key, Candidate, LoadBound,
-};
+use super::consistent::{anchor, best_admitted, best_where, hrw_score, Candidate, LoadBound};
 use super::observe::{CacheReport, PredictionOutcome, ReplicaStats};
 use super::prefill_model::{fit_or_prior, Fit, FleetFits};
 use super::session::SessionTable;
@@ -558,8 +556,7 @@ impl Router for KvAware {
         let r = &decision.replica;
         self.index.insert(r.slot, req.block_hashes);
         if let Some(s) = req.session {
-            self.sessions
-                .put(s, r.slot, url_key(&r.spec.url), req.now_ms);
+            self.sessions.put(s, r.slot, r.url_key, req.now_ms);
         }
         self.count(decision.kind);
         let mean_prefill = f64::from_bits(self.mean_prefill_bytes.load(Ordering::Relaxed));
@@ -720,7 +717,7 @@ impl Router for KvAware {
         for r in &set.replicas {
             if let Some(k) = now.get_mut(usize::from(r.slot)) {
                 // Never 0, which marks an unused slot.
-                *k = url_key(&r.spec.url) | 1;
+                *k = r.url_key | 1;
             }
         }
         for slot in 0..MAX_REPLICAS {
