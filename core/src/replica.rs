@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::atomic::AtomicCell;
 
 pub use crate::endpoint::{Endpoint, Resolved};
 use crate::error::Error;
@@ -80,7 +81,9 @@ pub struct Replica {
     pub max_in_flight: u32,
     /// Told when one of this replica's requests ends, to wake a waiter.
     waiters: Arc<dyn CapacityWaiters>,
-    external: Mutex<ExternalLoad>,
+    /// Read by every decision for every candidate, written once a scrape: a
+    /// cell whose reads take no lock (a sequence lock for a 12-byte value).
+    external: AtomicCell<ExternalLoad>,
 }
 
 impl Replica {
@@ -123,11 +126,11 @@ impl Replica {
     }
 
     pub fn external_load(&self) -> ExternalLoad {
-        *self.external.lock().unwrap_or_else(|e| e.into_inner())
+        self.external.load()
     }
 
     pub fn set_external_load(&self, load: ExternalLoad) {
-        *self.external.lock().unwrap_or_else(|e| e.into_inner()) = load;
+        self.external.store(load);
     }
 
     /// This proxy's requests on the replica waiting for their first byte.
@@ -363,7 +366,7 @@ impl ReplicaTable {
                         failures: r.failures.clone(),
                         max_in_flight: spec.max_in_flight.unwrap_or(self.default_max_in_flight),
                         waiters: self.waiters.clone(),
-                        external: Mutex::new(r.external_load()),
+                        external: AtomicCell::new(r.external_load()),
                     };
                     next.push(Some(Arc::new(fresh)));
                 }
@@ -401,7 +404,7 @@ impl ReplicaTable {
                 failures: Arc::default(),
                 max_in_flight,
                 waiters: self.waiters.clone(),
-                external: Mutex::new(ExternalLoad::default()),
+                external: AtomicCell::new(ExternalLoad::default()),
             }));
         }
         let set = Arc::new(ReplicaSet {
