@@ -405,8 +405,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         "routing"
     };
-    let md_path = out_dir.join(format!("{stem}.md"));
-    let svg_path = out_dir.join(format!("{stem}.svg"));
+    let (md_name, svg_name) = (format!("{stem}.md"), format!("{stem}.svg"));
+    let md_path = out_dir.join(&md_name);
+    let svg_path = out_dir.join(&svg_name);
     let json_path = out_dir.join(format!("{stem}.json"));
     crate::report::save(&md_path, &md)?;
     chart(&report, &svg_path).with_context(|| format!("draw {}", svg_path.display()))?;
@@ -431,7 +432,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     if a.publish {
-        let (md_name, svg_name) = (format!("{stem}.md"), format!("{stem}.svg"));
         crate::report::publish(&[(&md_path, &md_name), (&svg_path, &svg_name)])?;
     }
     let failed: Vec<String> = report

@@ -236,6 +236,8 @@ fn decision_fixture(replicas: usize) -> DecisionFixture {
     router.on_replicas_changed(&set);
     let prefix = cfg.prefix();
     let path = "/v1/completions";
+    // Not `completions_body`: its `user` field is a session key, which would
+    // pin every request and measure session affinity instead.
     let body = |seed: u64| {
         let head = r#"{"model":"meta-llama/Llama-3.1-8B-Instruct","stream":true,"prompt":""#;
         let tail = r#""}"#;

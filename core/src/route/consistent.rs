@@ -26,7 +26,6 @@ pub struct Candidate<'s> {
     /// See [`replica_load`].
     pub load: u64,
     pub weight: u64,
-    pub url_key: u64,
     /// The replica's reported KV cache usage, 0..=1.
     pub kv_usage: f32,
     /// See [`Replica::pending_prefill`].
@@ -44,7 +43,6 @@ impl<'s> Candidate<'s> {
             load: u64::from(replica.in_flight())
                 .max(u64::from(ext.running) + u64::from(ext.waiting)),
             weight: u64::from(replica.spec.weight.max(1)),
-            url_key: replica.url_key,
             kv_usage: ext.kv_usage,
             pending_prefill: replica.pending_prefill(),
             waiting: ext.waiting,
@@ -189,7 +187,7 @@ pub fn best_where<F: Fn(&Candidate<'_>) -> (f64, f64)>(
 /// Places `anchor` by rendezvous hashing under the bound: (index, spilled).
 pub fn place(anchor: u64, cands: &[Candidate<'_>], bound: &LoadBound) -> Option<(usize, bool)> {
     let (p, a) = best_admitted(cands, bound, |c| {
-        (hrw_score(anchor, c.url_key, c.weight), 0.0)
+        (hrw_score(anchor, c.replica.url_key, c.weight), 0.0)
     })?;
     Some((a, a != p))
 }

@@ -437,7 +437,7 @@ impl Router for KvAware {
         if let Some(pin) = req.session.and_then(|s| self.sessions.get(s, req.now_ms)) {
             let pinned = cands
                 .iter()
-                .position(|c| c.replica.slot == pin.slot && c.url_key == pin.url_key);
+                .position(|c| c.replica.slot == pin.slot && c.replica.url_key == pin.url_key);
             if let Some(i) = pinned.filter(|&i| bound.admits(&cands[i])) {
                 return Some(decide(i, DecisionKind::Session));
             }
@@ -461,7 +461,7 @@ impl Router for KvAware {
                     // per comparison, most of a decision's time on a large fleet.
                     let ranks: SmallVec<[f64; 16]> = cands
                         .iter()
-                        .map(|c| hrw_score(a, c.url_key, c.weight))
+                        .map(|c| hrw_score(a, c.replica.url_key, c.weight))
                         .collect();
                     order.sort_by(|&x, &y| ranks[y].total_cmp(&ranks[x]));
                     let first = order[0];
@@ -506,7 +506,8 @@ impl Router for KvAware {
         // Ties in score (equal overlap and load) go by rendezvous order, so they
         // too are deterministic across instances.
         let total = req.block_hashes.len();
-        let tie = |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.url_key, c.weight));
+        let tie =
+            |c: &Candidate<'_>| anchor.map_or(0.0, |a| hrw_score(a, c.replica.url_key, c.weight));
         let rank = |c: &Candidate<'_>| {
             (
                 self.score(
